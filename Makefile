@@ -1,0 +1,27 @@
+# Everything a fresh machine needs: `make parity` (the main job) and `make test`.
+# The virtual environment is built once; torch is installed first, pinned to the CPU wheel
+# that lies on this machine's disk, so that the range in pyproject.toml installs nothing more.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test,plot]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m minilora.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,241 @@
+"""Putting LoRA into a model, and taking it out again.
+
+``inject`` finds the target layers, checks everything, and only then replaces each target with a
+``LoraLinear`` that wraps it and freezes every parameter except the adapters. The reverse:
+``merge_and_unload`` (fold ``dW`` into ``W0`` and put the plain layers back) and ``unload`` (put the
+plain layers back and drop the adapters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Iterator
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DEFAULT_TARGET_MODULES, LoraConfig, MiniLoraError
+from .layer import LoraLinear
+
+CONFIG_ATTRIBUTE = "minilora_config"  # where inject leaves the config on the model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(name, layer) for every LoraLinear in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            yield name, module
+
+
+def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """The config's targets, or the architecture's default when it has none (as PEFT does)."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    raise MiniLoraError(
+        f"target_modules is None and minilora has no default targets for model type {model_type!r} "
+        f"(it knows {sorted(DEFAULT_TARGET_MODULES)}). Name them, e.g. "
+        f"LoraConfig(target_modules={_linear_suffixes(model)[:3]})."
+    )
+
+
+def is_target(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string must match the full name; a list entry must equal the name or be
+    its last dotted part(s) (``"c_attn"`` matches ``"transformer.h.0.attn.c_attn"``)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return name in targets or any(name.endswith(f".{target}") for target in targets)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``inject`` would wrap. Raises MiniLoraError if none match or one is not linear."""
+    targets = resolve_target_modules(model, config)
+    names = [name for name, _ in model.named_modules() if name and is_target(name, targets)]
+    if not names:
+        raise MiniLoraError(
+            f"target_modules={targets!r} matches no module of this {type(model).__name__}. "
+            f"Linear layers it has: {_linear_suffixes(model)[:12]}."
+        )
+    modules = dict(model.named_modules())
+    for name in names:
+        if not isinstance(modules[name], (nn.Linear, Conv1D)):
+            raise MiniLoraError(
+                f"target {name!r} is a {type(modules[name]).__name__}; LoRA here wraps nn.Linear or Conv1D "
+                f"only. Narrow target_modules, e.g. to {_linear_suffixes(model)[:3]}."
+            )
+    return names
+
+
+def _linear_suffixes(model: nn.Module) -> list[str]:
+    """The distinct last name parts of the model's linear layers, to suggest as targets."""
+    suffixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and name.split(".")[-1] not in suffixes:
+            suffixes.append(name.split(".")[-1])
+    return suffixes
+
+
+def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
+
+
+def _check_fan_in_fan_out(name: str, base_layer: nn.Module, config: LoraConfig) -> None:
+    """Warn, as PEFT does, when the config's fan_in_fan_out contradicts the layer's weight layout."""
+    actual = isinstance(base_layer, Conv1D)
+    if config.fan_in_fan_out is not None and config.fan_in_fan_out != actual:
+        kind = "Conv1D" if actual else "torch.nn.Linear"
+        warnings.warn(
+            f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module {name!r} is `{kind}`. "
+            f"Setting fan_in_fan_out to {actual}.",
+            stacklevel=3,
+        )
+
+
+def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap every target layer of ``model`` in a LoraLinear, in place, and freeze the rest.
+
+    After this only ``lora_A`` and ``lora_B`` (and biases, per ``config.bias``) require grad.
+    Layers are wrapped in ``model.named_modules()`` order, the order PEFT uses, so the same seed
+    draws the same adapter weights as ``peft.get_peft_model``.
+
+    Returns:
+        the same ``model`` object.
+
+    Raises:
+        MiniLoraError: before anything is changed, if the model already has LoRA layers, or a
+            target matches nothing or is not linear.
+    """
+    if not isinstance(config, LoraConfig):
+        raise MiniLoraError(f"inject needs a minilora.LoraConfig, got {type(config).__name__}.")
+    if any(True for _ in lora_layers(model)):
+        raise MiniLoraError(
+            "This model already has minilora layers; wrapping them again would stack adapters. "
+            "Use the model as it is, or call minilora.unload(model) first."
+        )
+    names = find_targets(model, config)  # all checks happen before the first change
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        base_layer = model.get_submodule(name)
+        _check_fan_in_fan_out(name, base_layer, config)
+        _replace_module(model, name, LoraLinear(
+            base_layer,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+        ))
+    mark_only_lora_as_trainable(model, config.bias)
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """requires_grad = True for lora_A / lora_B (and biases per ``bias``), False for all else."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
+def merge(model: nn.Module, safe: bool = False) -> None:
+    """Merge every LoRA layer: W0 <- W0 + scaling * B A. Layers already merged are left as they are."""
+    for _, layer in _require_lora_layers(model, "merge"):
+        if not layer.merged:
+            layer.merge(safe=safe)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge`` on every merged LoRA layer: W0 <- W0 - scaling * B A."""
+    for _, layer in _require_lora_layers(model, "unmerge"):
+        if layer.merged:
+            layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold each adapter into its base layer and put the plain base layers back.
+
+    The result has the original module types (nn.Linear / Conv1D) with ``W0 + dW`` and gives the
+    adapted model's outputs without any LoRA code. Returns the same model object.
+    """
+    layers = _require_lora_layers(model, "merge_and_unload")
+    if safe:  # check every layer before changing any
+        for name, layer in layers:
+            if not layer.merged and not _merged_weight_is_finite(layer):
+                raise MiniLoraError(
+                    f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken. Nothing was merged."
+                )
+    for name, layer in layers:
+        if not layer.merged:
+            layer.merge()
+        _replace_module(model, name, layer.base_layer)
+    _forget_config(model)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the plain base layers back and drop the adapters (merged ones are unmerged first).
+
+    Returns the same model object, with the base model's outputs.
+    """
+    for name, layer in _require_lora_layers(model, "unload"):
+        if layer.merged:
+            layer.unmerge()
+        _replace_module(model, name, layer.base_layer)
+    _forget_config(model)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model gives the base model's outputs; the adapters come back on exit.
+
+    Raises:
+        MiniLoraError: if a layer is merged (its W0 already holds dW): call ``unmerge`` first.
+    """
+    layers = _require_lora_layers(model, "disabled")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise MiniLoraError(
+            f"disabled() cannot switch off merged layers ({merged[:3]}...): their W0 already holds dW. "
+            "Call minilora.unmerge(model) first."
+        )
+    previous = [layer.disabled for _, layer in layers]
+    for _, layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, layer), was_disabled in zip(layers, previous):
+            layer.disabled = was_disabled
+
+
+def _require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLinear]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise MiniLoraError(f"{action}: this model has no minilora layers. Call minilora.inject(model, config) first.")
+    return layers
+
+
+def _merged_weight_is_finite(layer: LoraLinear) -> bool:
+    weight = layer.base_layer.weight
+    return bool((weight + layer.delta_weight().to(weight.dtype)).isfinite().all())
+
+
+def _forget_config(model: nn.Module) -> None:
+    if hasattr(model, CONFIG_ATTRIBUTE):
+        delattr(model, CONFIG_ATTRIBUTE)

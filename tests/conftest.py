@@ -1,0 +1,33 @@
+"""Shared fixtures: the embedded GPT-2 (built once, copied per test) and the devices to test on."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import minilora
+
+CUDA_REASON = "cuda: not available"
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_REASON)),
+]
+
+
+@pytest.fixture(scope="session")
+def _gpt2_pristine():
+    return minilora.load_model()
+
+
+@pytest.fixture
+def gpt2(_gpt2_pristine):
+    """A fresh copy of the embedded random GPT-2 small (eval mode, float32, CPU)."""
+    return copy.deepcopy(_gpt2_pristine)
+
+
+@pytest.fixture
+def gpt2_pair(_gpt2_pristine):
+    """Two independent copies of the same GPT-2: one for minilora, one for PEFT."""
+    return copy.deepcopy(_gpt2_pristine), copy.deepcopy(_gpt2_pristine)
