@@ -31,3 +31,10 @@ def gpt2(_gpt2_pristine):
 def gpt2_pair(_gpt2_pristine):
     """Two independent copies of the same GPT-2: one for minilora, one for PEFT."""
     return copy.deepcopy(_gpt2_pristine), copy.deepcopy(_gpt2_pristine)
+
+
+# Hypothesis: no per-example deadline (2 shared cores make timings noisy); a modest example count.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("minilora", deadline=None, max_examples=25, derandomize=True)
+settings.load_profile("minilora")

@@ -1,0 +1,1 @@
+"""parity: minilora and PEFT side by side, on the same model and the same weights."""
