@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import os
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import minilora
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import minilora  # noqa: E402
 
 CUDA_REASON = "cuda: not available"
 DEVICES = [
