@@ -153,8 +153,16 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def merge(model: nn.Module, safe: bool = False) -> None:
-    """Merge every LoRA layer: W0 <- W0 + scaling * B A. Layers already merged are left as they are."""
-    for _, layer in _require_lora_layers(model, "merge"):
+    """Merge every LoRA layer: W0 <- W0 + scaling * B A. Layers already merged are left as they are.
+
+    Args:
+        safe: check every layer's merged weight is finite before merging any, so that a broken
+            adapter raises MiniLoraError and leaves the whole model as it was.
+    """
+    layers = _require_lora_layers(model, "merge")
+    if safe:
+        _check_merged_weights_are_finite(layers)
+    for _, layer in layers:
         if not layer.merged:
             layer.merge(safe=safe)
 
@@ -173,15 +181,11 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     adapted model's outputs without any LoRA code. Returns the same model object.
     """
     layers = _require_lora_layers(model, "merge_and_unload")
-    if safe:  # check every layer before changing any
-        for name, layer in layers:
-            if not layer.merged and not _merged_weight_is_finite(layer):
-                raise MiniLoraError(
-                    f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken. Nothing was merged."
-                )
+    if safe:
+        _check_merged_weights_are_finite(layers)
     for name, layer in layers:
         if not layer.merged:
-            layer.merge()
+            layer.merge(safe=safe)
         _replace_module(model, name, layer.base_layer)
     _forget_config(model)
     return model
@@ -231,9 +235,15 @@ def _require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraL
     return layers
 
 
-def _merged_weight_is_finite(layer: LoraLinear) -> bool:
-    weight = layer.base_layer.weight
-    return bool((weight + layer.delta_weight().to(weight.dtype)).isfinite().all())
+def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]]) -> None:
+    """Raise before anything changes if any unmerged layer's W0 + dW would hold NaN or inf."""
+    for name, layer in layers:
+        weight = layer.base_layer.weight
+        if not layer.merged and not bool((weight + layer.delta_weight().to(weight.dtype)).isfinite().all()):
+            raise MiniLoraError(
+                f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken (check the loss during "
+                "training). Nothing was merged."
+            )
 
 
 def _forget_config(model: nn.Module) -> None:

@@ -168,7 +168,7 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             if safe:
                 merged_weight = weight.data.clone()
-                merged_weight += self.delta_weight()
+                merged_weight += self.delta_weight().to(weight.dtype)  # as PEFT's safe_merge
                 if not torch.isfinite(merged_weight).all():
                     raise MiniLoraError(
                         "The merged weight has NaN or inf values: the adapter is broken (check the loss "
