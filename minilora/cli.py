@@ -1,0 +1,227 @@
+"""The ``minilora`` command: look at what LoRA does to a model.
+
+    minilora inspect [--model M] [--r 8] [--alpha 32] [--targets c_attn ...]
+    minilora merge ADAPTER_DIR OUT_DIR [--model M]
+    minilora diff ADAPTER_DIR [--model M] [--plot FILE.png]
+
+Every subcommand runs on the embedded random GPT-2 small by default (``minilora.load_model()``);
+``--model`` takes a hub name (``gpt2``, if it is in your Hugging Face cache) or a local directory
+with real weights. A mistake in the input (a missing directory, an adapter made for another model)
+prints one ``minilora: error: ...`` line that says what to do, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import LoraConfig, MiniLoraError
+from .inject import inject, lora_layers, merge_and_unload
+from .models import DEFAULT_MODEL, load_model
+from .params import layer_table, trainable_parameters_line
+
+MODEL_HELP = (
+    "the base model: a hub name (e.g. gpt2, from your Hugging Face cache) or a local directory with "
+    "config.json and weights (default: the embedded random GPT-2 small, seed 0)"
+)
+ERROR_EXIT = 2  # argparse's own status for bad usage
+
+
+def progress(message: str) -> None:
+    """Progress lines go to stderr, so stdout holds only the result (tables can be piped)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def open_model(name_or_path: str | None):
+    """``load_model`` with the CLI's checks: a directory without config.json is named as such."""
+    if name_or_path not in (None, DEFAULT_MODEL) and os.path.isdir(name_or_path) \
+            and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise MiniLoraError(
+            f"--model {name_or_path!r} is a directory without config.json, so it is not a saved model. "
+            "Point it at the directory that save_pretrained wrote (or that `minilora merge` wrote)."
+        )
+    progress(f"loading model: {name_or_path or 'embedded random GPT-2 small (seed 0)'}")
+    try:
+        return load_model(name_or_path)
+    except MiniLoraError:
+        raise
+    except (OSError, ValueError) as error:  # e.g. a config.json transformers cannot read
+        raise MiniLoraError(f"Could not load model {name_or_path!r}: {error}") from error
+
+
+def check_adapter_dir(path: str) -> None:
+    """Fail early (before the model is loaded) when ADAPTER_DIR cannot be an adapter."""
+    if not os.path.exists(path):
+        raise MiniLoraError(f"adapter directory {path!r} does not exist. Pass the directory that "
+                            "save_adapter (or PEFT's save_pretrained) wrote.")
+    if not os.path.isdir(path):
+        raise MiniLoraError(f"{path!r} is a file; ADAPTER_DIR is the directory that holds "
+                            "adapter_config.json and adapter_model.safetensors.")
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise MiniLoraError(f"{path!r} has no adapter_config.json, so it is not a saved adapter "
+                            f"(it holds: {sorted(os.listdir(path))[:8]}).")
+
+
+def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
+    """Say so when the adapter names a base model other than the one we are about to use."""
+    try:
+        with open(os.path.join(adapter_dir, "adapter_config.json")) as file:
+            base = json.load(file).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return  # load_adapter reports a broken config with the details
+    if base and model_arg is None and base not in (DEFAULT_MODEL,):
+        progress(f"note: the adapter was saved from base model {base!r}; using the embedded default "
+                 f"instead. Pass --model {base} to use that one.")
+
+
+def load_adapted(adapter_dir: str, model_arg: str | None):
+    """The base model with the adapter loaded into it (all checks before any loading)."""
+    from .adapters import load_adapter
+
+    check_adapter_dir(adapter_dir)
+    note_adapter_base(adapter_dir, model_arg)
+    model = open_model(model_arg)
+    progress(f"loading adapter: {adapter_dir}")
+    load_adapter(model, adapter_dir)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The subcommands
+# --------------------------------------------------------------------------------------------
+def run_inspect(args: argparse.Namespace) -> None:
+    """Inject LoRA with the given numbers and print what it adds, layer by layer."""
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=args.targets)
+    model = open_model(args.model)
+    inject(model, config)
+    print(layer_table(model))
+    print()
+    print(trainable_parameters_line(model))
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """Fold the adapter into W0 and save a plain transformers model."""
+    out_dir = args.out_dir
+    if os.path.isfile(out_dir):
+        raise MiniLoraError(f"OUT_DIR {out_dir!r} is a file. Pass a new or empty directory.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
+        raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
+                            "or --force to write into it.")
+    model = load_adapted(args.adapter_dir, args.model)
+    layers = len(list(lora_layers(model)))
+    progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
+    merge_and_unload(model, safe=True)
+    progress(f"saving: {out_dir}")
+    model.save_pretrained(out_dir)
+    save_tokenizer_if_any(args.model, out_dir)
+    print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
+    print(f"It is a plain transformers model: AutoModelForCausalLM.from_pretrained({out_dir!r}).")
+
+
+def save_tokenizer_if_any(model_arg: str | None, out_dir: str) -> None:
+    """Copy the base model's tokenizer next to the merged weights, when it has one."""
+    if model_arg in (None, DEFAULT_MODEL):
+        return  # the embedded model has no tokenizer of its own (see minilora/text.py)
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_arg).save_pretrained(out_dir)
+    except (OSError, ValueError) as error:
+        progress(f"note: no tokenizer saved ({str(error).splitlines()[0]})")
+
+
+def run_diff(args: argparse.Namespace) -> None:
+    """Per layer: how large dW is next to W0, and its rank."""
+    from .spectrum import change_table, layer_changes, plot_changes
+
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise MiniLoraError(f"--plot writes a PNG; give it a file name ending in .png, not {args.plot!r}.")
+    if not 0 < args.rtol < 1:
+        raise MiniLoraError(f"--rtol must be between 0 and 1, got {args.rtol}. The default is 0.01.")
+    model = load_adapted(args.adapter_dir, args.model)
+    rows = layer_changes(model, rtol=args.rtol)
+    print(change_table(rows))
+    if args.plot:
+        try:
+            plot_changes(rows, args.plot)
+        except ImportError as error:
+            raise MiniLoraError(f"--plot needs matplotlib ({error}). Install it: pip install 'minilora[plot]'.")
+        print(f"\nplot saved to {args.plot}")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+DIFF_EPILOG = """\
+columns:
+  ||dW||_F / ||W0||_F  size of the update dW = (alpha / r) B A next to the frozen weight W0
+                       (Frobenius norms)
+  rank                 number of singular values s_i of dW with s_i > RTOL * s_1 (s_1 the largest)
+  eff. rank            Roy & Vetterli's effective rank exp(-sum p_i log p_i), p_i = s_i / sum_j s_j:
+                       k for k equal singular values, towards 1 when one direction dominates;
+                       0 for dW = 0 (an untrained adapter, B = 0)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minilora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect_parser = commands.add_parser(
+        "inspect", help="which layers LoRA wraps and how many parameters it adds",
+        description="Inject LoRA into the model and print, per wrapped layer: its kind (Linear or GPT-2's "
+                    "Conv1D), in and out features, r, the parameters added by the formula r * (in + out) and "
+                    "by counting; then the totals line in PEFT's format.")
+    inspect_parser.add_argument("--model", default=None, help=MODEL_HELP)
+    inspect_parser.add_argument("--r", type=int, default=8, help="rank of the update B A (default: 8)")
+    inspect_parser.add_argument("--alpha", type=float, default=32,
+                                help="lora_alpha; the update is scaled by alpha / r (default: 32)")
+    inspect_parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                                help="modules to wrap, by name or last name part (default: the "
+                                     "architecture's, c_attn for GPT-2)")
+    inspect_parser.set_defaults(run=run_inspect)
+
+    merge_parser = commands.add_parser(
+        "merge", help="fold an adapter into the base model and save a plain transformers model",
+        description="Load the base model, load the adapter in ADAPTER_DIR (saved by minilora.save_adapter "
+                    "or by PEFT's save_pretrained), fold it in (W0 <- W0 + (alpha / r) B A) and save the "
+                    "result to OUT_DIR with save_pretrained. The saved model needs neither minilora nor "
+                    "PEFT: AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+    merge_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
+    merge_parser.add_argument("out_dir", metavar="OUT_DIR", help="where to save the merged model (new or empty)")
+    merge_parser.add_argument("--model", default=None, help=MODEL_HELP)
+    merge_parser.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+    merge_parser.set_defaults(run=run_merge)
+
+    diff_parser = commands.add_parser(
+        "diff", help="per layer: the size and rank of the update dW an adapter makes",
+        description="Load the adapter in ADAPTER_DIR into the base model and print, for each LoRA layer, "
+                    "how large its update dW is next to the frozen weight and how many directions it uses.",
+        epilog=DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    diff_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
+    diff_parser.add_argument("--model", default=None, help=MODEL_HELP)
+    diff_parser.add_argument("--rtol", type=float, default=0.01,
+                             help="relative threshold for the rank column (default: 0.01)")
+    diff_parser.add_argument("--plot", metavar="FILE.png", default=None,
+                             help="also save a bar chart of both columns per layer (needs matplotlib)")
+    diff_parser.set_defaults(run=run_diff)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; return the exit status (0, or 2 for a user mistake, after one error line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except MiniLoraError as error:
+        print(f"minilora: error: {error}", file=sys.stderr)
+        return ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
