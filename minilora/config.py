@@ -62,6 +62,11 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise MiniLoraError for any field outside its range (run at construction and by ``inject``,
+        since a dataclass field can be changed after construction)."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise MiniLoraError(f"r must be a positive int (the rank of B A), got r={self.r!r}. Try r=8.")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \

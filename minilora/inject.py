@@ -54,6 +54,14 @@ def is_target(name: str, targets: list[str] | str) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules ``inject`` would wrap. Raises MiniLoraError if none match or one is not linear."""
     targets = resolve_target_modules(model, config)
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise MiniLoraError(
+                f"target_modules={targets!r} is a string, so it is read as a regex, and it is not a valid one "
+                f"({error}). Fix the regex, or pass a list of names such as {_linear_suffixes(model)[:3]}."
+            ) from None
     names = [name for name, _ in model.named_modules() if name and is_target(name, targets)]
     if not names:
         raise MiniLoraError(
@@ -108,8 +116,9 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         the same ``model`` object.
 
     Raises:
-        MiniLoraError: before anything is changed, if the model already has LoRA layers, or a
-            target matches nothing or is not linear.
+        MiniLoraError: before anything is changed, if the model already has LoRA layers, a config
+            field is out of range, the target regex is invalid, or a target matches nothing or is
+            not linear.
     """
     if not isinstance(config, LoraConfig):
         raise MiniLoraError(f"inject needs a minilora.LoraConfig, got {type(config).__name__}.")
@@ -118,21 +127,25 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             "This model already has minilora layers; wrapping them again would stack adapters. "
             "Use the model as it is, or call minilora.unload(model) first."
         )
-    names = find_targets(model, config)  # all checks happen before the first change
+    config.validate()  # its fields may have been changed since it was built
+    names = find_targets(model, config)
 
-    for param in model.parameters():
-        param.requires_grad_(False)
+    # Build every new layer before changing the model, so that nothing is half-done if one fails.
+    # Building draws A and B from the RNG in named_modules() order, as PEFT does.
+    new_layers = {}
     for name in names:
         base_layer = model.get_submodule(name)
         _check_fan_in_fan_out(name, base_layer, config)
-        _replace_module(model, name, LoraLinear(
+        new_layers[name] = LoraLinear(
             base_layer,
             r=config.r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
-        ))
+        )
+    for name, layer in new_layers.items():
+        _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model

@@ -37,6 +37,56 @@ def gpt2_pair(_gpt2_pristine):
     return copy.deepcopy(_gpt2_pristine), copy.deepcopy(_gpt2_pristine)
 
 
+def make_tiny_gpt2(seed: int = 0):
+    """GPT2LMHeadModel at toy size (2 blocks, width 32, vocab 64): GPT-2's Conv1D layers, built in ms.
+
+    Eval mode, float32, CPU. Use it where GPT-2 small's size is not the point.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64,
+                                           bos_token_id=63, eos_token_id=63))
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """A fresh ``make_tiny_gpt2()``."""
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def unchanged():
+    """``check = unchanged(model)`` records the model; ``check()`` asserts it is exactly as recorded:
+    module names and types, every state_dict tensor (bitwise), requires_grad, train/eval mode and
+    the minilora config attribute. For "a failed call leaves the model as it was"."""
+
+    def record(model):
+        def state(m):
+            return ([(n, type(x)) for n, x in m.named_modules()],
+                    {k: v.detach().clone() for k, v in m.state_dict().items()},
+                    {n: p.requires_grad for n, p in m.named_parameters()},
+                    m.training, getattr(m, "minilora_config", None))
+
+        before = state(model)
+
+        def check():
+            after = state(model)
+            assert after[0] == before[0], "module names or types changed"
+            assert after[1].keys() == before[1].keys(), "state_dict keys changed"
+            changed = [k for k in before[1] if not torch.equal(after[1][k], before[1][k])]
+            assert not changed, f"tensors changed: {changed[:5]}"
+            assert after[2] == before[2], "requires_grad changed"
+            assert after[3] == before[3], "train/eval mode changed"
+            assert after[4] is before[4], "minilora_config changed"
+
+        return check
+
+    return record
+
+
 # Hypothesis: no per-example deadline (2 shared cores make timings noisy); a modest example count.
 from hypothesis import settings  # noqa: E402
 
