@@ -3,9 +3,10 @@
     h = W0 x + (lora_alpha / r) * B A x
 
 Read in this order: config.py (what to adapt), layer.py (the math), inject.py (putting it into a
-model), params.py (counting).
+model), params.py (counting), adapters.py (adapter files in PEFT's format), compat.py (PEFT's API).
 """
 
+from .adapters import load_adapter, save_adapter
 from .config import LoraConfig, MiniLoraError
 from .inject import (
     disabled,
@@ -18,6 +19,7 @@ from .inject import (
     unload,
     unmerge,
 )
+from .fused import FORWARD_PATHS, forward_path, set_forward_path
 from .layer import LoraLinear
 from .models import load_model
 from .params import (
@@ -29,21 +31,26 @@ from .params import (
 )
 
 __all__ = [
+    "FORWARD_PATHS",
     "LoraConfig",
     "LoraLinear",
     "MiniLoraError",
     "count_parameters",
     "disabled",
     "find_targets",
+    "forward_path",
     "inject",
     "layer_counts",
     "layer_table",
+    "load_adapter",
     "load_model",
     "lora_layers",
     "mark_only_lora_as_trainable",
     "merge",
     "merge_and_unload",
     "print_trainable_parameters",
+    "save_adapter",
+    "set_forward_path",
     "trainable_parameters_line",
     "unload",
     "unmerge",

@@ -68,6 +68,10 @@ class LoraLinear(nn.Module):
         MiniLoraError: if ``base_layer`` is neither nn.Linear nor Conv1D, or r <= 0.
     """
 
+    # Another way to compute the same output, (layer, x) -> h, set by minilora.set_forward_path
+    # (minilora/fused.py); None runs the reference forward below.
+    forward_override = None
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -200,6 +204,8 @@ class LoraLinear(nn.Module):
 
         Merged or disabled, the update is either inside W0 already or switched off: one matmul.
         """
+        if self.forward_override is not None:
+            return self.forward_override(self, x)
         result = self.base_layer(x)                        # (..., out)
         if self.merged or self.disabled:
             return result
