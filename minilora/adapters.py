@@ -1,0 +1,486 @@
+"""Adapters on disk in PEFT's format: ``save_adapter`` and ``load_adapter``.
+
+An adapter directory holds what ``peft.PeftModel.save_pretrained`` writes, so either library reads
+the other's files:
+
+    adapter_config.json          the LoraConfig, with PEFT's field names (r, lora_alpha, target_modules, ...)
+    adapter_model.safetensors    A and B of every wrapped layer, under PEFT's keys:
+        base_model.model.<layer>.lora_A.weight    (r, in)
+        base_model.model.<layer>.lora_B.weight    (out, r)
+
+Older PEFT releases wrote ``adapter_model.bin`` (a ``torch.save`` pickle) instead; ``load_adapter``
+reads it too. W0 is not in the files: it comes from the base model the adapter is loaded into, and
+``h = W0 x + scaling * B A x`` needs only ``A``, ``B`` and ``scaling = lora_alpha / r``.
+
+Loading is strict, as torchtune's is: every check (files, JSON, fields, keys, shapes, values) runs
+before the model is touched, and any failure raises MiniLoraError with the model left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, MiniLoraError
+from .inject import CONFIG_ATTRIBUTE, find_targets, inject, lora_layers, mark_only_lora_as_trainable, \
+    resolve_target_modules
+from .layer import in_out_features
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every key
+
+# adapter_config.json: the fields minilora uses, ...
+HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
+                   "init_lora_weights")
+# ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
+METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                   "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
+# ... and PEFT features minilora does not have. Each is fine while unused (None, False, {} or []);
+# a used one would change what the adapter computes, so it is an error rather than a wrong answer.
+UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a trainable bias in lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "layers_to_transform": "LoRA on only some layer indices",
+    "layers_pattern": "LoRA on only some layer indices",
+    "rank_pattern": "a different r per layer",
+    "alpha_pattern": "a different lora_alpha per layer",
+    "exclude_modules": "excluded modules",
+    "layer_replication": "replicated layers",
+    "target_parameters": "LoRA on bare parameters",
+    "trainable_token_indices": "trainable token embeddings",
+    "loftq_config": "LoftQ initialisation",
+    "megatron_config": "Megatron parallel layers",
+    "use_qalora": "QA-LoRA",
+    "eva_config": "EVA initialisation",
+    "corda_config": "CorDA initialisation",
+    "alora_invocation_tokens": "activated LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "lora_ga_config": "LoRA-GA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+}
+
+PAIRS_HINT = (
+    "Use one of the two consistent pairs:\n"
+    "  minilora.save_adapter(model, directory)    ->  minilora.load_adapter(base_model, directory)"
+    "   (only A and B, in PEFT's format)\n"
+    "  torch.save(model.state_dict(), path)       ->  model.load_state_dict(torch.load(path))"
+    "          (every weight of the model)"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds, under PEFT's keys: A and B of every LoRA layer, plus the
+    biases when the config trains them (``bias="all"``: every bias; ``"lora_only"``: the wrapped layers').
+
+    Args:
+        state_dict: take the values from here instead of ``model.state_dict()`` (``transformers.Trainer``
+            passes one); the keys are minilora's, i.e. the model's own.
+    """
+    config = _saved_config(model)
+    state = model.state_dict() if state_dict is None else state_dict
+    names = [name for name in state if _is_lora_key(name)]
+    if config.bias == "all":
+        names += [name for name in state if name == "bias" or name.endswith(".bias")]
+    elif config.bias == "lora_only":
+        names += [f"{layer}.base_layer.bias" for layer, _ in lora_layers(model) if f"{layer}.base_layer.bias" in state]
+    return {PEFT_PREFIX + name: state[name] for name in names}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
+                 state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, as PEFT does.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads the result without warnings and gives
+    this model's outputs; so does ``minilora.load_adapter(base, directory)``.
+
+    Args:
+        model: a model with minilora layers (from ``inject`` or ``load_adapter``).
+        directory: created if needed. A stale weights file of the other format is removed, so that
+            readers (which prefer safetensors) always find the one just written.
+        safe_serialization: False writes the older ``adapter_model.bin`` (a ``torch.save`` pickle).
+        state_dict: see ``adapter_state_dict``.
+
+    Raises:
+        MiniLoraError: if the model has no minilora layers, or its layers no longer agree with its config.
+    """
+    config = _saved_config(model)
+    fields = _config_fields(model, config)
+    tensors = {key: value.detach().contiguous() for key, value in adapter_state_dict(model, state_dict).items()}
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
+    directory.mkdir(parents=True, exist_ok=True)
+
+    written, stale = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
+    if safe_serialization:
+        from safetensors.torch import save_file
+        save_file(tensors, str(directory / written), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, directory / written)
+    (directory / stale).unlink(missing_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _saved_config(model: nn.Module) -> LoraConfig:
+    """The config ``inject`` left on the model, after checking that every layer still agrees with it."""
+    layers = list(lora_layers(model)) if isinstance(model, nn.Module) else []
+    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    if not layers or config is None:
+        raise MiniLoraError(
+            "save_adapter needs a model with minilora layers and their config, as minilora.inject(model, config) "
+            "or minilora.load_adapter(model, directory) leave it. This model has none "
+            f"({type(model).__name__}, {len(layers)} LoRA layers)."
+        )
+    for name, layer in layers:
+        if layer.r != config.r or abs(layer.scaling - config.scaling) > 1e-12 * abs(config.scaling):
+            raise MiniLoraError(
+                f"Layer {name!r} has r={layer.r}, scaling={layer.scaling:g} but the model's config says "
+                f"r={config.r}, scaling={config.scaling:g}. PEFT's format holds one r and one lora_alpha for "
+                "all layers; rebuild the adapter with one config."
+            )
+    return config
+
+
+def _config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
+    """adapter_config.json for ``config``, in PEFT's field names, as ``LoraConfig.save_pretrained`` writes it."""
+    layers = [layer for _, layer in lora_layers(model)]
+    targets = resolve_target_modules(model, config)
+    task_type = getattr(config, "task_type", None)
+    task_type = getattr(task_type, "value", task_type)  # a TaskType enum member -> its string
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        # Without a task type, PEFT records the model class so that AutoPeftModel can rebuild it.
+        "auto_mapping": None if task_type else {"base_model_class": type(model).__name__,
+                                                "parent_library": type(model).__module__},
+        "base_model_name_or_path": getattr(config, "base_model_name_or_path", None)
+        or getattr(model, "name_or_path", None) or None,
+        "revision": getattr(config, "revision", None),
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": config.init_lora_weights,
+        # PEFT features minilora does not have, written as unused so that every PEFT release reads them alike.
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking (nothing here changes a model)
+# --------------------------------------------------------------------------------------------
+def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
+    """A minilora LoraConfig from PEFT's config fields (adapter_config.json or a peft.LoraConfig).
+
+    Unknown fields (from a newer PEFT) are ignored with one warning, as PEFT does; fields for
+    features minilora does not have are an error when used.
+
+    Raises:
+        MiniLoraError: naming ``source``, for another PEFT method, a used unsupported feature, or a bad value.
+    """
+    peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))
+    if peft_type != "LORA":
+        raise MiniLoraError(f"{source}: peft_type is {peft_type!r}; minilora reads LoRA adapters only "
+                            "(peft_type \"LORA\").")
+    check_unsupported(fields, source)
+    unknown = sorted(set(fields) - set(HONOURED_FIELDS) - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))
+    if unknown:
+        warnings.warn(f"{source}: ignoring fields minilora does not know: {unknown}. They were probably written "
+                      "by a newer PEFT.", stacklevel=3)
+    init = fields.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise MiniLoraError(
+            f"{source}: init_lora_weights={init!r}. minilora knows True, False and 'gaussian'; initialisations "
+            "such as 'pissa', 'olora' or 'corda' also change the base weights, which minilora cannot reproduce. "
+            "Convert the adapter to plain LoRA in PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) first."
+        )
+    values = {name: fields[name] for name in HONOURED_FIELDS if name in fields}
+    values["fan_in_fan_out"] = None  # minilora reads each layer's layout from its type
+    try:
+        return LoraConfig(**values)
+    except (TypeError, ValueError, OverflowError) as error:  # MiniLoraError is a ValueError
+        raise MiniLoraError(f"{source}: {error}") from None
+
+
+def check_unsupported(fields: Mapping[str, Any], source: str) -> None:
+    """Raise if any PEFT feature minilora does not have is used (set to something but None/False/{}/[])."""
+    used = {name: fields[name] for name in UNSUPPORTED_FIELDS if name in fields and not _unused(fields[name])}
+    if used:
+        features = ", ".join(f"{name}={value!r} ({UNSUPPORTED_FIELDS[name]})" for name, value in used.items())
+        raise MiniLoraError(f"{source}: minilora cannot honour {features}. Going on without it would give "
+                            "different outputs. Use PEFT for this adapter, or train one without these options.")
+
+
+def read_adapter_config(directory: Path) -> LoraConfig:
+    """Parse and check ``directory/adapter_config.json``."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
+                            "as minilora.save_adapter and PEFT's save_pretrained write them.")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
+            from None
+    if not isinstance(fields, dict):
+        raise MiniLoraError(f"{path} holds a JSON {type(fields).__name__}, not an object of config fields: "
+                            "the file is corrupt. Save the adapter again.")
+    return config_from_fields(fields, str(path))
+
+
+def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, tensors) from ``adapter_model.safetensors``, or else the older ``adapter_model.bin``."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        path = directory / LEGACY_WEIGHTS_NAME
+    if not path.is_file():
+        raise MiniLoraError(f"{directory} has no {WEIGHTS_NAME} (nor the older {LEGACY_WEIGHTS_NAME}): the "
+                            "adapter's weights are missing. Save the adapter again.")
+    try:
+        if path.name == WEIGHTS_NAME:
+            from safetensors.torch import load_file
+            tensors = load_file(str(path), device=str(device))
+        else:
+            tensors = torch.load(path, map_location=device, weights_only=True)  # never runs pickled code
+    except Exception as error:  # a corrupt file can fail in many ways inside either reader
+        raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                            "or corrupt: save the adapter again.") from None
+    if not isinstance(tensors, dict):
+        raise MiniLoraError(f"{path} does not hold a dict of named tensors ({type(tensors).__name__}). "
+                            f"{PAIRS_HINT}")
+    return path, tensors
+
+
+def minilora_key(key: str) -> str:
+    """PEFT's key -> the model's own: drop ``base_model.model.`` and an adapter name after lora_A / lora_B.
+
+    ``base_model.model.h.0.attn.c_attn.lora_A.default.weight`` -> ``h.0.attn.c_attn.lora_A.weight``.
+    """
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+
+
+def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tuple[int, ...]]:
+    """Every tensor the adapter must hold for this model, by the model's key after loading, with its shape.
+
+    A model with minilora layers expects A (r, in) and B (out, r) of exactly those layers; a plain
+    model expects them for the targets of ``config``, as ``inject`` will build them.
+    """
+    layers = dict(lora_layers(model))
+    if layers:
+        sizes = {name: (layer.in_features, layer.out_features, layer.r) for name, layer in layers.items()}
+    else:
+        sizes = {name: (*in_out_features(model.get_submodule(name)), config.r) for name in find_targets(model, config)}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (fan_in, fan_out, r) in sizes.items():
+        shapes[f"{name}.lora_A.weight"] = (r, fan_in)
+        shapes[f"{name}.lora_B.weight"] = (fan_out, r)
+    bias = config.bias if config is not None else "none"
+    if bias != "none":
+        for key, value in model.state_dict().items():
+            module_name, _, last = key.rpartition(".")
+            if last != "bias":
+                continue
+            if module_name in sizes and not layers:
+                key = f"{module_name}.base_layer.bias"  # where the bias will be once the layer is wrapped
+            if bias == "all" or key.removesuffix(".base_layer.bias") in sizes:
+                shapes[key] = tuple(value.shape)
+    return shapes
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str,
+                  config: LoraConfig | None, model: nn.Module) -> None:
+    """Missing keys, unexpected keys, shapes, dtypes, finiteness: every problem, before any change."""
+    missing = sorted(set(shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if missing or unexpected:
+        has_layers = any(True for _ in lora_layers(model))
+        hint = ("The adapter was saved for other layers than this model's minilora layers: load it into a fresh "
+                "base model, or call minilora.unload(model) first." if has_layers else
+                "The adapter was saved from another model or with other target_modules.")
+        if len(unexpected) > len(shapes):
+            hint = "This looks like a whole model's state dict, not an adapter. " + PAIRS_HINT
+        raise MiniLoraError(f"{source} does not fit this {type(model).__name__}: missing keys {_few(missing)}, "
+                            f"unexpected keys {_few(unexpected)}. {hint}")
+    for key, shape in shapes.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            hint = (f"The adapter has r={config.r} (adapter_config.json) but this model's layers have another r: "
+                    "load it into a fresh base model, or call minilora.unload(model) first."
+                    if config is not None and ".lora_" in key and any(True for _ in lora_layers(model)) else
+                    "The adapter was saved from another model (or another r than its config says).")
+            raise MiniLoraError(f"{source}: {key} has shape {tuple(tensor.shape)} but this model needs {shape}. "
+                                f"{hint}")
+        if not tensor.dtype.is_floating_point:
+            raise MiniLoraError(f"{source}: {key} holds {tensor.dtype}, not floating-point numbers: the file is "
+                                "corrupt. Save the adapter again.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise MiniLoraError(f"{source}: {key} holds NaN or inf values: the file is corrupt or the training "
+                                "diverged. Nothing was loaded.")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                 is_trainable: bool = False) -> nn.Module:
+    """Load an adapter saved by minilora or PEFT into ``model``, in place; the result gives its trained outputs.
+
+    - A model without minilora layers is injected with the adapter's config, then given its weights.
+    - A model whose minilora layers match the adapter (same layers, same shapes) gets the weights, and the
+      adapter's ``scaling``, in those layers: parameters stay the same objects (an optimizer keeps working).
+
+    Args:
+        model: the base model (or one that already has matching minilora layers).
+        source: an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``),
+            or a dict of adapter tensors (PEFT's or minilora's keys) for a model that already has its layers.
+        is_trainable: as in PEFT: False freezes everything (for inference); True lets A and B train
+            (and the biases, per the config's ``bias``).
+
+    Returns:
+        the same ``model`` object.
+
+    Raises:
+        MiniLoraError: before anything is changed, for a missing or corrupt file, another kind of adapter,
+            keys or shapes that do not fit the model, merged layers, or a whole nn.Module where an adapter was
+            expected (``torch.save(model)`` mixed up with saving an adapter).
+    """
+    if not isinstance(model, nn.Module):
+        raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
+                            f"{type(model).__name__}.")
+    reject_whole_module(source, "load_adapter")
+    layers = list(lora_layers(model))
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise MiniLoraError(f"Layers {_few(merged)} are merged (their W0 holds the old dW); loading new A and B "
+                            "would leave the old update inside W0. Call minilora.unmerge(model) first.")
+
+    device = _device_of(model)
+    if isinstance(source, Mapping):
+        if not layers:
+            raise MiniLoraError("A dict of tensors carries no config (r, lora_alpha, target_modules), so it can "
+                                "only be loaded into a model that already has minilora layers. Pass the adapter "
+                                "directory instead, or minilora.inject(model, config) first.")
+        config, config_origin, origin = getattr(model, CONFIG_ATTRIBUTE, None), "the model's config", "the state dict"
+        tensors = dict(source)
+    else:
+        directory = _adapter_directory(source)
+        config, config_origin = read_adapter_config(directory), str(directory / CONFIG_NAME)
+        path, tensors = read_adapter_weights(directory, device)
+        origin = str(path)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
+    renamed = {minilora_key(key): value for key, value in tensors.items()}
+    if len(renamed) != len(tensors):
+        raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
+    try:
+        shapes = expected_shapes(model, config)
+    except MiniLoraError as error:  # the config's targets are not in this model
+        raise MiniLoraError(f"{config_origin}: {error}") from None
+    check_tensors(renamed, shapes, origin, config, model)
+
+    # Everything is checked: from here on nothing can fail.
+    if not layers:
+        inject(model, config)
+        for _, layer in lora_layers(model):
+            layer.train(model.training)  # new modules start in train mode; an eval model stays in eval
+    elif config is not getattr(model, CONFIG_ATTRIBUTE, None):
+        _adopt_scaling(model, config)
+    current = model.state_dict(keep_vars=True)  # the model's own parameters, by key
+    with torch.no_grad():
+        for key, value in renamed.items():
+            current[key].copy_(value)  # in place, cast to the parameter's dtype and device
+    if is_trainable:
+        mark_only_lora_as_trainable(model, config.bias if config is not None else "none")
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def reject_whole_module(source: object, action: str) -> None:
+    """PEFT's pitfall 2: ``torch.save(model)`` pickles the whole model; loading functions want weights."""
+    if isinstance(source, nn.Module):
+        raise MiniLoraError(
+            f"{action} got a whole model ({type(source).__name__}) where an adapter directory or a state dict was "
+            "expected. torch.save(model) pickles the whole model object, and torch.load gives that model back, "
+            "not its weights: use the loaded object as the model itself, or save the weights instead.\n"
+            f"{PAIRS_HINT}"
+        )
+
+
+def _adopt_scaling(model: nn.Module, config: LoraConfig) -> None:
+    """The loaded adapter's scaling belongs to it: set it on the layers, and its config on the model.
+
+    The layers keep their own dropout (a training setting of the model, not part of the adapter).
+    """
+    for _, layer in lora_layers(model):
+        layer.lora_alpha, layer.scaling = config.lora_alpha, config.scaling
+    old = getattr(model, CONFIG_ATTRIBUTE, None)
+    if old is not None:
+        config.lora_dropout = old.lora_dropout
+    setattr(model, CONFIG_ATTRIBUTE, config)
+
+
+def _adapter_directory(source: object) -> Path:
+    if not isinstance(source, (str, os.PathLike)):
+        raise MiniLoraError(f"load_adapter needs an adapter directory (a str or Path) or a dict of tensors, got "
+                            f"{type(source).__name__}.")
+    directory = Path(source)
+    if directory.is_file():
+        raise MiniLoraError(f"{directory} is a file; load_adapter reads the directory that holds {CONFIG_NAME} "
+                            f"and {WEIGHTS_NAME}. (A file from torch.save(model) holds a whole model.)\n"
+                            f"{PAIRS_HINT}")
+    if not directory.is_dir():
+        raise MiniLoraError(f"Adapter directory {directory} does not exist. Pass the directory that "
+                            "minilora.save_adapter or PEFT's save_pretrained wrote.")
+    return directory
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    if param is None:
+        raise MiniLoraError(f"This {type(model).__name__} has no parameters, so there is nothing to adapt.")
+    return param.device
+
+
+def _unused(value: object) -> bool:
+    """PEFT's "feature not used" values: None, False, an empty dict or list."""
+    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+
+
+def _is_lora_key(name: str) -> bool:
+    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+
+
+def _few(names: list[str], limit: int = 4) -> str:
+    """A list of names, cut short for an error message."""
+    shown = ", ".join(names[:limit]) or "none"
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"

@@ -1,0 +1,237 @@
+"""PEFT's API as a drop-in: code written for PEFT runs on minilora with one changed import.
+
+    from minilora.compat import get_peft_model, LoraConfig, TaskType, PeftModel
+
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()   # trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364
+    ...                                  # train, e.g. with transformers.Trainer
+    model.save_pretrained("out")         # adapter_config.json + adapter_model.safetensors, PEFT's format
+    model = PeftModel.from_pretrained(base_model, "out")
+    model = model.merge_and_unload()
+
+The one difference: ``get_peft_model`` returns the model you passed, with LoRA injected in place, not
+a wrapper around it. PEFT's methods (``print_trainable_parameters``, ``save_pretrained``,
+``merge_and_unload``, ...) are set on that object as attributes (see ``PEFT_METHODS``); its class,
+its ``state_dict`` keys and its ``forward`` are the model's own. Because there is no wrapper, there is
+nothing to wrap twice, and PEFT's two classic pitfalls go away:
+
+1. ``get_peft_model(model, config)`` followed by ``PeftModel.from_pretrained(model, directory)``:
+   PEFT wraps the model a second time and gives the base model's outputs (with a "missing adapter
+   keys" warning in recent releases). Here ``from_pretrained`` finds the LoRA layers already in the
+   model and loads the trained A and B into them.
+2. ``torch.save(model)`` (the whole model object) mixed up with loading weights: every loading
+   function here, and ``model.load_state_dict`` on a model from ``get_peft_model``, raises a
+   MiniLoraError that explains the two consistent save/load pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from torch import nn
+
+from . import adapters
+from .config import LoraConfig as _MiniLoraConfig
+from .config import MiniLoraError
+from .inject import disabled, inject, merge_and_unload, unload
+from .params import count_parameters, print_trainable_parameters
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types (the same strings). minilora records the task in adapter_config.json only."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+@dataclass
+class LoraConfig(_MiniLoraConfig):
+    """``minilora.LoraConfig`` plus the PEFT fields that articles pass.
+
+    ``task_type``, ``inference_mode``, ``base_model_name_or_path`` and ``revision`` are recorded (and
+    ``inference_mode=True`` freezes the adapter, as in PEFT). The other fields are PEFT features
+    minilora does not have: their defaults mean "not used", and using one is a MiniLoraError rather
+    than an adapter that silently computes something else.
+    """
+
+    task_type: Optional[str] = None
+    inference_mode: bool = False
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: Optional[list[str]] = None
+    layers_to_transform: Optional[Any] = None
+    layers_pattern: Optional[Any] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    exclude_modules: Optional[Any] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task_type is not None and self.task_type not in TaskType.__members__:
+            raise MiniLoraError(f"task_type={self.task_type!r} is not one of PEFT's task types: "
+                                f"{list(TaskType.__members__)}.")
+        if self.task_type is not None:
+            self.task_type = TaskType(self.task_type)
+        adapters.check_unsupported(vars(self), "LoraConfig")
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Inject LoRA into ``model`` in place and give it PEFT's methods; returns the same object.
+
+    Same seed, same adapter as ``peft.get_peft_model`` (minilora draws A and B in PEFT's order).
+    Calling it again on the result raises MiniLoraError: the model already has LoRA layers.
+
+    Args:
+        adapter_name: only "default": minilora holds one adapter per layer.
+        autocast_adapter_dtype: only True, PEFT's default (float16 / bfloat16 adapters are kept in float32).
+    """
+    if not isinstance(peft_config, _MiniLoraConfig):
+        raise MiniLoraError(f"get_peft_model needs minilora.compat.LoraConfig, got "
+                            f"{type(peft_config).__module__}.{type(peft_config).__qualname__}. "
+                            "Import LoraConfig from minilora.compat as well.")
+    _check_single_adapter(adapter_name)
+    if autocast_adapter_dtype is not True:
+        raise MiniLoraError("minilora always keeps float16 / bfloat16 adapters in float32 (PEFT's "
+                            "autocast_adapter_dtype=True).")
+    inject(model, peft_config)
+    if getattr(peft_config, "inference_mode", False):
+        for param in model.parameters():
+            param.requires_grad_(False)
+    _add_peft_methods(model)
+    return model
+
+
+class PeftModel:
+    """Only ``PeftModel.from_pretrained``: there are no wrapper objects in minilora."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise MiniLoraError("minilora has no PeftModel objects: use get_peft_model(model, config) or "
+                            "PeftModel.from_pretrained(model, directory); both return the model itself.")
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, **kwargs: Any) -> nn.Module:
+        """Load the adapter in directory ``model_id`` (saved by minilora or PEFT) into ``model``; returns it.
+
+        A base model is injected; a model that already has matching LoRA layers (e.g. from
+        ``get_peft_model``) gets the trained weights in those layers. As in PEFT, ``is_trainable=False``
+        freezes the adapter and puts the model in eval mode.
+        """
+        adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
+        _check_single_adapter(adapter_name)
+        if kwargs:
+            raise MiniLoraError(f"PeftModel.from_pretrained: minilora loads local directories only and takes no "
+                                f"{sorted(kwargs)}.")
+        adapters.load_adapter(model, model_id, is_trainable=is_trainable)
+        if not is_trainable:
+            model.eval()
+        _add_peft_methods(model)
+        return model
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT's methods, set on the model object itself
+# --------------------------------------------------------------------------------------------
+def _print_trainable_parameters(model: nn.Module) -> None:
+    """``trainable params: ... || all params: ... || trainable%: ...``, PEFT's line, same numbers."""
+    print_trainable_parameters(model)
+
+
+def _get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, as PEFT's ``get_nb_trainable_parameters``."""
+    trainable, total = count_parameters(model)
+    return trainable, total
+
+
+def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                     is_main_process: bool = True, state_dict: Any = None, **kwargs: Any) -> None:
+    """Save the adapter only (``minilora.save_adapter``), as PEFT's ``save_pretrained`` does.
+
+    ``state_dict`` and ``is_main_process`` are what ``transformers.Trainer`` passes at checkpoints.
+    """
+    if kwargs:
+        raise MiniLoraError(f"save_pretrained: minilora takes no {sorted(kwargs)}.")
+    if is_main_process:
+        adapters.save_adapter(model, save_directory, safe_serialization=safe_serialization, state_dict=state_dict)
+
+
+def _merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = False) -> nn.Module:
+    """Fold dW into W0, put the plain layers back and drop PEFT's methods: a plain model again."""
+    merge_and_unload(model, safe=safe_merge)
+    _remove_peft_methods(model)
+    return model
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    """Put the plain layers back without merging and drop PEFT's methods: the base model again."""
+    unload(model)
+    _remove_peft_methods(model)
+    return model
+
+
+@contextlib.contextmanager
+def _disable_adapter(model: nn.Module) -> Iterator[None]:
+    """``with model.disable_adapter():`` gives the base model's outputs inside the block."""
+    with disabled(model):
+        yield
+
+
+def _get_base_model(model: nn.Module) -> nn.Module:
+    """There is no wrapper: the base model is the model itself."""
+    return model
+
+
+def _load_state_dict(model: nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+    """PyTorch's ``load_state_dict``, after catching pitfall 2 (a whole model passed as a state dict)."""
+    adapters.reject_whole_module(state_dict, "load_state_dict")
+    return type(model).load_state_dict(model, state_dict, *args, **kwargs)
+
+
+PEFT_METHODS = {
+    "print_trainable_parameters": _print_trainable_parameters,
+    "get_nb_trainable_parameters": _get_nb_trainable_parameters,
+    "save_pretrained": _save_pretrained,
+    "merge_and_unload": _merge_and_unload,
+    "unload": _unload,
+    "disable_adapter": _disable_adapter,
+    "get_base_model": _get_base_model,
+    "load_state_dict": _load_state_dict,
+}
+
+
+def _add_peft_methods(model: nn.Module) -> None:
+    """Set each of PEFT_METHODS on this one object (not its class), bound to it.
+
+    ``functools.partial`` rather than a bound method: it survives ``copy.deepcopy`` and
+    ``torch.save(model)`` pointing at the copy, where a pickled bound method would come back as
+    the class's own ``save_pretrained``.
+    """
+    for name, function in PEFT_METHODS.items():
+        object.__setattr__(model, name, functools.update_wrapper(functools.partial(function, model), function))
+
+
+def _remove_peft_methods(model: nn.Module) -> None:
+    for name in PEFT_METHODS:
+        model.__dict__.pop(name, None)
+
+
+def _check_single_adapter(adapter_name: str) -> None:
+    if adapter_name != "default":
+        raise MiniLoraError(f"adapter_name={adapter_name!r}: minilora holds one adapter per layer, named "
+                            "'default'. Leave adapter_name out.")
+
+
+__all__ = ["LoraConfig", "PeftModel", "TaskType", "get_peft_model"]
