@@ -77,8 +77,9 @@ class LoraConfig(_MiniLoraConfig):
     alpha_pattern: dict = field(default_factory=dict)
     exclude_modules: Optional[Any] = None
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def validate(self) -> None:
+        """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""
+        super().validate()
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise MiniLoraError(f"task_type={self.task_type!r} is not one of PEFT's task types: "
                                 f"{list(TaskType.__members__)}.")
