@@ -1,7 +1,7 @@
 """PEFT's two classic pitfalls, measured in PEFT and made impossible in minilora.
 
 1. ``get_peft_model(model)`` then ``PeftModel.from_pretrained(that_model, directory)``: PEFT wraps twice,
-   loads the file into the outer wrapper's fresh layers and the inner, untrained ones stay in the path:
+   which doubles every key's prefix, so no key of the file matches and the fresh adapters (B = 0) give
    the base model's outputs. minilora has no wrapper: the trained adapter's outputs.
 2. ``torch.save(model)`` (the whole object) then ``load_state_dict`` / ``load_adapter`` with what
    ``torch.load`` returns: PyTorch's ``TypeError: Expected state_dict to be dict-like``; minilora's own
@@ -50,6 +50,7 @@ def test_pitfall_1_peft_gives_base_outputs(tiny_gpt2, tmp_path):
           f"missing-keys warning: {any('missing adapter keys' in m for m in messages)}")
     assert to_base <= 1e-6 and to_trained > 1e-3, "PEFT no longer falls into pitfall 1: update the README"
     assert any("missing adapter keys" in m for m in messages)
+    assert all(key.startswith("base_model.model.base_model.model.") for key in twice.state_dict())  # wrapped twice
 
 
 def test_pitfall_1_minilora_gives_trained_outputs(tiny_gpt2, tmp_path, recwarn):
