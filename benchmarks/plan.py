@@ -1,0 +1,74 @@
+"""What to measure: the grid of cases, workloads and variants, and how many rounds to time."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ATTN_ONLY = ("c_attn",)
+ALL_LINEAR = ("c_attn", "c_proj", "c_fc")
+
+# Inference variants, in table order. "base" is the model without LoRA; the peft-* variants are
+# PEFT 0.21's lora.Linear unmerged and merged (merge_adapter); the rest are minilora's paths.
+INFERENCE_VARIANTS = ("base", "peft", "peft-merged", "reference", "merged", "fused", "compiled")
+# Training variants (merged weights cannot train; base has nothing to train). Ratios are to "peft".
+TRAINING_VARIANTS = ("peft", "reference", "fused", "compiled")
+
+
+@dataclass
+class Plan:
+    """The benchmark grid.
+
+    ``rounds`` is adaptive: after the warm-up, each measurement gets as many interleaved rounds as
+    fit in ``seconds_per_measurement`` (at least ``min_rounds``, at most ``max_rounds``).
+    """
+
+    model: str = "gpt2"                         # "gpt2": the embedded GPT-2 small; "tiny": 2 layers, 32 wide
+    targets: tuple = (ATTN_ONLY, ALL_LINEAR)
+    ranks: tuple = (8, 64)
+    lora_alpha_per_r: float = 2.0               # lora_alpha = 2 r: the scale does not change the cost
+    prefill_shapes: tuple = ((1, 32), (4, 128))  # (batch, sequence)
+    decode_prompt: int = 8
+    decode_tokens: int = 32
+    train_shape: tuple = (2, 64)                # (batch, sequence) of a training step
+    dropouts: tuple = (0.0, 0.1)
+    inference_variants: tuple = INFERENCE_VARIANTS
+    training_variants: tuple = TRAINING_VARIANTS
+    main_case: tuple = (ALL_LINEAR, 8)           # the case the memory and profile runs use
+    min_rounds: int = 3
+    max_rounds: int = 15
+    seconds_per_measurement: float = 12.0
+    warmup: int = 1
+    memory: bool = True
+    profile: bool = True
+    seed: int = 0
+    notes: list = field(default_factory=list)
+
+    def cases(self) -> list[tuple[tuple, int]]:
+        """(targets, r) pairs, main case first so that the headline numbers come early."""
+        cases = [(tuple(t), r) for t in self.targets for r in self.ranks]
+        main = (tuple(self.main_case[0]), self.main_case[1])
+        return [main] + [case for case in cases if case != main] if main in cases else cases
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def full_plan() -> Plan:
+    """The committed run: about 10-15 minutes on a quiet 2-core CPU."""
+    return Plan()
+
+
+def quick_plan() -> Plan:
+    """Well under a minute: the main case only, small shapes, no compile, memory or profile."""
+    return Plan(targets=(ALL_LINEAR,), ranks=(8,), prefill_shapes=((1, 32),), decode_tokens=8,
+                train_shape=(1, 32), dropouts=(0.0, 0.1),
+                inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
+                training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
+                min_rounds=3, max_rounds=5, seconds_per_measurement=1.5, memory=False, profile=False)
+
+
+def tiny_plan() -> Plan:
+    """For the tests: a 2-layer GPT-2, every variant and workload, seconds in all."""
+    return Plan(model="tiny", ranks=(4,), main_case=(ALL_LINEAR, 4), prefill_shapes=((2, 8),),
+                decode_prompt=3, decode_tokens=3, train_shape=(2, 8), min_rounds=2, max_rounds=2,
+                seconds_per_measurement=0.0, memory=False, profile=False)

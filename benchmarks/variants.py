@@ -1,0 +1,94 @@
+"""The variants: one model per way of computing the same thing, all with the same adapter weights.
+
+Every LoRA variant gets the same non-zero adapter (``parity.twins.randomize_adapters``: with the
+initial B = 0 a broken update would go unnoticed), so each one's outputs can be checked against
+minilora's reference path before it is timed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+import minilora
+from parity.twins import adapter_state, copy_adapters_to_peft, peft_config, randomize_adapters
+
+TOLERANCE = 1e-5  # float32, relative to the reference (max |diff| / max |reference|)
+
+
+def load_base(kind: str, device: str) -> nn.Module:
+    """The bare model in eval mode: the embedded GPT-2 small, or a 2-layer one for tests."""
+    if kind == "tiny":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=96,
+                                bos_token_id=0, eos_token_id=0)
+            return GPT2LMHeadModel(config).eval().to(device)
+    return minilora.load_model(device=device)
+
+
+def lora_config(targets: tuple, r: int, dropout: float, alpha_per_r: float) -> minilora.LoraConfig:
+    return minilora.LoraConfig(r=r, lora_alpha=alpha_per_r * r, lora_dropout=dropout,
+                               target_modules=list(targets), fan_in_fan_out=True)
+
+
+def adapter_weights(base: nn.Module, config: minilora.LoraConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The one random adapter every variant of a case gets, by minilora key."""
+    model = copy.deepcopy(base)
+    minilora.inject(model, config)
+    randomize_adapters(model, seed=seed)
+    weights = {k: v.clone() for k, v in adapter_state(model).items()}
+    del model
+    return weights
+
+
+def minilora_model(base: nn.Module, config: minilora.LoraConfig, weights: dict, path: str) -> nn.Module:
+    model = minilora.inject(copy.deepcopy(base), config)
+    model.load_state_dict(weights, strict=False)
+    return minilora.set_forward_path(model, path)
+
+
+def peft_model(base: nn.Module, config: minilora.LoraConfig, weights: dict, merged: bool) -> nn.Module:
+    import peft
+
+    carrier = minilora.inject(copy.deepcopy(base), config)  # only to carry the weights across
+    carrier.load_state_dict(weights, strict=False)
+    model = peft.get_peft_model(copy.deepcopy(base), peft_config(config))
+    copy_adapters_to_peft(carrier, model)
+    del carrier
+    if merged:
+        model.merge_adapter()  # W0 + dW in place; the LoRA layers stay, skipped in forward
+    return model.train(base.training)
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile of the model (default inductor backend; errors surface on the first call)."""
+    return torch.compile(model)
+
+
+def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weights: dict) -> nn.Module:
+    """One variant's model. ``compiled`` is the reference path under torch.compile."""
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "base": lambda: base,
+        "peft": lambda: peft_model(base, config, weights, merged=False),
+        "peft-merged": lambda: peft_model(base, config, weights, merged=True),
+        "reference": lambda: minilora_model(base, config, weights, "reference"),
+        "merged": lambda: minilora_model(base, config, weights, "merged"),
+        "fused": lambda: minilora_model(base, config, weights, "fused"),
+        "compiled": lambda: compile_model(minilora_model(base, config, weights, "reference")),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown variant {name!r}; known: {sorted(builders)}")
+    return builders[name]()
+
+
+def relative_difference(actual, expected) -> float:
+    """max |a - b| / max |b| over one tensor or matching lists of tensors (float64)."""
+    if isinstance(expected, (list, tuple)):
+        return max((relative_difference(a, b) for a, b in zip(actual, expected, strict=True)), default=0.0)
+    scale = max(expected.double().abs().max().item(), 1e-12)
+    return (actual.double() - expected.double()).abs().max().item() / scale

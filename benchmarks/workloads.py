@@ -1,0 +1,107 @@
+"""The three things timed: prefill, decode with the KV cache, and a training step.
+
+Each workload is a small class: ``prepare(model)`` returns the function that is timed (it holds
+whatever state the workload needs, e.g. an optimizer), and ``check(model)`` returns what
+validation compares between variants.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def token_ids(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5 calls the KV cache argument ``cache``; earlier releases ``past_key_values``."""
+    from transformers import GPT2LMHeadModel
+
+    return "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+
+
+class Prefill:
+    """One forward over (batch, seq) tokens, no gradients: the logits."""
+
+    def __init__(self, batch: int, seq: int, vocab: int, device: str):
+        self.name, self.shape = "prefill", (batch, seq)
+        self.ids = token_ids(batch, seq, vocab, device)
+
+    def check(self, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=self.ids).logits
+
+    def prepare(self, model: nn.Module):
+        def run():
+            with torch.no_grad():
+                model(input_ids=self.ids)
+        return run
+
+
+class Decode:
+    """Greedy generation of ``tokens`` new tokens at batch 1 with a DynamicCache.
+
+    A plain loop rather than ``model.generate`` so that only the model is timed, not the
+    logits processors around it. Validation compares the logits of every step.
+    """
+
+    def __init__(self, prompt: int, tokens: int, vocab: int, device: str):
+        self.name, self.shape = "decode", (1, tokens)
+        self.ids, self.tokens = token_ids(1, prompt, vocab, device, seed=1), tokens
+
+    def _generate(self, model: nn.Module) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+
+        keyword, cache, steps = _cache_keyword(model), DynamicCache(), []
+        with torch.no_grad():
+            logits = model(input_ids=self.ids, use_cache=True, **{keyword: cache}).logits[:, -1]
+            for _ in range(self.tokens):
+                steps.append(logits)
+                next_id = logits.argmax(-1, keepdim=True)                      # (1, 1)
+                logits = model(input_ids=next_id, use_cache=True, **{keyword: cache}).logits[:, -1]
+        return steps
+
+    def check(self, model: nn.Module) -> list[torch.Tensor]:
+        return self._generate(model)
+
+    def prepare(self, model: nn.Module):
+        return lambda: self._generate(model)
+
+
+class TrainStep:
+    """Forward + backward of the language-model loss + one AdamW step over the trainable weights.
+
+    Validation: the loss and every trainable gradient of one step from the same seed (so the
+    dropout masks are the same for every eager variant).
+    """
+
+    def __init__(self, batch: int, seq: int, vocab: int, device: str, dropout: float):
+        self.name, self.shape, self.dropout = "train", (batch, seq), dropout
+        self.ids = token_ids(batch, seq, vocab, device, seed=2)
+
+    def _loss(self, model: nn.Module) -> torch.Tensor:
+        return model(input_ids=self.ids, labels=self.ids).loss
+
+    def check(self, model: nn.Module) -> list[torch.Tensor]:
+        model.train()
+        torch.manual_seed(0)
+        loss = self._loss(model)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return [loss.detach()] + grads
+
+    def prepare(self, model: nn.Module):
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            self._loss(model).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
