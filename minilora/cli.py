@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect_parser = commands.add_parser(
         "inspect", help="which layers LoRA wraps and how many parameters it adds",
-        description="Inject LoRA into the model and print, per wrapped layer: its kind (Linear or GPT-2's "
-                    "Conv1D), in and out features, r, the parameters added by the formula r * (in + out) and "
-                    "by counting; then the totals line in PEFT's format.")
+        description="Inject LoRA into the model and print, per wrapped layer: its kind (Linear, or GPT-2's\n"
+                    "Conv1D), in and out features, r, and the parameters it adds, by the formula r * (in + out)\n"
+                    "and by counting; then the totals line in PEFT's format.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     inspect_parser.add_argument("--model", default=None, help=MODEL_HELP)
     inspect_parser.add_argument("--r", type=int, default=8, help="rank of the update B A (default: 8)")
     inspect_parser.add_argument("--alpha", type=float, default=32,
@@ -186,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge_parser = commands.add_parser(
         "merge", help="fold an adapter into the base model and save a plain transformers model",
-        description="Load the base model, load the adapter in ADAPTER_DIR (saved by minilora.save_adapter "
-                    "or by PEFT's save_pretrained), fold it in (W0 <- W0 + (alpha / r) B A) and save the "
-                    "result to OUT_DIR with save_pretrained. The saved model needs neither minilora nor "
-                    "PEFT: AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+        description="Load the base model, load the adapter in ADAPTER_DIR (saved by minilora.save_adapter or\n"
+                    "by PEFT's save_pretrained), fold it in (W0 <- W0 + (alpha / r) B A) and save the result to\n"
+                    "OUT_DIR with save_pretrained. The saved model needs neither minilora nor PEFT:\n"
+                    "AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     merge_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
     merge_parser.add_argument("out_dir", metavar="OUT_DIR", help="where to save the merged model (new or empty)")
     merge_parser.add_argument("--model", default=None, help=MODEL_HELP)
@@ -198,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     diff_parser = commands.add_parser(
         "diff", help="per layer: the size and rank of the update dW an adapter makes",
-        description="Load the adapter in ADAPTER_DIR into the base model and print, for each LoRA layer, "
-                    "how large its update dW is next to the frozen weight and how many directions it uses.",
+        description="Load the adapter in ADAPTER_DIR into the base model and print, for each LoRA layer, how\n"
+                    "large its update dW is next to the frozen weight W0, and how many directions it uses.",
         epilog=DIFF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     diff_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
     diff_parser.add_argument("--model", default=None, help=MODEL_HELP)

@@ -1,0 +1,267 @@
+"""The `minilora` command: inspect, merge, diff, and its errors.
+
+Most tests run on a tiny GPT-2 saved to a temporary directory (passed with --model), so each
+subcommand runs in well under a second; the default model is checked once, through the shared
+session fixture. Oracles: PEFT's own printed line and merged model, formulas, and an SVD of the
+full dW matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import minilora
+from minilora import cli, spectrum
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=16)
+TOKENS = torch.arange(12).reshape(2, 6) * 7 % 101  # (B, T)
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides})).eval()
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_user_error(status: int, err: str, *fragments: str) -> None:
+    assert status == cli.ERROR_EXIT
+    assert "minilora: error:" in err and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny GPT-2 (2 blocks, width 32): what --model gets in these tests."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def minilora_adapter(tiny_dir, tmp_path_factory):
+    """A minilora adapter for the tiny model with random, non-zero A and B."""
+    model = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    torch.manual_seed(1)
+    minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                               init_lora_weights=False))
+    path = tmp_path_factory.mktemp("minilora-adapter")
+    minilora.save_adapter(model, path)
+    return str(path)
+
+
+def adapted_logits(model_dir: str, adapter_dir: str) -> torch.Tensor:
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    minilora.load_adapter(model, adapter_dir)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+# ------------------------------------------------------------------------------------------
+# --help
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    ([], "inspect"),
+    (["inspect"], "r * (in + out)"),
+    (["merge"], "AutoModelForCausalLM.from_pretrained"),
+    (["diff"], "exp(-sum p_i log p_i)"),
+])
+def test_help(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert expected in out
+    if argv:
+        assert "--model" in out
+
+
+# ------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------
+def test_inspect_default_gpt2_matches_theory_and_peft(capsys, monkeypatch, gpt2_pair):
+    """The default model (the shared fixture stands in for load_model()): 294,912, PEFT's exact line."""
+    import peft
+
+    ours, theirs = gpt2_pair
+    monkeypatch.setattr(cli, "load_model", lambda name: ours)
+    status, out, _ = run(capsys, "inspect", "--r", "8", "--alpha", "32")
+    assert status == 0
+    theory = 12 * 8 * (768 + 2304)
+    assert theory == 294_912
+    assert f"{theory:,}" in out.splitlines()[-3]  # the table's total row
+    assert out.count("Conv1D") == 12
+
+    peft.get_peft_model(theirs, peft.LoraConfig(r=8, lora_alpha=32, fan_in_fan_out=True)).print_trainable_parameters()
+    peft_line = capsys.readouterr().out.strip()
+    assert out.strip().splitlines()[-1] == peft_line
+
+
+def test_inspect_targets_rows_follow_the_formula(capsys, tiny_dir):
+    status, out, _ = run(capsys, "inspect", "--model", tiny_dir, "--r", "2", "--targets", "c_attn", "c_proj")
+    assert status == 0
+    rows = [line.split() for line in out.splitlines() if line.startswith("transformer.h.")]
+    shapes = {name: module.weight.shape for name, module in tiny_gpt2().named_modules()
+              if name.endswith(("c_attn", "c_proj"))}
+    assert sorted(row[0] for row in rows) == sorted(shapes)  # attn.c_attn, attn.c_proj, mlp.c_proj per block
+    for name, kind, n_in, n_out, r, theory, counted in rows:
+        fan_in, fan_out = shapes[name]  # Conv1D stores (in, out)
+        assert (kind, int(n_in), int(n_out), int(r)) == ("Conv1D", fan_in, fan_out, 2)
+        assert int(theory.replace(",", "")) == int(counted.replace(",", "")) == 2 * (fan_in + fan_out)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--targets", "no_such_layer"], "matches no module"),
+    (["--r", "0"], "r must be a positive int"),
+    (["--alpha", "-1"], "lora_alpha must be a positive number"),
+])
+def test_inspect_bad_input(capsys, tiny_dir, argv, fragment):
+    assert_user_error(*run(capsys, "inspect", "--model", tiny_dir, *argv)[::2], fragment)
+
+
+def test_bad_model_paths(capsys, tmp_path):
+    assert_user_error(*run(capsys, "inspect", "--model", str(tmp_path))[::2], "without config.json")
+    assert_user_error(*run(capsys, "inspect", "--model", str(tmp_path / "missing"))[::2], "Could not load model")
+
+
+# ------------------------------------------------------------------------------------------
+# merge
+# ------------------------------------------------------------------------------------------
+def test_merge_minilora_adapter_saves_a_plain_model(capsys, tiny_dir, minilora_adapter, tmp_path):
+    out_dir = str(tmp_path / "merged")
+    status, out, _ = run(capsys, "merge", minilora_adapter, out_dir, "--model", tiny_dir)
+    assert status == 0 and "Merged 6 LoRA layers" in out
+
+    merged = GPT2LMHeadModel.from_pretrained(out_dir).eval()  # transformers alone
+    assert not any("lora" in key for key in merged.state_dict())
+    with torch.no_grad():
+        merged_logits = merged(TOKENS).logits
+    expected = adapted_logits(tiny_dir, minilora_adapter)
+    with torch.no_grad():
+        base_logits = tiny_gpt2()(TOKENS).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter does change the outputs
+    torch.testing.assert_close(merged_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_peft_adapter_gives_peft_outputs(capsys, tiny_dir, tmp_path):
+    """PEFT saves the adapter and computes the reference outputs; minilora merges it."""
+    import peft
+
+    torch.manual_seed(2)
+    peft_model = peft.get_peft_model(
+        GPT2LMHeadModel.from_pretrained(tiny_dir).eval(),
+        peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"], init_lora_weights=False,
+                         fan_in_fan_out=True),
+    )
+    peft_model.save_pretrained(tmp_path / "peft-adapter")
+    with torch.no_grad():
+        peft_logits = peft_model(TOKENS).logits
+
+    status, _, _ = run(capsys, "merge", str(tmp_path / "peft-adapter"), str(tmp_path / "merged"), "--model", tiny_dir)
+    assert status == 0
+    with torch.no_grad():
+        merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(TOKENS).logits
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_errors_leave_nothing_behind(capsys, tiny_dir, minilora_adapter, tmp_path):
+    out_dir = tmp_path / "out"
+    cases = [
+        ([str(tmp_path / "missing"), str(out_dir)], "does not exist"),
+        ([str(tiny_dir), str(out_dir)], "no adapter_config.json"),
+        ([str(tiny_dir) + "/config.json", str(out_dir)], "is a file"),
+        ([minilora_adapter, str(tiny_dir)], "not empty"),
+    ]
+    for argv, fragment in cases:
+        assert_user_error(*run(capsys, "merge", *argv, "--model", tiny_dir)[::2], fragment)
+    assert not out_dir.exists()
+
+
+def test_merge_into_a_mismatched_model_is_a_clear_error(capsys, minilora_adapter, tmp_path):
+    wider = tmp_path / "wider-gpt2"
+    tiny_gpt2(n_embd=48).save_pretrained(wider)
+    status, _, err = run(capsys, "merge", minilora_adapter, str(tmp_path / "out"), "--model", str(wider))
+    assert_user_error(status, err, "shape")
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    """`python -m minilora` (the same main as the console script) in a real process."""
+    result = subprocess.run([sys.executable, "-m", "minilora", "merge", str(tmp_path / "nope"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("minilora: error: adapter directory") and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# diff
+# ------------------------------------------------------------------------------------------
+def equal_spectrum_adapter(model: GPT2LMHeadModel, rank: int) -> None:
+    """Give every layer dW = scaling * B A with exactly ``rank`` equal non-zero singular values."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in minilora.lora_layers(model):
+            q_out, _ = torch.linalg.qr(torch.randn(layer.out_features, layer.r, generator=generator))
+            q_in, _ = torch.linalg.qr(torch.randn(layer.in_features, layer.r, generator=generator))
+            layer.lora_B.weight.copy_(q_out)              # (out, r), orthonormal columns
+            layer.lora_A.weight.copy_(q_in.T)             # (r, in), orthonormal rows
+            layer.lora_A.weight[rank:] = 0                # keep ``rank`` directions
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_spectrum_of_a_known_update(rank):
+    model = tiny_gpt2()
+    minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
+    equal_spectrum_adapter(model, rank)
+    for row, (_, layer) in zip(spectrum.layer_changes(model), minilora.lora_layers(model)):
+        delta = layer.delta_weight().double()  # the full (in, out) matrix: an independent reference
+        torch.testing.assert_close(row.singular_values, torch.linalg.svdvals(delta)[:4], atol=1e-6, rtol=1e-6)
+        assert row.rank == rank
+        assert row.effective_rank == pytest.approx(rank, abs=1e-6)  # k equal singular values -> k
+        assert row.delta_norm == pytest.approx(math.sqrt(rank) * layer.scaling, rel=1e-6)
+        expected = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(layer.base_layer.weight.double())
+        assert row.relative == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_effective_rank_formula():
+    values = torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64)
+    p = [0.75, 0.25]
+    assert spectrum.effective_rank(values) == pytest.approx(math.exp(-sum(x * math.log(x) for x in p)))
+    assert spectrum.numerical_rank(values, rtol=0.5) == 1
+    assert spectrum.numerical_rank(values, rtol=0.01) == 2
+
+
+def test_diff_table_and_plot(capsys, tiny_dir, minilora_adapter, tmp_path):
+    plot = tmp_path / "diff.png"
+    status, out, _ = run(capsys, "diff", minilora_adapter, "--model", tiny_dir, "--plot", str(plot))
+    assert status == 0
+    model = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    minilora.load_adapter(model, minilora_adapter)
+    rows = [line.split() for line in out.splitlines() if line.startswith("transformer.h.")]
+    assert [row[0] for row in rows] == [name for name, _ in minilora.lora_layers(model)]
+    for row, (_, layer) in zip(rows, minilora.lora_layers(model)):
+        expected = torch.linalg.matrix_norm(layer.delta_weight()) / torch.linalg.matrix_norm(layer.base_layer.weight)
+        assert float(row[4]) == pytest.approx(expected.item(), rel=1e-3)
+        assert int(row[5]) == 4  # random A and B: full rank r
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diff_bad_input(capsys, tiny_dir, minilora_adapter, tmp_path):
+    assert_user_error(*run(capsys, "diff", minilora_adapter, "--model", tiny_dir, "--plot", "x.pdf")[::2], ".png")
+    assert_user_error(*run(capsys, "diff", minilora_adapter, "--model", tiny_dir, "--rtol", "2")[::2], "--rtol")
+    assert_user_error(*run(capsys, "diff", str(tmp_path / "missing"), "--model", tiny_dir)[::2], "does not exist")
+    wider = tmp_path / "wider"
+    tiny_gpt2(n_embd=48).save_pretrained(wider)
+    assert_user_error(*run(capsys, "diff", minilora_adapter, "--model", str(wider))[::2], "shape")
