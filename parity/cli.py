@@ -1,0 +1,103 @@
+"""``python -m parity`` / ``minilora-parity``: minilora and the installed PEFT, side by side.
+
+``python -m parity matrix --peft 0.12.0 0.21.2`` runs the same suite against other PEFT releases
+(see ``python -m parity matrix --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+from parity.results import CHECKS, KNOWN_DEVICES  # light: --help must not import torch
+
+EPILOG = "checks:\n" + "\n".join(f"  {name:<11} {line}" for name, line in CHECKS.items()) + """
+
+tolerances: on the CPU minilora runs PEFT's operations in PEFT's order, so outputs, gradients and
+trained weights must be bitwise equal ("bitwise"); on other devices a relative error
+max|a - b| / max|b| below a per-dtype bound. Statuses: PASS, FAIL, SKIP (cannot run here, e.g.
+"cuda: not available"), N/A (the installed PEFT cannot express the case, e.g. rsLoRA before 0.7).
+
+grid: GPT-2 small (embedded random weights, or --model) and a plain nn.Linear model; r in {1, 8, 64},
+alpha, rsLoRA, dropout, targets [c_attn] and [c_attn,c_proj,c_fc], float32 / float64 / bfloat16.
+
+exit status: 0 when nothing FAILed, 1 when a check FAILed, 2 for a usage error.
+across PEFT versions: python -m parity matrix --help
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity",
+        description="Run minilora and the installed PEFT on the same model and weights, and show every "
+                    "difference with a number.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", choices=(*KNOWN_DEVICES, "all"), default="cpu",
+                        help="where to run (default: cpu). 'all' runs every device present and reports "
+                             "absent ones as not available")
+    parser.add_argument("--model", metavar="NAME_OR_PATH", default=None,
+                        help="GPT-2 weights to use: a hub name in your cache (e.g. gpt2) or a local "
+                             "directory (default: the embedded random GPT-2 small, seed 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small grid that runs in seconds: a tiny GPT-2 (GPT-2 small with --model) and two nn.Linear cases")
+    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), metavar="CHECK",
+                        help=f"run only these checks (default: all): {', '.join(CHECKS)}")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps in the training check (default: 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 with --quick, where small ops only lose time to "
+                             "thread hand-offs; otherwise torch's default)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["matrix"]:
+        from parity import matrix
+        return matrix.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --steps and --threads must be at least 1", file=sys.stderr)
+        return 2
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")  # PEFT/transformers notices would bury the table; behaviours record theirs
+    import torch
+
+    from minilora import MiniLoraError
+    from parity import grid, report, suite
+
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    if args.model is not None:
+        try:  # fail early, with minilora's message, before the long run
+            grid.Bases(args.model).get("gpt2", "float32", "cpu")
+        except MiniLoraError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    cases = grid.quick_grid(args.model) if args.quick else grid.full_grid()
+    start = time.perf_counter()
+    results = suite.run_suite(cases, suite.resolve_devices(args.device), model_name=args.model,
+                              selected=tuple(args.checks) if args.checks else None,
+                              training_steps=args.steps, progress=progress)
+    progress(f"finished in {time.perf_counter() - start:.0f}s\n")
+    report.print_report(results, sys.stdout)
+    if args.json:
+        report.write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
