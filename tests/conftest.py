@@ -37,17 +37,18 @@ def gpt2_pair(_gpt2_pristine):
     return copy.deepcopy(_gpt2_pristine), copy.deepcopy(_gpt2_pristine)
 
 
-def make_tiny_gpt2(seed: int = 0):
+def make_tiny_gpt2(seed: int = 0, **config_overrides):
     """GPT2LMHeadModel at toy size (2 blocks, width 32, vocab 64): GPT-2's Conv1D layers, built in ms.
 
-    Eval mode, float32, CPU. Use it where GPT-2 small's size is not the point.
+    Eval mode, float32, CPU. Use it where GPT-2 small's size is not the point. Keyword arguments
+    override GPT2Config fields (e.g. initializer_range).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    fields = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64,
-                                           bos_token_id=63, eos_token_id=63))
+        model = GPT2LMHeadModel(GPT2Config(**{**fields, **config_overrides}))
     return model.eval()
 
 
