@@ -18,6 +18,7 @@ before the model is touched, and any failure raises MiniLoraError with the model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -42,6 +43,8 @@ PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every 
 # adapter_config.json: the fields minilora uses, ...
 HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
                    "init_lora_weights")
+# (those that define what the adapter computes, as opposed to how it was trained: dropout)
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights")
 # ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
 METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
@@ -412,7 +415,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         for _, layer in lora_layers(model):
             layer.train(model.training)  # new modules start in train mode; an eval model stays in eval
     elif config is not getattr(model, CONFIG_ATTRIBUTE, None):
-        _adopt_scaling(model, config)
+        config = _adopt_adapter_config(model, config)
     current = model.state_dict(keep_vars=True)  # the model's own parameters, by key
     with torch.no_grad():
         for key, value in renamed.items():
@@ -436,17 +439,19 @@ def reject_whole_module(source: object, action: str) -> None:
         )
 
 
-def _adopt_scaling(model: nn.Module, config: LoraConfig) -> None:
-    """The loaded adapter's scaling belongs to it: set it on the layers, and its config on the model.
+def _adopt_adapter_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """The loaded adapter's numbers belong to it: its scaling goes on the layers, its fields into the
+    model's config (which keeps its own type, its dropout and any other fields, e.g. a task type).
 
-    The layers keep their own dropout (a training setting of the model, not part of the adapter).
+    Returns the model's new config.
     """
     for _, layer in lora_layers(model):
         layer.lora_alpha, layer.scaling = config.lora_alpha, config.scaling
     old = getattr(model, CONFIG_ATTRIBUTE, None)
     if old is not None:
-        config.lora_dropout = old.lora_dropout
+        config = dataclasses.replace(old, **{name: getattr(config, name) for name in ADAPTER_FIELDS})
     setattr(model, CONFIG_ATTRIBUTE, config)
+    return config
 
 
 def _adapter_directory(source: object) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 import minilora
 from conftest import DEVICES
 from minilora.adapters import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from parity.twins import make_twins, max_abs_diff, peft_key, randomize_adapters
+from parity.twins import copy_adapters_to_peft, make_twins, max_abs_diff, peft_config, peft_key, randomize_adapters
 
 ATOL = 1e-6
 
@@ -86,29 +86,39 @@ def test_files_are_peft_files(tiny_gpt2, tmp_path):
 
 
 def test_gpt2_round_trips_both_directions(gpt2_pair, tmp_path):
-    """GPT-2 small, r=8 on c_attn and c_proj, non-zero adapters: each library loads the other's file."""
-    base, spare = gpt2_pair
+    """GPT-2 small, r=8 on c_attn and c_proj, non-zero adapters: each library loads the other's file.
+
+    Each side is unloaded back to its base model (W0 untouched, never merged) and loads the other
+    side's file: no third copy of GPT-2 small.
+    """
+    import peft
+
+    ours, theirs = gpt2_pair
     config = minilora.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"])
-    mini, twin = make_twins(base, config, seed=3)
-    assert all(layer.lora_B.weight.abs().min() > 0 for _, layer in minilora.lora_layers(mini))  # visible update
+    minilora.inject(ours, config)
+    randomize_adapters(ours, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT corrects fan_in_fan_out for Conv1D
+        theirs = peft.get_peft_model(theirs, peft_config(config))
+    copy_adapters_to_peft(ours, theirs)
+    assert all(layer.lora_B.weight.abs().min() > 0 for _, layer in minilora.lora_layers(ours))  # visible update
     x = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        mini_logits, peft_logits = mini(x).logits, twin(x).logits
-    minilora.save_adapter(mini, tmp_path / "mini")
-    twin.save_pretrained(str(tmp_path / "peft"))
-    del mini, twin
+        expected = ours(x).logits
+        assert max_abs_diff(theirs(x).logits, expected) <= ATOL  # the twins agree before any file is written
+    minilora.save_adapter(ours, tmp_path / "mini")
+    theirs.save_pretrained(str(tmp_path / "peft"))
 
-    from_mini, peft_noise = load_with_peft(spare, tmp_path / "mini")
+    from_mini, peft_noise = load_with_peft(theirs.unload(), tmp_path / "mini")
     with torch.no_grad():
-        diff = max_abs_diff(from_mini(x).logits, mini_logits)
+        diff = max_abs_diff(from_mini(x).logits, expected)
     print(f"minilora file -> PEFT: max |logits diff| = {diff:.3g}")
     assert diff <= ATOL
     assert peft_noise == []
-    base_again = from_mini.unload()  # PEFT's own way back to the plain base model
 
-    minilora.load_adapter(base_again, tmp_path / "peft")
+    from_peft = minilora.load_adapter(minilora.unload(ours), tmp_path / "peft")
     with torch.no_grad():
-        diff = max_abs_diff(base_again(x).logits, peft_logits)
+        diff = max_abs_diff(from_peft(x).logits, expected)
     print(f"PEFT file -> minilora: max |logits diff| = {diff:.3g}")
     assert diff <= ATOL
 
