@@ -221,15 +221,18 @@ def _tiny_linear() -> nn.Module:
         return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
 
 
-def _corruptions(data: bytes, region: tuple[int, int], rng: random.Random, count: int):
-    """``count`` truncations and ``count`` overwritten bytes (1 to 3, at random offsets within region)."""
+PRINTABLE = bytes(range(32, 127))  # in JSON, printable garbage gets past the parser more often
+
+
+def _corruptions(data: bytes, region: tuple[int, int], alphabet: bytes, rng: random.Random, count: int):
+    """``count`` truncations, and ``count`` copies with 1 to 3 bytes within region overwritten from alphabet."""
     for _ in range(count):
         yield f"truncated at {(cut := rng.randrange(len(data)))}", data[:cut]
     for _ in range(count):
         spoiled = bytearray(data)
         offsets = [rng.randrange(*region) for _ in range(rng.randint(1, 3))]
         for offset in offsets:
-            spoiled[offset] = rng.randrange(256)
+            spoiled[offset] = rng.choice(alphabet)
         yield f"bytes overwritten at {offsets}", bytes(spoiled)
 
 
@@ -262,11 +265,13 @@ def test_fuzzed_files_fail_cleanly_or_load_exactly(tmp_path, unchanged):
         data = (tmp_path / kind / name).read_bytes()
         if name == WEIGHTS_NAME:  # 8-byte length, then the JSON header, then the data
             header_end = 8 + int.from_bytes(data[:8], "little")
-            regions = [(0, header_end), (header_end, len(data))]
+            regions = [((0, header_end), PRINTABLE), ((header_end, len(data)), bytes(range(256)))]
+        elif name == CONFIG_NAME:
+            regions = [((0, len(data)), PRINTABLE), ((0, len(data)), bytes(range(256)))]
         else:
-            regions = [(0, len(data))]
-        for region in regions:
-            cases += [(kind, name, label, spoiled) for label, spoiled in _corruptions(data, region, rng, 12)]
+            regions = [((0, len(data)), bytes(range(256)))]
+        for region, alphabet in regions:
+            cases += [(kind, name, label, spoiled) for label, spoiled in _corruptions(data, region, alphabet, rng, 24)]
 
     model, failures, loads = _tiny_linear(), 0, 0
     for number, (kind, name, label, spoiled) in enumerate(cases):
