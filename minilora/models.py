@@ -15,7 +15,7 @@ DEFAULT_SEED = 0
 
 
 def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device | None = None) -> nn.Module:
     """A GPT2LMHeadModel in eval mode.
 
     Args:
@@ -24,7 +24,7 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
             local directory).
         seed: the seed of the random init (default model only).
         dtype: cast the model to this dtype.
-        device: where to put it.
+        device: where to put it; None leaves it where it was built (torch's default device).
     """
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -43,4 +43,6 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
             ) from error
     if dtype is not None:
         model = model.to(dtype)
-    return model.to(device).eval()
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -232,3 +232,23 @@ def test_disabled_refuses_a_merged_model_and_leaves_it_merged():
             pass
     assert_unchanged(model, before)
     assert all(layer.merged and not layer.disabled for _, layer in minilora.lora_layers(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a model, and the demo's command line
+# ------------------------------------------------------------------------------------------------
+def test_load_model_with_a_missing_path_says_what_to_pass(tmp_path):
+    with pytest.raises(MiniLoraError, match="local directory"):
+        minilora.load_model(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize("argv, message", [(["--r", "0"], "r must be a positive int"),
+                                           (["--alpha", "-1"], "lora_alpha must be a positive")])
+def test_demo_reports_bad_arguments_without_a_traceback(argv, message, capsys):
+    from minilora import demo
+
+    with pytest.raises(SystemExit) as caught:
+        demo.main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
