@@ -96,7 +96,7 @@ def change_table(rows: list[LayerChange]) -> str:
     """The rows as an aligned text table."""
     header = ("layer", "r", "||dW||_F", "||W0||_F", "||dW||/||W0||", "rank", "eff. rank")
     cells = [header] + [
-        (row.name, str(row.r), f"{row.delta_norm:.4g}", f"{row.base_norm:.4g}", f"{row.relative:.3e}",
+        (row.name, str(row.r), f"{row.delta_norm:.4f}", f"{row.base_norm:.4f}", f"{row.relative:.3e}",
          str(row.rank), f"{row.effective_rank:.2f}")
         for row in rows
     ]
@@ -125,9 +125,11 @@ def plot_changes(rows: list[LayerChange], path: str) -> None:
     bottom.bar(positions, [row.rank for row in rows], color="tab:gray", label="rank")
     bottom.bar(positions, [row.effective_rank for row in rows], color="tab:orange", width=0.5,
                label="effective rank")
-    bottom.axhline(max(row.r for row in rows), color="black", linewidth=0.8, linestyle="--", label="r")
+    r = max(row.r for row in rows)
+    bottom.axhline(r, color="black", linewidth=0.8, linestyle="--", label="r")
+    bottom.set_ylim(0, 1.4 * r)  # room for the legend above the bars
     bottom.set_ylabel("rank of dW")
-    bottom.legend(loc="lower right")
+    bottom.legend(loc="upper right", ncol=3)
     bottom.set_xticks(list(positions), labels, rotation=60, ha="right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
