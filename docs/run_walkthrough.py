@@ -7,6 +7,9 @@ The ```python blocks of docs/walkthrough.md run in order, in one namespace, insi
 temporary directory (files they write vanish afterwards). What a block prints goes in the ```text
 block right after it; a block that prints nothing has none. The test suite runs the check, so the
 page cannot drift away from what the code really does.
+
+The page shows CPU outputs (training on a GPU rounds differently), so the runner hides any GPU
+from the blocks: the check gives the same answer on every machine.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", type=Path, default=PAGE, help=f"the page (default: {PAGE})")
     parser.add_argument("--timings", action="store_true", help="print each block's seconds to stderr")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the page never needs the hub
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU outputs everywhere (set before the blocks import torch)
     timings: list[float] = []
     before, after = check(args.page, timings)
     if args.timings:
