@@ -72,8 +72,8 @@ def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
     except (OSError, ValueError, AttributeError):
         return  # load_adapter reports a broken config with the details
     if base and model_arg is None and base not in (DEFAULT_MODEL,):
-        progress(f"note: the adapter was saved from base model {base!r}; using the embedded default "
-                 f"instead. Pass --model {base} to use that one.")
+        progress(f"warning: the adapter was saved from base model {base!r}, but --model is not given: using "
+                 f"the embedded random GPT-2. Pass --model {base} to use the adapter's own base model.")
 
 
 def load_adapted(adapter_dir: str, model_arg: str | None):
@@ -114,7 +114,11 @@ def run_merge(args: argparse.Namespace) -> None:
     progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
     merge_and_unload(model, safe=True)
     progress(f"saving: {out_dir}")
-    model.save_pretrained(out_dir)
+    try:
+        model.save_pretrained(out_dir)
+    except OSError as error:
+        raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. "
+                            "Pass a directory you can write to.") from error
     save_tokenizer_if_any(args.model, out_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
     print(f"It is a plain transformers model: AutoModelForCausalLM.from_pretrained({out_dir!r}).")

@@ -8,7 +8,6 @@ full dW matrix.
 
 from __future__ import annotations
 
-import copy
 import math
 import subprocess
 import sys
@@ -174,6 +173,15 @@ def test_merge_peft_adapter_gives_peft_outputs(capsys, tiny_dir, tmp_path):
     with torch.no_grad():
         merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(TOKENS).logits
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_warns_when_the_adapter_names_another_base_model(capsys, monkeypatch, tiny_dir, minilora_adapter,
+                                                              tmp_path):
+    """The adapter records its base model (tiny_dir); without --model the default is used, with a warning."""
+    monkeypatch.setattr(cli, "load_model", lambda name: GPT2LMHeadModel.from_pretrained(tiny_dir).eval())
+    status, _, err = run(capsys, "merge", minilora_adapter, str(tmp_path / "out"))
+    assert status == 0
+    assert "warning: the adapter was saved from base model" in err and f"--model {tiny_dir}" in err
 
 
 def test_merge_errors_leave_nothing_behind(capsys, tiny_dir, minilora_adapter, tmp_path):
