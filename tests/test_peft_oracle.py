@@ -18,6 +18,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -270,3 +272,45 @@ def test_scaling_and_rslora_match_peft(use_rslora):
     ours = mini.transformer.h[0].attn.c_attn
     assert ours.scaling == theirs.scaling["default"]
     assert torch.equal(ours.delta_weight(), theirs.get_delta_weight("default"))
+
+
+# ------------------------------------------------------------------------------------------------
+# One layer against PEFT's lora.Linear, over shapes, ranks, scalings, layouts and dtypes
+# ------------------------------------------------------------------------------------------------
+@settings(max_examples=25)
+@given(
+    kind=st.sampled_from(["Linear", "Conv1D"]),
+    in_features=st.integers(1, 40),
+    out_features=st.integers(1, 40),
+    r=st.integers(1, 16),
+    lora_alpha=st.sampled_from([1, 3, 8, 16, 48]),
+    use_rslora=st.booleans(),
+    init=st.sampled_from([True, "gaussian", False]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_one_layer_equals_peft_bitwise(kind, in_features, out_features, r, lora_alpha, use_rslora, init, dtype, seed):
+    """Same seed: the same A and B; then (with random B) the same output, delta weight and merged weight."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = nn.Linear(in_features, out_features) if kind == "Linear" else Conv1D(out_features, in_features)
+    base = nn.Sequential(layer).to(dtype)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, init_lora_weights=init,
+                        target_modules=["0"])
+    mini, twin, _, _ = same_seed_pair(base, config, seed=seed)
+    assert_same_adapters(mini, twin, torch.float32 if dtype in HALF_DTYPES else dtype)
+
+    randomize_adapters(mini, seed=seed, std=0.3)
+    copy_adapters_to_peft(mini, twin)
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)  # (B, in)
+    ours_layer, theirs_layer = mini[0], twin.base_model.model[0]
+    with torch.no_grad():
+        ours, theirs = mini(x), twin(x)
+        assert torch.equal(ours, theirs), f"outputs differ by {max_abs_diff(ours, theirs):.3e}"
+        assert torch.equal(ours_layer.delta_weight(), theirs_layer.get_delta_weight("default"))
+        ours_layer.merge()
+        theirs_layer.merge()
+        assert torch.equal(ours_layer.base_layer.weight, theirs_layer.base_layer.weight)
+        ours_layer.unmerge()
+        theirs_layer.unmerge()
+        assert torch.equal(ours_layer.base_layer.weight, theirs_layer.base_layer.weight)
