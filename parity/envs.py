@@ -45,6 +45,7 @@ COMPANIONS: dict[str, list[str]] = {
     "0.15.2": ["transformers==4.51.3", "accelerate==1.6.0", "huggingface_hub==0.30.2"],
     "0.16.0": ["transformers==4.52.4", "accelerate==1.7.0", "huggingface_hub==0.32.4"],
     "0.17.1": ["transformers==4.55.4", "accelerate==1.10.0", "huggingface_hub==0.34.4"],
+    "0.21.2": ["transformers==5.24.0", "accelerate==1.15.0", "huggingface_hub==2.4.0"],  # this venv's set
 }
 
 # The distributions torch itself needs at run time; only these are linked into each environment.

@@ -79,11 +79,13 @@ def tiny_gpt2() -> nn.Module:
 
 
 def quick_grid(model_name: Optional[str] = None) -> list[Case]:
-    """Seconds: one GPT-2 case (a tiny GPT-2 unless real weights were asked for) and two plain-Linear cases."""
+    """Seconds: one GPT-2 case (a tiny GPT-2 unless real weights were asked for) and three plain-Linear
+    cases that cover dropout, all targets, bfloat16, float64 and rsLoRA."""
     return [
         Case("gpt2" if model_name else "tiny-gpt2", r=8, lora_alpha=16),
         Case("linear", r=8, lora_alpha=16, targets=ALL_LINEAR, lora_dropout=0.1),
-        Case("linear", r=4, lora_alpha=8, use_rslora=True, targets=ALL_LINEAR, dtype="bfloat16"),
+        Case("linear", r=4, lora_alpha=8, targets=ALL_LINEAR, dtype="bfloat16"),
+        Case("linear", r=64, lora_alpha=16, use_rslora=True, dtype="float64"),
     ]
 
 

@@ -1,0 +1,282 @@
+"""The version matrix: the parity suite and the probes, run against several PEFT releases.
+
+    python -m parity matrix --peft 0.6.2 0.12.0 0.21.2
+
+For each release: an isolated environment (``parity.envs``: built once, cached), then two
+subprocesses in it, ``python -m parity --quick --json`` and ``python -m parity.probes --json``.
+The answers become one table, a column per release: a row per check (its statuses summed over the
+grid) and a row per probe (its value). Written as markdown (docs/peft-versions.md) and JSON.
+
+The markdown keeps whatever stands between the NOTES markers of the page it overwrites: that is
+where a person writes what the table means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from parity import envs
+from parity.results import CHECKS
+
+DEFAULT_MARKDOWN = envs.REPO_ROOT / "docs" / "peft-versions.md"
+NOTES_BEGIN, NOTES_END = "<!-- NOTES: kept when the page is regenerated -->", "<!-- /NOTES -->"
+SUITE_TIMEOUT_S = 1800
+
+Run = dict  # one release: {"peft", "environment", "versions", "suite": {...} | None, "probes": {...} | None, "error"}
+
+
+# ------------------------------------------------------------------------------------------------
+# running one release
+# ------------------------------------------------------------------------------------------------
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(envs.REPO_ROOT)  # minilora and parity from this checkout
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run_json(python: Path, module_args: list[str], log: Callable[[str], None]) -> tuple[dict | None, str]:
+    """Run ``python -m <module_args> --json FILE``; (the JSON, "") or (None, why it failed)."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "out.json"
+        try:
+            done = subprocess.run([str(python), "-m", *module_args, "--json", str(out)], capture_output=True,
+                                  text=True, env=_subprocess_env(), timeout=SUITE_TIMEOUT_S, cwd=directory)
+        except subprocess.TimeoutExpired:
+            return None, f"{module_args[0]} timed out after {SUITE_TIMEOUT_S}s"
+        if not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            return None, f"{module_args[0]} exited {done.returncode}: {tail[0][:200]}"
+        return json.loads(out.read_text()), ""
+
+
+def run_release(version: str, root: Path = envs.ENVS_ROOT, full: bool = False,
+                log: Callable[[str], None] = print) -> Run:
+    """Build (or reuse) the environment of PEFT ``version`` and run the suite and the probes in it."""
+    run: Run = {"peft": version, "environment": str(envs.env_dir(version, root)), "versions": {},
+                "suite": None, "probes": None, "error": ""}
+    try:
+        python = envs.build_env(version, root, log=log)
+    except envs.EnvError as error:
+        run["error"] = str(error)
+        return run
+    run["versions"] = json.loads((envs.env_dir(version, root) / envs.READY_FILE).read_text())
+    log(f"peft {version}: running the suite")
+    suite_args = ["parity", "--quiet"] + ([] if full else ["--quick"])
+    run["suite"], suite_error = _run_json(python, suite_args, log)
+    log(f"peft {version}: running the probes")
+    run["probes"], probe_error = _run_json(python, ["parity.probes"], log)
+    run["error"] = "; ".join(e for e in (suite_error, probe_error) if e)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------------
+def check_cell(rows: list[dict]) -> str:
+    """One check's rows of one release, summed: "PASS 12", "FAIL 2/12", "N/A", "PASS 9, N/A 3"."""
+    if not rows:
+        return "-"
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("PASS", "FAIL", "SKIP", "N/A")}
+    if counts["FAIL"]:
+        return f"**FAIL {counts['FAIL']}/{len(rows)}**"
+    parts = [f"{status} {count}" for status, count in counts.items() if count]
+    return ", ".join(parts)
+
+
+def _cell_text(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(runs: list[Run]) -> list[list[str]]:
+    """Rows of cells: a header, then one row per check, then one row per probe."""
+    header = ["release", *(f"peft {run['peft']}" for run in runs)]
+    rows = [header, ["transformers", *(run["versions"].get("transformers", "-") for run in runs)]]
+    for check in CHECKS:
+        cells = []
+        for run in runs:
+            if run["suite"] is None:
+                cells.append("not run")
+            else:
+                cells.append(check_cell([r for r in run["suite"]["results"] if r["check"] == check]))
+        rows.append([f"check: {check}", *cells])
+    names = next((list(run["probes"]) for run in runs if run["probes"]), [])
+    for name in names:
+        rows.append([f"probe: {name}", *(
+            f"`{_cell_text(run['probes'][name]['value'])}`" if run["probes"] and name in run["probes"] else "not run"
+            for run in runs)])
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(_cell_text(cell) if not cell.startswith("`") else cell for cell in row) + " |"
+              for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def details(runs: list[Run]) -> str:
+    """Per release: why a check FAILed or was N/A (each distinct message once), and build errors."""
+    lines = []
+    for run in runs:
+        notes = []
+        if run["error"]:
+            notes.append(f"could not run everything: {run['error']}")
+        for row in (run["suite"] or {}).get("results", []):
+            if row["status"] in ("FAIL", "N/A"):
+                note = f"{row['status']} {row['check']} ({row['configuration']}): {row['message']}"
+                if note not in notes:
+                    notes.append(note)
+        if notes:
+            lines.append(f"- **peft {run['peft']}**")
+            lines += [f"  - {_cell_text(note)}" for note in notes]
+    return "\n".join(lines) if lines else "Nothing failed and nothing was N/A."
+
+
+def changes(runs: list[Run]) -> str:
+    """For each probe whose answer is not the same in every release: the releases where it changed."""
+    lines = []
+    names = next((list(run["probes"]) for run in runs if run["probes"]), [])
+    for name in names:
+        answered = [(run["peft"], run["probes"][name]["value"]) for run in runs if run["probes"]]
+        values = [value for _, value in answered]
+        if len(set(values)) <= 1:
+            continue
+        steps = [f"`{answered[0][1]}` in {answered[0][0]}"]
+        steps += [f"`{value}` from {version}" for (version, value), (_, before) in zip(answered[1:], answered)
+                  if value != before]
+        lines.append(f"- **{name}**: " + "; ".join(_cell_text(step) for step in steps))
+    return "\n".join(lines) if lines else "Every probe gives the same answer in every release."
+
+
+LEGEND = """\
+## How to read the table
+
+Each column is one PEFT release, run in its own virtual environment with a transformers release
+from the same months (the `transformers` row) and this machine's torch. Rows:
+
+- **check: NAME**: the parity suite (`python -m parity --quick`) in that environment: minilora
+  against that PEFT on a tiny GPT-2 and a plain `nn.Linear` model (float32, float64, bfloat16;
+  dropout; rsLoRA). The cell counts the suite's rows by status:
+  - `PASS n`: n comparisons within tolerance (on the CPU that means bitwise equal);
+  - `FAIL k/n`: k of n comparisons differ; the reasons are listed under *Details*;
+  - `N/A n`: the release cannot express the case (e.g. rsLoRA before 0.7) or lacks the API the
+    check calls: *Details* says which.
+- **probe: NAME**: one question about that PEFT release itself, answered by measuring it
+  (`python -m parity.probes`); the value is what that release did.
+
+What each check compares: """ + "; ".join(f"`{name}`: {line}" for name, line in CHECKS.items()) + "."
+
+PROBE_LEGEND_TITLE = "What each probe asks"
+
+
+def render_markdown(runs: list[Run], notes: str, command: str) -> str:
+    from parity.probes import PROBES
+
+    probe_lines = "\n".join(f"- `{name}`: {question}" for name, question in PROBES.items())
+    torch_version = next((run["versions"].get("torch") for run in runs if run["versions"]), "?")
+    return f"""# minilora against PEFT releases
+
+Generated by `{command}` (torch {torch_version}, CPU).
+The matrix is rebuilt with the same command; the notes below are kept.
+
+{NOTES_BEGIN}
+{notes.strip()}
+{NOTES_END}
+
+## The matrix
+
+{markdown_table(table(runs))}
+
+## What changed between releases (probes whose answer is not the same everywhere)
+
+{changes(runs)}
+
+## Details (FAIL and N/A reasons, per release)
+
+{details(runs)}
+
+{LEGEND}
+
+### {PROBE_LEGEND_TITLE}
+
+{probe_lines}
+"""
+
+
+def existing_notes(path: Path) -> str:
+    if path.exists():
+        text = path.read_text()
+        if NOTES_BEGIN in text and NOTES_END in text:
+            return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    return "## Notable differences\n\n(Write what the matrix shows here; this block survives regeneration.)"
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m parity matrix",
+        description="Run the parity suite and the probes against several PEFT releases, each in its own "
+                    "cached virtual environment, and write a version-by-check table (markdown and JSON).",
+        epilog="known releases (each pinned with a transformers of its months): "
+               + ", ".join(envs.COMPANIONS) + f". Environments are cached in {envs.ENVS_ROOT.name}/.",
+    )
+    parser.add_argument("--peft", nargs="+", metavar="VERSION", required=True,
+                        help="PEFT releases, e.g. 0.6.2 0.12.0 0.21.2")
+    parser.add_argument("--markdown", metavar="PATH", default=str(DEFAULT_MARKDOWN),
+                        help="where to write the table (default: docs/peft-versions.md)")
+    parser.add_argument("--json", metavar="PATH", help="also write every answer as JSON (default: the "
+                                                       "markdown path with .json)")
+    parser.add_argument("--root", metavar="DIR", default=str(envs.ENVS_ROOT),
+                        help="where environments are built and cached (default: .parity-envs/)")
+    parser.add_argument("--full", action="store_true", help="the full grid in each release (slow), not --quick")
+    return parser
+
+
+def run_matrix(versions: list[str], runner: Callable[[str], Run], log: Callable[[str], None] = print) -> list[Run]:
+    """One ``runner(version)`` per release, one at a time (the environments share the machine)."""
+    runs = []
+    for number, version in enumerate(versions, 1):
+        start = time.perf_counter()
+        log(f"[{number}/{len(versions)}] peft {version}")
+        runs.append(runner(version))
+        status = runs[-1]["error"] or "ok"
+        log(f"[{number}/{len(versions)}] peft {version}: {status} ({time.perf_counter() - start:.0f}s)")
+    return runs
+
+
+def main(argv: list[str] | None = None, runner: Callable[[str], Run] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unknown = [v for v in args.peft if v not in envs.COMPANIONS]
+    if unknown and runner is None:
+        print(f"error: no transformers release is pinned for peft {', '.join(unknown)}. Known: "
+              f"{', '.join(envs.COMPANIONS)} (add one to parity/envs.py COMPANIONS).", file=sys.stderr)
+        return 2
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    root = Path(args.root)
+    runner = runner or (lambda version: run_release(version, root, full=args.full, log=log))
+    runs = run_matrix(args.peft, runner, log)
+    command = "python -m parity matrix --peft " + " ".join(args.peft) + (" --full" if args.full else "")
+    markdown = Path(args.markdown)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render_markdown(runs, existing_notes(markdown), command))
+    json_path = Path(args.json) if args.json else markdown.with_suffix(".json")
+    json_path.write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
+    print(markdown_table(table(runs)))
+    print(f"\nwrote {markdown} and {json_path}")
+    failed = [run["peft"] for run in runs if run["error"] or run["suite"] is None]
+    return 1 if failed else 0
