@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: install demo test clean bench
+.PHONY: install demo test clean bench parity
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/python -m minilora.demo
+
+# The parity suite: minilora vs the installed PEFT on the embedded GPT-2 (a few minutes on 2 cores).
+parity: install
+	$(BIN)/python -m parity $(ARGS)
 
 # The forward-path benchmarks (10-15 min on a quiet 2-core CPU); `make bench ARGS=--quick` for a smoke run.
 bench: install
