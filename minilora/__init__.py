@@ -3,7 +3,8 @@
     h = W0 x + (lora_alpha / r) * B A x
 
 Read in this order: config.py (what to adapt), layer.py (the math), inject.py (putting it into a
-model), params.py (counting), adapters.py (adapter files in PEFT's format), compat.py (PEFT's API).
+model), params.py (counting), adapters.py and adapter_config.py (adapter files in PEFT's
+format), compat.py (PEFT's API).
 """
 
 from .adapters import load_adapter, save_adapter

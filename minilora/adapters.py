@@ -3,7 +3,7 @@
 An adapter directory holds what ``peft.PeftModel.save_pretrained`` writes, so either library reads
 the other's files:
 
-    adapter_config.json          the LoraConfig, with PEFT's field names (r, lora_alpha, target_modules, ...)
+    adapter_config.json          the LoraConfig, with PEFT's field names (see adapter_config.py)
     adapter_model.safetensors    A and B of every wrapped layer, under PEFT's keys:
         base_model.model.<layer>.lora_A.weight    (r, in)
         base_model.model.<layer>.lora_B.weight    (out, r)
@@ -19,62 +19,22 @@ before the model is touched, and any failure raises MiniLoraError with the model
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from .adapter_config import ADAPTER_FIELDS, CONFIG_NAME, read_adapter_config, write_adapter_config
 from .config import LoraConfig, MiniLoraError
-from .inject import CONFIG_ATTRIBUTE, find_targets, inject, lora_layers, mark_only_lora_as_trainable, \
-    resolve_target_modules
+from .inject import CONFIG_ATTRIBUTE, find_targets, inject, lora_layers, mark_only_lora_as_trainable
 from .layer import in_out_features
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every key
-
-# adapter_config.json: the fields minilora uses, ...
-HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
-                   "init_lora_weights")
-# (those that define what the adapter computes, as opposed to how it was trained: dropout)
-ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights")
-# ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
-METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
-                   "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
-# ... and PEFT features minilora does not have. Each is fine while unused (None, False, {} or []);
-# a used one would change what the adapter computes, so it is an error rather than a wrong answer.
-UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
-    "lora_bias": "a trainable bias in lora_B",
-    "modules_to_save": "fully trained extra modules",
-    "layers_to_transform": "LoRA on only some layer indices",
-    "layers_pattern": "LoRA on only some layer indices",
-    "rank_pattern": "a different r per layer",
-    "alpha_pattern": "a different lora_alpha per layer",
-    "exclude_modules": "excluded modules",
-    "layer_replication": "replicated layers",
-    "target_parameters": "LoRA on bare parameters",
-    "trainable_token_indices": "trainable token embeddings",
-    "loftq_config": "LoftQ initialisation",
-    "megatron_config": "Megatron parallel layers",
-    "use_qalora": "QA-LoRA",
-    "eva_config": "EVA initialisation",
-    "corda_config": "CorDA initialisation",
-    "alora_invocation_tokens": "activated LoRA",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "lora_ga_config": "LoRA-GA",
-    "monteclora_config": "MonteCLoRA",
-    "use_bdlora": "BD-LoRA",
-    "velora_config": "VeLoRA",
-}
 
 PAIRS_HINT = (
     "Use one of the two consistent pairs:\n"
@@ -124,7 +84,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
         MiniLoraError: if the model has no minilora layers, or its layers no longer agree with its config.
     """
     config = _saved_config(model)
-    fields = _config_fields(model, config)
     tensors = {key: value.detach().contiguous() for key, value in adapter_state_dict(model, state_dict).items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -138,7 +97,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     else:
         torch.save(tensors, directory / written)
     (directory / stale).unlink(missing_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_adapter_config(directory, model, config)
 
 
 def _saved_config(model: nn.Module) -> LoraConfig:
@@ -161,103 +120,9 @@ def _saved_config(model: nn.Module) -> LoraConfig:
     return config
 
 
-def _config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
-    """adapter_config.json for ``config``, in PEFT's field names, as ``LoraConfig.save_pretrained`` writes it."""
-    layers = [layer for _, layer in lora_layers(model)]
-    targets = resolve_target_modules(model, config)
-    task_type = getattr(config, "task_type", None)
-    task_type = getattr(task_type, "value", task_type)  # a TaskType enum member -> its string
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        # Without a task type, PEFT records the model class so that AutoPeftModel can rebuild it.
-        "auto_mapping": None if task_type else {"base_model_class": type(model).__name__,
-                                                "parent_library": type(model).__module__},
-        "base_model_name_or_path": getattr(config, "base_model_name_or_path", None)
-        or getattr(model, "name_or_path", None) or None,
-        "revision": getattr(config, "revision", None),
-        "inference_mode": True,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
-        "bias": config.bias,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": config.init_lora_weights,
-        # PEFT features minilora does not have, written as unused so that every PEFT release reads them alike.
-        "use_dora": False,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Reading and checking (nothing here changes a model)
 # --------------------------------------------------------------------------------------------
-def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
-    """A minilora LoraConfig from PEFT's config fields (adapter_config.json or a peft.LoraConfig).
-
-    Unknown fields (from a newer PEFT) are ignored with one warning, as PEFT does; fields for
-    features minilora does not have are an error when used.
-
-    Raises:
-        MiniLoraError: naming ``source``, for another PEFT method, a used unsupported feature, or a bad value.
-    """
-    peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))
-    if peft_type != "LORA":
-        raise MiniLoraError(f"{source}: peft_type is {peft_type!r}; minilora reads LoRA adapters only "
-                            "(peft_type \"LORA\").")
-    check_unsupported(fields, source)
-    unknown = sorted(set(fields) - set(HONOURED_FIELDS) - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))
-    if unknown:
-        warnings.warn(f"{source}: ignoring fields minilora does not know: {unknown}. They were probably written "
-                      "by a newer PEFT.", stacklevel=3)
-    init = fields.get("init_lora_weights", True)
-    if init not in (True, False, "gaussian"):
-        raise MiniLoraError(
-            f"{source}: init_lora_weights={init!r}. minilora knows True, False and 'gaussian'; initialisations "
-            "such as 'pissa', 'olora' or 'corda' also change the base weights, which minilora cannot reproduce. "
-            "Convert the adapter to plain LoRA in PEFT (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) first."
-        )
-    values = {name: fields[name] for name in HONOURED_FIELDS if name in fields}
-    values["fan_in_fan_out"] = None  # minilora reads each layer's layout from its type
-    try:
-        return LoraConfig(**values)
-    except (TypeError, ValueError, OverflowError) as error:  # MiniLoraError is a ValueError
-        raise MiniLoraError(f"{source}: {error}") from None
-
-
-def check_unsupported(fields: Mapping[str, Any], source: str) -> None:
-    """Raise if any PEFT feature minilora does not have is used (set to something but None/False/{}/[])."""
-    used = {name: fields[name] for name in UNSUPPORTED_FIELDS if name in fields and not _unused(fields[name])}
-    if used:
-        features = ", ".join(f"{name}={value!r} ({UNSUPPORTED_FIELDS[name]})" for name, value in used.items())
-        raise MiniLoraError(f"{source}: minilora cannot honour {features}. Going on without it would give "
-                            "different outputs. Use PEFT for this adapter, or train one without these options.")
-
-
-def read_adapter_config(directory: Path) -> LoraConfig:
-    """Parse and check ``directory/adapter_config.json``."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                            "as minilora.save_adapter and PEFT's save_pretrained write them.")
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
-            from None
-    if not isinstance(fields, dict):
-        raise MiniLoraError(f"{path} holds a JSON {type(fields).__name__}, not an object of config fields: "
-                            "the file is corrupt. Save the adapter again.")
-    return config_from_fields(fields, str(path))
-
-
 def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor]]:
     """(path, tensors) from ``adapter_model.safetensors``, or else the older ``adapter_model.bin``."""
     path = directory / WEIGHTS_NAME
@@ -474,11 +339,6 @@ def _device_of(model: nn.Module) -> torch.device:
     if param is None:
         raise MiniLoraError(f"This {type(model).__name__} has no parameters, so there is nothing to adapt.")
     return param.device
-
-
-def _unused(value: object) -> bool:
-    """PEFT's "feature not used" values: None, False, an empty dict or list."""
-    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
 
 
 def _is_lora_key(name: str) -> bool:

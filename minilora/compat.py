@@ -37,6 +37,7 @@ from typing import Any, Iterator, Optional
 from torch import nn
 
 from . import adapters
+from .adapter_config import check_unsupported
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .inject import disabled, inject, merge_and_unload, unload
@@ -85,7 +86,7 @@ class LoraConfig(_MiniLoraConfig):
                                 f"{list(TaskType.__members__)}.")
         if self.task_type is not None:
             self.task_type = TaskType(self.task_type)
-        adapters.check_unsupported(vars(self), "LoraConfig")
+        check_unsupported(vars(self), "LoraConfig")
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",

@@ -1,0 +1,168 @@
+"""adapter_config.json: PEFT's config fields, read into a minilora LoraConfig and written from one.
+
+PEFT writes every field of its ``LoraConfig`` (about forty in peft 0.21.2). minilora sorts them in three:
+
+- the fields it uses (``r``, ``lora_alpha``, ``target_modules``, ...), with PEFT's names and meanings;
+- fields that say where the adapter came from (``task_type``, ``base_model_name_or_path``, ...): ignored;
+- PEFT features minilora does not have (DoRA, ``modules_to_save``, per-layer ranks, ...): fine while
+  unused, an error when used, since loading without them would compute something else.
+
+Any other field (written by a newer PEFT) is ignored with one warning, as PEFT itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import LoraConfig, MiniLoraError
+from .inject import lora_layers, resolve_target_modules
+
+CONFIG_NAME = "adapter_config.json"
+
+# The fields minilora uses, ...
+HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
+                   "init_lora_weights")
+# (of which these belong to the adapter itself; lora_dropout is a training setting, and fan_in_fan_out
+# is read from each layer's type)
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights")
+# ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
+METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+                   "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
+# ... and PEFT features minilora does not have. Each is fine while unused (None, False, {} or []);
+# a used one would change what the adapter computes, so it is an error rather than a wrong answer.
+UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a trainable bias in lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "layers_to_transform": "LoRA on only some layer indices",
+    "layers_pattern": "LoRA on only some layer indices",
+    "rank_pattern": "a different r per layer",
+    "alpha_pattern": "a different lora_alpha per layer",
+    "exclude_modules": "excluded modules",
+    "layer_replication": "replicated layers",
+    "target_parameters": "LoRA on bare parameters",
+    "trainable_token_indices": "trainable token embeddings",
+    "loftq_config": "LoftQ initialisation",
+    "megatron_config": "Megatron parallel layers",
+    "use_qalora": "QA-LoRA",
+    "eva_config": "EVA initialisation",
+    "corda_config": "CorDA initialisation",
+    "alora_invocation_tokens": "activated LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "lora_ga_config": "LoRA-GA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+}
+
+
+def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
+    """adapter_config.json for ``config``, in PEFT's field names, as ``LoraConfig.save_pretrained`` writes it."""
+    layers = [layer for _, layer in lora_layers(model)]
+    targets = resolve_target_modules(model, config)
+    task_type = getattr(config, "task_type", None)
+    task_type = getattr(task_type, "value", task_type)  # a TaskType enum member -> its string
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        # Without a task type, PEFT records the model class so that AutoPeftModel can rebuild it.
+        "auto_mapping": None if task_type else {"base_model_class": type(model).__name__,
+                                                "parent_library": type(model).__module__},
+        "base_model_name_or_path": getattr(config, "base_model_name_or_path", None)
+        or getattr(model, "name_or_path", None) or None,
+        "revision": getattr(config, "revision", None),
+        "inference_mode": True,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": config.init_lora_weights,
+        # PEFT features minilora does not have, written as unused so that every PEFT release reads them alike.
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def write_adapter_config(directory: Path, model: nn.Module, config: LoraConfig) -> None:
+    """``directory/adapter_config.json``: sorted keys, two-space indent, as PEFT writes it."""
+    text = json.dumps(config_fields(model, config), indent=2, sort_keys=True) + "\n"
+    (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+
+def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
+    """A minilora LoraConfig from PEFT's config fields (adapter_config.json or a peft.LoraConfig).
+
+    Unknown fields (from a newer PEFT) are ignored with one warning, as PEFT does; fields for
+    features minilora does not have are an error when used.
+
+    Raises:
+        MiniLoraError: naming ``source``, for another PEFT method, a used unsupported feature, or a bad value.
+    """
+    peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))
+    if peft_type != "LORA":
+        raise MiniLoraError(f"{source}: peft_type is {peft_type!r}; minilora reads LoRA adapters only "
+                            "(peft_type \"LORA\").")
+    check_unsupported(fields, source)
+    unknown = sorted(set(fields) - set(HONOURED_FIELDS) - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))
+    if unknown:
+        warnings.warn(f"{source}: ignoring fields minilora does not know: {unknown}. They were probably written "
+                      "by a newer PEFT.", stacklevel=3)
+    init = fields.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise MiniLoraError(
+            f"{source}: init_lora_weights={init!r}. minilora knows True, False and 'gaussian'; initialisations "
+            "such as 'pissa', 'olora' or 'corda' also change the base weights, which minilora cannot reproduce. "
+            "Convert the adapter to plain LoRA in PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) first."
+        )
+    values = {name: fields[name] for name in HONOURED_FIELDS if name in fields}
+    values["fan_in_fan_out"] = None  # minilora reads each layer's layout from its type
+    try:
+        return LoraConfig(**values)
+    except (TypeError, ValueError, OverflowError) as error:  # MiniLoraError is a ValueError
+        raise MiniLoraError(f"{source}: {error}") from None
+
+
+def check_unsupported(fields: Mapping[str, Any], source: str) -> None:
+    """Raise if any PEFT feature minilora does not have is used (set to something but None/False/{}/[])."""
+    used = {name: fields[name] for name in UNSUPPORTED_FIELDS if name in fields and not _unused(fields[name])}
+    if used:
+        features = ", ".join(f"{name}={value!r} ({UNSUPPORTED_FIELDS[name]})" for name, value in used.items())
+        raise MiniLoraError(f"{source}: minilora cannot honour {features}. Going on without it would give "
+                            "different outputs. Use PEFT for this adapter, or train one without these options.")
+
+
+def read_adapter_config(directory: Path) -> LoraConfig:
+    """Parse and check ``directory/adapter_config.json``."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
+                            "as minilora.save_adapter and PEFT's save_pretrained write them.")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
+            from None
+    if not isinstance(fields, dict):
+        raise MiniLoraError(f"{path} holds a JSON {type(fields).__name__}, not an object of config fields: "
+                            "the file is corrupt. Save the adapter again.")
+    return config_from_fields(fields, str(path))
+
+
+def _unused(value: object) -> bool:
+    """PEFT's "feature not used" values: None, False, an empty dict or list."""
+    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
