@@ -34,9 +34,13 @@ class Plan:
     inference_variants: tuple = INFERENCE_VARIANTS
     training_variants: tuple = TRAINING_VARIANTS
     main_case: tuple = (ALL_LINEAR, 8)           # the case the memory and profile runs use
+    compiled_where: str = "main"                # "main": torch.compile only on the main case's largest
+                                                # prefill, decode and dropout-0 training (compiling costs
+                                                # minutes per graph on 2 cores); "all": everywhere
     min_rounds: int = 3
     max_rounds: int = 15
     seconds_per_measurement: float = 12.0
+    main_case_seconds: float = 50.0             # the main case gets more rounds: its numbers are the targets
     warmup: int = 1
     memory: bool = True
     profile: bool = True
@@ -64,11 +68,12 @@ def quick_plan() -> Plan:
                 train_shape=(1, 32), dropouts=(0.0, 0.1),
                 inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
                 training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
-                min_rounds=3, max_rounds=5, seconds_per_measurement=1.5, memory=False, profile=False)
+                min_rounds=3, max_rounds=5, seconds_per_measurement=1.5, main_case_seconds=1.5,
+                memory=False, profile=False)
 
 
 def tiny_plan() -> Plan:
     """For the tests: a 2-layer GPT-2, every variant and workload, seconds in all."""
     return Plan(model="tiny", ranks=(4,), main_case=(ALL_LINEAR, 4), prefill_shapes=((2, 8),),
                 decode_prompt=3, decode_tokens=3, train_shape=(2, 8), min_rounds=2, max_rounds=2,
-                seconds_per_measurement=0.0, memory=False, profile=False)
+                seconds_per_measurement=0.0, main_case_seconds=0.0, memory=False, profile=False)

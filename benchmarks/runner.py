@@ -108,6 +108,18 @@ class Runner:
         return self.results
 
     # ----------------------------------------------------------------------------------------
+    def is_main(self, targets: tuple, r: int) -> bool:
+        return (tuple(targets), r) == (tuple(self.plan.main_case[0]), self.plan.main_case[1])
+
+    def compiled_here(self, targets: tuple, r: int, workload) -> bool:
+        """Where torch.compile is timed: see Plan.compiled_where."""
+        if self.plan.compiled_where == "all":
+            return True
+        largest = max(self.plan.prefill_shapes, key=lambda s: s[0] * s[1])
+        return self.is_main(targets, r) and (
+            (workload.name == "prefill" and tuple(workload.shape) == tuple(largest))
+            or workload.name == "decode" or (workload.name == "train" and not workload.dropout))
+
     def inference_case(self, targets: tuple, r: int) -> None:
         plan = self.plan
         config = lora_config(targets, r, 0.0, plan.lora_alpha_per_r)
@@ -116,15 +128,17 @@ class Runner:
         workloads = [Prefill(b, s, self.vocab, self.device) for b, s in plan.prefill_shapes]
         workloads.append(Decode(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         for workload in workloads:
-            self.measure(models, workload, targets, r, None, ratio_to="base")
+            here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload)}
+            self.measure(here, workload, targets, r, None, ratio_to="base")
         del models
 
     def training_case(self, targets: tuple, r: int, dropout: float) -> None:
         plan = self.plan
         config = lora_config(targets, r, dropout, plan.lora_alpha_per_r)
         weights = adapter_weights(self.base, config, plan.seed)
-        models = {name: build_variant(name, self.base, config, weights) for name in plan.training_variants}
         workload = TrainStep(*plan.train_shape, self.vocab, self.device, dropout)
+        names = [n for n in plan.training_variants if n != "compiled" or self.compiled_here(targets, r, workload)]
+        models = {name: build_variant(name, self.base, config, weights) for name in names}
         self.measure(models, workload, targets, r, dropout, ratio_to="peft")
         del models
 
@@ -161,8 +175,8 @@ class Runner:
             return
         functions = {name: workload.prepare(models[name]) for name in checked}
         self.log(f"{label}: timing {', '.join(functions)}")
-        samples = interleaved(functions, self.device, plan.warmup, plan.min_rounds, plan.max_rounds,
-                              plan.seconds_per_measurement)
+        seconds = plan.main_case_seconds if self.is_main(targets, r) else plan.seconds_per_measurement
+        samples = interleaved(functions, self.device, plan.warmup, plan.min_rounds, plan.max_rounds, seconds)
         summary = summarize(samples, ratio_to)
         floor = lora_flop_fraction(self.base, targets, r, workload.shape[1])
         for name, stats in summary.items():

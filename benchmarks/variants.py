@@ -20,15 +20,27 @@ TOLERANCE = 1e-5  # float32, relative to the reference (max |diff| / max |refere
 
 
 def load_base(kind: str, device: str) -> nn.Module:
-    """The bare model in eval mode: the embedded GPT-2 small, or a 2-layer one for tests."""
+    """The bare model in eval mode: the embedded GPT-2 small, or a 2-layer one for tests.
+
+    GPT-2's own dropouts (embeddings, attention, residual) are set to p = 0, so that in the training
+    step the only randomness is the lora_dropout being measured, and variants that draw random
+    numbers differently (torch.compile) can still be checked against the reference.
+    """
     if kind == "tiny":
         from transformers import GPT2Config, GPT2LMHeadModel
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=96,
                                 bos_token_id=0, eos_token_id=0)
-            return GPT2LMHeadModel(config).eval().to(device)
-    return minilora.load_model(device=device)
+            model = GPT2LMHeadModel(config).eval().to(device)
+    else:
+        model = minilora.load_model(device=device)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(model.config, name, 0.0)
+    return model
 
 
 def lora_config(targets: tuple, r: int, dropout: float, alpha_per_r: float) -> minilora.LoraConfig:

@@ -109,7 +109,7 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
     """
     base = layer.base_layer
     weight, bias, out = base.weight, base.bias, layer.out_features
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors even if called under inference_mode
         if layer.fan_in_fan_out:
             buffer = torch.cat([weight, layer.lora_A.weight.T.to(weight.dtype)], dim=1)  # (in, out + r)
             weight.data = buffer[:, :out]                                                # (in, out), a view
@@ -128,7 +128,7 @@ def release_concatenated_weight(layer: LoraLinear) -> None:
     if getattr(layer, "_concatenated", None) is None:
         return
     base = layer.base_layer
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
         base.weight.data = base.weight.data.clone(memory_format=torch.contiguous_format)
         if base.bias is not None:
             base.bias.data = base.bias.data.clone()
@@ -176,9 +176,10 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, layer.in_features)                           # (N, in)
     dropout_active = layer.training and isinstance(layer.lora_dropout, nn.Dropout)
+    bias = layer.base_layer.bias
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
-        or any(p.requires_grad for p in layer.base_layer.parameters()))
+        or layer.base_layer.weight.requires_grad or (bias is not None and bias.requires_grad))
     same_dtype = weight_A.dtype == layer.base_layer.weight.dtype
 
     if not needs_grad and not dropout_active and same_dtype:

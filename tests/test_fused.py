@@ -213,6 +213,17 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     assert not torch.equal(before.double(), reference(ids).logits.detach()), "the changes above changed nothing"
 
 
+def test_rebuilt_under_inference_mode_still_trains():
+    fused = lora_model(tiny_gpt2(), "fused")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    fused.double()  # W0 replaced: the next call rebuilds the buffer, here inside inference_mode
+    with torch.inference_mode():
+        fused(ids)
+    fused.train()
+    fused(ids, labels=ids).loss.backward()  # would fail if the buffer were an inference tensor
+    assert all(p.grad is not None for p in fused.parameters() if p.requires_grad)
+
+
 def test_leaving_fused_gives_w0_its_own_storage_back():
     fused = lora_model(tiny_gpt2(), "fused")
     layers = [layer for _, layer in minilora.lora_layers(fused)]
