@@ -63,6 +63,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"({error}). Fix the regex, or pass a list of names such as {_linear_suffixes(model)[:3]}."
             ) from None
     names = [name for name, _ in model.named_modules() if name and is_target(name, targets)]
+    if not names and isinstance(model, (nn.Linear, Conv1D)):
+        raise MiniLoraError(
+            f"The model is itself a single {type(model).__name__}; inject replaces layers inside a model. "
+            "Put it in one (nn.Sequential(layer) with target_modules=['0']) or wrap it directly: "
+            "minilora.LoraLinear(layer, r=8)."
+        )
     if not names:
         raise MiniLoraError(
             f"target_modules={targets!r} matches no module of this {type(model).__name__}. "
@@ -82,7 +88,7 @@ def _linear_suffixes(model: nn.Module) -> list[str]:
     """The distinct last name parts of the model's linear layers, to suggest as targets."""
     suffixes = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and name.split(".")[-1] not in suffixes:
+        if name and isinstance(module, (nn.Linear, Conv1D)) and name.split(".")[-1] not in suffixes:
             suffixes.append(name.split(".")[-1])
     return suffixes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import minilora
 from conftest import make_tiny_gpt2
@@ -115,6 +116,12 @@ def test_target_that_is_not_linear_names_its_type(make, target, type_name):
     model = partly_frozen(make)
     error = expect_error(model, LoraConfig(target_modules=target), type_name)
     assert "Linear or Conv1D" in str(error)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 2), Conv1D(2, 4)], ids=["Linear", "Conv1D"])
+def test_a_bare_linear_layer_as_the_model_says_how_to_wrap_it(layer):
+    error = expect_error(layer, LoraConfig(target_modules=["linear"]), "itself a single")
+    assert "LoraLinear(layer" in str(error) and "nn.Sequential" in str(error)
 
 
 def test_no_default_targets_for_an_unknown_architecture():
