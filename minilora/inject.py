@@ -150,6 +150,10 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,
         )
+        # A new module starts in train mode; take the mode of the layer it replaces instead, so
+        # that lora_dropout stays off in a model that was put in eval mode before inject.
+        # (PEFT leaves its new layers in train mode even inside an eval model.)
+        new_layers[name].train(base_layer.training)
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)

@@ -212,3 +212,12 @@ def test_merge_and_unload_restores_nn_linear():
     assert [type(m) for m in model] == [nn.Linear, nn.Tanh, nn.Linear]
     with torch.no_grad():
         assert (model(x) - adapted).abs().max().item() <= 1e-6
+
+
+def test_inject_keeps_the_models_mode(tiny_gpt2):
+    """A model put in eval mode before inject stays in eval mode: lora_dropout is off inside it."""
+    tiny_gpt2.eval()
+    minilora.inject(tiny_gpt2, minilora.LoraConfig(r=2, lora_dropout=0.5, target_modules=["c_attn"]))
+    assert all(not module.training for module in tiny_gpt2.modules())
+    tiny_gpt2.train()
+    assert all(layer.lora_dropout.training for _, layer in minilora.lora_layers(tiny_gpt2))
