@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import MiniLoraError
+
 DEFAULT_MODEL = "default"  # the name that means "GPT-2 small, random init, fixed seed"
 DEFAULT_SEED = 0
 
@@ -35,8 +37,7 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name_or_path)
-        except OSError as error:
-            from .config import MiniLoraError
+        except (OSError, ValueError) as error:  # missing files; a config.json transformers can't read
             raise MiniLoraError(
                 f"Could not load model {name_or_path!r}: {error}\nPass a local directory that holds "
                 "config.json and the weights, or leave --model out to use the embedded default."

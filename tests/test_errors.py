@@ -259,3 +259,10 @@ def test_demo_reports_bad_arguments_without_a_traceback(argv, message, capsys):
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_load_model_with_unreadable_config_is_a_clear_error(tmp_path):
+    """A directory whose config.json transformers cannot read: MiniLoraError, not a bare ValueError."""
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(minilora.MiniLoraError, match="Could not load model"):
+        minilora.load_model(str(tmp_path))
