@@ -209,8 +209,15 @@ def _base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _peft_base_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: module.base_layer.weight.detach().clone() for name, module in peft_model.named_modules()
-            if hasattr(module, "base_layer") and hasattr(module, "lora_A")}
+    """W0 of every PEFT LoRA layer. Before PEFT 0.7 the LoRA layer *was* the nn.Linear (no base_layer)."""
+    return {name: getattr(module, "base_layer", module).weight.detach().clone()
+            for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+
+
+def _restore(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    modules = dict(model.named_modules())
+    for name, weight in weights.items():
+        getattr(modules[name], "base_layer", modules[name]).weight.data.copy_(weight)
 
 
 def check_merge(pair: Pair) -> list[Result]:
@@ -241,7 +248,10 @@ def check_merge(pair: Pair) -> list[Result]:
         rows.append(within("merge", label, device, "unmerge residual max|W - W0|", residual, residual_tol,
                            f"PEFT leaves {peft_residual:.2e}"))
 
-        # merge_and_unload: plain layers of the base's own types, holding W0 + dW
+        # merge_and_unload, from the original W0 on both sides (so that a difference in unmerge's
+        # rounding, reported above, does not show up again here): plain layers holding W0 + dW
+        _restore(pair.mini, before_mini)
+        _restore(pair.peft, before_peft)
         mini_plain = minilora.merge_and_unload(pair.mini)
         peft_plain = pair.peft.merge_and_unload()
         mini_state, peft_state = mini_plain.state_dict(), peft_plain.state_dict()

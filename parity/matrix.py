@@ -125,17 +125,18 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def details(runs: list[Run]) -> str:
-    """Per release: why a check FAILed or was N/A (each distinct message once), and build errors."""
+    """Per release: why checks FAILed or were N/A (one line per case and reason), and build errors."""
     lines = []
     for run in runs:
-        notes = []
-        if run["error"]:
-            notes.append(f"could not run everything: {run['error']}")
+        grouped: dict[tuple[str, str, str], list[str]] = {}
         for row in (run["suite"] or {}).get("results", []):
             if row["status"] in ("FAIL", "N/A"):
-                note = f"{row['status']} {row['check']} ({row['configuration']}): {row['message']}"
-                if note not in notes:
-                    notes.append(note)
+                checks = grouped.setdefault((row["status"], row["configuration"], row["message"]), [])
+                if row["check"] not in checks:
+                    checks.append(row["check"])
+        notes = [f"could not run everything: {run['error']}"] if run["error"] else []
+        notes += [f"{status} {', '.join(checks)} ({configuration}): {message}"
+                  for (status, configuration, message), checks in grouped.items()]
         if notes:
             lines.append(f"- **peft {run['peft']}**")
             lines += [f"  - {_cell_text(note)}" for note in notes]

@@ -73,10 +73,13 @@ def test_every_check_passes(bases, case, device, tmp_path):
 
 def test_counts_match_the_issue_numbers_on_gpt2_small(gpt2_pair):
     """294,912 / 124,734,720 for r=8 on c_attn: 12 blocks * 8 * (768 + 2304), PEFT's count of the total."""
-    base, _ = gpt2_pair
-    pair = grid.make_pair(grid.Bases(), grid.Case("linear"), "cpu")  # a template to fill with GPT-2
-    pair.case = grid.Case("gpt2", r=8, lora_alpha=16)
-    pair.mini, pair.peft = twins.make_twins(base, pair.case.config(), random_b=False)
+    import peft
+
+    mini, other = gpt2_pair
+    case = grid.Case("gpt2", r=8, lora_alpha=16)
+    minilora.inject(mini, case.config())
+    pair = grid.Pair(case, "cpu", mini, peft.get_peft_model(other, twins.peft_config(case.config())),
+                     inputs=None, targets=None)
     rows = checks.check_counts(pair)
     assert [row.status for row in rows] == [PASS, PASS]
     assert rows[0].value == f"{12 * 8 * (768 + 2304):,} / 124,734,720"
