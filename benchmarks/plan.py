@@ -18,8 +18,9 @@ TRAINING_VARIANTS = ("peft", "reference", "fused", "compiled")
 class Plan:
     """The benchmark grid.
 
-    ``rounds`` is adaptive: after the warm-up, each measurement gets as many interleaved rounds as
-    fit in ``seconds_per_measurement`` (at least ``min_rounds``, at most ``max_rounds``).
+    ``rounds`` is adaptive: each measurement gets as many interleaved rounds as fit in
+    ``seconds_per_measurement`` (``main_case_seconds`` for the main case), judged from the
+    validation call's time, at least ``min_rounds`` and at most ``max_rounds``.
     """
 
     model: str = "gpt2"                         # "gpt2": the embedded GPT-2 small; "tiny": 2 layers, 32 wide
@@ -33,7 +34,10 @@ class Plan:
     dropouts: tuple = (0.0, 0.1)
     inference_variants: tuple = INFERENCE_VARIANTS
     training_variants: tuple = TRAINING_VARIANTS
-    main_case: tuple = (ALL_LINEAR, 8)           # the case the memory and profile runs use
+    main_case: tuple = (ALL_LINEAR, 8)           # the case the targets, memory and profile runs use
+    # The other cases (r=64, c_attn only) get a smaller grid so that the run fits 10-15 minutes on
+    # 2 cores: the largest prefill shape, decode and training, for these variants only.
+    other_case_variants: tuple = ("base", "peft", "reference", "fused")
     compiled_where: str = "main"                # "main": torch.compile only on the main case's largest
                                                 # prefill, decode and dropout-0 training (compiling costs
                                                 # minutes per graph on 2 cores); "all": everywhere
@@ -41,7 +45,7 @@ class Plan:
     max_rounds: int = 15
     seconds_per_measurement: float = 12.0
     main_case_seconds: float = 50.0             # the main case gets more rounds: its numbers are the targets
-    warmup: int = 1
+    warmup: int = 0                             # extra untimed calls; the validation call always warms up
     memory: bool = True
     profile: bool = True
     seed: int = 0
@@ -74,6 +78,6 @@ def quick_plan() -> Plan:
 
 def tiny_plan() -> Plan:
     """For the tests: a 2-layer GPT-2, every variant and workload, seconds in all."""
-    return Plan(model="tiny", ranks=(4,), main_case=(ALL_LINEAR, 4), prefill_shapes=((2, 8),),
+    return Plan(model="tiny", ranks=(4,), main_case=(ALL_LINEAR, 4), prefill_shapes=((2, 8), (1, 5)),
                 decode_prompt=3, decode_tokens=3, train_shape=(2, 8), min_rounds=2, max_rounds=2,
                 seconds_per_measurement=0.0, main_case_seconds=0.0, memory=False, profile=False)

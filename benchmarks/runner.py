@@ -124,8 +124,11 @@ class Runner:
         plan = self.plan
         config = lora_config(targets, r, 0.0, plan.lora_alpha_per_r)
         weights = adapter_weights(self.base, config, plan.seed)
-        models = {name: build_variant(name, self.base, config, weights) for name in plan.inference_variants}
-        workloads = [Prefill(b, s, self.vocab, self.device) for b, s in plan.prefill_shapes]
+        main = self.is_main(targets, r)
+        names = [n for n in plan.inference_variants if main or n in plan.other_case_variants]
+        models = {name: build_variant(name, self.base, config, weights) for name in names}
+        shapes = plan.prefill_shapes if main else [max(plan.prefill_shapes, key=lambda s: s[0] * s[1])]
+        workloads = [Prefill(b, s, self.vocab, self.device) for b, s in shapes]
         workloads.append(Decode(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         for workload in workloads:
             here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload)}
@@ -137,7 +140,8 @@ class Runner:
         config = lora_config(targets, r, dropout, plan.lora_alpha_per_r)
         weights = adapter_weights(self.base, config, plan.seed)
         workload = TrainStep(*plan.train_shape, self.vocab, self.device, dropout)
-        names = [n for n in plan.training_variants if n != "compiled" or self.compiled_here(targets, r, workload)]
+        names = [n for n in plan.training_variants if (n != "compiled" or self.compiled_here(targets, r, workload))
+                 and (self.is_main(targets, r) or n in plan.other_case_variants)]
         models = {name: build_variant(name, self.base, config, weights) for name in names}
         self.measure(models, workload, targets, r, dropout, ratio_to="peft")
         del models
@@ -148,17 +152,23 @@ class Runner:
         label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r}" + (
             f" dropout={dropout}" if dropout is not None else "")
         self.log(f"{label}: validating {len(models)} variants")
-        expected = workload.check(models["reference"])
-        checked = {}
-        for name, model in models.items():
+        checked, check_s, expected = {}, {}, None
+        for name in sorted(models, key=lambda n: n != "reference"):  # the reference first: the expected values
+            if name != "reference" and expected is None:
+                self.fail(label, "reference", "the reference path failed: nothing can be validated or timed")
+                return
+            model = models[name]
             started = time.perf_counter()
             try:
                 got = workload.check(model)
+                expected = got if name == "reference" else expected
             except Exception as error:  # a variant that cannot run here is reported, not fatal
                 self.fail(label, name, error)
                 continue
+            check_s[name] = time.perf_counter() - started
             if name == "compiled":
-                self.results["compile_s"][label] = time.perf_counter() - started
+                self.results["compile_s"][label] = check_s[name]
+                check_s[name] = check_s.get("reference", check_s[name])
             if name == "base":
                 checked[name] = None  # the base model has no adapter: nothing to compare
             elif name == "compiled" and workload.name == "train" and dropout:
@@ -173,10 +183,11 @@ class Runner:
         if ratio_to not in checked:
             self.fail(label, ratio_to, "the ratio reference failed; nothing timed")
             return
-        functions = {name: workload.prepare(models[name]) for name in checked}
+        functions = {name: workload.prepare(models[name]) for name in models if name in checked}  # table order
         self.log(f"{label}: timing {', '.join(functions)}")
         seconds = plan.main_case_seconds if self.is_main(targets, r) else plan.seconds_per_measurement
-        samples = interleaved(functions, self.device, plan.warmup, plan.min_rounds, plan.max_rounds, seconds)
+        samples = interleaved(functions, self.device, plan.warmup, plan.min_rounds, plan.max_rounds, seconds,
+                              round_estimate_s=sum(check_s[name] for name in functions))
         summary = summarize(samples, ratio_to)
         floor = lora_flop_fraction(self.base, targets, r, workload.shape[1])
         for name, stats in summary.items():

@@ -35,12 +35,12 @@ def timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 
 def interleaved(functions: dict[str, Callable[[], object]], device: str, warmup: int, min_rounds: int,
-                max_rounds: int, seconds: float) -> dict[str, list[float]]:
+                max_rounds: int, seconds: float, round_estimate_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call of each function, over interleaved rounds.
 
-    Warm-up: ``warmup`` calls of each (their time sets the number of rounds: as many as fit in
-    ``seconds``, clamped to [min_rounds, max_rounds]). Round k starts at variant k mod n, so no
-    variant always runs first (after a pause) or last.
+    Warm-up: ``warmup`` untimed calls of each. Rounds: as many as fit in ``seconds`` judged from
+    the warm-up (or ``round_estimate_s`` without one), clamped to [min_rounds, max_rounds].
+    Round k starts at variant k mod n, so no variant always runs first (after a pause) or last.
     """
     measure = timer(device)
     names = list(functions)
@@ -48,7 +48,7 @@ def interleaved(functions: dict[str, Callable[[], object]], device: str, warmup:
     for _ in range(warmup):
         for name in names:
             warm[name] = measure(functions[name])
-    round_time = max(sum(warm.values()), 1e-9)
+    round_time = max(sum(warm.values()) if warmup else round_estimate_s, 1e-9)
     rounds = int(min(max_rounds, max(min_rounds, seconds // round_time)))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for k in range(rounds):

@@ -13,26 +13,27 @@ matmuls run and how many output-sized tensors are made on the way.
   or p = 0 dropout) the base matmul and ``x A^T`` are one matmul over a concatenated weight,
   so decoding pays one big matmul per layer and one small accumulate:
 
-      [x W0 + b | x A^T] = x [W0 | A^T] + [b | 0]      (N, in) @ (in, out + r) -> (N, out + r)
+      [x W0^T + b | x A^T] = F.linear(x, [W0; A], [b; 0])    (N, in) @ (in, out + r) -> (N, out + r)
 
 Compiling (``torch.compile(model)``) works on top of any path; the benchmarks time it on the
 reference path.
 
 The concatenated weight, and why it cannot go stale
 ---------------------------------------------------
-Selecting the fused path builds, per layer, one buffer that holds ``W0`` and ``A`` side by side,
-and then makes ``W0`` (and its bias) *views of that buffer*: no copy of ``W0`` exists, so
-whatever changes ``W0`` in place (``merge``, ``load_state_dict``, an optimizer) changes the
-buffer too. ``A`` is small (r x in) and trains, so it is copied into the buffer on every call
-that uses the buffer. If ``W0`` or its bias was *replaced* by another tensor (``model.to(...)``,
-``merge(safe=True)``, ``weight.data = ...``), the next call sees that the buffer no longer backs
-them (``data_ptr``) and rebuilds it. Selecting another path gives ``W0`` its own contiguous
-storage back and drops the buffer.
+Selecting the fused path builds, per layer, one buffer that holds ``W0`` and ``A`` stacked, and
+then makes ``W0``, its bias and ``A`` *views of that buffer*: no copy of any of them exists, so
+whatever changes them in place (``merge``, ``load_state_dict``, an optimizer step, a write
+through ``.data``) changes the buffer too. If one of them was *replaced* by another tensor
+(``model.to(...)``, ``merge(safe=True)``, ``weight.data = ...``, ``copy.deepcopy``), the next
+call sees that the buffer no longer backs it (``data_ptr``) and rebuilds the buffer from the
+current values. Selecting another path gives each its own contiguous storage back and drops the
+buffer. While fused, ``torch.save`` of ``lora_A`` alone would store the whole buffer (safetensors
+stores just the view): select another path before saving with ``torch.save``.
 
 Tolerances (checked in tests/test_fused.py against the reference path): float32 within 1e-5
-relative (max |difference| / max |reference|), forward and gradients; bfloat16 base weights
-within 2e-2, because the fused path rounds ``x A^T`` and ``B`` to bfloat16 before accumulating
-where the reference adds the update in float32.
+relative (max |difference| / max |reference|), forward and gradients. bfloat16 base weights:
+within 3e-2, about what bfloat16 rounding alone moves a model's logits by; the fused path rounds
+``x A^T`` and ``B`` to bfloat16 before accumulating, where the reference adds in float32.
 """
 
 from __future__ import annotations
@@ -97,60 +98,61 @@ def _layer_path(layer: LoraLinear) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The concatenated weight [W0 | A^T]
+# The concatenated weight [W0; A]
 # ------------------------------------------------------------------------------------------------
 def build_concatenated_weight(layer: LoraLinear) -> None:
-    """Put W0 and A side by side in one buffer and make W0 (and its bias) views of it.
+    """Stack W0 and A in one buffer, (out + r, in), and make W0, its bias and A views of it.
 
-    nn.Linear stores W0 as (out, in): the buffer is (out + r, in) = [W0; A], and the product is
-    ``x @ buffer^T``. Conv1D stores W0 as (in, out): the buffer is (in, out + r) = [W0 | A^T], and
-    the product is ``x @ buffer``. Either way W0 keeps its layout (for Conv1D its rows get r more
-    entries of stride), so the base layer still works on it unchanged.
+    The buffer holds the weights as nn.Linear does, (out, in) rows for W0 then (r, in) rows for A,
+    so that ``F.linear(x, buffer)`` gives ``[x W0^T | x A^T]`` in one matmul. For nn.Linear, W0 is
+    the buffer's first ``out`` rows; for Conv1D (weight stored (in, out)) it is their transpose,
+    a strided (in, out) view that Conv1D's ``addmm`` reads just as well. Skipped (nothing built)
+    while A's dtype differs from W0's (a half-precision base with a float32 adapter).
     """
-    base = layer.base_layer
-    weight, bias, out = base.weight, base.bias, layer.out_features
+    base, adapter = layer.base_layer, layer.lora_A
+    out = layer.out_features
+    if adapter.weight.dtype != base.weight.dtype:
+        layer._concatenated = None
+        return
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even if called under inference_mode
-        if layer.fan_in_fan_out:
-            buffer = torch.cat([weight, layer.lora_A.weight.T.to(weight.dtype)], dim=1)  # (in, out + r)
-            weight.data = buffer[:, :out]                                                # (in, out), a view
-        else:
-            buffer = torch.cat([weight, layer.lora_A.weight.to(weight.dtype)], dim=0)    # (out + r, in)
-            weight.data = buffer[:out]                                                   # (out, in), a view
+        weight_rows = base.weight.T if layer.fan_in_fan_out else base.weight       # (out, in)
+        buffer = torch.cat([weight_rows, adapter.weight])                           # (out + r, in) = [W0; A]
+        base.weight.data = buffer[:out].T if layer.fan_in_fan_out else buffer[:out]  # a view, W0's own layout
+        adapter.weight.data = buffer[out:]                                          # (r, in), a view
         bias_buffer = None
-        if bias is not None:
-            bias_buffer = torch.cat([bias, bias.new_zeros(layer.r)])                     # (out + r,) = [b | 0]
-            bias.data = bias_buffer[:out]
-    layer._concatenated = (buffer, bias_buffer)
+        if base.bias is not None:
+            bias_buffer = torch.cat([base.bias, base.bias.new_zeros(layer.r)])     # (out + r,) = [b | 0]
+            base.bias.data = bias_buffer[:out]
+    layer._concatenated = (buffer, bias_buffer, _storage_pointers(layer))
+
+
+def _storage_pointers(layer: LoraLinear) -> tuple[int, int, int]:
+    """Where W0, A and the bias live now: equal to the values at build time iff still views of the buffer."""
+    bias = layer.base_layer.bias
+    return (layer.base_layer.weight.data_ptr(), layer.lora_A.weight.data_ptr(),
+            bias.data_ptr() if bias is not None else 0)
 
 
 def release_concatenated_weight(layer: LoraLinear) -> None:
-    """Give W0 and its bias their own contiguous storage back and drop the buffer, if there is one."""
+    """Give W0, its bias and A their own contiguous storage back and drop the buffer, if there is one."""
     if getattr(layer, "_concatenated", None) is None:
         return
-    base = layer.base_layer
+    tensors = [layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight]
     with torch.inference_mode(False), torch.no_grad():
-        base.weight.data = base.weight.data.clone(memory_format=torch.contiguous_format)
-        if base.bias is not None:
-            base.bias.data = base.bias.data.clone()
+        for tensor in tensors:
+            if tensor is not None:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
     layer._concatenated = None
 
 
-def _concatenated_weight(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The buffer with the current A copied in; rebuilt first if W0 or its bias was replaced."""
-    buffer, bias_buffer = getattr(layer, "_concatenated", None) or (None, None)
-    base = layer.base_layer
-    stale = buffer is None or base.weight.data_ptr() != buffer.data_ptr() or (
-        base.bias is not None and (bias_buffer is None or base.bias.data_ptr() != bias_buffer.data_ptr()))
-    if stale:
+def _concatenated_weight(layer: LoraLinear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The buffer and its bias; rebuilt first if W0, its bias or A was replaced by another tensor."""
+    built = getattr(layer, "_concatenated", None)
+    if built is None or built[2] != _storage_pointers(layer):
+        release_concatenated_weight(layer)  # (a no-op if their storage is already their own)
         build_concatenated_weight(layer)
-        buffer, bias_buffer = layer._concatenated
-    out = layer.out_features
-    with torch.no_grad():
-        if layer.fan_in_fan_out:
-            buffer[:, out:].copy_(layer.lora_A.weight.T)  # (in, r) <- A^T
-        else:
-            buffer[out:].copy_(layer.lora_A.weight)       # (r, in) <- A
-    return buffer, bias_buffer
+        built = layer._concatenated
+    return (built[0], built[1]) if built is not None else (None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,12 +186,9 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
     if not needs_grad and not dropout_active and same_dtype:
         buffer, bias_buffer = _concatenated_weight(layer)
-        if layer.fan_in_fan_out:   # [x W0 + b | x A^T]: (N, in) @ (in, out + r) -> (N, out + r)
-            both = torch.addmm(bias_buffer, x2d, buffer) if bias_buffer is not None else x2d @ buffer
-        else:                      # (N, in) @ (in, out + r), the buffer being (out + r, in)
-            both = F.linear(x2d, buffer, bias_buffer)
+        both = F.linear(x2d, buffer, bias_buffer)            # (N, in) @ (in, out + r) -> (N, out + r)
         out2d, xa = both[:, :layer.out_features], both[:, layer.out_features:]  # (N, out), (N, r)
-        out2d.addmm_(xa, weight_B.T, alpha=layer.scaling)            # (N, out) += s (N, r) @ (r, out)
+        out2d.addmm_(xa, weight_B.T, alpha=layer.scaling)    # (N, out) += s (N, r) @ (r, out)
         return out2d.view(*lead_shape, layer.out_features)
 
     out2d = base_matmul(layer, x2d)                                  # (N, out)

@@ -197,6 +197,11 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
         layer.base_layer.weight.data = layer.base_layer.weight.data * 0.5  # a new tensor
     _check_fused_equals_fresh_reference(fused, ids, "after replacing W0")
 
+    with torch.no_grad():
+        layer.lora_A.weight.data = layer.lora_A.weight.data * -1.0  # A replaced: rebuilt from the new A
+    _check_fused_equals_fresh_reference(fused, ids, "after replacing A")
+    assert _concatenated_weight(layer)[0][layer.out_features:].data_ptr() == layer.lora_A.weight.data_ptr()
+
     adapter = {k: v.clone() * 2 for k, v in fused.state_dict().items() if ".lora_" in k}
     fused.load_state_dict(adapter, strict=False)
     _check_fused_equals_fresh_reference(fused, ids, "after load_state_dict")
@@ -206,6 +211,7 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     minilora.unmerge(fused)
     _check_fused_equals_fresh_reference(fused, ids, "merged then unmerged")
 
+    _check_fused_equals_fresh_reference(copy.deepcopy(fused), ids, "a deep copy (new storage)")
     fused.double()
     reference = minilora.set_forward_path(copy.deepcopy(fused), "reference")
     with torch.no_grad():
@@ -227,13 +233,14 @@ def test_rebuilt_under_inference_mode_still_trains():
 def test_leaving_fused_gives_w0_its_own_storage_back():
     fused = lora_model(tiny_gpt2(), "fused")
     layers = [layer for _, layer in minilora.lora_layers(fused)]
-    buffer, _ = _concatenated_weight(layers[0])
+    buffer, _ = _concatenated_weight(layers[0])  # (out + r, in) = [W0; A], W0 and A views of it
     assert layers[0].base_layer.weight.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[layers[0].out_features:], layers[0].lora_A.weight)
     minilora.set_forward_path(fused, "reference")
     for layer in layers:
         assert layer._concatenated is None and layer.forward_override is None
-        assert layer.base_layer.weight.is_contiguous()
-        assert layer.base_layer.weight.untyped_storage().nbytes() == layer.base_layer.weight.nbytes
+        for weight in (layer.base_layer.weight, layer.lora_A.weight):
+            assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.nbytes
     assert minilora.forward_path(fused) == "reference"
 
 
@@ -253,7 +260,7 @@ def test_merged_path_unmerges_when_left():
     minilora.set_forward_path(model, "fused")
     assert not any(layer.merged for _, layer in minilora.lora_layers(model))
     for (_, a), (_, b) in zip(minilora.lora_layers(model), minilora.lora_layers(reference)):
-        assert_close(a.base_layer.weight, b.base_layer.weight, 1e-6, "W0 after merge + unmerge")
+        assert_close(a.base_layer.weight, b.base_layer.weight, FLOAT32_RTOL, "W0 after merge + unmerge")
 
 
 @pytest.mark.parametrize("path, message", [("compiled", "torch.compile"), ("fast", "choose one of")])
