@@ -53,6 +53,17 @@ def test_matrix_writes_a_version_by_check_table(tmp_path, capsys):
     assert "[2/2] peft 0.21.2" in capsys.readouterr().err
 
 
+def test_the_page_re_renders_from_its_json_without_running_anything(tmp_path):
+    page = tmp_path / "versions.md"
+    matrix.main(["--peft", "0.6.2", "0.21.2", "--markdown", str(page)], runner={"0.6.2": OLD, "0.21.2": NEW}.get)
+    first = page.read_text()
+    page.write_text("stale")
+    assert matrix.main(["--from-json", str(page.with_suffix(".json")), "--markdown", str(page)]) == 0
+    assert page.read_text().replace("(Write what", "") == first.replace("(Write what", "")
+    with pytest.raises(SystemExit):
+        matrix.main(["--markdown", str(page)])  # neither --peft nor --from-json
+
+
 def test_hand_written_notes_survive_regeneration(tmp_path):
     page = tmp_path / "versions.md"
     args = ["--peft", "0.21.2", "--markdown", str(page)]
