@@ -76,7 +76,3 @@ def skipped(check: str, configuration: str, device: str, reason: str) -> Result:
 
 def not_applicable(check: str, configuration: str, device: str, reason: str) -> Result:
     return Result(check, configuration, device, "-", None, None, NOT_APPLICABLE, reason)
-
-
-def failed(results: list[Result]) -> list[Result]:
-    return [result for result in results if result.status == FAIL]

@@ -169,7 +169,6 @@ def test_merge_fails_when_unload_changes_module_types(bases, monkeypatch):
     real = minilora.merge_and_unload
 
     def keeps_one_wrapper(model):
-        layer = model.c_fc
         real(model)
         model.c_fc = torch.nn.Sequential(model.c_fc)  # a different module type than PEFT leaves
         return model
