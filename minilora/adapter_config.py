@@ -69,7 +69,7 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
     targets = resolve_target_modules(model, config)
     task_type = getattr(config, "task_type", None)
     task_type = getattr(task_type, "value", task_type)  # a TaskType enum member -> its string
-    return {
+    fields = {
         "peft_type": "LORA",
         "task_type": task_type,
         # Without a task type, PEFT records the model class so that AutoPeftModel can rebuild it.
@@ -85,16 +85,19 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
         "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
         "bias": config.bias,
-        "use_rslora": config.use_rslora,
         "init_lora_weights": config.init_lora_weights,
-        # PEFT features minilora does not have, written as unused so that every PEFT release reads them alike.
-        "use_dora": False,
+        # PEFT features minilora does not have, written as unused. Only fields that PEFT has had since
+        # 0.6 are written: releases 0.6 to 0.12 refuse a config.json with a field they do not know
+        # (docs/peft-versions.md), so a newer field such as use_dora would lock them out.
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    if config.use_rslora:  # added in PEFT 0.7; a release that cannot honour it should refuse the file
+        fields["use_rslora"] = True
+    return fields
 
 
 def write_adapter_config(directory: Path, model: nn.Module, config: LoraConfig) -> None:

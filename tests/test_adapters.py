@@ -249,3 +249,21 @@ def test_unknown_config_field_one_warning(tiny_gpt2, tmp_path):
     x = torch.arange(6).reshape(1, 6)
     with torch.no_grad():
         assert max_abs_diff(tiny_gpt2(x).logits, trained(x).logits) <= ATOL
+
+
+# The fields of LoraConfig (with PeftConfig's) in peft 0.6.2: releases 0.6 to 0.12 raise TypeError on
+# any other field in adapter_config.json (measured in docs/peft-versions.md), so minilora writes no other.
+PEFT_0_6_FIELDS = {
+    "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+    "r", "target_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "modules_to_save",
+    "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+}
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapter_config_is_readable_by_old_peft_releases(tiny_gpt2, tmp_path, use_rslora):
+    """Only fields PEFT 0.6 knows are written; use_rslora (PEFT >= 0.7) only when it is on."""
+    minilora.inject(tiny_gpt2, minilora.LoraConfig(r=2, target_modules=["c_attn"], use_rslora=use_rslora))
+    minilora.save_adapter(tiny_gpt2, tmp_path)
+    fields = set(json.loads((tmp_path / CONFIG_NAME).read_text()))
+    assert fields - PEFT_0_6_FIELDS == ({"use_rslora"} if use_rslora else set())
