@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None,
                         help="seconds of interleaved rounds per measurement; the main case (r=8, all targets) "
                              "gets 4 times as many (default 12; more: less noise, longer run)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice, one per core). On cores shared with other "
+                             "work, --threads 1 avoids threads waiting for each other at every op")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -54,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but this torch has no CUDA device. Use --device cpu.", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be at least 1, got {args.threads}.", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     plan = quick_plan() if args.quick else full_plan()
+    plan.threads = torch.get_num_threads()
     if args.no_compiled:
         plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")

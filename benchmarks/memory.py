@@ -67,6 +67,8 @@ def child_main(spec: dict) -> dict:
     from benchmarks.runner import make_workload
     from benchmarks.variants import adapter_weights, build_variant, load_base, lora_config
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     base = load_base(spec["model"], spec["device"])
     config = lora_config(tuple(spec["targets"]), spec["r"], spec["dropout"], spec["alpha_per_r"])

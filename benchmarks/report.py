@@ -147,9 +147,12 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
     if results.get("label"):
         lines += [f"**{results['label']}**", ""]
     lines += [
-        f"Machine: {machine.get('cpu', machine['processor'])}, {machine['cpu_count']} threads, {machine['platform']}"
+        f"Machine: {machine.get('cpu', machine['processor'])}, {machine['cores']} cores, torch threads "
+        f"{machine['threads']}, {machine['platform']}"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; device `{machine['device']}`; "
-        f"load average at start {' '.join(machine.get('load_average_at_start', ['?']))}.",
+        f"load average (1, 5, 15 min) at start {' '.join(machine.get('load_average_at_start', ['?']))}, "
+        f"at end {' '.join(machine.get('load_average_at_end', ['?']))} (above {machine['cores']}: "
+        "the cores were shared during the run).",
         f"Versions: torch {versions['torch']}, transformers {versions['transformers']}, peft {versions['peft']}, "
         f"python {machine['python']}. Model: {results['plan']['model']} (embedded random GPT-2 small when 'gpt2').",
         f"Run time {results.get('total_s', 0) / 60:.1f} min. Every variant was validated against minilora's "
@@ -157,6 +160,7 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
         "Ratios: per-round ratio to base (to PEFT for training), median over interleaved rounds; "
         "noise = interquartile range of those ratios. The FLOP floor is the LoRA branches' extra "
         "multiply-adds over the base model's.", ""]
+    lines += [f"Note: {note}" for note in results["plan"].get("notes", [])] + [""]
     verdicts = targets_check(results)
     if verdicts:
         lines += ["## Targets (GPT-2 small, r=8, c_attn + c_proj + c_fc)", "",
@@ -189,7 +193,8 @@ def profile_markdown(profile: dict) -> list[str]:
         if name == "base":
             lines += [f"base: {data['total_ms']:.1f} ms of op self time.", ""]
             continue
-        lines += [f"**{name}**: {data['total_ms']:.1f} ms, {data['extra_calls']:+d} op calls vs base.", "",
+        lines += [f"**{name}**: {data['total_ms']:.1f} ms, {data['extra_calls']:+d} aten op calls (nested ones "
+                  "included) vs base.", "",
                   markdown_table(["op", "ms", "extra ms", "calls", "extra calls"],
                                  [[r["op"], f"{r['ms']:.1f}", f"{r['extra_ms']:+.1f}", str(r["calls"]),
                                    f"{r['extra_calls']:+d}"] for r in data["top"]]), ""]

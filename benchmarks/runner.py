@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -29,22 +30,27 @@ def make_workload(name: str, params: dict, vocab: int, device: str):
     raise ValueError(f"unknown workload {name!r}")
 
 
+def _load_average() -> list[str]:
+    """The 1, 5 and 15 minute load averages: above the core count, the timings were shared."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return loadavg.read().split()[:3]
+    except OSError:
+        return ["?"]
+
+
 def environment(device: str) -> dict:
     import peft
     import transformers
 
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": torch.get_num_threads(), "python": sys.version.split()[0], "device": device}
+               "cores": os.cpu_count(), "threads": torch.get_num_threads(), "python": sys.version.split()[0], "device": device}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             machine["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        with open("/proc/loadavg") as loadavg:
-            machine["load_average_at_start"] = loadavg.read().split()[:3]
-    except OSError:
-        pass
+    machine["load_average_at_start"] = _load_average()
     if torch.device(device).type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
@@ -105,6 +111,7 @@ class Runner:
                                                       max(plan.prefill_shapes, key=lambda s: s[0] * s[1]),
                                                       self.vocab, self.device)
         self.results["total_s"] = time.perf_counter() - self.started
+        self.results["machine"]["load_average_at_end"] = _load_average()
         return self.results
 
     # ----------------------------------------------------------------------------------------
@@ -118,7 +125,8 @@ class Runner:
         largest = max(self.plan.prefill_shapes, key=lambda s: s[0] * s[1])
         return self.is_main(targets, r) and (
             (workload.name == "prefill" and tuple(workload.shape) == tuple(largest))
-            or workload.name == "decode" or (workload.name == "train" and not workload.dropout))
+            or (workload.name == "decode" and self.plan.compiled_decode)
+            or (workload.name == "train" and self.plan.compiled_train and not workload.dropout))
 
     def inference_case(self, targets: tuple, r: int) -> None:
         plan = self.plan
@@ -213,7 +221,7 @@ class Runner:
         plan = self.plan
         targets, r = plan.main_case
         common = {"model": plan.model, "device": self.device, "targets": list(targets), "r": r,
-                  "alpha_per_r": plan.lora_alpha_per_r, "seed": plan.seed}
+                  "alpha_per_r": plan.lora_alpha_per_r, "seed": plan.seed, "threads": plan.threads}
         largest = max(plan.prefill_shapes, key=lambda s: s[0] * s[1])
         specs = [{**common, "variant": v, "workload": "prefill", "shape": list(largest), "dropout": 0.0}
                  for v in plan.inference_variants if v != "compiled"]
