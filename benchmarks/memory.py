@@ -1,9 +1,12 @@
 """Peak memory of one variant on one workload.
 
-CPU: a fresh Python process per variant, so that no other variant's tensors (or the allocator's
-cached pages) are counted. The child builds only its variant, runs the workload once to warm up,
-resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux) and runs it again; the
-figure is that run's peak RSS minus the RSS just before it: the memory the workload itself needs.
+CPU: a fresh Python process per variant, so that no other variant's tensors are counted. The
+child builds only its variant, runs the workload once to warm up, resets the kernel's high-water
+mark (``/proc/self/clear_refs``, Linux) and runs it again; the figure is that run's peak RSS minus
+the RSS just before it: the memory the workload itself needs. glibc's malloc would otherwise keep
+freed blocks mapped and hand them out again, so that a second run costs no new RSS at all; the
+child is started with a fixed mmap threshold and no trim threshold (MALLOC_MMAP_THRESHOLD_,
+MALLOC_TRIM_THRESHOLD_), so that freed memory goes back to the kernel and RSS follows what is live.
 CUDA: ``torch.cuda.max_memory_allocated`` around the same second run, in process.
 
 Run as ``python -m benchmarks.memory '<json spec>'`` it prints one JSON line.
@@ -20,6 +23,9 @@ import sys
 import torch
 
 MIB = 2**20
+# glibc: blocks of 64 KiB and more are mapped on their own and unmapped when freed; the heap is
+# trimmed back at every free. RSS then follows live memory instead of the allocator's caches.
+MALLOC_RETURNS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 def _status_kib(field: str) -> int | None:
@@ -87,7 +93,7 @@ def base_vocab(model) -> int:
 
 def in_child(spec: dict, python: str = sys.executable) -> dict:
     """Run ``child_main(spec)`` in a fresh interpreter and return its result (errors as a dict)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **MALLOC_RETURNS_MEMORY)
     done = subprocess.run([python, "-m", "benchmarks.memory", json.dumps(spec)], capture_output=True,
                           text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -16,8 +16,9 @@ ATTN_ONLY = ("c_attn",)
 ALL_LINEAR = ("c_attn", "c_proj", "c_fc")
 
 # Inference variants, in table order. "base" is the model without LoRA; the peft-* variants are
-# PEFT 0.21's lora.Linear unmerged and merged (merge_adapter); the rest are minilora's paths.
-INFERENCE_VARIANTS = ("base", "peft", "peft-merged", "reference", "merged", "fused", "compiled")
+# PEFT 0.21's lora.Linear unmerged and merged (merge_adapter); the rest are minilora's paths
+# ("fused-addmm": the fused path with concatenate=False).
+INFERENCE_VARIANTS = ("base", "peft", "peft-merged", "reference", "merged", "fused", "fused-addmm", "compiled")
 # Training variants (merged weights cannot train; base has nothing to train). Ratios are to "peft".
 TRAINING_VARIANTS = ("peft", "reference", "fused", "compiled")
 
@@ -45,7 +46,7 @@ class Plan:
     main_case: tuple = (ALL_LINEAR, 8)           # the case the targets, memory and profile runs use
     # The other cases (r=64, c_attn only) get a smaller grid so that the run fits 10-15 minutes on
     # 2 cores: the largest prefill shape, decode and training, for these variants only.
-    other_case_variants: tuple = ("base", "peft", "reference", "fused")
+    other_case_variants: tuple = ("base", "peft", "reference", "fused", "fused-addmm")
     compiled_where: str = "main"                # "main": torch.compile only on the main case's largest
                                                 # prefill and dropout-0 training (compiling costs about a
                                                 # minute per graph on 2 cores); "all": everywhere

@@ -112,17 +112,18 @@ def targets_check(results: dict) -> list[list[str]]:
     verdict = lambda m, limit: "yes" if m["ratio"] <= limit else (
         "within noise" if m["ratio"] - m["ratio_iqr"] <= limit else "no")
     out = []
-    unmerged = [m for v in ("reference", "fused") if (m := _find(results, "prefill", v, shape=largest))]
+    unmerged = [m for v in ("reference", "fused", "fused-addmm") if (m := _find(results, "prefill", v, shape=largest))]
     if unmerged:
         best = min(unmerged, key=lambda m: m["ratio"])
         limit = TARGETS["unmerged prefill (best minilora unmerged path) vs base"]
         out.append([f"unmerged prefill {largest} vs base", f"{limit:.2f}", fmt(best), verdict(best, limit)])
         if peft := _find(results, "prefill", "peft", shape=largest):
             out.append([f"  (PEFT unmerged prefill {largest}, for comparison)", "-", fmt(peft), "-"])
-    if fused := _find(results, "decode", "fused"):
-        out.append(["fused decode vs base", "1.03", fmt(fused), verdict(fused, 1.03)])
-        if peft := _find(results, "decode", "peft"):
-            out.append(["  (PEFT unmerged decode, for comparison)", "-", fmt(peft), "-"])
+    for variant in ("fused", "fused-addmm"):
+        if fused := _find(results, "decode", variant):
+            out.append(["fused decode vs base", "1.03", fmt(fused), verdict(fused, 1.03)])
+    if peft := _find(results, "decode", "peft"):
+        out.append(["  (PEFT unmerged decode, for comparison)", "-", fmt(peft), "-"])
     for workload, shape in (("prefill", largest), ("decode", None)):
         if merged := _find(results, workload, "merged", shape=shape):
             out.append([f"merged {workload} vs base", "1.01", fmt(merged), verdict(merged, 1.01)])

@@ -58,10 +58,11 @@ def adapter_weights(base: nn.Module, config: minilora.LoraConfig, seed: int) -> 
     return weights
 
 
-def minilora_model(base: nn.Module, config: minilora.LoraConfig, weights: dict, path: str) -> nn.Module:
+def minilora_model(base: nn.Module, config: minilora.LoraConfig, weights: dict, path: str,
+                   concatenate: bool = True) -> nn.Module:
     model = minilora.inject(copy.deepcopy(base), config)
     model.load_state_dict(weights, strict=False)
-    return minilora.set_forward_path(model, path)
+    return minilora.set_forward_path(model, path, concatenate=concatenate)
 
 
 def peft_model(base: nn.Module, config: minilora.LoraConfig, weights: dict, merged: bool) -> nn.Module:
@@ -83,7 +84,8 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 
 def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weights: dict) -> nn.Module:
-    """One variant's model. ``compiled`` is the reference path under torch.compile."""
+    """One variant's model. ``compiled`` is the reference path under torch.compile; ``fused-addmm`` is
+    the fused path without the concatenated weight (what it does in training, also at inference)."""
     builders: dict[str, Callable[[], nn.Module]] = {
         "base": lambda: base,
         "peft": lambda: peft_model(base, config, weights, merged=False),
@@ -91,6 +93,7 @@ def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weigh
         "reference": lambda: minilora_model(base, config, weights, "reference"),
         "merged": lambda: minilora_model(base, config, weights, "merged"),
         "fused": lambda: minilora_model(base, config, weights, "fused"),
+        "fused-addmm": lambda: minilora_model(base, config, weights, "fused", concatenate=False),
         "compiled": lambda: compile_model(minilora_model(base, config, weights, "reference")),
     }
     if name not in builders:

@@ -119,10 +119,10 @@ def test_gpt2_paths_match_reference_and_peft(device, dropout):
     with torch.no_grad():
         expected = peft_model(ids).logits
         assert_close(reference(ids).logits, expected, 0.0 if device == "cpu" else FLOAT32_RTOL, "reference vs PEFT")
-        for path in ("merged", "fused"):
-            model = minilora.set_forward_path(copy.deepcopy(reference), path)
+        for path, concatenate in (("merged", True), ("fused", True), ("fused", False)):
+            model = minilora.set_forward_path(copy.deepcopy(reference), path, concatenate=concatenate)
             assert minilora.forward_path(model) == path
-            assert_close(model(ids).logits, expected, FLOAT32_RTOL, f"{path} eval forward")
+            assert_close(model(ids).logits, expected, FLOAT32_RTOL, f"{path} (concatenate={concatenate}) eval")
 
     # Training: same seed, same dropout masks (the fused path draws them in the same order).
     results = {}
