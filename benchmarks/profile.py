@@ -1,9 +1,11 @@
-"""Where the time goes: torch.profiler's self time per op, each variant minus the base model.
+"""Where the time goes: torch.profiler's self time of the LoRA branch's ops, per variant.
 
 The LoRA branch adds a handful of small ops per adapted layer. Their cost is not their FLOPs
 (about 1% of the model's) but their number and the output-sized tensors they write: the
 reference path's ``B(A x)``, ``* s`` and ``+`` each read and write an (N, out) tensor. The
-difference table shows which ops the extra milliseconds are spent in.
+table shows the time of the LoRA matmuls and of the extra elementwise ops, against the rest.
+(The big matmuls' own times move by a few percent from call to call on a shared machine, so
+"variant total minus base total" would be mostly noise; the ops are attributed instead.)
 """
 
 from __future__ import annotations
@@ -16,43 +18,67 @@ from torch.profiler import ProfilerActivity, profile
 from .variants import build_variant
 from .workloads import Prefill
 
-PROFILED = ("base", "peft", "reference", "fused", "merged")
+PROFILED = ("base", "peft", "reference", "fused", "fused-addmm", "merged")
 
 
-def self_times_ms(model, workload: Prefill, device: str, repeats: int = 2) -> tuple[dict[str, float], dict[str, int]]:
-    """Self time (ms per call) and call count per op name, averaged over ``repeats`` profiled calls."""
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+ELEMENTWISE = ("aten::add", "aten::mul", "aten::add_", "aten::mul_", "aten::copy_", "aten::to", "aten::_to_copy")
+
+
+def profile_ops(model, workload: Prefill, device: str, r: int, repeats: int = 2) -> dict:
+    """Self time (ms per call of the workload) per op, and the part spent in LoRA-sized matmuls.
+
+    A matmul belongs to the LoRA branch when one of its operands has a dimension equal to r (no
+    GPT-2 matmul has one for r in {8, 64}: its dimensions are 768, 2304, 3072, 50257 and the
+    token count).
+    """
     run = workload.prepare(model)
     run()  # warm-up, outside the profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(repeats):
             run()
     times, calls = defaultdict(float), defaultdict(int)
-    for event in prof.key_averages():
-        self_us = event.self_device_time_total if torch.device(device).type == "cuda" else event.self_cpu_time_total
-        times[event.key] += self_us / 1000 / repeats
+    lora_ms, lora_calls = 0.0, 0
+    for event in prof.key_averages(group_by_input_shape=True):
+        self_ms = (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / 1000 / repeats
+        times[event.key] += self_ms
         calls[event.key] += event.count // repeats
-    return dict(times), dict(calls)
+        if event.key in MATMULS and any(r in shape for shape in event.input_shapes if shape):
+            lora_ms += self_ms
+            lora_calls += event.count // repeats
+    return {"times": dict(times), "calls": dict(calls), "lora_matmul_ms": lora_ms, "lora_matmul_calls": lora_calls}
 
 
 def profile_prefill(base, config, weights: dict, shape: tuple, vocab: int, device: str) -> dict:
-    """Per variant: total self time, and the ops whose time or call count differs most from base."""
+    """Per variant: total op self time, LoRA matmuls, and the extra elementwise ops vs base.
+
+    The extra elementwise time is estimated as (extra calls) x (that op's mean time per call in
+    this variant): the reference path's ``* s`` and ``+`` on (N, out) tensors, for instance.
+    """
     workload = Prefill(*shape, vocab, device)
     profiles = {}
     for name in PROFILED:
         model = build_variant(name, base, config, weights)
-        profiles[name] = self_times_ms(model, workload, device)
+        profiles[name] = profile_ops(model, workload, device, config.r)
         del model
-    base_times, base_calls = profiles["base"]
+    base_profile = profiles["base"]
     report = {"shape": list(shape), "targets": config.target_modules, "r": config.r, "variants": {}}
-    for name, (times, calls) in profiles.items():
-        rows = []
-        for op in set(times) | set(base_times):
-            extra_ms = times.get(op, 0.0) - base_times.get(op, 0.0)
-            extra_calls = calls.get(op, 0) - base_calls.get(op, 0)
-            rows.append({"op": op, "ms": times.get(op, 0.0), "extra_ms": extra_ms, "calls": calls.get(op, 0),
-                         "extra_calls": extra_calls})
-        rows.sort(key=lambda row: -abs(row["extra_ms"]))
-        report["variants"][name] = {"total_ms": sum(times.values()), "top": rows[:8],
-                                    "extra_calls": sum(calls.values()) - sum(base_calls.values())}
+    for name, data in profiles.items():
+        times, calls = data["times"], data["calls"]
+        extra_elementwise = []
+        for op in ELEMENTWISE:
+            extra = calls.get(op, 0) - base_profile["calls"].get(op, 0)
+            if extra > 0 and calls.get(op):
+                extra_elementwise.append({"op": op, "extra_calls": extra,
+                                          "extra_ms": extra * times[op] / calls[op]})
+        lora_ms = data["lora_matmul_ms"] + sum(row["extra_ms"] for row in extra_elementwise)
+        total = sum(times.values())
+        report["variants"][name] = {
+            "total_ms": total, "lora_matmul_ms": data["lora_matmul_ms"], "lora_matmul_calls": data["lora_matmul_calls"],
+            "extra_elementwise": extra_elementwise, "lora_ms": lora_ms,
+            "lora_share": lora_ms / max(total - lora_ms, 1e-9),
+            "extra_calls": sum(calls.values()) - sum(base_profile["calls"].values()),
+        }
     return report

@@ -189,16 +189,18 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
 def profile_markdown(profile: dict) -> list[str]:
     lines = [f"## Where the time goes (torch.profiler, prefill {tuple(profile['shape'])}, r={profile['r']}, "
              f"targets {','.join(profile['targets'])})", "",
-             "Self time per op per call; 'extra' is the variant minus the base model.", ""]
+             "Op self time per prefill call. LoRA matmuls: matmuls with an operand dimension equal to r. "
+             "Extra elementwise: the ops a variant calls more often than base (e.g. the reference path's "
+             "`* s` and `+` over (N, out) tensors), at their mean time per call. LoRA share: both, over "
+             "the rest of the op time.", ""]
+    body = []
     for name, data in profile["variants"].items():
-        if name == "base":
-            lines += [f"base: {data['total_ms']:.1f} ms of op self time.", ""]
-            continue
-        lines += [f"**{name}**: {data['total_ms']:.1f} ms, {data['extra_calls']:+d} aten op calls (nested ones "
-                  "included) vs base.", "",
-                  markdown_table(["op", "ms", "extra ms", "calls", "extra calls"],
-                                 [[r["op"], f"{r['ms']:.1f}", f"{r['extra_ms']:+.1f}", str(r["calls"]),
-                                   f"{r['extra_calls']:+d}"] for r in data["top"]]), ""]
+        elementwise = ", ".join(f"{row['op'].removeprefix('aten::')} x{row['extra_calls']} {row['extra_ms']:.1f} ms"
+                                for row in data["extra_elementwise"]) or "-"
+        body.append([name, f"{data['total_ms']:.0f}", f"{data['lora_matmul_calls']}", f"{data['lora_matmul_ms']:.1f}",
+                     elementwise, f"{data['lora_share'] * 100:.2f}%", f"{data['extra_calls']:+d}"])
+    lines += [markdown_table(["variant", "op time ms", "LoRA matmuls", "their ms", "extra elementwise",
+                              "LoRA share", "aten calls vs base"], body), ""]
     return lines
 
 
