@@ -84,7 +84,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
         MiniLoraError: if the model has no minilora layers, or its layers no longer agree with its config.
     """
     config = _saved_config(model)
-    tensors = {key: value.detach().contiguous() for key, value in adapter_state_dict(model, state_dict).items()}
+    # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
+    # torch.save would write the whole buffer that a view points into.
+    tensors = {key: value.detach().clone(memory_format=torch.contiguous_format)
+               for key, value in adapter_state_dict(model, state_dict).items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")

@@ -267,3 +267,16 @@ def test_adapter_config_is_readable_by_old_peft_releases(tiny_gpt2, tmp_path, us
     minilora.save_adapter(tiny_gpt2, tmp_path)
     fields = set(json.loads((tmp_path / CONFIG_NAME).read_text()))
     assert fields - PEFT_0_6_FIELDS == ({"use_rslora"} if use_rslora else set())
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_save_on_the_fused_path_writes_only_the_adapter(tiny_gpt2, tmp_path, safe_serialization):
+    """On the fused path lora_A is a view into [W0; A]; the file must hold A alone, not W0's buffer."""
+    minilora.inject(tiny_gpt2, minilora.LoraConfig(r=2, target_modules=["c_attn"]))
+    minilora.set_forward_path(tiny_gpt2, "fused")
+    minilora.save_adapter(tiny_gpt2, tmp_path, safe_serialization=safe_serialization)
+    name = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
+    stored = load_file(tmp_path / name) if safe_serialization else torch.load(tmp_path / name)
+    adapter_numbers = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+                          for _, layer in minilora.lora_layers(tiny_gpt2))
+    assert sum(t.untyped_storage().nbytes() for t in stored.values()) == adapter_numbers * 4  # float32
