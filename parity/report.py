@@ -24,6 +24,15 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
+def devices_line() -> str:
+    """Which devices this machine has, so a report never stays silent about CUDA: "cpu; cuda: not available"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cpu; cuda: {torch.cuda.get_device_name(0)}"
+    return "cpu; cuda: not available"
+
+
 def format_value(value: object) -> str:
     if value is None:
         return "-"
@@ -68,6 +77,7 @@ def table(results: list[Result]) -> str:
 def print_report(results: list[Result], out: TextIO) -> None:
     info = versions()
     print("  ".join(f"{name} {version}" for name, version in info.items()), file=out)
+    print(f"devices: {devices_line()}", file=out)
     print(file=out)
     print(table(results), file=out)
     failures = [r for r in results if r.status == FAIL]
@@ -79,7 +89,7 @@ def print_report(results: list[Result], out: TextIO) -> None:
 
 
 def to_json(results: list[Result]) -> dict:
-    return {"versions": versions(), "summary": summary(results), "results": [r.to_dict() for r in results]}
+    return {"versions": versions(), "devices": devices_line(), "summary": summary(results), "results": [r.to_dict() for r in results]}
 
 
 def write_json(results: list[Result], path: str | Path) -> None:

@@ -40,11 +40,14 @@ def test_quick_passes_and_writes_well_formed_json(tmp_path, capsys):
     captured = capsys.readouterr()
     first_line = captured.out.splitlines()[0]
     assert all(f"{name} " in first_line for name in ("torch", "transformers", "peft"))
+    second_line = captured.out.splitlines()[1]  # CUDA is named even when only the CPU ran
+    assert second_line == ("devices: cpu; cuda: not available" if not torch.cuda.is_available()
+                           else f"devices: cpu; cuda: {torch.cuda.get_device_name(0)}")
     assert captured.out.rstrip().splitlines()[-2].startswith("OK: ")  # summary, then "wrote ..."
     assert "[1/4]" in captured.err  # progress
 
     data = json.loads(path.read_text())
-    assert set(data) == {"versions", "summary", "results"}
+    assert set(data) == {"versions", "devices", "summary", "results"}
     assert sum(data["summary"].values()) == len(data["results"])
     assert data["summary"]["FAIL"] == 0
     assert {row["check"] for row in data["results"]} == set(CHECKS)
