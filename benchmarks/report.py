@@ -150,7 +150,8 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
     lines += [
         f"Machine: {machine.get('cpu', machine['processor'])}, {machine['cores']} cores, torch threads "
         f"{machine['threads']}, {machine['platform']}"
-        + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; device `{machine['device']}`; "
+        + (f", GPU {machine['gpu']}" if "gpu" in machine else ", cuda: not available")
+        + f"; device `{machine['device']}`; "
         f"load average (1, 5, 15 min) at start {' '.join(machine.get('load_average_at_start', ['?']))}, "
         f"at end {' '.join(machine.get('load_average_at_end', ['?']))} (above {machine['cores']}: "
         "the cores were shared during the run).",

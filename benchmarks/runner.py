@@ -53,6 +53,8 @@ def environment(device: str) -> dict:
     machine["load_average_at_start"] = _load_average()
     if torch.device(device).type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    elif torch.cuda.is_available():
+        machine["gpu"] = f"{torch.cuda.get_device_name(0)} (not used)"
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     return {"machine": machine, "versions": versions}
 
