@@ -29,7 +29,8 @@ from torch import nn
 
 from .adapter_config import ADAPTER_FIELDS, CONFIG_NAME, read_adapter_config, write_adapter_config
 from .config import LoraConfig, MiniLoraError
-from .inject import CONFIG_ATTRIBUTE, find_targets, inject, lora_layers, mark_only_lora_as_trainable
+from .inject import (CONFIG_ATTRIBUTE, find_targets, inject, is_lora_parameter, lora_layers,
+                     mark_only_lora_as_trainable)
 from .layer import in_out_features
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -58,7 +59,7 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     """
     config = _saved_config(model)
     state = model.state_dict() if state_dict is None else state_dict
-    names = [name for name in state if _is_lora_key(name)]
+    names = [name for name in state if is_lora_parameter(name)]
     if config.bias == "all":
         names += [name for name in state if name == "bias" or name.endswith(".bias")]
     elif config.bias == "lora_only":
@@ -342,10 +343,6 @@ def _device_of(model: nn.Module) -> torch.device:
     if param is None:
         raise MiniLoraError(f"This {type(model).__name__} has no parameters, so there is nothing to adapt.")
     return param.device
-
-
-def _is_lora_key(name: str) -> bool:
-    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
 
 
 def _few(names: list[str], limit: int = 4) -> str:

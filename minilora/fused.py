@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MiniLoraError
-from .inject import lora_layers
+from .inject import require_lora_layers
 from .layer import LoraLinear
 
 FORWARD_PATHS = ("reference", "merged", "fused")
@@ -69,10 +69,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
         hint = " For torch.compile, compile the model on any path: torch.compile(model)." \
             if path == "compiled" else ""
         raise MiniLoraError(f"Unknown forward path {path!r}; choose one of {FORWARD_PATHS}.{hint}")
-    layers = [layer for _, layer in lora_layers(model)]
-    if not layers:
-        raise MiniLoraError("set_forward_path: this model has no minilora layers. "
-                            "Call minilora.inject(model, config) first.")
+    layers = [layer for _, layer in require_lora_layers(model, "set_forward_path")]
     for layer in layers:
         release_concatenated_weight(layer)
         layer.forward_override = None
@@ -90,9 +87,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
 
 def forward_path(model: nn.Module) -> str:
     """The path the model's LoRA layers use: one of FORWARD_PATHS, or "mixed" if they differ."""
-    paths = {_layer_path(layer) for _, layer in lora_layers(model)}
-    if not paths:
-        raise MiniLoraError("forward_path: this model has no minilora layers.")
+    paths = {_layer_path(layer) for _, layer in require_lora_layers(model, "forward_path")}
     return paths.pop() if len(paths) == 1 else "mixed"
 
 

@@ -161,10 +161,15 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     return model
 
 
+def is_lora_parameter(name: str) -> bool:
+    """True for the parameter (or state_dict key) names of an adapter: ``....lora_A.weight`` / ``lora_B``."""
+    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """requires_grad = True for lora_A / lora_B (and biases per ``bias``), False for all else."""
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+        param.requires_grad_(is_lora_parameter(name))
     if bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -182,7 +187,7 @@ def merge(model: nn.Module, safe: bool = False) -> None:
         safe: check every layer's merged weight is finite before merging any, so that a broken
             adapter raises MiniLoraError and leaves the whole model as it was.
     """
-    layers = _require_lora_layers(model, "merge")
+    layers = require_lora_layers(model, "merge")
     if safe:
         _check_merged_weights_are_finite(layers)
     for _, layer in layers:
@@ -192,7 +197,7 @@ def merge(model: nn.Module, safe: bool = False) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Undo ``merge`` on every merged LoRA layer: W0 <- W0 - scaling * B A."""
-    for _, layer in _require_lora_layers(model, "unmerge"):
+    for _, layer in require_lora_layers(model, "unmerge"):
         if layer.merged:
             layer.unmerge()
 
@@ -203,7 +208,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     The result has the original module types (nn.Linear / Conv1D) with ``W0 + dW`` and gives the
     adapted model's outputs without any LoRA code. Returns the same model object.
     """
-    layers = _require_lora_layers(model, "merge_and_unload")
+    layers = require_lora_layers(model, "merge_and_unload")
     if safe:
         _check_merged_weights_are_finite(layers)
     for name, layer in layers:
@@ -219,7 +224,7 @@ def unload(model: nn.Module) -> nn.Module:
 
     Returns the same model object, with the base model's outputs.
     """
-    for name, layer in _require_lora_layers(model, "unload"):
+    for name, layer in require_lora_layers(model, "unload"):
         if layer.merged:
             layer.unmerge()
         _replace_module(model, name, layer.base_layer)
@@ -234,7 +239,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         MiniLoraError: if a layer is merged (its W0 already holds dW): call ``unmerge`` first.
     """
-    layers = _require_lora_layers(model, "disabled")
+    layers = require_lora_layers(model, "disabled")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise MiniLoraError(
@@ -251,7 +256,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = was_disabled
 
 
-def _require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLinear]]:
+def require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLinear]]:
+    """The model's (name, LoraLinear) pairs; MiniLoraError naming ``action`` if it has none."""
     layers = list(lora_layers(model))
     if not layers:
         raise MiniLoraError(f"{action}: this model has no minilora layers. Call minilora.inject(model, config) first.")

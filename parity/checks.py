@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import minilora
+from minilora.inject import is_lora_parameter
 from parity import twins
 from parity.grid import Pair, loss, make_inputs, output
 from parity.results import PASS, FAIL, Result, within
@@ -54,7 +55,7 @@ def lora_pairs(pair: Pair, attribute: str = "data") -> list[tuple[str, torch.Ten
     peft_params = dict(pair.peft.named_parameters())
     rows = []
     for name, param in pair.mini.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
+        if is_lora_parameter(name):
             rows.append((name, getattr(param, attribute), getattr(peft_params[twins.peft_key(name)], attribute)))
     return rows
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import minilora
+from minilora.inject import is_lora_parameter
 
 PEFT_PREFIX = "base_model.model."
 PEFT_ADAPTER = "default"
@@ -58,7 +59,7 @@ def peft_key(minilora_key: str) -> str:
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights of a minilora model, by minilora key."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v for k, v in model.state_dict().items() if is_lora_parameter(k)}
 
 
 def copy_adapters_to_peft(minilora_model: nn.Module, peft_model: nn.Module) -> None:
