@@ -58,34 +58,37 @@ def tiny_gpt2():
     return make_tiny_gpt2()
 
 
+def record_model(model):
+    """``check = record_model(model)``; ``check()`` asserts the model is exactly as recorded: module
+    names and types, every state_dict tensor (bitwise), requires_grad, train/eval mode, and its
+    attribute names (e.g. the minilora config). For "a failed call leaves the model as it was"."""
+
+    def state(m):
+        return ([(n, type(x)) for n, x in m.named_modules()],
+                {k: v.detach().clone() for k, v in m.state_dict().items()},
+                {n: p.requires_grad for n, p in m.named_parameters()},
+                m.training, getattr(m, "minilora_config", None), sorted(vars(m)))
+
+    before = state(model)
+
+    def check():
+        after = state(model)
+        assert after[0] == before[0], "module names or types changed"
+        assert after[1].keys() == before[1].keys(), "state_dict keys changed"
+        changed = [k for k in before[1] if not torch.equal(after[1][k], before[1][k])]
+        assert not changed, f"tensors changed: {changed[:5]}"
+        assert after[2] == before[2], "requires_grad changed"
+        assert after[3] == before[3], "train/eval mode changed"
+        assert after[4] is before[4], "minilora_config changed"
+        assert after[5] == before[5], "model attributes changed"
+
+    return check
+
+
 @pytest.fixture
 def unchanged():
-    """``check = unchanged(model)`` records the model; ``check()`` asserts it is exactly as recorded:
-    module names and types, every state_dict tensor (bitwise), requires_grad, train/eval mode and
-    the minilora config attribute. For "a failed call leaves the model as it was"."""
-
-    def record(model):
-        def state(m):
-            return ([(n, type(x)) for n, x in m.named_modules()],
-                    {k: v.detach().clone() for k, v in m.state_dict().items()},
-                    {n: p.requires_grad for n, p in m.named_parameters()},
-                    m.training, getattr(m, "minilora_config", None))
-
-        before = state(model)
-
-        def check():
-            after = state(model)
-            assert after[0] == before[0], "module names or types changed"
-            assert after[1].keys() == before[1].keys(), "state_dict keys changed"
-            changed = [k for k in before[1] if not torch.equal(after[1][k], before[1][k])]
-            assert not changed, f"tensors changed: {changed[:5]}"
-            assert after[2] == before[2], "requires_grad changed"
-            assert after[3] == before[3], "train/eval mode changed"
-            assert after[4] is before[4], "minilora_config changed"
-
-        return check
-
-    return record
+    """The fixture form of ``record_model``: ``check = unchanged(model)``, later ``check()``."""
+    return record_model
 
 
 # Hypothesis: no per-example deadline (2 shared cores make timings noisy); a modest example count.

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import minilora
-from conftest import make_tiny_gpt2
+from conftest import make_tiny_gpt2, record_model
 from minilora import LoraConfig, MiniLoraError
 
 
@@ -31,26 +31,6 @@ class MLP(nn.Module):
         return self.down(self.norm(self.act(self.up(x))))
 
 
-def snapshot(model: nn.Module) -> dict:
-    """Everything an error must leave alone: module types, tensors (copied), requires_grad flags."""
-    return {
-        "types": [(name, type(module)) for name, module in model.named_modules()],
-        "tensors": {name: tensor.detach().clone() for name, tensor in model.state_dict().items()},
-        "requires_grad": {name: param.requires_grad for name, param in model.named_parameters()},
-        "attributes": sorted(vars(model)),
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    assert after["types"] == before["types"], "module types changed"
-    assert after["requires_grad"] == before["requires_grad"], "requires_grad flags changed"
-    assert after["attributes"] == before["attributes"], "model attributes changed"
-    assert after["tensors"].keys() == before["tensors"].keys(), "state_dict keys changed"
-    for name, tensor in before["tensors"].items():
-        assert torch.equal(after["tensors"][name], tensor), f"{name} changed"
-
-
 def models():
     """Each case runs on GPT-2's layout (Conv1D) and on a plain nn.Linear model."""
     return [pytest.param(make_tiny_gpt2, id="gpt2"), pytest.param(MLP, id="mlp")]
@@ -64,10 +44,10 @@ def partly_frozen(make) -> nn.Module:
 
 
 def expect_error(model: nn.Module, config, match: str) -> MiniLoraError:
-    before = snapshot(model)
+    check = record_model(model)
     with pytest.raises(MiniLoraError, match=match) as caught:
         minilora.inject(model, config)
-    assert_unchanged(model, before)
+    check()
     return caught.value
 
 
@@ -223,21 +203,21 @@ def test_lora_linear_refuses_a_layer_that_is_not_linear():
 ], ids=["merge", "unmerge", "merge_and_unload", "unload", "disabled"])
 def test_lora_operations_on_a_plain_model_say_to_inject_first(action):
     model = MLP()
-    before = snapshot(model)
+    check = record_model(model)
     with pytest.raises(MiniLoraError, match="inject"):
         action(model)
-    assert_unchanged(model, before)
+    check()
 
 
 def test_disabled_refuses_a_merged_model_and_leaves_it_merged():
     model = MLP()
     minilora.inject(model, LoraConfig(target_modules=["up", "down"], init_lora_weights=False))
     minilora.merge(model)
-    before = snapshot(model)
+    check = record_model(model)
     with pytest.raises(MiniLoraError, match="unmerge"):
         with minilora.disabled(model):
             pass
-    assert_unchanged(model, before)
+    check()
     assert all(layer.merged and not layer.disabled for _, layer in minilora.lora_layers(model))
 
 
