@@ -27,12 +27,8 @@ def load_base(kind: str, device: str) -> nn.Module:
     numbers differently (torch.compile) can still be checked against the reference.
     """
     if kind == "tiny":
-        from transformers import GPT2Config, GPT2LMHeadModel
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=96,
-                                bos_token_id=0, eos_token_id=0)
-            model = GPT2LMHeadModel(config).eval().to(device)
+        model = minilora.models.tiny_gpt2(n_head=4, n_positions=64, vocab_size=96,
+                                          bos_token_id=0, eos_token_id=0).to(device)
     else:
         model = minilora.load_model(device=device)
     for module in model.modules():

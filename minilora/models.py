@@ -16,6 +16,21 @@ DEFAULT_MODEL = "default"  # the name that means "GPT-2 small, random init, fixe
 DEFAULT_SEED = 0
 
 
+TINY_GPT2 = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
+
+
+def tiny_gpt2(seed: int = 0, **config_overrides) -> nn.Module:
+    """GPT2LMHeadModel at toy size (2 blocks, width 32, vocab 64): GPT-2's Conv1D layers and tied
+    embeddings, built in milliseconds, in eval mode. For tests and quick runs where GPT-2 small's
+    size is not the point. Keyword arguments override GPT2Config fields (e.g. n_embd=64)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(**{**TINY_GPT2, **config_overrides}))
+    return model.eval()
+
+
 def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None) -> nn.Module:
     """A GPT2LMHeadModel in eval mode.

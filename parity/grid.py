@@ -70,12 +70,8 @@ class Case:
 
 def tiny_gpt2() -> nn.Module:
     """GPT-2's architecture (Conv1D layers, tied embeddings) at a size that runs in milliseconds."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64,
-                                          bos_token_id=0, eos_token_id=0))
+    return minilora.models.tiny_gpt2(n_embd=64, n_head=4, vocab_size=1000, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0).train()
 
 
 def quick_grid(model_name: Optional[str] = None) -> list[Case]:

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import minilora  # noqa: E402
+from minilora.models import tiny_gpt2 as tiny_gpt2_model  # noqa: E402
 
 CUDA_REASON = "cuda: not available"
 DEVICES = [
@@ -37,19 +38,7 @@ def gpt2_pair(_gpt2_pristine):
     return copy.deepcopy(_gpt2_pristine), copy.deepcopy(_gpt2_pristine)
 
 
-def make_tiny_gpt2(seed: int = 0, **config_overrides):
-    """GPT2LMHeadModel at toy size (2 blocks, width 32, vocab 64): GPT-2's Conv1D layers, built in ms.
-
-    Eval mode, float32, CPU. Use it where GPT-2 small's size is not the point. Keyword arguments
-    override GPT2Config fields (e.g. initializer_range).
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    fields = dict(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(GPT2Config(**{**fields, **config_overrides}))
-    return model.eval()
+make_tiny_gpt2 = tiny_gpt2_model  # GPT-2 at toy size, eval mode: see minilora.models.tiny_gpt2
 
 
 @pytest.fixture

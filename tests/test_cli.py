@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 import minilora
 from minilora import cli, spectrum
@@ -24,8 +24,7 @@ TOKENS = torch.arange(12).reshape(2, 6) * 7 % 101  # (B, T)
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides})).eval()
+    return minilora.models.tiny_gpt2(seed, **{**TINY, **overrides})
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

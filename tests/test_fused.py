@@ -15,7 +15,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 import minilora
@@ -29,11 +28,7 @@ ALL_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=64,
-                            bos_token_id=0, eos_token_id=0)
-        return GPT2LMHeadModel(config).eval()
+    return minilora.models.tiny_gpt2(seed, n_head=4, bos_token_id=0, eos_token_id=0)
 
 
 def lora_model(base: nn.Module, path: str, dropout: float = 0.0, r: int = 4, alpha: float = 12) -> nn.Module:
