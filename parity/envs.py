@@ -31,6 +31,8 @@ READY_FILE = "ready.json"
 # releases from the same months, so that each PEFT runs against the libraries it was tested with.
 # numpy<2 where transformers predates numpy 2's release (June 2024).
 COMPANIONS: dict[str, list[str]] = {
+    "0.3.0": ["transformers==4.28.1", "accelerate==0.18.0", "huggingface_hub==0.14.1", "numpy<2",
+              "setuptools>=77.0.3,<81"],  # accelerate 0.18 imports pkg_resources; torch needs >=77.0.3
     "0.4.0": ["transformers==4.31.0", "accelerate==0.21.0", "huggingface_hub==0.16.4", "numpy<2"],
     "0.5.0": ["transformers==4.33.3", "accelerate==0.23.0", "huggingface_hub==0.17.3", "numpy<2"],
     "0.6.2": ["transformers==4.35.2", "accelerate==0.24.1", "huggingface_hub==0.19.4", "numpy<2"],
@@ -45,6 +47,9 @@ COMPANIONS: dict[str, list[str]] = {
     "0.15.2": ["transformers==4.51.3", "accelerate==1.6.0", "huggingface_hub==0.30.2"],
     "0.16.0": ["transformers==4.52.4", "accelerate==1.7.0", "huggingface_hub==0.32.4"],
     "0.17.1": ["transformers==4.55.4", "accelerate==1.10.0", "huggingface_hub==0.34.4"],
+    "0.18.1": ["transformers==4.57.3", "accelerate==1.12.0", "huggingface_hub==0.36.2"],  # 4.x needs hub<1
+    "0.19.1": ["transformers==5.5.4", "accelerate==1.13.0", "huggingface_hub==1.11.0"],
+    "0.20.0": ["transformers==5.14.1", "accelerate==1.14.0", "huggingface_hub==1.25.1"],
     "0.21.2": ["transformers==5.24.0", "accelerate==1.15.0", "huggingface_hub==2.4.0"],  # this venv's set
 }
 
@@ -55,6 +60,14 @@ TORCH_DISTRIBUTIONS = ("torch", "filelock", "typing_extensions", "sympy", "mpmat
 
 class EnvError(RuntimeError):
     """An environment could not be built; the message says which step failed and where its log is."""
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the checkout when it is inside it (what the page and the JSON record)."""
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def env_dir(version: str, root: Path = ENVS_ROOT) -> Path:
@@ -122,15 +135,34 @@ def build_env(version: str, root: Path = ENVS_ROOT, log: Callable[[str], None] =
     build_log = directory / "build.log"
     with build_log.open("w") as out:
         done = subprocess.run(
-            [str(python), "-m", "pip", "install", "--no-input", *packages],
+            [str(python), "-m", "pip", "install", "--no-input", "--constraint", str(_torch_pin(directory)),
+             *packages],
             stdout=out, stderr=subprocess.STDOUT, env=_pip_env(),
         )
     if done.returncode != 0:
-        raise EnvError(f"pip install {' '.join(packages)} failed for peft {version}; see {build_log}")
-    versions = json.loads(subprocess.check_output([str(python), "-c", VERSIONS_SNIPPET], text=True))
+        errors = [line for line in build_log.read_text().splitlines() if line.startswith("ERROR:")]
+        why = f": {errors[0].removeprefix('ERROR: ')[:300]}" if errors else ""
+        raise EnvError(f"pip install {' '.join(packages)} failed for peft {version}{why}; see {shown(build_log)}")
+    done = subprocess.run([str(python), "-c", VERSIONS_SNIPPET], capture_output=True, text=True, env=_pip_env())
+    if done.returncode != 0:
+        with build_log.open("a") as out:
+            out.write(done.stderr)
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EnvError(f"peft {version} installed but does not import: {last[:200]}; see {shown(build_log)}")
+    versions = json.loads(done.stdout)
     (directory / READY_FILE).write_text(json.dumps(versions, indent=2) + "\n")
     log(f"built {directory.name}: {versions}")
     return python
+
+
+def _torch_pin(directory: Path) -> Path:
+    """A pip constraints file holding this machine's torch version, so that a requirement torch cannot
+    meet makes pip fail (a clear build error) instead of downloading another torch with CUDA (GBs)."""
+    import torch
+
+    pin = directory / "torch-constraint.txt"
+    pin.write_text(f"torch=={torch.__version__}\n")
+    return pin
 
 
 VERSIONS_SNIPPET = (

@@ -4,8 +4,9 @@
 
 For each release: an isolated environment (``parity.envs``: built once, cached), then two
 subprocesses in it, ``python -m parity --quick --json`` and ``python -m parity.probes --json``.
-The answers become one table, a column per release: a row per check (its statuses summed over the
-grid) and a row per probe (its value). Written as markdown (docs/peft-versions.md) and JSON.
+The answers become two tables: a row per release with a cell per check (its statuses summed over
+the grid), and per probe a row per stretch of releases that answer it the same way (so each row
+is a change). Written as markdown (docs/peft-versions.md) and JSON.
 
 The markdown keeps whatever stands between the NOTES markers of the page it overwrites: that is
 where a person writes what the table means.
@@ -62,7 +63,7 @@ def _run_json(python: Path, module_args: list[str], log: Callable[[str], None]) 
 def run_release(version: str, root: Path = envs.ENVS_ROOT, full: bool = False,
                 log: Callable[[str], None] = print) -> Run:
     """Build (or reuse) the environment of PEFT ``version`` and run the suite and the probes in it."""
-    run: Run = {"peft": version, "environment": str(envs.env_dir(version, root)), "versions": {},
+    run: Run = {"peft": version, "environment": envs.shown(envs.env_dir(version, root)), "versions": {},
                 "suite": None, "probes": None, "error": ""}
     try:
         python = envs.build_env(version, root, log=log)
@@ -102,24 +103,49 @@ def _code(text: str) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
-def table(runs: list[Run]) -> list[list[str]]:
-    """Rows of cells: a header, then one row per check, then one row per probe."""
-    header = ["release", *(f"peft {run['peft']}" for run in runs)]
-    rows = [header, ["transformers", *(run["versions"].get("transformers", "-") for run in runs)]]
-    for check in CHECKS:
+def check_table(runs: list[Run]) -> list[list[str]]:
+    """Rows of cells: a header, then one row per release (its transformers, then one cell per check)."""
+    rows = [["release", "transformers", *CHECKS]]
+    for run in runs:
         cells = []
-        for run in runs:
+        for check in CHECKS:
             if run["suite"] is None:
                 cells.append("not run")
             else:
                 cells.append(check_cell([r for r in run["suite"]["results"] if r["check"] == check]))
-        rows.append([f"check: {check}", *cells])
-    names = next((list(run["probes"]) for run in runs if run["probes"]), [])
-    for name in names:
-        rows.append([f"probe: {name}", *(
-            _code(_cell_text(run["probes"][name]["value"])) if run["probes"] and name in run["probes"] else "not run"
-            for run in runs)])
+        rows.append([f"peft {run['peft']}", run["versions"].get("transformers", "-"), *cells])
     return rows
+
+
+def _releases(first: str, last: str) -> str:
+    return first if first == last else f"{first} - {last}"
+
+
+def probe_table(runs: list[Run]) -> list[list[str]]:
+    """Rows of cells: a header, then per probe one row per stretch of releases that give the same answer
+    ("not run": the probes could not run in that release; "-": they ran, without this probe)."""
+    rows = [["probe", "releases", "answer"]]
+    for name in _probe_names(runs):
+        answers = [(run["peft"], "not run" if run["probes"] is None else
+                    _code(_cell_text(run["probes"][name]["value"])) if name in run["probes"] else "-")
+                   for run in runs]
+        stretches: list[list] = []  # [first, last, value]
+        for version, value in answers:
+            if stretches and stretches[-1][2] == value:
+                stretches[-1][1] = version
+            else:
+                stretches.append([version, version, value])
+        for number, (first, last, answer) in enumerate(stretches):
+            rows.append([name if number == 0 else "", _releases(first, last), answer])
+    return rows
+
+
+def _probe_names(runs: list[Run]) -> list[str]:
+    """Every probe any release answered, in the order the newest releases ask them."""
+    names: list[str] = []
+    for run in reversed(runs):
+        names += [name for name in (run["probes"] or {}) if name not in names]
+    return names
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -148,48 +174,43 @@ def details(runs: list[Run]) -> str:
     return "\n".join(lines) if lines else "Nothing failed and nothing was N/A."
 
 
-def changes(runs: list[Run]) -> str:
-    """For each probe whose answer is not the same in every release: the releases where it changed."""
-    lines = []
-    names = next((list(run["probes"]) for run in runs if run["probes"]), [])
-    for name in names:
-        answered = [(run["peft"], run["probes"][name]["value"]) for run in runs if run["probes"]]
-        values = [value for _, value in answered]
-        if len(set(values)) <= 1:
-            continue
-        steps = [f"{_code(answered[0][1])} in {answered[0][0]}"]
-        steps += [f"{_code(value)} from {version}" for (version, value), (_, before) in zip(answered[1:], answered)
-                  if value != before]
-        lines.append(f"- **{name}**: " + "; ".join(steps))
-    return "\n".join(lines) if lines else "Every probe gives the same answer in every release."
+def _questions(runs: list[Run]) -> dict[str, str]:
+    """Each probe's question as the run that answered it asked it (the newest release that has it)."""
+    questions: dict[str, str] = {}
+    for run in reversed(runs):
+        for name, answer in (run["probes"] or {}).items():
+            questions.setdefault(name, answer.get("question", ""))
+    return questions
 
 
-def legend() -> str:
+def legend(runs: list[Run]) -> str:
     from parity.grid import quick_grid
-    from parity.probes import PROBES
 
     cases = "\n".join(f"  - `{case.label}`" for case in quick_grid())
     checks = "\n".join(f"  - `{name}`: {line}" for name, line in CHECKS.items())
-    probes = "\n".join(f"  - `{name}`: {question}" for name, question in PROBES.items())
-    return f"""## How to read the table
+    probes = "\n".join(f"  - `{name}`: {question}" for name, question in _questions(runs).items())
+    return f"""## How to read the tables
 
-Each column is one PEFT release, run in its own virtual environment with a transformers release
-from the same months (the `transformers` row) and this machine's torch. Two kinds of rows:
+Each PEFT release runs in its own virtual environment, with a transformers release from the same
+months (the `transformers` column) and this machine's torch. Two tables:
 
-- **check: NAME**: the parity suite (`python -m parity --quick`) in that environment, minilora
-  against that PEFT release on these cases:
+- **The checks**: a row per release, a column per check of the parity suite
+  (`python -m parity --quick`), minilora against that PEFT release on these cases:
 {cases}
 
   The cell counts the suite's result rows by status:
   - `PASS n`: n comparisons within tolerance; on the CPU the tolerance is 0, bitwise equal;
   - `FAIL k/n`: k of n comparisons differ; *Details* below gives each reason and number;
   - `N/A n`: the release cannot express the case (rsLoRA before 0.7) or lacks the API a check
-    calls; *Details* says which.
+    calls; *Details* says which;
+  - `not run`: the suite could not run in that release; *Details* says why.
 
   What each check compares:
 {checks}
-- **probe: NAME**: one question about the PEFT release itself, answered by measuring it
-  (`python -m parity.probes`, on a tiny GPT-2; the trainable line on GPT-2 small):
+- **The probes**: one question each about the PEFT release itself, answered by measuring it
+  (`python -m parity.probes`, on tiny random models; the trainable line on GPT-2 small). A row per
+  stretch of consecutive releases that give the same answer, so each new row is a change;
+  `absent (...)` is a release without the API, with the error it gave:
 {probes}"""
 
 
@@ -204,17 +225,17 @@ Rebuild it with the same command; the notes block below is kept.
 {notes.strip()}
 {NOTES_END}
 
-{legend()}
+{legend(runs)}
 
-## The matrix
+## The checks
 
-{markdown_table(table(runs))}
+{markdown_table(check_table(runs))}
 
-## What changed between releases (the probes whose answer is not the same everywhere)
+## The probes
 
-{changes(runs)}
+{markdown_table(probe_table(runs))}
 
-## Details (FAIL and N/A reasons, per release)
+## Details (FAIL and N/A reasons, and releases that could not run)
 
 {details(runs)}
 """
@@ -293,7 +314,7 @@ def main(argv: list[str] | None = None, runner: Callable[[str], Run] | None = No
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_markdown(runs, existing_notes(markdown), command))
     json_path.write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
-    print(markdown_table(table(runs)))
+    print(markdown_table(check_table(runs)))
     print(f"\nwrote {markdown} and {json_path}")
     failed = [run["peft"] for run in runs if run["error"] or run["suite"] is None]
     return 1 if failed else 0
