@@ -31,6 +31,9 @@ HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_
 # (of which these belong to the adapter itself; lora_dropout is a training setting, and fan_in_fan_out
 # is read from each layer's type)
 ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights")
+# The weights file records a digest of these (minilora/files.py): a config that is not the one the
+# weights were saved with is refused.
+DIGESTED_FIELDS = HONOURED_FIELDS
 # ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
 METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
@@ -100,10 +103,9 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
     return fields
 
 
-def write_adapter_config(directory: Path, model: nn.Module, config: LoraConfig) -> None:
-    """``directory/adapter_config.json``: sorted keys, two-space indent, as PEFT writes it."""
-    text = json.dumps(config_fields(model, config), indent=2, sort_keys=True) + "\n"
-    (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
+def config_text(fields: Mapping[str, Any]) -> str:
+    """The text of adapter_config.json: sorted keys, two-space indent, as PEFT writes it."""
+    return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
 
 def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
@@ -151,19 +153,34 @@ def check_unsupported(fields: Mapping[str, Any], source: str) -> None:
 
 def read_adapter_config(directory: Path) -> LoraConfig:
     """Parse and check ``directory/adapter_config.json``."""
+    return config_from_fields(read_config_fields(directory), str(directory / CONFIG_NAME))
+
+
+def read_config_fields(directory: Path) -> dict[str, Any]:
+    """The fields of ``directory/adapter_config.json``, as JSON gives them (checked by config_from_fields)."""
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
                             "as minilora.save_adapter and PEFT's save_pretrained write them.")
     try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise MiniLoraError(f"{path} could not be read ({error}).") from None
+    except UnicodeDecodeError as error:
         raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
             from None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
+            from None
+    except RecursionError:
+        raise MiniLoraError(f"{path} nests JSON values too deeply to read: it is not an adapter config. "
+                            "Save the adapter again.") from None
     if not isinstance(fields, dict):
         raise MiniLoraError(f"{path} holds a JSON {type(fields).__name__}, not an object of config fields: "
                             "the file is corrupt. Save the adapter again.")
-    return config_from_fields(fields, str(path))
+    return fields
 
 
 def _unused(value: object) -> bool:

@@ -19,16 +19,22 @@ before the model is touched, and any failure raises MiniLoraError with the model
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter_config import ADAPTER_FIELDS, CONFIG_NAME, read_adapter_config, write_adapter_config
+from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
+                             config_text, read_config_fields)
 from .config import LoraConfig, MiniLoraError
+from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
+                    write_atomically)
 from .inject import (CONFIG_ATTRIBUTE, find_targets, inject, is_lora_parameter, lora_layers,
                      mark_only_lora_as_trainable)
 from .layer import in_out_features
@@ -77,12 +83,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     Args:
         model: a model with minilora layers (from ``inject`` or ``load_adapter``).
         directory: created if needed. A stale weights file of the other format is removed, so that
-            readers (which prefer safetensors) always find the one just written.
+            readers (which prefer safetensors) always find the one just written. Each file is replaced
+            in one step and the weights record a digest of the config (minilora/files.py): after a
+            crash at any instant, or with several processes saving at once, ``load_adapter`` finds
+            one whole save or raises MiniLoraError, never the weights of one save with another's config.
         safe_serialization: False writes the older ``adapter_model.bin`` (a ``torch.save`` pickle).
         state_dict: see ``adapter_state_dict``.
 
     Raises:
-        MiniLoraError: if the model has no minilora layers, or its layers no longer agree with its config.
+        MiniLoraError: if the model has no minilora layers, its layers no longer agree with its config,
+            or the directory cannot be written.
     """
     config = _saved_config(model)
     # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
@@ -92,16 +102,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
-    directory.mkdir(parents=True, exist_ok=True)
-
-    written, stale = (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) if safe_serialization else (LEGACY_WEIGHTS_NAME, WEIGHTS_NAME)
+    fields = config_fields(model, config)
+    digest = config_digest(fields, DIGESTED_FIELDS)  # binds the weights to this config (minilora/files.py)
     if safe_serialization:
-        from safetensors.torch import save_file
-        save_file(tensors, str(directory / written), metadata={"format": "pt"})
+        from safetensors.torch import save
+        data = save(tensors, metadata={"format": "pt", DIGEST_KEY: digest})
     else:
-        torch.save(tensors, directory / written)
-    (directory / stale).unlink(missing_ok=True)
-    write_adapter_config(directory, model, config)
+        ordered = OrderedDict(tensors)
+        ordered._metadata = {DIGEST_KEY: digest}  # type: ignore[attr-defined]  # torch.load keeps it
+        buffer = io.BytesIO()
+        torch.save(ordered, buffer)
+        data = buffer.getvalue()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temporaries(directory)
+        # Weights first, config second; readers prefer safetensors, so a stale one goes before a .bin
+        # is written, and a stale .bin after a safetensors file is.
+        if not safe_serialization:
+            remove_atomically(directory / WEIGHTS_NAME)
+        write_atomically(directory / (WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME), data)
+        write_atomically(directory / CONFIG_NAME, config_text(fields).encode("utf-8"))
+        if safe_serialization:
+            remove_atomically(directory / LEGACY_WEIGHTS_NAME)
+    except OSError as error:
+        raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. Pass a directory you can "
+                            "write to.") from error
 
 
 def _saved_config(model: nn.Module) -> LoraConfig:
@@ -127,8 +152,9 @@ def _saved_config(model: nn.Module) -> LoraConfig:
 # --------------------------------------------------------------------------------------------
 # Reading and checking (nothing here changes a model)
 # --------------------------------------------------------------------------------------------
-def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor]]:
-    """(path, tensors) from ``adapter_model.safetensors``, or else the older ``adapter_model.bin``."""
+def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor], str | None]:
+    """(path, tensors, config digest or None) from ``adapter_model.safetensors``, or else the older
+    ``adapter_model.bin``. The file is read once, so its tensors and digest are from one version of it."""
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         path = directory / LEGACY_WEIGHTS_NAME
@@ -136,18 +162,44 @@ def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, d
         raise MiniLoraError(f"{directory} has no {WEIGHTS_NAME} (nor the older {LEGACY_WEIGHTS_NAME}): the "
                             "adapter's weights are missing. Save the adapter again.")
     try:
+        data = path.read_bytes()
         if path.name == WEIGHTS_NAME:
-            from safetensors.torch import load_file
-            tensors = load_file(str(path), device=str(device))
+            from safetensors.torch import load
+            tensors, metadata = load(data), _safetensors_metadata(data)
         else:
-            tensors = torch.load(path, map_location=device, weights_only=True)  # never runs pickled code
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never runs pickled code
+            metadata = getattr(tensors, "_metadata", None)
+        if isinstance(tensors, dict):
+            tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                       for key, value in tensors.items()}
     except Exception as error:  # a corrupt file can fail in many ways inside either reader
         raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
                             "or corrupt: save the adapter again.") from None
     if not isinstance(tensors, dict):
         raise MiniLoraError(f"{path} does not hold a dict of named tensors ({type(tensors).__name__}). "
                             f"{PAIRS_HINT}")
-    return path, tensors
+    digest = metadata.get(DIGEST_KEY) if isinstance(metadata, dict) else None
+    return path, tensors, digest if isinstance(digest, str) else None
+
+
+def _safetensors_metadata(data: bytes) -> dict | None:
+    """The ``__metadata__`` of a safetensors file: an 8-byte little-endian header size, then a JSON header."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + size]).get("__metadata__")
+    return metadata if isinstance(metadata, dict) else None
+
+
+def check_config_digest(fields: Mapping[str, object], digest: str | None, config_path: Path,
+                        weights_path: Path) -> None:
+    """The weights were saved with this config (minilora/files.py), or carry no digest (PEFT's files)."""
+    if digest is not None and digest != config_digest(fields, DIGESTED_FIELDS):
+        raise MiniLoraError(
+            f"{config_path} is not the config {weights_path.name} was saved with (its fields "
+            f"{', '.join(DIGESTED_FIELDS)} differ): the two files come from different saves, e.g. a save "
+            "interrupted by a crash or two processes saving into one directory at once. Nothing was loaded. "
+            "Save the adapter again (a config edited by hand: load the weights with the original config, "
+            "change the model, and save it again)."
+        )
 
 
 def minilora_key(key: str) -> str:
@@ -264,8 +316,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         tensors = dict(source)
     else:
         directory = _adapter_directory(source)
-        config, config_origin = read_adapter_config(directory), str(directory / CONFIG_NAME)
-        path, tensors = read_adapter_weights(directory, device)
+        fields, config_origin = read_config_fields(directory), str(directory / CONFIG_NAME)
+        config = config_from_fields(fields, config_origin)
+        path, tensors, digest = read_adapter_weights(directory, device)
         origin = str(path)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
@@ -277,6 +330,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     check_tensors(renamed, shapes, origin, config, model)
+    if not isinstance(source, Mapping):  # last, so that a more specific problem is named first
+        check_config_digest(fields, digest, directory / CONFIG_NAME, path)
 
     # Everything is checked: from here on nothing can fail.
     if not layers:

@@ -1,0 +1,104 @@
+"""Writing an adapter's two files so that a crash never leaves a mix of two saves.
+
+An adapter is two files, ``adapter_config.json`` (r, lora_alpha, targets, ...) and the weights
+(A and B). They must come from the same save: new weights read with an old config would load
+without error at the wrong ``scaling = lora_alpha / r``. Two rules make every state on disk either
+one whole save or a clear error, whatever instant a process is killed at and however many
+processes write into one directory at once:
+
+1. Each file is written whole or not at all: its bytes go to a fresh temporary file in the same
+   directory, which is flushed to disk and then renamed over the old name (``os.replace``: atomic
+   on POSIX and Windows). A reader sees the old file or the new one, never a part. The rename
+   replaces a symlink planted at that name; it never writes through it.
+2. The pair is bound: the weights file records a digest of the config fields it was saved with
+   (``config_digest``), in the safetensors metadata (PEFT ignores it) or in the ``.bin`` dict's
+   ``_metadata``. The weights are written first, the config second, so a crash in between, or
+   another writer's config arriving in between, leaves a config whose digest is not the one the
+   weights record, and ``load_adapter`` refuses it. Files without a digest (written by PEFT) are
+   read as they are.
+
+A temporary file that a killed process left behind has a name no reader looks at, ``.NAME.PID.
+RANDOM.minilora-tmp``; the next save removes those whose process is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TEMP_SUFFIX = ".minilora-tmp"
+DIGEST_KEY = "minilora_config_sha256"  # in the safetensors metadata, or the .bin dict's _metadata
+
+
+def config_digest(fields: Mapping[str, Any], digested_fields: tuple[str, ...]) -> str:
+    """sha256 of the config fields that decide what the adapter computes, in a canonical JSON form.
+
+    Only these fields are bound to the weights, so that editing a field that says where the adapter
+    came from (``base_model_name_or_path``, ``task_type``) by hand keeps the files loadable.
+    """
+    chosen = {name: fields[name] for name in digested_fields if name in fields}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by a file holding ``data``, in one step: readers see the old file or the new one.
+
+    The new file gets the mode any new file gets here (0o666 less the umask), whatever the old one had.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    descriptor = os.open(temp, flags, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+
+
+def remove_atomically(path: Path) -> None:
+    """Remove ``path`` (a file or a symlink, never what a link points to) if it exists."""
+    path.unlink(missing_ok=True)
+    _sync_directory(path.parent)
+
+
+def remove_abandoned_temporaries(directory: Path) -> None:
+    """Remove the temporary files of saves whose process no longer runs (killed mid-save)."""
+    for temp in directory.glob(f".*{TEMP_SUFFIX}"):
+        parts = temp.name.split(".")  # ['', NAME..., PID, RANDOM, 'minilora-tmp']
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and pid != os.getpid() and not _process_exists(pid):
+            temp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or we cannot tell: leave its file alone
+    return True
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
