@@ -37,6 +37,14 @@ DIGESTED_FIELDS = HONOURED_FIELDS
 # ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
 METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
+# Their types, checked even though minilora ignores their values: a file with "inference_mode": "false"
+# is broken (PEFT would read the string as true), and a wrong type is the sign of a hand-made file.
+METADATA_TYPES = {
+    "task_type": (str, type(None)), "base_model_name_or_path": (str, type(None)), "revision": (str, type(None)),
+    "inference_mode": (bool,), "auto_mapping": (dict, type(None)), "peft_version": (str, type(None)),
+    "megatron_core": (str, type(None)), "fan_in_fan_out": (bool, type(None)),
+    "qalora_group_size": (int, type(None)), "ensure_weight_tying": (bool,),
+}
 # ... and PEFT features minilora does not have. Each is fine while unused (None, False, {} or []);
 # a used one would change what the adapter computes, so it is an error rather than a wrong answer.
 UNSUPPORTED_FIELDS = {
@@ -122,6 +130,12 @@ def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
         raise MiniLoraError(f"{source}: peft_type is {peft_type!r}; minilora reads LoRA adapters only "
                             "(peft_type \"LORA\").")
     check_unsupported(fields, source)
+    for name, types in METADATA_TYPES.items():
+        if name in fields and not isinstance(fields[name], types):
+            wanted = " or ".join("null" if t is type(None) else {"str": "a string", "bool": "true/false",
+                                 "dict": "an object", "int": "an integer"}[t.__name__] for t in types)
+            raise MiniLoraError(f"{source}: {name} must be {wanted}, got {fields[name]!r}. The file is not one "
+                                "PEFT or minilora wrote: save the adapter again.")
     unknown = sorted(set(fields) - set(HONOURED_FIELDS) - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))
     if unknown:
         warnings.warn(f"{source}: ignoring fields minilora does not know: {unknown}. They were probably written "

@@ -37,7 +37,7 @@ from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, rem
                     write_atomically)
 from .inject import (CONFIG_ATTRIBUTE, find_targets, inject, is_lora_parameter, lora_layers,
                      mark_only_lora_as_trainable)
-from .layer import in_out_features
+from .layer import HALF_DTYPES, in_out_features
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -262,12 +262,45 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
                     "The adapter was saved from another model (or another r than its config says).")
             raise MiniLoraError(f"{source}: {key} has shape {tuple(tensor.shape)} but this model needs {shape}. "
                                 f"{hint}")
-        if not tensor.dtype.is_floating_point:
-            raise MiniLoraError(f"{source}: {key} holds {tensor.dtype}, not floating-point numbers: the file is "
-                                "corrupt. Save the adapter again.")
-        if not bool(torch.isfinite(tensor).all()):
-            raise MiniLoraError(f"{source}: {key} holds NaN or inf values: the file is corrupt or the training "
-                                "diverged. Nothing was loaded.")
+        if tensor.dtype not in LOADABLE_DTYPES:
+            raise MiniLoraError(f"{source}: {key} holds {tensor.dtype}; adapters hold float16, bfloat16, float32 "
+                                "or float64 numbers. The file is corrupt or was made by another tool: save the "
+                                "adapter again.")
+        # The values the model will hold: float64 values beyond float32's range become inf in the cast.
+        held = held_dtype(model, key)
+        if not bool(torch.isfinite(tensor.to(held)).all()):
+            cast = f" once cast to the model's {held}" if tensor.dtype != held else ""
+            raise MiniLoraError(f"{source}: {key} holds NaN or inf values{cast}: the file is corrupt or the "
+                                "training diverged. Nothing was loaded.")
+
+
+LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def held_dtype(model: nn.Module, key: str) -> torch.dtype:
+    """The dtype ``model`` will hold the tensor ``key`` (the model's key after loading) in.
+
+    An existing parameter keeps its dtype; A and B of a layer ``inject`` is about to build take the
+    base weight's dtype, float32 for a float16 / bfloat16 base (LoraLinear, as PEFT does).
+    """
+    state = model.state_dict(keep_vars=True)
+    if key in state:
+        return state[key].dtype
+    module, _, _ = key.partition(".lora_") if ".lora_" in key else key.rpartition(".base_layer.bias")
+    dtype = state[f"{module}.weight" if ".lora_" in key else f"{module}.bias"].dtype
+    return torch.float32 if dtype in HALF_DTYPES and ".lora_" in key else dtype
+
+
+def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, source: str) -> None:
+    """A file whose config says one r and whose tensors have another contradicts itself: refuse it,
+    whatever the model (a model with layers of the tensors' r would accept the shapes and take the
+    config's scaling)."""
+    for key, tensor in tensors.items():
+        side = 0 if key.endswith("lora_A.weight") else 1 if key.endswith("lora_B.weight") else None
+        if side is not None and tensor.dim() == 2 and tensor.shape[side] != config.r:
+            raise MiniLoraError(f"{source}: adapter_config.json says r={config.r} but {key} has shape "
+                                f"{tuple(tensor.shape)}, i.e. r={tensor.shape[side]}: the config and the weights "
+                                "disagree. Save the adapter again.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +358,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     renamed = {minilora_key(key): value for key, value in tensors.items()}
     if len(renamed) != len(tensors):
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
+    if not isinstance(source, Mapping):
+        check_rank_agrees(renamed, config, str(directory))
     try:
         shapes = expected_shapes(model, config)
     except MiniLoraError as error:  # the config's targets are not in this model

@@ -81,6 +81,11 @@ class LoraConfig(_MiniLoraConfig):
     def validate(self) -> None:
         """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""
         super().validate()
+        if not isinstance(self.inference_mode, bool):
+            raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise MiniLoraError(f"{name} must be None or a string, got {getattr(self, name)!r}.")
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise MiniLoraError(f"task_type={self.task_type!r} is not one of PEFT's task types: "
                                 f"{list(TaskType.__members__)}.")

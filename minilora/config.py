@@ -80,9 +80,15 @@ class LoraConfig:
             raise MiniLoraError(
                 f"lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}. Use 0.0 for no dropout."
             )
-        if self.bias not in BIAS_MODES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_MODES:
             raise MiniLoraError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}.")
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        # Booleans are checked by type: "false" is a non-empty string, which Python reads as true,
+        # and 1 == True; either would switch a feature on that the user meant off.
+        if not isinstance(self.use_rslora, bool):
+            raise MiniLoraError(f"use_rslora must be True or False (a bool), got use_rslora={self.use_rslora!r}.")
+        if self.fan_in_fan_out is not None and not isinstance(self.fan_in_fan_out, bool):
+            raise MiniLoraError(f"fan_in_fan_out must be None, True or False, got {self.fan_in_fan_out!r}.")
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian"):
             raise MiniLoraError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )

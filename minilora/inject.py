@@ -9,6 +9,7 @@ plain layers back and drop the adapters).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 from typing import Iterator
@@ -17,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import DEFAULT_TARGET_MODULES, LoraConfig, MiniLoraError
-from .layer import LoraLinear
+from .layer import LoraLinear, in_out_features
 
 CONFIG_ATTRIBUTE = "minilora_config"  # where inject leaves the config on the model
 
@@ -135,6 +136,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         )
     config.validate()  # its fields may have been changed since it was built
     names = find_targets(model, config)
+    check_adapter_size(model, names, config.r)
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
     # Building draws A and B from the RNG in named_modules() order, as PEFT does.
@@ -159,6 +161,33 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     mark_only_lora_as_trainable(model, config.bias)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
+
+
+def check_adapter_size(model: nn.Module, names: list[str], r: int) -> None:
+    """Refuse an r whose A and B would not fit in memory (say r=2**40) before allocating any of them."""
+    numbers = sum(r * sum(in_out_features(model.get_submodule(name))) for name in names)  # r * (in + out)
+    weight = model.get_submodule(names[0]).weight
+    nbytes = numbers * max(weight.element_size(), 4)  # half-precision bases get float32 adapters
+    available = _memory_bytes(weight.device)
+    if nbytes > available:
+        smallest = min(min(in_out_features(model.get_submodule(name))) for name in names)
+        raise MiniLoraError(
+            f"r={r} would need {nbytes / 2**30:,.1f} GiB for A and B of {len(names)} layers, more than the "
+            f"{available / 2**30:,.1f} GiB of memory on {weight.device}. Pick a smaller r: LoRA's r is usually 4 to "
+            f"64, and B A cannot have a rank above min(in, out) = {smallest} here."
+        )
+
+
+def _memory_bytes(device) -> int:
+    """Total memory of ``device`` (physical memory for the CPU), or a very large number if unknown."""
+    try:
+        if device.type == "cuda":
+            import torch
+
+            return torch.cuda.mem_get_info(device)[1]
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return 2**62
 
 
 def is_lora_parameter(name: str) -> bool:
