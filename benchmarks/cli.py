@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"            # the committed page: --out benchmarks/results
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "benchmarks"  # ignored by git
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -16,24 +17,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Time base, PEFT (unmerged, merged) and minilora's forward paths (reference, merged, "
                     "fused, compiled) on GPT-2 small: prefill, decode with the KV cache, and a training step. "
                     "Every variant is checked against minilora's reference path before it is timed.",
-        epilog="The full run takes 10-15 minutes on a quiet 2-core CPU; --quick takes well under a minute. "
-               "Results: a table here, and <out>/<name>.json, .md and .png.",
+        epilog="The full run takes 20-25 minutes on a 2-core CPU; --quick about a minute on a quiet one. "
+               "Results: a table here, and <out>/<name>.json, .md and .png. The committed page is "
+               f"regenerated with --out {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}.",
     )
     parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: r=8 on all three targets, small shapes, no compile/memory/profile")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help=f"folder for the JSON, markdown and PNG (default: {RESULTS_DIR})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"folder for the JSON, markdown and PNG (default: {DEFAULT_OUT}, ignored by git)")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: latest, or quick with --quick)")
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="seconds of interleaved rounds per measurement; the main case (r=8, all targets) "
-                             "gets 4 times as many (default 12; more: less noise, longer run)")
+                        help="cap on the seconds of rounds per measurement of the main case (default 150; other "
+                             "cases and the all-cores table get 0.3 of it). Rounds stop earlier once every 95%% "
+                             "interval is within +-1%%")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's choice, one per core). On cores shared with other "
-                             "work, --threads 1 avoids threads waiting for each other at every op")
+                        help="torch threads for the ratio tables (default 1: with one thread the process's CPU "
+                             "time is the work done, whatever else runs on the machine)")
+    parser.add_argument("--no-all-cores", action="store_true",
+                        help="skip the separate table of the main case with every core")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -61,16 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             print(f"error: --threads must be at least 1, got {args.threads}.", file=sys.stderr)
             return 2
-        torch.set_num_threads(args.threads)
     plan = quick_plan() if args.quick else full_plan()
-    plan.threads = torch.get_num_threads()
+    if args.threads is not None:
+        plan.threads = args.threads
+    plan.all_cores = plan.all_cores and not args.no_all_cores
     if args.no_compiled:
         plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")
     plan.memory = plan.memory and not args.no_memory
     plan.profile = plan.profile and not args.no_profile
     if args.seconds is not None:
-        plan.seconds_per_measurement, plan.main_case_seconds = args.seconds, 4 * args.seconds
+        plan.max_seconds, plan.other_max_seconds = args.seconds, 0.3 * args.seconds
 
     print(f"benchmarks on {args.device}: {len(plan.cases())} cases; progress below", file=sys.stderr)
     results = Runner(plan, str(device), progress=lambda line: print(line, file=sys.stderr, flush=True)).run()

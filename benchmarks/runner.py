@@ -14,10 +14,11 @@ import torch
 
 from . import memory
 from .plan import Plan
+from .floor import lora_floor
 from .timing import interleaved, summarize
 from .variants import (TOLERANCE, adapter_weights, build_variant, load_base, lora_config,
                        relative_difference)
-from .workloads import Decode, Prefill, TrainStep
+from .workloads import Decode, Generate, Prefill, TrainStep
 
 
 def make_workload(name: str, params: dict, vocab: int, device: str):
@@ -25,6 +26,8 @@ def make_workload(name: str, params: dict, vocab: int, device: str):
         return Prefill(*params["shape"], vocab, device)
     if name == "decode":
         return Decode(params["prompt"], params["tokens"], vocab, device)
+    if name == "generate":
+        return Generate(params["prompt"], params["tokens"], vocab, device)
     if name == "train":
         return TrainStep(*params["shape"], vocab, device, params["dropout"])
     raise ValueError(f"unknown workload {name!r}")
@@ -59,28 +62,6 @@ def environment(device: str) -> dict:
     return {"machine": machine, "versions": versions}
 
 
-def lora_flop_fraction(model, targets: tuple, r: int, seq: int) -> float:
-    """Extra multiply-adds of the LoRA branches over the base model's, per token (the FLOP floor).
-
-    Per token the base does one multiply-add per weight of every matmul (blocks and LM head) and
-    about 2 * seq * d for attention (scores and the weighted sum) per layer; LoRA adds r * (in + out)
-    per adapted layer.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    import minilora
-    base_macs, lora_macs = 0, 0
-    for name, module in model.named_modules():
-        if isinstance(module, (Conv1D, torch.nn.Linear)):
-            fan_in, fan_out = minilora.layer.in_out_features(module)
-            base_macs += fan_in * fan_out
-            if name.split(".")[-1] in targets:
-                lora_macs += r * (fan_in + fan_out)
-    config = model.config
-    base_macs += config.n_layer * 2 * seq * config.n_embd
-    return lora_macs / base_macs
-
-
 class Runner:
     """Runs a Plan on one device; ``progress`` gets one line per step."""
 
@@ -98,20 +79,35 @@ class Runner:
         torch.manual_seed(plan.seed)
         self.base = load_base(plan.model, self.device)
         self.vocab = self.base.config.vocab_size
-        for targets, r in plan.cases():
-            self.inference_case(targets, r)
-            for dropout in plan.dropouts:
-                self.training_case(targets, r, dropout)
-        if plan.memory:
-            self.memory_runs()
-        if plan.profile:
-            from .profile import profile_prefill
-            self.log("profiling prefill (where the time goes)")
-            targets, r = plan.main_case
-            config = lora_config(tuple(targets), r, 0.0, plan.lora_alpha_per_r)
-            self.results["profile"] = profile_prefill(self.base, config, adapter_weights(self.base, config, plan.seed),
-                                                      max(plan.prefill_shapes, key=lambda s: s[0] * s[1]),
-                                                      self.vocab, self.device)
+        default_threads = torch.get_num_threads()
+        one_thread = plan.threads or default_threads
+        self.results["machine"]["threads"] = one_thread
+        try:
+            self.threads = one_thread
+            torch.set_num_threads(one_thread)
+            for targets, r in plan.cases():
+                self.inference_case(targets, r)
+                if self.is_main(targets, r):
+                    for dropout in plan.dropouts:
+                        self.training_case(targets, r, dropout)
+            cores = os.cpu_count() or 1
+            if plan.all_cores and torch.device(self.device).type == "cpu" and cores > one_thread:
+                self.threads = cores
+                torch.set_num_threads(cores)
+                self.inference_case(*plan.main_case, table="all cores")
+                torch.set_num_threads(one_thread)
+            if plan.memory:
+                self.memory_runs()
+            if plan.profile:
+                from .profile import profile_prefill
+                self.log("profiling prefill (where the time goes)")
+                targets, r = plan.main_case
+                config = lora_config(tuple(targets), r, 0.0, plan.lora_alpha_per_r)
+                self.results["profile"] = profile_prefill(self.base, config,
+                                                          adapter_weights(self.base, config, plan.seed),
+                                                          plan.prefill_shapes[0], self.vocab, self.device)
+        finally:
+            torch.set_num_threads(default_threads)
         self.results["total_s"] = time.perf_counter() - self.started
         self.results["machine"]["load_average_at_end"] = _load_average()
         return self.results
@@ -120,29 +116,30 @@ class Runner:
     def is_main(self, targets: tuple, r: int) -> bool:
         return (tuple(targets), r) == (tuple(self.plan.main_case[0]), self.plan.main_case[1])
 
-    def compiled_here(self, targets: tuple, r: int, workload) -> bool:
-        """Where torch.compile is timed: see Plan.compiled_where."""
-        if self.plan.compiled_where == "all":
-            return True
-        largest = max(self.plan.prefill_shapes, key=lambda s: s[0] * s[1])
-        return self.is_main(targets, r) and (
-            (workload.name == "prefill" and tuple(workload.shape) == tuple(largest))
-            or (workload.name == "decode" and self.plan.compiled_decode)
-            or (workload.name == "train" and self.plan.compiled_train and not workload.dropout))
+    def compiled_here(self, targets: tuple, r: int, workload, table: str) -> bool:
+        """torch.compile is timed on the main case's one-thread table: prefill, and decode / training
+        only when the plan asks (Plan.compiled_decode, Plan.compiled_train)."""
+        if table != "one thread" or not self.is_main(targets, r):
+            return False
+        return (workload.name == "prefill" or (workload.name == "decode" and self.plan.compiled_decode)
+                or (workload.name == "train" and self.plan.compiled_train and not workload.dropout))
 
-    def inference_case(self, targets: tuple, r: int) -> None:
+    def inference_case(self, targets: tuple, r: int, table: str = "one thread") -> None:
         plan = self.plan
         config = lora_config(targets, r, 0.0, plan.lora_alpha_per_r)
         weights = adapter_weights(self.base, config, plan.seed)
-        main = self.is_main(targets, r)
-        names = [n for n in plan.inference_variants if main or n in plan.other_case_variants]
+        main = self.is_main(targets, r) and table == "one thread"
+        names = [n for n in plan.inference_variants if (main or n in plan.other_case_variants)
+                 and (n != "compiled" or self.is_main(targets, r) and table == "one thread")]
         models = {name: build_variant(name, self.base, config, weights) for name in names}
-        shapes = plan.prefill_shapes if main else [max(plan.prefill_shapes, key=lambda s: s[0] * s[1])]
+        shapes = plan.prefill_shapes if main else plan.prefill_shapes[:1]
         workloads = [Prefill(b, s, self.vocab, self.device) for b, s in shapes]
         workloads.append(Decode(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
+        if plan.generate and main:
+            workloads.append(Generate(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         for workload in workloads:
-            here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload)}
-            self.measure(here, workload, targets, r, None, ratio_to="base")
+            here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload, table)}
+            self.measure(here, workload, targets, r, None, ratio_to="base", table=table)
         del models
 
     def training_case(self, targets: tuple, r: int, dropout: float) -> None:
@@ -150,37 +147,31 @@ class Runner:
         config = lora_config(targets, r, dropout, plan.lora_alpha_per_r)
         weights = adapter_weights(self.base, config, plan.seed)
         workload = TrainStep(*plan.train_shape, self.vocab, self.device, dropout)
-        names = [n for n in plan.training_variants if (n != "compiled" or self.compiled_here(targets, r, workload))
-                 and (self.is_main(targets, r) or n in plan.other_case_variants)]
+        names = [n for n in plan.training_variants
+                 if n != "compiled" or self.compiled_here(targets, r, workload, "one thread")]
         models = {name: build_variant(name, self.base, config, weights) for name in names}
         self.measure(models, workload, targets, r, dropout, ratio_to="peft")
         del models
 
-    def measure(self, models: dict, workload, targets: tuple, r: int, dropout, ratio_to: str) -> None:
-        """Validate every variant against the reference path, then time the valid ones together."""
-        plan = self.plan
-        label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r}" + (
-            f" dropout={dropout}" if dropout is not None else "")
-        self.log(f"{label}: validating {len(models)} variants")
-        checked, check_s, expected = {}, {}, None
+    def validate(self, models: dict, workload, label: str, dropout) -> dict:
+        """{variant: max relative difference to the reference path (None for the base models)}, the
+        variants that failed left out (and reported). Also warms every variant up."""
+        checked, expected = {}, None
         for name in sorted(models, key=lambda n: n != "reference"):  # the reference first: the expected values
             if name != "reference" and expected is None:
                 self.fail(label, "reference", "the reference path failed: nothing can be validated or timed")
-                return
-            model = models[name]
+                return {}
             started = time.perf_counter()
             try:
-                got = workload.check(model)
+                got = workload.check(models[name])
                 expected = got if name == "reference" else expected
             except Exception as error:  # a variant that cannot run here is reported, not fatal
                 self.fail(label, name, error)
                 continue
-            check_s[name] = time.perf_counter() - started
             if name == "compiled":
-                self.results["compile_s"][label] = check_s[name]
-                check_s[name] = check_s.get("reference", check_s[name])
-            if name == "base":
-                checked[name] = None  # the base model has no adapter: nothing to compare
+                self.results["compile_s"][label] = time.perf_counter() - started
+            if name in ("base", "base-copy"):
+                checked[name] = None  # no adapter: nothing to compare
             elif name == "compiled" and workload.name == "train" and dropout:
                 checked[name] = "skipped: inductor draws its own dropout masks"
             else:
@@ -190,24 +181,40 @@ class Runner:
                                            f"(relative) > {TOLERANCE:g}; not timed")
                     continue
                 checked[name] = difference
+        return checked
+
+    def measure(self, models: dict, workload, targets: tuple, r: int, dropout, ratio_to: str,
+                table: str = "one thread") -> None:
+        """Validate every variant against the reference path, then time the valid ones together."""
+        plan = self.plan
+        label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r}" + (
+            f" dropout={dropout}" if dropout is not None else "") + f" [{table}]"
+        self.log(f"{label}: validating {len(models)} variants")
+        checked = self.validate(models, workload, label, dropout)
         if ratio_to not in checked:
-            self.fail(label, ratio_to, "the ratio reference failed; nothing timed")
+            if checked:
+                self.fail(label, ratio_to, "the ratio reference failed; nothing timed")
             return
         functions = {name: workload.prepare(models[name]) for name in models if name in checked}  # table order
         self.log(f"{label}: timing {', '.join(functions)}")
-        seconds = plan.main_case_seconds if self.is_main(targets, r) else plan.seconds_per_measurement
-        samples = interleaved(functions, self.device, plan.warmup, plan.min_rounds, plan.max_rounds, seconds,
-                              round_estimate_s=sum(check_s[name] for name in functions))
-        summary = summarize(samples, ratio_to)
-        floor = lora_flop_fraction(self.base, targets, r, workload.shape[1])
-        for name, stats in summary.items():
+        seconds = plan.max_seconds if self.is_main(targets, r) and table == "one thread" else plan.other_max_seconds
+        timed = interleaved(functions, self.device, ratio_to, plan.min_rounds, plan.max_rounds, seconds,
+                            plan.resolution, on_round=lambda k, width: self.log(
+                                f"{label}: round {k}, widest interval +-{width * 100:.1f}%") if k % 10 == 0 else None)
+        summary = summarize(timed, ratio_to)
+        lora = lora_floor(self.base, targets, r, workload.forwards(), training=workload.name == "train")
+        for name, clocks in summary.items():
+            no_adapter = name in ("base", "base-copy", "merged", "peft-merged")
             self.results["measurements"].append({
-                "workload": workload.name, "shape": list(workload.shape), "targets": list(targets), "r": r,
-                "dropout": dropout, "variant": name, "ratio_to": ratio_to, "rounds": len(stats["samples_s"]),
-                "validation_max_rel_diff": checked[name], "flop_floor": floor, **stats,
+                "table": table, "threads": self.threads, "workload": workload.name, "shape": list(workload.shape),
+                "targets": list(targets), "r": r, "dropout": dropout, "variant": name, "ratio_to": ratio_to,
+                "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
+                "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
+                "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,
             })
-        line = "  ".join(f"{name} {stats['ratio']:.3f}" for name, stats in summary.items())
-        self.log(f"{label}: x{ratio_to}: {line}")
+        first = timed["clocks"][0]
+        line = "  ".join(f"{name} {c[first]['ratio']:.3f}" for name, c in summary.items())
+        self.log(f"{label}: {timed['rounds']} rounds ({timed['stopped']}), {first} time x{ratio_to}: {line}")
 
     def fail(self, label: str, variant: str, error) -> None:
         message = error if isinstance(error, str) else \
@@ -226,9 +233,9 @@ class Runner:
                   "alpha_per_r": plan.lora_alpha_per_r, "seed": plan.seed, "threads": plan.threads}
         largest = max(plan.prefill_shapes, key=lambda s: s[0] * s[1])
         specs = [{**common, "variant": v, "workload": "prefill", "shape": list(largest), "dropout": 0.0}
-                 for v in plan.inference_variants if v != "compiled"]
+                 for v in plan.inference_variants if v not in ("compiled", "base-copy")]
         specs += [{**common, "variant": v, "workload": "train", "shape": list(plan.train_shape), "dropout": d}
-                  for d in plan.dropouts for v in plan.training_variants if v != "compiled"]
+                  for d in plan.dropouts for v in plan.training_variants if v not in ("compiled", "peft-copy")]
         self.log(f"memory: {len(specs)} variants, one process each")
         on_cuda = torch.device(self.device).type == "cuda"
         if on_cuda:  # in process: CUDA counts only this process's allocations anyway

@@ -81,10 +81,17 @@ def compile_model(model: nn.Module) -> nn.Module:
 
 def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weights: dict) -> nn.Module:
     """One variant's model. ``compiled`` is the reference path under torch.compile; ``fused-addmm`` is
-    the fused path without the concatenated weight (what it does in training, also at inference)."""
+    the fused path without the concatenated weight (what it does in training, also at inference).
+
+    The A/A controls are identical copies of a variant in memory of their own: ``base-copy`` of the
+    base model (inference tables), ``peft-copy`` of the PEFT model (training tables, whose ratios
+    are to PEFT). The method should find them at 1.00; how far it does not is its own error.
+    """
     builders: dict[str, Callable[[], nn.Module]] = {
         "base": lambda: base,
+        "base-copy": lambda: copy.deepcopy(base),
         "peft": lambda: peft_model(base, config, weights, merged=False),
+        "peft-copy": lambda: peft_model(base, config, weights, merged=False),
         "peft-merged": lambda: peft_model(base, config, weights, merged=True),
         "reference": lambda: minilora_model(base, config, weights, "reference"),
         "merged": lambda: minilora_model(base, config, weights, "merged"),

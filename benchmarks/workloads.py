@@ -1,8 +1,9 @@
-"""The three things timed: prefill, decode with the KV cache, and a training step.
+"""The things timed: prefill, decode (a per-token loop, and ``generate``), and a training step.
 
 Each workload is a small class: ``prepare(model)`` returns the function that is timed (it holds
-whatever state the workload needs, e.g. an optimizer), and ``check(model)`` returns what
-validation compares between variants.
+whatever state the workload needs, e.g. an optimizer), ``check(model)`` returns what validation
+compares between variants, and ``forwards()`` lists its forward calls as (batch, new tokens,
+context) for the analytical floor (benchmarks/floor.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Prefill:
         self.name, self.shape = "prefill", (batch, seq)
         self.ids = token_ids(batch, seq, vocab, device)
 
+    def forwards(self) -> list[tuple[int, int, int]]:
+        batch, seq = self.shape
+        return [(batch, seq, seq)]
+
     def check(self, model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
             return model(input_ids=self.ids).logits
@@ -44,15 +49,20 @@ class Prefill:
 
 
 class Decode:
-    """Greedy generation of ``tokens`` new tokens at batch 1 with a DynamicCache.
+    """Greedy decoding of ``tokens`` new tokens at batch 1 with a DynamicCache, one forward per token.
 
-    A plain loop rather than ``model.generate`` so that only the model is timed, not the
-    logits processors around it. Validation compares the logits of every step.
+    A plain loop rather than ``model.generate``, so that only the model is timed (what the layers
+    cost), not the logits processors and bookkeeping around it (``Generate`` times those).
+    Validation compares the logits of every step.
     """
 
     def __init__(self, prompt: int, tokens: int, vocab: int, device: str):
         self.name, self.shape = "decode", (1, tokens)
         self.ids, self.tokens = token_ids(1, prompt, vocab, device, seed=1), tokens
+
+    def forwards(self) -> list[tuple[int, int, int]]:
+        prompt = self.ids.shape[1]  # the prompt, then one token at a time attending to all before it
+        return [(1, prompt, prompt)] + [(1, 1, prompt + k) for k in range(1, self.tokens + 1)]
 
     def _generate(self, model: nn.Module) -> list[torch.Tensor]:
         from transformers import DynamicCache
@@ -73,6 +83,36 @@ class Decode:
         return lambda: self._generate(model)
 
 
+class Generate:
+    """``model.generate``: greedy, ``tokens`` new tokens at batch 1 (what a user calls).
+
+    Transformers' own per-step work (logits processors, stopping criteria, cache bookkeeping) is
+    in the time, the same for every variant. ``min_new_tokens`` keeps every variant generating
+    all ``tokens`` (no early end-of-text). Validation compares the logits of every step.
+    """
+
+    def __init__(self, prompt: int, tokens: int, vocab: int, device: str):
+        self.name, self.shape = "generate", (1, tokens)
+        self.ids, self.tokens = token_ids(1, prompt, vocab, device, seed=1), tokens
+
+    def forwards(self) -> list[tuple[int, int, int]]:
+        prompt = self.ids.shape[1]  # the last token is sampled from the previous forward's logits
+        return [(1, prompt, prompt)] + [(1, 1, prompt + k) for k in range(1, self.tokens)]
+
+    def _generate(self, model: nn.Module, **extra):
+        with torch.no_grad():
+            return model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                                  max_new_tokens=self.tokens, min_new_tokens=self.tokens, do_sample=False,
+                                  num_beams=1, pad_token_id=0, **extra)
+
+    def check(self, model: nn.Module) -> list[torch.Tensor]:
+        out = self._generate(model, output_logits=True, return_dict_in_generate=True)
+        return list(out.logits)  # the (1, vocab) logits of every generated token
+
+    def prepare(self, model: nn.Module):
+        return lambda: self._generate(model)
+
+
 class TrainStep:
     """Forward + backward of the language-model loss + one AdamW step over the trainable weights.
 
@@ -83,6 +123,10 @@ class TrainStep:
     def __init__(self, batch: int, seq: int, vocab: int, device: str, dropout: float):
         self.name, self.shape, self.dropout = "train", (batch, seq), dropout
         self.ids = token_ids(batch, seq, vocab, device, seed=2)
+
+    def forwards(self) -> list[tuple[int, int, int]]:
+        batch, seq = self.shape
+        return [(batch, seq, seq)]
 
     def _loss(self, model: nn.Module) -> torch.Tensor:
         return model(input_ids=self.ids, labels=self.ids).loss

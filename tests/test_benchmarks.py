@@ -7,31 +7,29 @@ the reference, forward and gradients, before it is timed), not how fast anything
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from benchmarks import memory, report
 from benchmarks.cli import main
-from benchmarks.plan import ALL_LINEAR, tiny_plan
+from benchmarks.plan import ALL_LINEAR, INFERENCE_VARIANTS, TRAINING_VARIANTS, tiny_plan
 from benchmarks.runner import Runner
-from benchmarks.timing import summarize
-from benchmarks.variants import TOLERANCE, adapter_weights, build_variant, load_base, lora_config
-from benchmarks.workloads import Prefill
+from benchmarks.variants import (TOLERANCE, adapter_weights, build_variant, load_base, lora_config,
+                                 relative_difference)
+from benchmarks.workloads import Decode, Generate, Prefill
 
 
 @pytest.fixture(scope="module")
 def tiny_results():
-    """One tiny run: all three targets, r=4, prefill + decode + training (dropout 0 and 0.1)."""
+    """One tiny run: main case (all three targets) and c_attn only, r=4, every workload, both tables."""
     plan = tiny_plan()
-    plan.targets = (ALL_LINEAR,)
-    plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
-    plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is faster and steadier on shared cores
     try:
         return plan, Runner(plan, "cpu").run()
     finally:
+        assert torch.get_num_threads() == threads  # the run puts torch's thread count back
         torch.set_num_threads(threads)
 
 
@@ -39,21 +37,34 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
     plan, results = tiny_results
     assert results["failures"] == []
     sections = report.sections(results)
-    expected_sections = len(plan.prefill_shapes) + 1 + len(plan.dropouts)  # prefill grid, decode, train per dropout
-    assert len(plan.prefill_shapes) == 2
-    assert len(sections) == expected_sections
+    main = len(plan.prefill_shapes) + 2 + len(plan.dropouts)  # prefill grid, decode loop, generate, train per dropout
+    other = 2                                                # first prefill shape and the decode loop
+    all_cores = 2 if (os.cpu_count() or 1) > 1 else 0
+    assert len(sections) == main + other * len(plan.other_cases) + all_cores
+    workloads = {key[1] for key in sections}
+    assert workloads == {"prefill", "decode", "generate", "train"}
     for key, measurements in sections.items():
-        workload = key[0]
-        variants = plan.training_variants if workload == "train" else plan.inference_variants
+        table, workload, shape, targets, r, dropout = key
+        is_main = (targets, r) == (ALL_LINEAR, 4) and table == "one thread"
+        variants = plan.training_variants if workload == "train" else \
+            plan.inference_variants if is_main else [v for v in plan.inference_variants if v in plan.other_case_variants]
         assert [m["variant"] for m in measurements] == list(variants)
         for m in measurements:
-            assert m["rounds"] == plan.min_rounds and len(m["samples_s"]) == m["rounds"]
-            assert all(t > 0 for t in m["samples_s"]) and m["median_s"] > 0
+            assert m["threads"] == (1 if table == "one thread" else os.cpu_count())
+            assert m["rounds"] == plan.min_rounds and m["stopped"] == "max_rounds"
+            assert set(m["clocks"]) == {"cpu", "wall"}
+            for clock in m["clocks"].values():
+                assert len(clock["samples_s"]) == m["rounds"] and all(t >= 0 for t in clock["samples_s"])
+                assert clock["low"] <= clock["ratio"] <= clock["high"]
             if m["variant"] == m["ratio_to"]:
-                assert m["ratio"] == 1.0 and m["ratio_iqr"] == 0.0
-            if m["variant"] != "base":  # forward (logits of every decode step) or loss + every gradient
+                assert m["clocks"]["cpu"]["ratio"] == 1.0 == m["clocks"]["cpu"]["low"] == m["clocks"]["cpu"]["high"]
+            if m["variant"] in ("base", "base-copy", "merged", "peft-merged"):
+                assert m["floor"] == {"macs": 0.0, "bytes": 0.0}
+            else:
+                assert 0 < m["floor"]["macs"] < 1 and 0 < m["floor"]["bytes"] < 1
+            if m["variant"] not in ("base", "base-copy"):  # forward (logits of every step) or loss + every gradient
                 assert 0.0 <= m["validation_max_rel_diff"] <= TOLERANCE
-            if m["variant"] in ("peft", "reference"):
+            if m["variant"] in ("peft", "peft-copy", "reference"):
                 assert m["validation_max_rel_diff"] == 0.0  # the reference path is PEFT's op order
 
 
@@ -62,11 +73,22 @@ def test_outputs_are_written(tiny_results, tmp_path):
     paths = report.write_all(results, tmp_path, "tiny")
     assert json.loads(paths["json"].read_text())["measurements"] == json.loads(json.dumps(results["measurements"]))
     page = paths["markdown"].read_text()
-    assert "## Timings" in page and "torch " + torch.__version__ in page
+    assert "## Targets" in page and "torch " + torch.__version__ in page and "Load average" in page
     assert page.count("### ") == len(report.sections(results))
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.terminal(results)
-    assert "fused" in table and "targets" in table
+    assert "fused" in table and "targets" in table and "A/A control" in table
+    # two rounds decide nothing: every target is "not resolved", saying why
+    verdicts = report.targets_check(results)
+    timed = [row for row in verdicts if "memory" not in row[0]]
+    assert len(timed) == len(report.TARGETS)
+    assert all(row[4] == "not resolved" and "only 2 rounds" in row[5] for row in timed)
+
+
+def test_variant_colours_are_distinct():
+    assert len(set(report.COLOURS.values())) == len(report.COLOURS)
+    assert set(INFERENCE_VARIANTS) - {"base"} <= set(report.COLOURS)
+    assert set(TRAINING_VARIANTS) - {"peft"} <= set(report.COLOURS)
 
 
 def test_a_variant_that_disagrees_is_reported_and_not_timed():
@@ -78,20 +100,27 @@ def test_a_variant_that_disagrees_is_reported_and_not_timed():
         next(p for n, p in models["fused"].named_parameters() if "lora_B" in n).add_(1.0)
     plan = tiny_plan()
     runner = Runner(plan, "cpu")
-    runner.base = base
+    runner.base, runner.threads = base, 1
     runner.measure(models, Prefill(2, 5, base.config.vocab_size, "cpu"), ALL_LINEAR, 4, None, ratio_to="base")
     assert [f["variant"] for f in runner.results["failures"]] == ["fused"]
     assert "not timed" in runner.results["failures"][0]["error"]
     assert {m["variant"] for m in runner.results["measurements"]} == {"base", "reference"}
 
 
-def test_ratios_are_medians_of_per_round_ratios():
-    samples = {"base": [1.0, 2.0, 1.0], "x": [1.1, 2.0, 1.3]}
-    summary = summarize(samples, "base")
-    assert summary["x"]["ratio"] == pytest.approx(1.1)          # median of 1.1, 1.0, 1.3
-    assert summary["x"]["median_s"] == pytest.approx(1.3)
-    assert summary["x"]["ratio_iqr"] == pytest.approx(1.2 - 1.05)  # inclusive quartiles of 1.0, 1.1, 1.3
-    assert summary["base"]["ratio"] == 1.0
+def test_the_generate_workload_checks_logits_of_every_token():
+    base = load_base("tiny", "cpu")
+    config = lora_config(ALL_LINEAR, 4, 0.0, 2.0)
+    weights = adapter_weights(base, config, seed=0)
+    workload = Generate(3, 4, base.config.vocab_size, "cpu")
+    reference, broken = (build_variant("reference", base, config, weights) for _ in range(2))
+    loop = Decode(3, 4, base.config.vocab_size, "cpu").check(reference)
+    got = workload.check(reference)
+    # the first step is the same forward as the loop's (later ones differ here: the tiny model predicts
+    # end-of-text, which min_new_tokens forbids generate to pick)
+    assert len(got) == 4 and relative_difference(got[0], loop[0]) <= TOLERANCE
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if "lora_B" in n).add_(1.0)
+    assert relative_difference(workload.check(broken), got) > 1e-3
 
 
 def test_memory_measure_sees_what_a_call_allocates():
