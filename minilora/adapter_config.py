@@ -21,16 +21,19 @@ from typing import Any
 from torch import nn
 
 from .config import LoraConfig, MiniLoraError
-from .inject import lora_layers, resolve_target_modules
+from .inject import lora_layers
+from .targets import resolve_target_modules
 
 CONFIG_NAME = "adapter_config.json"
 
 # The fields minilora uses, ...
 HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
-                   "init_lora_weights")
+                   "init_lora_weights", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+                   "alpha_pattern")
 # (of which these belong to the adapter itself; lora_dropout is a training setting, and fan_in_fan_out
 # is read from each layer's type)
-ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights")
+ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights", "exclude_modules",
+                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
 # The weights file records a digest of these (minilora/files.py): a config that is not the one the
 # weights were saved with is refused.
 DIGESTED_FIELDS = HONOURED_FIELDS
@@ -51,11 +54,6 @@ UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trainable bias in lora_B",
     "modules_to_save": "fully trained extra modules",
-    "layers_to_transform": "LoRA on only some layer indices",
-    "layers_pattern": "LoRA on only some layer indices",
-    "rank_pattern": "a different r per layer",
-    "alpha_pattern": "a different lora_alpha per layer",
-    "exclude_modules": "excluded modules",
     "layer_replication": "replicated layers",
     "target_parameters": "LoRA on bare parameters",
     "trainable_token_indices": "trainable token embeddings",
@@ -101,13 +99,16 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         # 0.6 are written: releases 0.6 to 0.12 refuse a config.json with a field they do not know
         # (docs/peft-versions.md), so a newer field such as use_dora would lock them out.
         "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        # PEFT's selectors (since 0.6): which block indices, and per-layer r and lora_alpha
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
     }
     if config.use_rslora:  # added in PEFT 0.7; a release that cannot honour it should refuse the file
         fields["use_rslora"] = True
+    if config.exclude_modules is not None:  # added in PEFT 0.14: written only when used, for the same reason
+        fields["exclude_modules"] = config.exclude_modules
     return fields
 
 

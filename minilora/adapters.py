@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 from collections import OrderedDict
@@ -35,9 +36,9 @@ from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, confi
 from .config import LoraConfig, MiniLoraError
 from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
                     write_atomically)
-from .inject import (CONFIG_ATTRIBUTE, find_targets, inject, is_lora_parameter, lora_layers,
-                     mark_only_lora_as_trainable)
+from .inject import CONFIG_ATTRIBUTE, inject, is_lora_parameter, lora_layers, mark_only_lora_as_trainable
 from .layer import HALF_DTYPES, in_out_features
+from .targets import find_targets, layer_rank_and_alpha
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -140,11 +141,13 @@ def _saved_config(model: nn.Module) -> LoraConfig:
             f"({type(model).__name__}, {len(layers)} LoRA layers)."
         )
     for name, layer in layers:
-        if layer.r != config.r or abs(layer.scaling - config.scaling) > 1e-12 * abs(config.scaling):
+        r, alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        if layer.r != r or abs(layer.scaling - scaling) > 1e-12 * abs(scaling):
             raise MiniLoraError(
                 f"Layer {name!r} has r={layer.r}, scaling={layer.scaling:g} but the model's config says "
-                f"r={config.r}, scaling={config.scaling:g}. PEFT's format holds one r and one lora_alpha for "
-                "all layers; rebuild the adapter with one config."
+                f"r={r}, scaling={scaling:g} for it. PEFT's format holds r and lora_alpha (and rank_pattern / "
+                "alpha_pattern) in the config; rebuild the adapter with one config."
             )
     return config
 
@@ -221,7 +224,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tu
     if layers:
         sizes = {name: (layer.in_features, layer.out_features, layer.r) for name, layer in layers.items()}
     else:
-        sizes = {name: (*in_out_features(model.get_submodule(name)), config.r) for name in find_targets(model, config)}
+        sizes = {name: (*in_out_features(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
+                 for name in find_targets(model, config)}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, (fan_in, fan_out, r) in sizes.items():
         shapes[f"{name}.lora_A.weight"] = (r, fan_in)
@@ -404,8 +408,9 @@ def _adopt_adapter_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
 
     Returns the model's new config.
     """
-    for _, layer in lora_layers(model):
-        layer.lora_alpha, layer.scaling = config.lora_alpha, config.scaling
+    for name, layer in lora_layers(model):
+        layer.lora_alpha = layer_rank_and_alpha(name, config)[1]
+        layer.scaling = layer.lora_alpha / (math.sqrt(layer.r) if config.use_rslora else layer.r)
     old = getattr(model, CONFIG_ATTRIBUTE, None)
     if old is not None:
         config = dataclasses.replace(old, **{name: getattr(config, name) for name in ADAPTER_FIELDS})

@@ -31,7 +31,7 @@ import contextlib
 import enum
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from torch import nn
@@ -72,11 +72,6 @@ class LoraConfig(_MiniLoraConfig):
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: Optional[list[str]] = None
-    layers_to_transform: Optional[Any] = None
-    layers_pattern: Optional[Any] = None
-    rank_pattern: dict = field(default_factory=dict)
-    alpha_pattern: dict = field(default_factory=dict)
-    exclude_modules: Optional[Any] = None
 
     def validate(self) -> None:
         """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""

@@ -11,7 +11,8 @@ is touched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 
@@ -19,10 +20,7 @@ class MiniLoraError(ValueError):
     """The one error minilora raises for bad input. The message says what was wrong and what to do."""
 
 
-# PEFT's default targets per architecture (peft/utils/constants.py), for what minilora supports.
-DEFAULT_TARGET_MODULES = {
-    "gpt2": ["c_attn"],
-}
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output layer
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -36,9 +34,11 @@ class LoraConfig:
         lora_alpha: the update is scaled by ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with
             ``use_rslora``), so changing ``r`` does not change the update's size at init.
         lora_dropout: dropout applied to the adapter's input only (not to ``W0 x``); in [0, 1).
-        target_modules: which modules to wrap. ``None``: the architecture's default (``["c_attn"]``
-            for GPT-2). A list: module names or name suffixes (``"c_attn"`` matches
-            ``"transformer.h.0.attn.c_attn"``). A string: a regex that must match the full name.
+        target_modules: which modules to wrap. ``None``: PEFT's default for the architecture
+            (``["c_attn"]`` for GPT-2, ``["q_proj", "v_proj"]`` for Llama; see minilora/targets.py).
+            A list: module names or name suffixes (``"c_attn"`` matches ``"transformer.h.0.attn.c_attn"``).
+            A string: a regex that must match the full name. ``"all-linear"``: every nn.Linear /
+            Conv1D except the output layer.
         fan_in_fan_out: True when the base weight is stored (in, out) as in GPT-2's Conv1D.
             ``None`` lets minilora decide per layer (True for Conv1D, False for nn.Linear); a value
             that contradicts the layer is corrected with a warning, as PEFT does.
@@ -47,6 +47,14 @@ class LoraConfig:
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski, 2023).
         init_lora_weights: ``True``: A ~ kaiming-uniform, B = 0 (the update starts at zero).
             ``"gaussian"``: A ~ N(0, 1/r), B = 0. ``False``: both random (for tests: a non-zero update).
+        exclude_modules: modules never wrapped, by the same rule as ``target_modules`` (list or regex).
+        layers_to_transform: only blocks with these indices (an int or a list of ints) get LoRA;
+            list ``target_modules`` only. The index is the number after ``layers_pattern``
+            (e.g. ``"layers"`` in ``model.layers.3.mlp``), or the first number after two name parts.
+        layers_pattern: the name part(s) before the block index (a str or a list of str).
+        rank_pattern: ``{regex: r}``: a layer whose name ends (on a dot) with a match of the regex
+            gets that r instead of ``r``; the first matching key wins, as in PEFT.
+        alpha_pattern: ``{regex: lora_alpha}``, by the same rule.
 
     Raises:
         MiniLoraError: for any value outside the ranges above.
@@ -60,6 +68,11 @@ class LoraConfig:
     bias: str = "none"
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
+    exclude_modules: Optional[Union[list[str], str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,8 +115,63 @@ class LoraConfig:
                 f"target_modules must be None, a non-empty list of module names, or a regex string, "
                 f"got {targets!r}. For GPT-2 try target_modules=['c_attn']."
             )
+        self._validate_selectors()
+
+    def _validate_selectors(self) -> None:
+        """PEFT's narrowing selectors and per-layer patterns (the rules of peft.LoraConfig.__post_init__)."""
+        exclude = self.exclude_modules
+        if isinstance(exclude, (set, tuple)):
+            self.exclude_modules = exclude = sorted(exclude)
+        if exclude is not None and not isinstance(exclude, str) and (
+                not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude)):
+            raise MiniLoraError(f"exclude_modules must be None, a list of module names or a regex string, got "
+                                f"{exclude!r}.")
+        layers = self.layers_to_transform
+        if isinstance(layers, tuple):
+            self.layers_to_transform = layers = list(layers)
+        if layers is not None and not _is_index(layers) and not (
+                isinstance(layers, list) and all(_is_index(i) for i in layers)):
+            raise MiniLoraError(f"layers_to_transform must be None, a layer index or a list of indices (ints >= 0), "
+                                f"got {layers!r}.")
+        pattern = self.layers_pattern
+        if pattern is not None and not isinstance(pattern, str) and (
+                not isinstance(pattern, list) or not all(isinstance(p, str) for p in pattern)):
+            raise MiniLoraError(f"layers_pattern must be None, a name part such as 'layers', or a list of them, got "
+                                f"{pattern!r}.")
+        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
+            raise MiniLoraError("layers_to_transform and layers_pattern work with a list of target_modules only (as "
+                                f"in PEFT), not with the string {self.target_modules!r}. Put the layer index in the "
+                                "regex instead, or pass a list of names.")
+        if pattern and layers is None:
+            raise MiniLoraError(f"layers_pattern={pattern!r} needs layers_to_transform (the indices to keep), as in "
+                                "PEFT.")
+        for name, patterns, check, what in (("rank_pattern", self.rank_pattern, _is_rank, "a positive int"),
+                                            ("alpha_pattern", self.alpha_pattern, _is_alpha, "a positive number")):
+            if not isinstance(patterns, dict):
+                raise MiniLoraError(f"{name} must be a dict {{layer-name regex: value}}, got {patterns!r}.")
+            for key, value in patterns.items():
+                if not isinstance(key, str) or not key:
+                    raise MiniLoraError(f"{name} keys are layer-name regexes (non-empty strings), got {key!r}.")
+                try:
+                    re.compile(key)
+                except re.error as error:
+                    raise MiniLoraError(f"{name} key {key!r} is not a valid regex ({error}).") from None
+                if not check(value):
+                    raise MiniLoraError(f"{name}[{key!r}] must be {what}, got {value!r}.")
 
     @property
     def scaling(self) -> float:
         """The factor in front of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_rank(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_alpha(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

@@ -1,7 +1,7 @@
 """Putting LoRA into a model, and taking it out again.
 
-``inject`` finds the target layers, checks everything, and only then replaces each target with a
-``LoraLinear`` that wraps it and freezes every parameter except the adapters. The reverse:
+``inject`` finds the target layers (PEFT's rules, in targets.py), checks everything, and only then
+replaces each target with a ``LoraLinear`` that wraps it and freezes every parameter except the adapters. The reverse:
 ``merge_and_unload`` (fold ``dW`` into ``W0`` and put the plain layers back) and ``unload`` (put the
 plain layers back and drop the adapters).
 """
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from typing import Iterator
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import DEFAULT_TARGET_MODULES, LoraConfig, MiniLoraError
+from .config import LoraConfig, MiniLoraError
 from .layer import LoraLinear, in_out_features
+from .targets import find_targets, layer_rank_and_alpha
 
 CONFIG_ATTRIBUTE = "minilora_config"  # where inject leaves the config on the model
 
@@ -28,70 +28,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             yield name, module
-
-
-def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
-    """The config's targets, or the architecture's default when it has none (as PEFT does)."""
-    if config.target_modules is not None:
-        return config.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGET_MODULES:
-        return DEFAULT_TARGET_MODULES[model_type]
-    raise MiniLoraError(
-        f"target_modules is None and minilora has no default targets for model type {model_type!r} "
-        f"(it knows {sorted(DEFAULT_TARGET_MODULES)}). Name them, e.g. "
-        f"LoraConfig(target_modules={_linear_suffixes(model)[:3]})."
-    )
-
-
-def is_target(name: str, targets: list[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the full name; a list entry must equal the name or be
-    its last dotted part(s) (``"c_attn"`` matches ``"transformer.h.0.attn.c_attn"``)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return name in targets or any(name.endswith(f".{target}") for target in targets)
-
-
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``inject`` would wrap. Raises MiniLoraError if none match or one is not linear."""
-    targets = resolve_target_modules(model, config)
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as error:
-            raise MiniLoraError(
-                f"target_modules={targets!r} is a string, so it is read as a regex, and it is not a valid one "
-                f"({error}). Fix the regex, or pass a list of names such as {_linear_suffixes(model)[:3]}."
-            ) from None
-    names = [name for name, _ in model.named_modules() if name and is_target(name, targets)]
-    if not names and isinstance(model, (nn.Linear, Conv1D)):
-        raise MiniLoraError(
-            f"The model is itself a single {type(model).__name__}; inject replaces layers inside a model. "
-            "Put it in one (nn.Sequential(layer) with target_modules=['0']) or wrap it directly: "
-            "minilora.LoraLinear(layer, r=8)."
-        )
-    if not names:
-        raise MiniLoraError(
-            f"target_modules={targets!r} matches no module of this {type(model).__name__}. "
-            f"Linear layers it has: {_linear_suffixes(model)[:12]}."
-        )
-    modules = dict(model.named_modules())
-    for name in names:
-        if not isinstance(modules[name], (nn.Linear, Conv1D)):
-            raise MiniLoraError(
-                f"target {name!r} is a {type(modules[name]).__name__}; LoRA here wraps nn.Linear or Conv1D "
-                f"only. Narrow target_modules, e.g. to {_linear_suffixes(model)[:3]}."
-            )
-    return names
-
-
-def _linear_suffixes(model: nn.Module) -> list[str]:
-    """The distinct last name parts of the model's linear layers, to suggest as targets."""
-    suffixes = []
-    for name, module in model.named_modules():
-        if name and isinstance(module, (nn.Linear, Conv1D)) and name.split(".")[-1] not in suffixes:
-            suffixes.append(name.split(".")[-1])
-    return suffixes
 
 
 def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
@@ -136,7 +72,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         )
     config.validate()  # its fields may have been changed since it was built
     names = find_targets(model, config)
-    check_adapter_size(model, names, config.r)
+    check_adapter_size(model, names, max(layer_rank_and_alpha(name, config)[0] for name in names))
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
     # Building draws A and B from the RNG in named_modules() order, as PEFT does.
@@ -144,10 +80,11 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     for name in names:
         base_layer = model.get_submodule(name)
         _check_fan_in_fan_out(name, base_layer, config)
+        r, lora_alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         new_layers[name] = LoraLinear(
             base_layer,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
+            r=r,
+            lora_alpha=lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights,

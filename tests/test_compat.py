@@ -192,10 +192,10 @@ def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
 @pytest.mark.parametrize("fields, message", [
     ({"use_dora": True}, r"cannot honour use_dora=True"),
     ({"modules_to_save": ["classifier"]}, r"cannot honour modules_to_save"),
-    ({"rank_pattern": {"c_attn": 16}}, r"cannot honour rank_pattern"),
+    ({"lora_bias": True}, r"cannot honour lora_bias=True"),
     ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is not one of PEFT's task types"),
     ({"r": 0}, r"r must be a positive int"),
-], ids=["dora", "modules_to_save", "rank_pattern", "task_type", "r"])
+], ids=["dora", "modules_to_save", "lora_bias", "task_type", "r"])
 def test_config_errors(fields, message):
     with pytest.raises(MiniLoraError, match=message):
         LoraConfig(**fields)

@@ -133,7 +133,7 @@ def answers():
 def test_probes_on_the_installed_peft(answers):
     """Each probe against an independent answer: minilora's own default, line, and init; PEFT's pitfall."""
     import peft
-    from minilora.config import DEFAULT_TARGET_MODULES
+    from minilora.targets import DEFAULT_TARGET_MODULES
 
     assert set(answers) == set(probes.PROBES)
     assert not [value for value in answers.values() if value.startswith(("error", "absent", "raises"))], answers
