@@ -301,8 +301,9 @@ def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, s
     config's scaling)."""
     for key, tensor in tensors.items():
         side = 0 if key.endswith("lora_A.weight") else 1 if key.endswith("lora_B.weight") else None
-        if side is not None and tensor.dim() == 2 and tensor.shape[side] != config.r:
-            raise MiniLoraError(f"{source}: adapter_config.json says r={config.r} but {key} has shape "
+        r = layer_rank_and_alpha(key.partition(".lora_")[0], config)[0]  # rank_pattern, else config.r
+        if side is not None and tensor.dim() == 2 and tensor.shape[side] != r:
+            raise MiniLoraError(f"{source}: adapter_config.json says r={r} but {key} has shape "
                                 f"{tuple(tensor.shape)}, i.e. r={tensor.shape[side]}: the config and the weights "
                                 "disagree. Save the adapter again.")
 
