@@ -53,6 +53,9 @@ COMPANIONS: dict[str, list[str]] = {
     "0.21.2": ["transformers==5.24.0", "accelerate==1.15.0", "huggingface_hub==2.4.0"],  # this venv's set
 }
 
+# What minilora itself imports beyond torch, transformers and PEFT (transformers before 4.30 lacks it).
+MINILORA_NEEDS = ("safetensors",)
+
 # The distributions torch itself needs at run time; only these are linked into each environment.
 TORCH_DISTRIBUTIONS = ("torch", "filelock", "typing_extensions", "sympy", "mpmath", "networkx",
                        "jinja2", "markupsafe", "fsspec")
@@ -89,7 +92,7 @@ def requirements(version: str) -> list[str]:
             f"No transformers release is pinned for peft {version}. Known: {', '.join(COMPANIONS)}. "
             "Add a line to parity.envs.COMPANIONS with a transformers release of the same months."
         )
-    return [f"peft=={version}", *COMPANIONS[version]]
+    return [f"peft=={version}", *COMPANIONS[version], *MINILORA_NEEDS]
 
 
 def torch_link_dir(root: Path = ENVS_ROOT) -> Path:
@@ -135,8 +138,10 @@ def build_env(version: str, root: Path = ENVS_ROOT, log: Callable[[str], None] =
     build_log = directory / "build.log"
     with build_log.open("w") as out:
         done = subprocess.run(
-            [str(python), "-m", "pip", "install", "--no-input", "--constraint", str(_torch_pin(directory)),
-             *packages],
+            # --no-compile: byte-compiling all of transformers is most of an install's CPU time; Python
+            # compiles the few modules a run imports on first use
+            [str(python), "-m", "pip", "install", "--no-input", "--no-compile",
+             "--constraint", str(_torch_pin(directory)), *packages],
             stdout=out, stderr=subprocess.STDOUT, env=_pip_env(),
         )
     if done.returncode != 0:

@@ -1,6 +1,7 @@
 """The version matrix: the parity suite and the probes, run against several PEFT releases.
 
     python -m parity matrix --peft 0.6.2 0.12.0 0.21.2
+    python -m parity matrix --peft all        # every release parity.envs knows (the latest patch of each minor)
 
 For each release: an isolated environment (``parity.envs``: built once, cached), then two
 subprocesses in it, ``python -m parity --quick --json`` and ``python -m parity.probes --json``.
@@ -201,7 +202,7 @@ months (the `transformers` column) and this machine's torch. Two tables:
   The cell counts the suite's result rows by status:
   - `PASS n`: n comparisons within tolerance; on the CPU the tolerance is 0, bitwise equal;
   - `FAIL k/n`: k of n comparisons differ; *Details* below gives each reason and number;
-  - `N/A n`: the release cannot express the case (rsLoRA before 0.7) or lacks the API a check
+  - `N/A n`: the release cannot express the case (rsLoRA before 0.8, plain nn.Modules in 0.3) or lacks the API a check
     calls; *Details* says which;
   - `not run`: the suite could not run in that release; *Details* says why.
 
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                + ", ".join(envs.COMPANIONS) + f". Environments are cached in {envs.ENVS_ROOT.name}/.",
     )
     parser.add_argument("--peft", nargs="+", metavar="VERSION",
-                        help="PEFT releases, e.g. 0.6.2 0.12.0 0.21.2")
+                        help="PEFT releases, e.g. 0.6.2 0.12.0 0.21.2, or 'all' (every known release)")
     parser.add_argument("--markdown", metavar="PATH", default=str(DEFAULT_MARKDOWN),
                         help="where to write the table (default: docs/peft-versions.md)")
     parser.add_argument("--json", metavar="PATH", help="also write every answer as JSON (default: the "
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None, runner: Callable[[str], Run] | None = No
         return 0
     if not args.peft:
         parser.error("--peft VERSION [VERSION ...] is required (or --from-json PATH)")
-    unknown = [v for v in args.peft if v not in envs.COMPANIONS]
+    versions = list(envs.COMPANIONS) if args.peft == ["all"] else args.peft
+    unknown = [v for v in versions if v not in envs.COMPANIONS]
     if unknown and runner is None:
         print(f"error: no transformers release is pinned for peft {', '.join(unknown)}. Known: "
               f"{', '.join(envs.COMPANIONS)} (add one to parity/envs.py COMPANIONS).", file=sys.stderr)
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None, runner: Callable[[str], Run] | None = No
 
     root = Path(args.root)
     runner = runner or (lambda version: run_release(version, root, full=args.full, log=log))
-    runs = run_matrix(args.peft, runner, log)
+    runs = run_matrix(versions, runner, log)
     command = "python -m parity matrix --peft " + " ".join(args.peft) + (" --full" if args.full else "")
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text(render_markdown(runs, existing_notes(markdown), command))

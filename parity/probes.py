@@ -143,7 +143,7 @@ def rslora(base) -> str:
 
     import peft
 
-    return "yes" if "use_rslora" in inspect.signature(peft.LoraConfig).parameters else "no (added in 0.7)"
+    return "yes" if "use_rslora" in inspect.signature(peft.LoraConfig).parameters else "no"
 
 
 # the other probes register themselves when imported, after the ones above (the order of the rows)

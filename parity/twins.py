@@ -22,7 +22,7 @@ PEFT_ADAPTER = "default"
 
 
 class UnsupportedByPeft(RuntimeError):
-    """The installed PEFT release cannot express this configuration (e.g. use_rslora before 0.7)."""
+    """The installed PEFT release cannot express this configuration (e.g. use_rslora before 0.8)."""
 
 
 def peft_config(config: minilora.LoraConfig, **overrides: Any):
@@ -93,7 +93,13 @@ def make_twins(base: nn.Module, config: minilora.LoraConfig, seed: int = 0,
     torch.manual_seed(seed)
     minilora.inject(mini, config)
     torch.manual_seed(seed)
-    twin = peft.get_peft_model(twin, peft_config(config))
+    try:
+        twin = peft.get_peft_model(twin, peft_config(config))
+    except AttributeError as error:  # PEFT 0.3 reads model.config, which only transformers models have
+        if hasattr(base, "config") or "config" not in str(error):
+            raise
+        raise UnsupportedByPeft(f"peft {peft.__version__} adapts transformers models only (it reads "
+                                "model.config); plain nn.Modules from 0.4") from error
     if random_b:
         randomize_adapters(mini, seed)
         copy_adapters_to_peft(mini, twin)
