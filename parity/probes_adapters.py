@@ -228,6 +228,26 @@ def merge_unmerge(base) -> str:
             f"{_whose(logits(model), {'adapted output': adapted})}, W0 back within {twins.max_abs_diff(weight, original):.0e}")
 
 
+@probe("with model.disable_adapter(): on a merged model: the output inside, and the weights after leaving it")
+def disabled_while_merged(base) -> str:
+    model = _single(base, 1)
+    if not hasattr(model.base_model, "merge_adapter"):
+        return "absent (no merge_adapter)"
+    adapted, plain = logits(model), logits(base)
+    model.merge_adapter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with model.disable_adapter():
+                inside = logits(model)
+        except Exception as error:  # noqa: BLE001 - refusing is an answer too
+            return f"raises {short(error)}"
+    said = warnings_said(caught)
+    after = _whose(logits(model), {"adapted": adapted, "the base's": plain})
+    return (f"inside: {_whose(inside, {'the base output': plain, 'the adapted output': adapted})}"
+            f"{f' (warns {said[0]!r})' if said else ''}; after: output {after}")
+
+
 def _twice(base):
     """The default adapter with 2 B: the output of a model that merged dW twice."""
     model = _single(base, 1)

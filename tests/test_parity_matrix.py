@@ -188,6 +188,8 @@ def test_adapter_probes_on_the_installed_peft(answers):
     assert answers["merge_unmerge"].startswith("merged: adapted output; merging again: warns 'All adapters are "
                                                "already merged, nothing to do.', output adapted; unmerged: "
                                                "adapted output, W0 back within")
+    # issue 11: "disable_adapter() on a merged model: PEFT unmerges on the fly and gives the base outputs"
+    assert answers["disabled_while_merged"] == "inside: the base output; after: output adapted"
     # the behaviour issue 11 asks to measure: new LoRA layers in an eval() model train (dropout on)
     assert answers["new_layers_mode"] == ("LoRA layers in train mode, model.training=True: "
                                           "dropout active (two calls differ)")
