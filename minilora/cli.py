@@ -24,7 +24,8 @@ from .params import layer_table, trainable_parameters_line
 
 MODEL_HELP = (
     "the base model: a hub name (e.g. gpt2, from your Hugging Face cache) or a local directory with "
-    "config.json and weights (default: the embedded random GPT-2 small, seed 0)"
+    "config.json and weights, loaded as the class its config names (config.architectures) "
+    "(default: the embedded random GPT-2 small, seed 0)"
 )
 ERROR_EXIT = 2  # argparse's own status for bad usage
 
@@ -121,7 +122,7 @@ def run_merge(args: argparse.Namespace) -> None:
                             "Pass a directory you can write to.") from error
     save_tokenizer_if_any(args.model, out_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
-    print(f"It is a plain transformers model: AutoModelForCausalLM.from_pretrained({out_dir!r}).")
+    print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
 
 
 def save_tokenizer_if_any(model_arg: str | None, out_dir: str) -> None:
@@ -193,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="fold an adapter into the base model and save a plain transformers model",
         description="Load the base model, load the adapter in ADAPTER_DIR (saved by minilora.save_adapter or\n"
                     "by PEFT's save_pretrained), fold it in (W0 <- W0 + (alpha / r) B A) and save the result to\n"
-                    "OUT_DIR with save_pretrained. The saved model needs neither minilora nor PEFT:\n"
-                    "AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+                    "OUT_DIR with save_pretrained, as the class --model was loaded as (its config.json's\n"
+                    "architectures). The saved model needs neither minilora nor PEFT:\n"
+                    "AutoModelForCausalLM.from_pretrained(OUT_DIR) for GPT-2, the same class for any other.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     merge_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
     merge_parser.add_argument("out_dir", metavar="OUT_DIR", help="where to save the merged model (new or empty)")

@@ -1,4 +1,4 @@
-"""The model everything runs on by default, and how to use real GPT-2 weights instead.
+"""The model everything runs on by default, and how to load a saved model of any architecture.
 
 Weights cannot be downloaded here, so the default is GPT-2 small built from ``GPT2Config()`` with
 a fixed seed: the same architecture and parameter counts as the pretrained ``gpt2`` (124,439,808
@@ -33,17 +33,18 @@ def tiny_gpt2(seed: int = 0, **config_overrides) -> nn.Module:
 
 def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None) -> nn.Module:
-    """A GPT2LMHeadModel in eval mode.
+    """A transformers model in eval mode: the embedded GPT-2 small, or the saved model's own class.
 
     Args:
-        name_or_path: None or "default" for the embedded random GPT-2 small; otherwise anything
-            ``transformers.AutoModelForCausalLM.from_pretrained`` accepts (``"gpt2"`` if cached, a
-            local directory).
+        name_or_path: None or "default" for the embedded random GPT-2 small (GPT2LMHeadModel);
+            otherwise a hub name (``"gpt2"`` if cached) or a local directory, loaded as the class its
+            config.json names (``model_class``): a T5ForConditionalGeneration comes back as one, a
+            BertForMaskedLM as a BertForMaskedLM.
         seed: the seed of the random init (default model only).
         dtype: cast the model to this dtype.
         device: where to put it; None leaves it where it was built (torch's default device).
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     if name_or_path in (None, DEFAULT_MODEL):
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
@@ -51,7 +52,7 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
             model = GPT2LMHeadModel(GPT2Config())
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path)
+            model = model_class(name_or_path).from_pretrained(name_or_path)
         except (OSError, ValueError) as error:  # missing files; a config.json transformers can't read
             raise MiniLoraError(
                 f"Could not load model {name_or_path!r}: {error}\nPass a local directory that holds "
@@ -62,3 +63,26 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def model_class(name_or_path: str) -> type:
+    """The transformers class a saved model's config names (``config.architectures[0]``, which
+    ``save_pretrained`` records), or ``AutoModelForCausalLM`` for a config that names none.
+
+    Raises:
+        MiniLoraError: if the config names a class this transformers does not have (custom code).
+        OSError / ValueError: from transformers, for a missing or unreadable config.json.
+    """
+    import transformers
+
+    architectures = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
+    if not architectures:
+        return transformers.AutoModelForCausalLM
+    cls = getattr(transformers, architectures[0], None)
+    if not isinstance(cls, type):
+        raise MiniLoraError(
+            f"{name_or_path!r}: config.json names the class {architectures[0]!r}, which transformers "
+            f"{transformers.__version__} does not have (custom modelling code?). Load the model yourself and "
+            "use the Python API: minilora.load_adapter(model, directory)."
+        )
+    return cls

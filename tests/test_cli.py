@@ -73,7 +73,7 @@ def adapted_logits(model_dir: str, adapter_dir: str) -> torch.Tensor:
 @pytest.mark.parametrize("argv, expected", [
     ([], "inspect"),
     (["inspect"], "r * (in + out)"),
-    (["merge"], "AutoModelForCausalLM.from_pretrained"),
+    (["merge"], "the same class for any other"),
     (["diff"], "exp(-sum p_i log p_i)"),
 ])
 def test_help(capsys, argv, expected):
@@ -272,3 +272,55 @@ def test_diff_bad_input(capsys, tiny_dir, minilora_adapter, tmp_path):
     wider = tmp_path / "wider"
     tiny_gpt2(n_embd=48).save_pretrained(wider)
     assert_user_error(*run(capsys, "diff", minilora_adapter, "--model", str(wider))[::2], "shape")
+
+
+# ------------------------------------------------------------------------------------------
+# --model of any architecture: loaded as the class its config names, and merged back as it
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "t5", "vit", "llama"])
+def test_merge_keeps_the_saved_class(capsys, tmp_path, arch):
+    """BERT comes back a BertForMaskedLM, T5 a T5ForConditionalGeneration, ViT a classifier, all with
+    PEFT's merged outputs (PEFT saves the adapter on its default or all-linear targets)."""
+    import peft
+
+    from parity.architectures import ARCHITECTURES
+
+    spec = ARCHITECTURES[arch]
+    spec.build().save_pretrained(tmp_path / "base")
+    targets = "all-linear" if arch == "vit" else None  # ViT has no PEFT default
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(spec.build(), peft.LoraConfig(r=2, target_modules=targets,
+                                                                   init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = peft_model.merge_and_unload()(**spec.inputs()).logits
+
+    status, out, _ = run(capsys, "merge", str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                         "--model", str(tmp_path / "base"))
+    assert status == 0 and f"{spec.class_name}.from_pretrained" in out
+    assert minilora.models.model_class(str(tmp_path / "merged")).__name__ == spec.class_name
+    merged = minilora.load_model(str(tmp_path / "merged"))
+    assert type(merged).__name__ == spec.class_name
+    with torch.no_grad():
+        assert torch.equal(merged(**spec.inputs()).logits, expected)
+
+
+def test_inspect_uses_the_architecture_default_targets(capsys, tmp_path):
+    from parity.architectures import ARCHITECTURES
+
+    ARCHITECTURES["llama"].build().save_pretrained(tmp_path / "llama")
+    status, out, _ = run(capsys, "inspect", "--model", str(tmp_path / "llama"), "--r", "2")
+    assert status == 0 and "q_proj" in out and "v_proj" in out and "k_proj" not in out
+    status, _, err = run(capsys, "inspect", "--model", str(tmp_path / "llama"), "--targets", "lm_head", "--r", "0")
+    assert_user_error(status, err, "r must be a positive int")
+
+
+def test_model_whose_class_transformers_lacks_is_a_clear_error(capsys, tmp_path):
+    import json
+
+    tiny_gpt2().save_pretrained(tmp_path / "custom")
+    config = json.loads((tmp_path / "custom" / "config.json").read_text())
+    config["architectures"] = ["MyOwnGPT"]
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(config))
+    status, _, err = run(capsys, "inspect", "--model", str(tmp_path / "custom"))
+    assert_user_error(status, err, "'MyOwnGPT'", "does not have")
