@@ -4,7 +4,7 @@ PEFT writes every field of its ``LoraConfig`` (about forty in peft 0.21.2). mini
 
 - the fields it uses (``r``, ``lora_alpha``, ``target_modules``, ...), with PEFT's names and meanings;
 - fields that say where the adapter came from (``task_type``, ``base_model_name_or_path``, ...): ignored;
-- PEFT features minilora does not have (DoRA, ``modules_to_save``, per-layer ranks, ...): fine while
+- PEFT features minilora does not have (DoRA, ``target_parameters``, ``lora_bias``, ...): fine while
   unused, an error when used, since loading without them would compute something else.
 
 Any other field (written by a newer PEFT) is ignored with one warning, as PEFT itself does.
@@ -29,11 +29,11 @@ CONFIG_NAME = "adapter_config.json"
 # The fields minilora uses, ...
 HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
                    "init_lora_weights", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
-                   "alpha_pattern")
+                   "alpha_pattern", "modules_to_save")
 # (of which these belong to the adapter itself; lora_dropout is a training setting, and fan_in_fan_out
 # is read from each layer's type)
 ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern")
+                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save")
 # The weights file records a digest of these (minilora/files.py): a config that is not the one the
 # weights were saved with is refused.
 DIGESTED_FIELDS = HONOURED_FIELDS
@@ -53,7 +53,6 @@ METADATA_TYPES = {
 UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a trainable bias in lora_B",
-    "modules_to_save": "fully trained extra modules",
     "layer_replication": "replicated layers",
     "target_parameters": "LoRA on bare parameters",
     "trainable_token_indices": "trainable token embeddings",
@@ -95,11 +94,10 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
         "bias": config.bias,
         "init_lora_weights": config.init_lora_weights,
-        # PEFT features minilora does not have, written as unused. Only fields that PEFT has had since
-        # 0.6 are written: releases 0.6 to 0.12 refuse a config.json with a field they do not know
+        # PEFT's selectors and modules_to_save. Only fields that PEFT has had since 0.6 are written
+        # always: releases 0.6 to 0.12 refuse a config.json with a field they do not know
         # (docs/peft-versions.md), so a newer field such as use_dora would lock them out.
-        "modules_to_save": None,
-        # PEFT's selectors (since 0.6): which block indices, and per-layer r and lora_alpha
+        "modules_to_save": config.modules_to_save,
         "layers_to_transform": config.layers_to_transform,
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),

@@ -38,6 +38,8 @@ from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, rem
                     write_atomically)
 from .inject import CONFIG_ATTRIBUTE, inject, is_lora_parameter, lora_layers, mark_only_lora_as_trainable
 from .layer import HALF_DTYPES, in_out_features
+from .saved_modules import (expected_saved_shapes, find_modules_to_save, is_saved_module_key, original_key,
+                            saved_modules, saved_state, to_model_keys)
 from .targets import find_targets, layer_rank_and_alpha
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,11 +69,13 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     config = _saved_config(model)
     state = model.state_dict() if state_dict is None else state_dict
     names = [name for name in state if is_lora_parameter(name)]
-    if config.bias == "all":
-        names += [name for name in state if name == "bias" or name.endswith(".bias")]
+    if config.bias == "all":  # (the biases of modules_to_save are in their copies, below)
+        names += [name for name in state if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)]
     elif config.bias == "lora_only":
         names += [f"{layer}.base_layer.bias" for layer, _ in lora_layers(model) if f"{layer}.base_layer.bias" in state]
-    return {PEFT_PREFIX + name: state[name] for name in names}
+    tensors = {PEFT_PREFIX + name: state[name] for name in names}
+    tensors.update({PEFT_PREFIX + key: value for key, value in saved_state(model, state).items()})  # modules_to_save
+    return tensors
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
@@ -226,7 +230,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tu
     else:
         sizes = {name: (*in_out_features(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
                  for name in find_targets(model, config)}
-    shapes: dict[str, tuple[int, ...]] = {}
+    shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes)))  # modules_to_save
     for name, (fan_in, fan_out, r) in sizes.items():
         shapes[f"{name}.lora_A.weight"] = (r, fan_in)
         shapes[f"{name}.lora_B.weight"] = (fan_out, r)
@@ -234,13 +238,21 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tu
     if bias != "none":
         for key, value in model.state_dict().items():
             module_name, _, last = key.rpartition(".")
-            if last != "bias":
+            if last != "bias" or is_saved_module_key(key):
                 continue
             if module_name in sizes and not layers:
                 key = f"{module_name}.base_layer.bias"  # where the bias will be once the layer is wrapped
             if bias == "all" or key.removesuffix(".base_layer.bias") in sizes:
                 shapes[key] = tuple(value.shape)
     return shapes
+
+
+def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets: list[str]) -> list[str]:
+    """The modules_to_save of this adapter: the model's wrapped ones, or those the config selects."""
+    wrapped = [name for name, _ in saved_modules(model)]
+    if wrapped or any(True for _ in lora_layers(model)):
+        return wrapped
+    return find_modules_to_save(model, getattr(config, "modules_to_save", None), lora_targets)
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str,
@@ -290,6 +302,8 @@ def held_dtype(model: nn.Module, key: str) -> torch.dtype:
     state = model.state_dict(keep_vars=True)
     if key in state:
         return state[key].dtype
+    if is_saved_module_key(key):  # the copy of a module not wrapped yet: the module's own dtype
+        return state[original_key(key)].dtype
     module, _, _ = key.partition(".lora_") if ".lora_" in key else key.rpartition(".base_layer.bias")
     dtype = state[f"{module}.weight" if ".lora_" in key else f"{module}.bias"].dtype
     return torch.float32 if dtype in HALF_DTYPES and ".lora_" in key else dtype
@@ -363,6 +377,11 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     renamed = {minilora_key(key): value for key, value in tensors.items()}
     if len(renamed) != len(tensors):
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
+    try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
+        renamed = to_model_keys(renamed, saved_module_names(model, config, [name for name, _ in layers] or
+                                                            find_targets(model, config)))
+    except MiniLoraError as error:
+        raise MiniLoraError(f"{config_origin}: {error}") from None
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
     try:

@@ -71,7 +71,6 @@ class LoraConfig(_MiniLoraConfig):
     revision: Optional[str] = None
     use_dora: bool = False
     lora_bias: bool = False
-    modules_to_save: Optional[list[str]] = None
 
     def validate(self) -> None:
         """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""
@@ -108,12 +107,45 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if autocast_adapter_dtype is not True:
         raise MiniLoraError("minilora always keeps float16 / bfloat16 adapters in float32 (PEFT's "
                             "autocast_adapter_dtype=True).")
+    add_task_head(model, peft_config)
     inject(model, peft_config)
     if getattr(peft_config, "inference_mode", False):
         for param in model.parameters():
             param.requires_grad_(False)
     _add_peft_methods(model)
     return model
+
+
+# The heads PEFT's task models (PeftModelForSequenceClassification, ...ForTokenClassification,
+# ...ForQuestionAnswering in peft/peft_model.py) add to modules_to_save: a new head is random, so it
+# must train in full and be saved with the adapter.
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
+def add_task_head(model: nn.Module, config: LoraConfig) -> None:
+    """As PEFT does for SEQ_CLS, TOKEN_CLS and QUESTION_ANS: append the task's head names to the
+    config's ``modules_to_save`` (in place, as PEFT changes its config).
+
+    Raises:
+        MiniLoraError: when the model has no module of those names (e.g. T5ForSequenceClassification's
+            ``classification_head``) and ``modules_to_save`` names none either: PEFT then leaves the
+            random head frozen and unsaved, without a word.
+    """
+    task = getattr(getattr(config, "task_type", None), "value", getattr(config, "task_type", None))
+    heads = TASK_HEADS.get(task)
+    if heads is None:
+        return
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    wanted = (config.modules_to_save or []) + heads
+    if not any(name.endswith(head) for name in names for head in wanted):
+        raise MiniLoraError(
+            f"task_type={task}: PEFT trains and saves the task head by the names {heads}, but this "
+            f"{type(model).__name__} has no module of those names, so PEFT would leave its random head frozen and "
+            f"unsaved. Name the head: LoraConfig(..., modules_to_save=[...]) with one of "
+            f"{[name for name, _ in model.named_children()]}."
+        )
+    config.modules_to_save = wanted
 
 
 class PeftModel:

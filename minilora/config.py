@@ -55,6 +55,9 @@ class LoraConfig:
         rank_pattern: ``{regex: r}``: a layer whose name ends (on a dot) with a match of the regex
             gets that r instead of ``r``; the first matching key wins, as in PEFT.
         alpha_pattern: ``{regex: lora_alpha}``, by the same rule.
+        modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``
+            for a new classification head): every module whose full name ends with an entry. See
+            minilora/saved_modules.py.
 
     Raises:
         MiniLoraError: for any value outside the ranges above.
@@ -73,6 +76,7 @@ class LoraConfig:
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,6 +130,17 @@ class LoraConfig:
                 not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude)):
             raise MiniLoraError(f"exclude_modules must be None, a list of module names or a regex string, got "
                                 f"{exclude!r}.")
+        saved = self.modules_to_save
+        if isinstance(saved, (set, tuple)):
+            self.modules_to_save = saved = sorted(saved)
+        if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
+            raise MiniLoraError(f"modules_to_save must be None or a list of module names, got {saved!r}. "
+                                "Try modules_to_save=['classifier'].")
+        if saved and self.bias == "all":
+            raise MiniLoraError(
+                "bias='all' with modules_to_save: PEFT then also saves the frozen original modules' biases, "
+                "under keys of its own wrapper (classifier.original_module.bias), a layout minilora does not "
+                "reproduce. Use bias='none' or 'lora_only' (the saved modules' biases train anyway).")
         layers = self.layers_to_transform
         if isinstance(layers, tuple):
             self.layers_to_transform = layers = list(layers)

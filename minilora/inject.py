@@ -18,6 +18,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig, MiniLoraError
 from .layer import LoraLinear, in_out_features
+from .saved_modules import (find_modules_to_save, mark_saved_modules_trainable, saved_modules, unwrap_saved_modules,
+                            wrap_modules_to_save)
 from .targets import find_targets, layer_rank_and_alpha
 
 CONFIG_ATTRIBUTE = "minilora_config"  # where inject leaves the config on the model
@@ -72,6 +74,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
         )
     config.validate()  # its fields may have been changed since it was built
     names = find_targets(model, config)
+    to_save = find_modules_to_save(model, config.modules_to_save, names)  # trained in full (saved_modules.py)
     check_adapter_size(model, names, max(layer_rank_and_alpha(name, config)[0] for name in names))
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
@@ -96,6 +99,7 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)
+    wrap_modules_to_save(model, to_save)  # after freezing, as PEFT: the copies train, the originals do not
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 
@@ -144,6 +148,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         for _, layer in lora_layers(model):
             if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
+    mark_saved_modules_trainable(model)  # modules_to_save: the copies train, the originals stay frozen
 
 
 def merge(model: nn.Module, safe: bool = False) -> None:
@@ -181,6 +186,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
         if not layer.merged:
             layer.merge(safe=safe)
         _replace_module(model, name, layer.base_layer)
+    unwrap_saved_modules(model, keep="trained")  # modules_to_save: the trained copies stay, as in PEFT
     _forget_config(model)
     return model
 
@@ -194,6 +200,7 @@ def unload(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         _replace_module(model, name, layer.base_layer)
+    unwrap_saved_modules(model, keep="original")  # modules_to_save: the base model's own modules come back
     _forget_config(model)
     return model
 
@@ -212,14 +219,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             f"disabled() cannot switch off merged layers ({merged[:3]}...): their W0 already holds dW. "
             "Call minilora.unmerge(model) first."
         )
-    previous = [layer.disabled for _, layer in layers]
-    for _, layer in layers:
-        layer.disabled = True
+    switches = [layer for _, layer in layers] + [wrapper for _, wrapper in saved_modules(model)]
+    previous = [switch.disabled for switch in switches]
+    for switch in switches:
+        switch.disabled = True  # LoRA layers: W0 x only; modules_to_save: the original modules
     try:
         yield model
     finally:
-        for (_, layer), was_disabled in zip(layers, previous):
-            layer.disabled = was_disabled
+        for switch, was_disabled in zip(switches, previous):
+            switch.disabled = was_disabled
 
 
 def require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLinear]]:

@@ -73,7 +73,7 @@ BAD_DIRECTORIES = [
     ("other-peft-type", lambda d: edit_config(d, peft_type="IA3"), r"peft_type is 'IA3'; minilora reads LoRA"),
     ("no-peft-type", lambda d: edit_config(d, peft_type=None), r"peft_type is None"),
     ("use_dora", lambda d: edit_config(d, use_dora=True), r"cannot honour use_dora=True \(DoRA"),
-    ("modules_to_save", lambda d: edit_config(d, modules_to_save=["lm_head"]), r"cannot honour modules_to_save"),
+    ("modules_to_save-not-in-file", lambda d: edit_config(d, modules_to_save=["lm_head"]), r"missing keys \[.*lm_head\.modules_to_save"),
     ("target_parameters", lambda d: edit_config(d, target_parameters=["experts.down_proj"]),
      r"cannot honour target_parameters"),
     ("layers_to_transform-fewer", lambda d: edit_config(d, layers_to_transform=[0]), r"unexpected keys"),

@@ -191,7 +191,7 @@ def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
 
 @pytest.mark.parametrize("fields, message", [
     ({"use_dora": True}, r"cannot honour use_dora=True"),
-    ({"modules_to_save": ["classifier"]}, r"cannot honour modules_to_save"),
+    ({"modules_to_save": "classifier"}, r"modules_to_save must be None or a list"),
     ({"lora_bias": True}, r"cannot honour lora_bias=True"),
     ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is not one of PEFT's task types"),
     ({"r": 0}, r"r must be a positive int"),
