@@ -8,6 +8,9 @@ the other's files:
         base_model.model.<layer>.lora_A.weight    (r, in)
         base_model.model.<layer>.lora_B.weight    (out, r)
 
+In memory the same tensors are ``<layer>.lora_A.<adapter>.weight`` (PEFT's in-memory names too); a
+file holds one adapter, so its keys drop the adapter's name, as PEFT's files do.
+
 Older PEFT releases wrote ``adapter_model.bin`` (a ``torch.save`` pickle) instead; ``load_adapter``
 reads it too. W0 is not in the files: it comes from the base model the adapter is loaded into, and
 ``h = W0 x + scaling * B A x`` needs only ``A``, ``B`` and ``scaling = lora_alpha / r``.
@@ -45,6 +48,7 @@ from .targets import find_targets, layer_rank_and_alpha
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every key
+ADAPTER_NAME = "default"  # the in-memory name of the adapter a file is read into
 
 PAIRS_HINT = (
     "Use one of the two consistent pairs:\n"
@@ -68,14 +72,22 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     """
     config = _saved_config(model)
     state = model.state_dict() if state_dict is None else state_dict
-    names = [name for name in state if is_lora_parameter(name)]
+    adapter = ADAPTER_NAME
+    lora = {name: file_key(name, adapter) for name in state if is_lora_parameter(name) and f".{adapter}." in name}
     if config.bias == "all":  # (the biases of modules_to_save are in their copies, below)
-        names += [name for name in state if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)]
+        lora.update({name: name for name in state
+                     if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)})
     elif config.bias == "lora_only":
-        names += [f"{layer}.base_layer.bias" for layer, _ in lora_layers(model) if f"{layer}.base_layer.bias" in state]
-    tensors = {PEFT_PREFIX + name: state[name] for name in names}
+        lora.update({f"{layer}.base_layer.bias": f"{layer}.base_layer.bias" for layer, _ in lora_layers(model)
+                     if f"{layer}.base_layer.bias" in state})
+    tensors = {PEFT_PREFIX + key: state[name] for name, key in lora.items()}
     tensors.update({PEFT_PREFIX + key: value for key, value in saved_state(model, state).items()})  # modules_to_save
     return tensors
+
+
+def file_key(name: str, adapter: str) -> str:
+    """The model's key -> the file's: ``h.0.attn.c_attn.lora_A.default.weight`` -> ``h.0.attn.c_attn.lora_A.weight``."""
+    return name.replace(f".lora_A.{adapter}.", ".lora_A.").replace(f".lora_B.{adapter}.", ".lora_B.")
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
@@ -147,9 +159,10 @@ def _saved_config(model: nn.Module) -> LoraConfig:
     for name, layer in layers:
         r, alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
-        if layer.r != r or abs(layer.scaling - scaling) > 1e-12 * abs(scaling):
+        layer_r, layer_scaling = layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME]
+        if layer_r != r or abs(layer_scaling - scaling) > 1e-12 * abs(scaling):
             raise MiniLoraError(
-                f"Layer {name!r} has r={layer.r}, scaling={layer.scaling:g} but the model's config says "
+                f"Layer {name!r} has r={layer_r}, scaling={layer_scaling:g} but the model's config says "
                 f"r={r}, scaling={scaling:g} for it. PEFT's format holds r and lora_alpha (and rank_pattern / "
                 "alpha_pattern) in the config; rebuild the adapter with one config."
             )
@@ -209,13 +222,14 @@ def check_config_digest(fields: Mapping[str, object], digest: str | None, config
         )
 
 
-def minilora_key(key: str) -> str:
-    """PEFT's key -> the model's own: drop ``base_model.model.`` and an adapter name after lora_A / lora_B.
+def minilora_key(key: str, adapter: str = "default") -> str:
+    """A file's (or PEFT's in-memory) key -> the model's own: drop ``base_model.model.`` and put
+    ``adapter`` after lora_A / lora_B, in place of the name there was (if any).
 
-    ``base_model.model.h.0.attn.c_attn.lora_A.default.weight`` -> ``h.0.attn.c_attn.lora_A.weight``.
+    ``base_model.model.h.0.attn.c_attn.lora_A.weight`` -> ``h.0.attn.c_attn.lora_A.default.weight``.
     """
     key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", key)
+    return re.sub(r"\.(lora_[AB])(\.[^.]+)?\.weight$", rf".\1.{adapter}.weight", key)
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tuple[int, ...]]:
@@ -225,15 +239,16 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tu
     model expects them for the targets of ``config``, as ``inject`` will build them.
     """
     layers = dict(lora_layers(model))
+    adapter = ADAPTER_NAME
     if layers:
-        sizes = {name: (layer.in_features, layer.out_features, layer.r) for name, layer in layers.items()}
+        sizes = {name: (layer.in_features, layer.out_features, layer.r[adapter]) for name, layer in layers.items()}
     else:
         sizes = {name: (*in_out_features(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
                  for name in find_targets(model, config)}
     shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes)))  # modules_to_save
     for name, (fan_in, fan_out, r) in sizes.items():
-        shapes[f"{name}.lora_A.weight"] = (r, fan_in)
-        shapes[f"{name}.lora_B.weight"] = (fan_out, r)
+        shapes[f"{name}.lora_A.{adapter}.weight"] = (r, fan_in)
+        shapes[f"{name}.lora_B.{adapter}.weight"] = (fan_out, r)
     bias = config.bias if config is not None else "none"
     if bias != "none":
         for key, value in model.state_dict().items():
@@ -429,8 +444,9 @@ def _adopt_adapter_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     Returns the model's new config.
     """
     for name, layer in lora_layers(model):
-        layer.lora_alpha = layer_rank_and_alpha(name, config)[1]
-        layer.scaling = layer.lora_alpha / (math.sqrt(layer.r) if config.use_rslora else layer.r)
+        r = layer.r[ADAPTER_NAME]
+        layer.lora_alpha[ADAPTER_NAME] = layer_rank_and_alpha(name, config)[1]
+        layer.scaling[ADAPTER_NAME] = layer.lora_alpha[ADAPTER_NAME] / (math.sqrt(r) if config.use_rslora else r)
     old = getattr(model, CONFIG_ATTRIBUTE, None)
     if old is not None:
         config = dataclasses.replace(old, **{name: getattr(config, name) for name in ADAPTER_FIELDS})

@@ -107,13 +107,15 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
     so that ``F.linear(x, buffer)`` gives ``[x W0^T | x A^T]`` in one matmul. For nn.Linear, W0 is
     the buffer's first ``out`` rows; for Conv1D (weight stored (in, out)) it is their transpose,
     a strided (in, out) view that Conv1D's ``addmm`` reads just as well. Skipped (nothing built)
-    while A's dtype differs from W0's (a half-precision base with a float32 adapter).
+    unless exactly one adapter is active, and while A's dtype differs from W0's (a half-precision
+    base with a float32 adapter).
     """
-    base, adapter = layer.base_layer, layer.lora_A
-    out = layer.out_features
-    if adapter.weight.dtype != base.weight.dtype:
+    active = _active(layer)
+    if len(active) != 1 or layer.lora_A[active[0]].weight.dtype != layer.base_layer.weight.dtype:
         layer._concatenated = None
         return
+    base, adapter = layer.base_layer, layer.lora_A[active[0]]
+    out = layer.out_features
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even if called under inference_mode
         weight_rows = base.weight.T if layer.fan_in_fan_out else base.weight       # (out, in)
         buffer = torch.cat([weight_rows, adapter.weight])                           # (out + r, in) = [W0; A]
@@ -121,23 +123,32 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
         adapter.weight.data = buffer[out:]                                          # (r, in), a view
         bias_buffer = None
         if base.bias is not None:
-            bias_buffer = torch.cat([base.bias, base.bias.new_zeros(layer.r)])     # (out + r,) = [b | 0]
+            bias_buffer = torch.cat([base.bias, base.bias.new_zeros(adapter.weight.shape[0])])  # (out + r,) = [b | 0]
             base.bias.data = bias_buffer[:out]
     layer._concatenated = (buffer, bias_buffer, _storage_pointers(layer))
 
 
-def _storage_pointers(layer: LoraLinear) -> tuple[int, int, int]:
-    """Where W0, A and the bias live now: equal to the values at build time iff still views of the buffer."""
+def _active(layer: LoraLinear) -> list[str]:
+    """The layer's active adapters that it holds."""
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _storage_pointers(layer: LoraLinear) -> tuple:
+    """Which adapter, and where W0, its A and the bias live now: equal to the values at build time
+    iff still views of the buffer (and the same single adapter is active)."""
     bias = layer.base_layer.bias
-    return (layer.base_layer.weight.data_ptr(), layer.lora_A.weight.data_ptr(),
-            bias.data_ptr() if bias is not None else 0)
+    active = _active(layer)
+    a_pointer = layer.lora_A[active[0]].weight.data_ptr() if len(active) == 1 else 0
+    return (tuple(active), layer.base_layer.weight.data_ptr(), a_pointer, bias.data_ptr() if bias is not None else 0)
 
 
 def release_concatenated_weight(layer: LoraLinear) -> None:
     """Give W0, its bias and A their own contiguous storage back and drop the buffer, if there is one."""
-    if getattr(layer, "_concatenated", None) is None:
+    built = getattr(layer, "_concatenated", None)
+    if built is None:
         return
-    tensors = [layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight]
+    adapters = [layer.lora_A[name] for name in built[2][0] if name in layer.lora_A]  # the one it was built for
+    tensors = [layer.base_layer.weight, layer.base_layer.bias, *(adapter.weight for adapter in adapters)]
     with torch.inference_mode(False), torch.no_grad():
         for tensor in tensors:
             if tensor is not None:
@@ -174,28 +185,32 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     """
     if layer.merged or layer.disabled:
         return layer.base_layer(x)
-    weight_A, weight_B = layer.lora_A.weight, layer.lora_B.weight  # (r, in), (out, r)
+    adapters = _active(layer)  # usually one; each active adapter adds its own update
     lead_shape = x.shape[:-1]
     x2d = x.reshape(-1, layer.in_features)                           # (N, in)
-    dropout_active = layer.training and isinstance(layer.lora_dropout, nn.Dropout)
+    dropout_active = layer.training and any(isinstance(layer.lora_dropout[a], nn.Dropout) for a in adapters)
     bias = layer.base_layer.bias
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight_A.requires_grad or weight_B.requires_grad
-        or layer.base_layer.weight.requires_grad or (bias is not None and bias.requires_grad))
-    same_dtype = weight_A.dtype == layer.base_layer.weight.dtype
+        x.requires_grad or layer.base_layer.weight.requires_grad or (bias is not None and bias.requires_grad)
+        or any(p.requires_grad for a in adapters for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)))
+    same_dtype = all(layer.lora_A[a].weight.dtype == layer.base_layer.weight.dtype for a in adapters)
 
-    if not needs_grad and not dropout_active and same_dtype \
+    if len(adapters) == 1 and not needs_grad and not dropout_active and same_dtype \
             and getattr(layer, "fused_concatenate", True):
         buffer, bias_buffer = _concatenated_weight(layer)
+        weight_B, scaling = layer.lora_B[adapters[0]].weight, layer.scaling[adapters[0]]  # (out, r)
         both = F.linear(x2d, buffer, bias_buffer)            # (N, in) @ (in, out + r) -> (N, out + r)
         out2d, xa = both[:, :layer.out_features], both[:, layer.out_features:]  # (N, out), (N, r)
-        out2d.addmm_(xa, weight_B.T, alpha=layer.scaling)    # (N, out) += s (N, r) @ (r, out)
+        out2d.addmm_(xa, weight_B.T, alpha=scaling)          # (N, out) += s (N, r) @ (r, out)
         return out2d.view(*lead_shape, layer.out_features)
 
     out2d = base_matmul(layer, x2d)                                  # (N, out)
-    x_adapter = x2d if same_dtype else x2d.to(weight_A.dtype)        # half base, float32 adapter
-    xa = F.linear(layer.lora_dropout(x_adapter), weight_A)           # (N, in) @ (in, r) -> (N, r)
-    if not same_dtype:
-        xa, weight_B = xa.to(out2d.dtype), weight_B.to(out2d.dtype)
-    out2d.addmm_(xa, weight_B.T, alpha=layer.scaling)                # (N, out) += s (N, r) @ (r, out)
+    for adapter in adapters:
+        weight_A, weight_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
+        same = weight_A.dtype == out2d.dtype
+        x_adapter = x2d if same else x2d.to(weight_A.dtype)          # half base, float32 adapter
+        xa = F.linear(layer.lora_dropout[adapter](x_adapter), weight_A)  # (N, in) @ (in, r) -> (N, r)
+        if not same:
+            xa, weight_B = xa.to(out2d.dtype), weight_B.to(out2d.dtype)
+        out2d.addmm_(xa, weight_B.T, alpha=layer.scaling[adapter])   # (N, out) += s (N, r) @ (r, out)
     return out2d.view(*lead_shape, layer.out_features)

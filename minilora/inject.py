@@ -132,14 +132,16 @@ def _memory_bytes(device) -> int:
 
 
 def is_lora_parameter(name: str) -> bool:
-    """True for the parameter (or state_dict key) names of an adapter: ``....lora_A.weight`` / ``lora_B``."""
+    """True for the parameter (or state_dict key) names of an adapter: ``....lora_A.<adapter>.weight`` / ``lora_B``."""
     return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """requires_grad = True for lora_A / lora_B (and biases per ``bias``), False for all else."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(is_lora_parameter(name))
+    """requires_grad = True for lora_A / lora_B of the active adapters (and biases per ``bias``), False for all else."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.set_adapter(layer.active_adapters)  # the active adapters' A and B train
     if bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -162,7 +164,7 @@ def merge(model: nn.Module, safe: bool = False) -> None:
     if safe:
         _check_merged_weights_are_finite(layers)
     for _, layer in layers:
-        if not layer.merged:
+        if _unmerged_active(layer):
             layer.merge(safe=safe)
 
 
@@ -183,7 +185,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     if safe:
         _check_merged_weights_are_finite(layers)
     for name, layer in layers:
-        if not layer.merged:
+        if _unmerged_active(layer):
             layer.merge(safe=safe)
         _replace_module(model, name, layer.base_layer)
     unwrap_saved_modules(model, keep="trained")  # modules_to_save: the trained copies stay, as in PEFT
@@ -238,11 +240,17 @@ def require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLi
     return layers
 
 
+def _unmerged_active(layer: LoraLinear) -> list[str]:
+    """The layer's active adapters whose dW is not in W0 yet."""
+    return [name for name in layer.active_adapters if name in layer.lora_A and name not in layer.merged_adapters]
+
+
 def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]]) -> None:
-    """Raise before anything changes if any unmerged layer's W0 + dW would hold NaN or inf."""
+    """Raise before anything changes if any layer's W0 + dW (of its unmerged active adapters) would hold NaN or inf."""
     for name, layer in layers:
         weight = layer.base_layer.weight
-        if not layer.merged and not bool((weight + layer.delta_weight().to(weight.dtype)).isfinite().all()):
+        merged = weight + sum(layer.delta_weight(adapter).to(weight.dtype) for adapter in _unmerged_active(layer))
+        if not bool(merged.isfinite().all()):
             raise MiniLoraError(
                 f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken (check the loss during "
                 "training). Nothing was merged."

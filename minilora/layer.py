@@ -11,6 +11,15 @@ Two kinds of base layer are wrapped:
 - GPT-2's ``transformers.pytorch_utils.Conv1D`` stores its weight (in, out) and computes
   ``x W + b``. That transposed layout is what PEFT calls ``fan_in_fan_out``; the update
   ``B A`` (out, in) must be transposed before it is added to such a weight.
+
+One layer can hold several adapters, each under a name (the first is "default"), as PEFT's layers
+do; the *active* ones each add their own update:
+
+    h = W0 x + sum over active adapters a of  (alpha_a / r_a) * B_a A_a x
+
+Their A, B and dropout live in ``nn.ModuleDict``s keyed by adapter name, so a parameter is called
+``<layer>.lora_A.default.weight``: PEFT's in-memory name, which makes trainable-parameter names
+and state dicts line up with PEFT's (files on disk drop the name of the default adapter, as PEFT's do).
 """
 
 from __future__ import annotations
@@ -55,14 +64,17 @@ class LoraLinear(nn.Module):
         use_rslora: use ``lora_alpha / sqrt(r)``.
         init_lora_weights: True (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B),
             or False (both keep nn.Linear's random init: a non-zero update, for tests).
+        adapter_name: the name this first adapter is kept under.
 
-    Attributes:
-        lora_A: nn.Linear(in, r, bias=False), weight (r, in).
-        lora_B: nn.Linear(r, out, bias=False), weight (out, r).
-        scaling: the float in front of ``B A``.
+    Attributes (one entry per adapter, keyed by its name, as in PEFT):
+        lora_A: nn.ModuleDict of nn.Linear(in, r, bias=False), weight (r, in).
+        lora_B: nn.ModuleDict of nn.Linear(r, out, bias=False), weight (out, r).
+        lora_dropout: nn.ModuleDict of nn.Dropout or nn.Identity.
+        r, lora_alpha, scaling: dicts of numbers; ``scaling[name]`` is the float in front of ``B A``.
+        active_adapters: the names whose update forward adds, in this order.
+        merged_adapters: the names whose ``dW`` W0 holds now; ``merged`` is True if there is any.
         fan_in_fan_out: True for Conv1D (weight stored (in, out)).
-        merged: True while ``W0`` holds ``W0 + scaling * B A``.
-        disabled: True while the adapter is switched off (``minilora.disabled``).
+        disabled: True while the adapters are switched off (``minilora.disabled``).
 
     Raises:
         MiniLoraError: if ``base_layer`` is neither nn.Linear nor Conv1D, or r <= 0.
@@ -80,30 +92,84 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
-        in_features, out_features = in_out_features(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.lora_A, self.lora_B, self.lora_dropout = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = [adapter_name]
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    # ----------------------------------------------------------------------------------------
+    # Forward: the math
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = base_layer(x) + scaling * lora_B(lora_A(dropout(x))), PEFT's operations in PEFT's order.
+
+        With several active adapters each adds its own ``scaling * B A dropout(x)`` in turn.
+        Merged or disabled, the update is either inside W0 already or switched off: one matmul.
+        """
+        if self.forward_override is not None:
+            return self.forward_override(self, x)
+        result = self.base_layer(x)                        # (..., out)
+        if self.merged or self.disabled:
+            return result
+        result_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_A:
+                continue  # active on other layers only (PEFT skips it too)
+            if x.dtype != self.lora_A[adapter].weight.dtype:
+                x = x.to(self.lora_A[adapter].weight.dtype)  # half base, float32 adapter
+            result = result + self.lora_update(x, adapter)
+        return result.to(result_dtype)
+
+    def lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """One adapter's term of h: scaling * B A dropout(x), (..., in) -> (..., r) -> (..., out)."""
+        lora_A, lora_B, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
+        return lora_B(lora_A(dropout(x))) * self.scaling[adapter]
+
+    # ----------------------------------------------------------------------------------------
+    # Building an adapter
+    # ----------------------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Build adapter ``adapter_name``: A and B drawn as PEFT's ``update_layer`` draws them.
+
+        The active adapters stay as they were (a new one on a fresh layer is active because
+        ``__init__`` made it so); only active adapters require grad, as in PEFT.
+        """
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise MiniLoraError(f"r must be a positive int, got {r!r}.")
-        self.base_layer = base_layer
-        self.in_features, self.out_features = in_features, out_features
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
-        self.merged = False
-        self.disabled = False
-
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise MiniLoraError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         # PEFT builds A and B as nn.Linear on the CPU in the default dtype. Building them draws
         # nn.Linear's own init from the RNG (A first, then B); we draw the same numbers so that the
         # same seed gives the same adapter as peft.get_peft_model.
-        self.lora_A = nn.Linear(in_features, r, bias=False)   # weight (r, in)
-        self.lora_B = nn.Linear(r, out_features, bias=False)  # weight (out, r)
-        self._init_adapter_weights(init_lora_weights)
-        self._match_base_device_and_dtype()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)   # weight (r, in)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)  # weight (out, r)
+        self._init_adapter_weights(adapter_name, init_lora_weights)
+        self._match_base_device_and_dtype(adapter_name)
+        self.set_adapter(self.active_adapters)
 
-    def _init_adapter_weights(self, init_lora_weights: bool | str) -> None:
+    def _init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """Mirror of PEFT's ``LoraLayer.reset_lora_parameters`` (peft 0.21.2, tuners/lora/layer.py).
 
         A is redrawn, B is zeroed: ``B A = 0`` so training starts from the base model. loralib and
@@ -112,14 +178,12 @@ class LoraLinear(nn.Module):
         if init_lora_weights is False:
             return  # keep the random nn.Linear init of both: a non-zero B A
         if init_lora_weights is True:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-        else:
-            raise MiniLoraError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
-        nn.init.zeros_(self.lora_B.weight)
+            nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        else:  # "gaussian"
+            nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
 
-    def _match_base_device_and_dtype(self) -> None:
+    def _match_base_device_and_dtype(self, adapter_name: str) -> None:
         """Put A and B on the base layer's device; their dtype follows PEFT's default.
 
         PEFT first casts the adapter to the base weight's dtype, then (``autocast_adapter_dtype=True``)
@@ -129,23 +193,55 @@ class LoraLinear(nn.Module):
         """
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else None
-        self.lora_A.to(weight.device, dtype)
-        self.lora_B.to(weight.device, dtype)
-        if dtype in HALF_DTYPES:
-            self.lora_A.to(torch.float32)
-            self.lora_B.to(torch.float32)
+        for matrix in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
+            matrix.to(weight.device, dtype)
+            if dtype in HALF_DTYPES:
+                matrix.to(torch.float32)
+
+    # ----------------------------------------------------------------------------------------
+    # Which adapters take part
+    # ----------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        """The one active adapter's name; MiniLoraError if several (or none) are active."""
+        if len(self.active_adapters) != 1:
+            raise MiniLoraError(f"{len(self.active_adapters)} adapters are active ({self.active_adapters}); "
+                                "name the one you mean.")
+        return self.active_adapters[0]
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` the active adapters; their A and B require grad (unless
+        ``inference_mode``), every other adapter's do not: PEFT's ``set_adapter`` of a layer."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.lora_A:
+            for param in (*self.lora_A[name].parameters(), *self.lora_B[name].parameters()):
+                param.requires_grad_(name in names and not inference_mode)
+        self.active_adapters = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's A, B, dropout and numbers. If it was active, the others stay active,
+        or (none left) the first remaining name in sorted order becomes active, as in PEFT."""
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling):
+            table.pop(adapter_name, None)
+        if adapter_name in self.active_adapters:
+            remaining = [name for name in self.active_adapters if name != adapter_name]
+            self.set_adapter(remaining or sorted(self.lora_A)[:1])
 
     # ----------------------------------------------------------------------------------------
     # The update, and folding it into W0
     # ----------------------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, adapter: str | None = None) -> torch.Tensor:
         """dW = scaling * B A, in the base weight's layout: (out, in) for Linear, (in, out) for Conv1D.
+
+        Args:
+            adapter: whose dW; None means the one active adapter.
 
         This is the one place dW is computed; merge and unmerge both use it. As PEFT does, a
         half-precision adapter on the CPU is multiplied in float32 (CPU half matmuls are slow and
         less exact) and the result cast back.
         """
-        weight_A, weight_B = self.lora_A.weight, self.lora_B.weight
+        adapter = self.active_adapter if adapter is None else adapter
+        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         dtype = weight_B.dtype
         cast_to_fp32 = weight_B.device.type == "cpu" and dtype in HALF_DTYPES
         if cast_to_fp32:
@@ -153,71 +249,67 @@ class LoraLinear(nn.Module):
         delta = weight_B @ weight_A  # (out, r) @ (r, in) -> (out, in)
         if self.fan_in_fan_out:
             delta = delta.T  # (in, out), the Conv1D layout
-        delta = delta * self.scaling
+        delta = delta * self.scaling[adapter]
         return delta.to(dtype) if cast_to_fp32 else delta
 
-    def merge(self, safe: bool = False) -> None:
-        """W0 <- W0 + dW. Afterwards forward is a single matmul and gives the same outputs.
+    @property
+    def merged(self) -> bool:
+        """True while W0 holds the dW of at least one adapter."""
+        return bool(self.merged_adapters)
+
+    def merge(self, safe: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W0 <- W0 + dW for each adapter named (default: the active ones) not merged yet.
+
+        Afterwards forward is a single matmul and gives the same outputs.
 
         Args:
             safe: compute the merged weight in a copy and raise if it is not finite, leaving W0
                 untouched; otherwise add in place.
+            adapter_names: which adapters to fold in; None means the active adapters.
 
-        Merging a merged layer warns and does nothing.
+        Merging what is already merged warns (PEFT's words) and skips it.
         """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
         if self.merged:
-            warnings.warn("LoraLinear is already merged; nothing to do.", stacklevel=2)
-            return
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            if safe:
-                merged_weight = weight.data.clone()
-                merged_weight += self.delta_weight().to(weight.dtype)  # as PEFT's safe_merge
-                if not torch.isfinite(merged_weight).all():
-                    raise MiniLoraError(
-                        "The merged weight has NaN or inf values: the adapter is broken (check the loss "
-                        "during training). W0 was left unchanged."
-                    )
-                weight.data = merged_weight
+            names = [name for name in names if name not in self.merged_adapters]
+            if names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.", stacklevel=2)
             else:
-                weight.data += self.delta_weight()
-        self.merged = True
+                warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+        weight = self.base_layer.weight
+        for adapter in (name for name in names if name in self.lora_A):
+            with torch.no_grad():
+                if safe:
+                    merged_weight = weight.data.clone()
+                    merged_weight += self.delta_weight(adapter).to(weight.dtype)  # as PEFT's safe_merge
+                    if not torch.isfinite(merged_weight).all():
+                        raise MiniLoraError(
+                            f"The merged weight has NaN or inf values: adapter {adapter!r} is broken (check the "
+                            "loss during training). W0 was left unchanged."
+                        )
+                    weight.data = merged_weight
+                else:
+                    weight.data += self.delta_weight(adapter)
+            self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """W0 <- W0 - dW: the inverse of ``merge`` up to rounding (about 1e-8 in float32).
+        """W0 <- W0 - dW for every merged adapter, last merged first: the inverse of ``merge`` up to
+        rounding (about 1e-8 in float32).
 
-        Unmerging an unmerged layer warns and does nothing.
+        Unmerging an unmerged layer warns (PEFT's words) and does nothing.
         """
         if not self.merged:
-            warnings.warn("LoraLinear is not merged; nothing to unmerge.", stacklevel=2)
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         weight = self.base_layer.weight
-        with torch.no_grad():
-            weight.data -= self.delta_weight().to(weight.dtype)
-        self.merged = False
-
-    # ----------------------------------------------------------------------------------------
-    # Forward
-    # ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """h = base_layer(x) + scaling * lora_B(lora_A(dropout(x))), PEFT's operations in PEFT's order.
-
-        Merged or disabled, the update is either inside W0 already or switched off: one matmul.
-        """
-        if self.forward_override is not None:
-            return self.forward_override(self, x)
-        result = self.base_layer(x)                        # (..., out)
-        if self.merged or self.disabled:
-            return result
-        result_dtype = result.dtype
-        if x.dtype != self.lora_A.weight.dtype:
-            x = x.to(self.lora_A.weight.dtype)             # half base, float32 adapter
-        update = self.lora_B(self.lora_A(self.lora_dropout(x)))  # (..., r) -> (..., out)
-        result = result + update * self.scaling
-        return result.to(result_dtype)
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data -= self.delta_weight(adapter).to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, "
-            f"fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
-        )
+        adapters = "; ".join(f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, "
+                             f"scaling={self.scaling[name]:g}" for name in self.lora_A)
+        return (f"{adapters}; active={self.active_adapters}, fan_in_fan_out={self.fan_in_fan_out}, "
+                f"merged={self.merged}")

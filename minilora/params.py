@@ -26,9 +26,9 @@ class ParameterCount(NamedTuple):
 
 
 class LayerCount(NamedTuple):
-    """One LoRA layer: its shape, its rank, and the parameters it adds, by formula and by counting."""
+    """One adapter of one LoRA layer: its shape, its rank, and the parameters it adds, by formula and by counting."""
 
-    name: str
+    name: str          # the layer's name, followed by " [adapter]" when the layer holds several
     kind: str          # "Linear" or "Conv1D"
     in_features: int
     out_features: int
@@ -65,18 +65,20 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def layer_counts(model: nn.Module) -> list[LayerCount]:
-    """One row per LoRA layer; the ``counted`` column sums to the LoRA part of the trainable total."""
+    """One row per LoRA layer and adapter; the ``counted`` column sums to the LoRA parameters of the model
+    (its trainable part when every adapter trains)."""
     rows = []
     for name, layer in lora_layers(model):
-        rows.append(LayerCount(
-            name=name,
-            kind=type(layer.base_layer).__name__ if layer.fan_in_fan_out else "Linear",
-            in_features=layer.in_features,
-            out_features=layer.out_features,
-            r=layer.r,
-            theory=layer.r * (layer.in_features + layer.out_features),
-            counted=layer.lora_A.weight.numel() + layer.lora_B.weight.numel(),
-        ))
+        for adapter in layer.lora_A:
+            rows.append(LayerCount(
+                name=name if len(layer.lora_A) == 1 else f"{name} [{adapter}]",
+                kind=type(layer.base_layer).__name__ if layer.fan_in_fan_out else "Linear",
+                in_features=layer.in_features,
+                out_features=layer.out_features,
+                r=layer.r[adapter],
+                theory=layer.r[adapter] * (layer.in_features + layer.out_features),
+                counted=layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel(),
+            ))
     return rows
 
 

@@ -42,14 +42,18 @@ class LayerChange(NamedTuple):
     singular_values: torch.Tensor  # (r,), float64, descending
 
 
-def delta_singular_values(layer: LoraLinear) -> torch.Tensor:
-    """The r singular values of ``dW = scaling * B A``, descending, in float64, from (r, r) matrices."""
-    weight_A = layer.lora_A.weight.detach().double()  # (r, in)
-    weight_B = layer.lora_B.weight.detach().double()  # (out, r)
+def delta_singular_values(layer: LoraLinear, adapter: str | None = None) -> torch.Tensor:
+    """The r singular values of ``dW = scaling * B A``, descending, in float64, from (r, r) matrices.
+
+    ``adapter``: whose dW; None means the layer's one active adapter.
+    """
+    adapter = layer.active_adapter if adapter is None else adapter
+    weight_A = layer.lora_A[adapter].weight.detach().double()  # (r, in)
+    weight_B = layer.lora_B[adapter].weight.detach().double()  # (out, r)
     _, r_B = torch.linalg.qr(weight_B)                # B = Q_B R_B, R_B: (r, r)
     _, r_A = torch.linalg.qr(weight_A.T)              # A^T = Q_A R_A, R_A: (r, r)
     core = r_B @ r_A.T                                # (r, r) @ (r, r) -> (r, r)
-    return torch.linalg.svdvals(core) * abs(layer.scaling)
+    return torch.linalg.svdvals(core) * abs(layer.scaling[adapter])
 
 
 def numerical_rank(singular_values: torch.Tensor, rtol: float = DEFAULT_RTOL) -> int:
@@ -75,13 +79,13 @@ def layer_changes(model: nn.Module, rtol: float = DEFAULT_RTOL) -> list[LayerCha
     for name, layer in lora_layers(model):
         singular_values = delta_singular_values(layer)
         base_weight = layer.base_layer.weight.detach().double()
-        if layer.merged:  # W0 currently holds W0 + dW
-            base_weight = base_weight - layer.delta_weight().detach().double()
+        for adapter in layer.merged_adapters:  # W0 currently holds W0 + dW
+            base_weight = base_weight - layer.delta_weight(adapter).detach().double()
         delta_norm = float(singular_values.square().sum().sqrt())
         base_norm = float(torch.linalg.matrix_norm(base_weight))  # Frobenius
         rows.append(LayerChange(
             name=name,
-            r=layer.r,
+            r=layer.r[layer.active_adapter],
             delta_norm=delta_norm,
             base_norm=base_norm,
             relative=delta_norm / base_norm if base_norm else float("inf"),

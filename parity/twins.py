@@ -51,9 +51,10 @@ def peft_config(config: minilora.LoraConfig, **overrides: Any):
 
 
 def peft_key(minilora_key: str) -> str:
-    """``h.0.attn.c_attn.lora_A.weight`` -> ``base_model.model.h.0.attn.c_attn.lora_A.default.weight``."""
-    for part in (".lora_A.", ".lora_B."):
-        minilora_key = minilora_key.replace(part, f"{part}{PEFT_ADAPTER}.")
+    """``h.0.attn.c_attn.lora_A.default.weight`` -> ``base_model.model.h.0.attn.c_attn.lora_A.default.weight``.
+
+    minilora's in-memory names are PEFT's; only PEFT's wrapper adds ``base_model.model.``.
+    """
     return PEFT_PREFIX + minilora_key
 
 
@@ -75,7 +76,7 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in minilora.lora_layers(model):
-            for weight in (layer.lora_A.weight, layer.lora_B.weight):
+            for weight in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
                 weight.copy_(torch.randn(weight.shape, generator=generator, dtype=torch.float64) * std)
 
 

@@ -92,10 +92,10 @@ BAD_DIRECTORIES = [
     ("r-differs-from-tensors", lambda d: edit_config(d, r=8), r"adapter_config\.json says r=8 but "
                                                              r".*lora_[AB]\.weight has shape \(\d+, \d+\), i\.e\. r=4"),
     ("key-missing", lambda d: edit_weights(d, lambda t: t.pop(B1)),
-     r"missing keys \[transformer\.h\.1\.attn\.c_attn\.lora_B\.weight\], unexpected keys \[none\]"),
+     r"missing keys \[transformer\.h\.1\.attn\.c_attn\.lora_B\.default\.weight\], unexpected keys \[none\]"),
     ("key-unexpected", lambda d: edit_weights(d, _set(PEFT_PREFIX + "transformer.h.0.mlp.c_fc.lora_A.weight",
                                                       torch.zeros(4, 32))),
-     r"unexpected keys \[transformer\.h\.0\.mlp\.c_fc\.lora_A\.weight\]"),
+     r"unexpected keys \[transformer\.h\.0\.mlp\.c_fc\.lora_A\.default\.weight\]"),
     ("shape", lambda d: edit_weights(d, _set(A0, torch.zeros(4, 31))), r"has shape \(4, 31\) but this model needs"),
     ("nan", lambda d: edit_weights(d, _set(A0, torch.full((4, 32), math.nan))), r"NaN or inf"),
     ("integers", lambda d: edit_weights(d, _set(A0, torch.zeros(4, 32, dtype=torch.int32))),
@@ -209,7 +209,7 @@ def test_save_errors(tiny_gpt2, tmp_path, unchanged):
     with pytest.raises(MiniLoraError, match=r"is a file; save_adapter writes a directory"):
         minilora.save_adapter(tiny_gpt2, tmp_path / "file")
     layer = tiny_gpt2.get_submodule("transformer.h.1.attn.c_attn")
-    layer.scaling = 7.0  # edited by hand: no longer one config for all layers
+    layer.scaling["default"] = 7.0  # edited by hand: no longer one config for all layers
     with pytest.raises(MiniLoraError, match=r"'transformer\.h\.1\.attn\.c_attn' has r=4, scaling=7"):
         minilora.save_adapter(tiny_gpt2, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -248,11 +248,12 @@ def _assert_loaded_what_is_in_the_files(model: nn.Module, directory: Path) -> No
         tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, weights_only=True)
     state = model.state_dict()
     for key, value in tensors.items():
-        assert torch.equal(state[key.removeprefix(PEFT_PREFIX)], value.to(torch.float32)), key
+        in_memory = key.removeprefix(PEFT_PREFIX).replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+        assert torch.equal(state[in_memory], value.to(torch.float32)), key
     r, alpha = fields.get("r", 8), fields.get("lora_alpha", 8)
     scaling = alpha / (math.sqrt(r) if fields.get("use_rslora", False) else r)
     for _, layer in minilora.lora_layers(model):
-        assert layer.r == r and layer.scaling == pytest.approx(scaling, rel=1e-12)
+        assert layer.r == {"default": r} and layer.scaling["default"] == pytest.approx(scaling, rel=1e-12)
 
 
 def test_fuzzed_files_fail_cleanly_or_load_exactly(tmp_path, unchanged):

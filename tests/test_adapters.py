@@ -104,7 +104,7 @@ def test_gpt2_round_trips_both_directions(gpt2_pair, tmp_path):
         warnings.simplefilter("ignore")  # PEFT corrects fan_in_fan_out for Conv1D
         theirs = peft.get_peft_model(theirs, peft_config(config))
     copy_adapters_to_peft(ours, theirs)
-    assert all(layer.lora_B.weight.abs().min() > 0 for _, layer in minilora.lora_layers(ours))  # visible update
+    assert all(layer.lora_B["default"].weight.abs().min() > 0 for _, layer in minilora.lora_layers(ours))  # visible update
     x = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(x).logits
@@ -197,7 +197,7 @@ def test_load_into_matching_layers_keeps_parameters(tiny_gpt2, tmp_path):
     with torch.no_grad():
         assert max_abs_diff(tiny_gpt2(x).logits, trained(x).logits) <= ATOL
     assert all(param is before[name] for name, param in tiny_gpt2.named_parameters())
-    assert all(layer.scaling == 16 / 4 for _, layer in minilora.lora_layers(tiny_gpt2))
+    assert all(layer.scaling == {"default": 16 / 4} for _, layer in minilora.lora_layers(tiny_gpt2))
     assert tiny_gpt2.minilora_config.lora_alpha == 16  # save_adapter now writes what was loaded
 
 
@@ -215,13 +215,13 @@ def test_is_trainable(tiny_gpt2, tmp_path):
 
 
 def test_state_dict_of_peft_model_loads_into_matching_layers(tiny_gpt2):
-    """PEFT's in-memory keys carry the adapter name (lora_A.default.weight); minilora maps them back."""
+    """PEFT's in-memory keys are minilora's (lora_A.default.weight), behind PEFT's base_model.model. prefix."""
     config = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
     mini, twin = make_twins(tiny_gpt2, config, seed=7)
     target = copy.deepcopy(tiny_gpt2)
     minilora.inject(target, config)
     peft_state = {k: v for k, v in twin.state_dict().items() if ".lora_" in k}
-    assert peft_key("transformer.h.0.attn.c_attn.lora_A.weight") in peft_state
+    assert peft_key("transformer.h.0.attn.c_attn.lora_A.default.weight") in peft_state
     minilora.load_adapter(target, peft_state)
     x = torch.arange(8).reshape(1, 8)
     with torch.no_grad():
@@ -280,6 +280,6 @@ def test_save_on_the_fused_path_writes_only_the_adapter(tiny_gpt2, tmp_path, saf
     minilora.save_adapter(tiny_gpt2, tmp_path, safe_serialization=safe_serialization)
     name = WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME
     stored = load_file(tmp_path / name) if safe_serialization else torch.load(tmp_path / name)
-    adapter_numbers = sum(layer.lora_A.weight.numel() + layer.lora_B.weight.numel()
+    adapter_numbers = sum(layer.lora_A["default"].weight.numel() + layer.lora_B["default"].weight.numel()
                           for _, layer in minilora.lora_layers(tiny_gpt2))
     assert sum(t.untyped_storage().nbytes() for t in stored.values()) == adapter_numbers * 4  # float32

@@ -220,11 +220,11 @@ def equal_spectrum_adapter(model: GPT2LMHeadModel, rank: int) -> None:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, layer in minilora.lora_layers(model):
-            q_out, _ = torch.linalg.qr(torch.randn(layer.out_features, layer.r, generator=generator))
-            q_in, _ = torch.linalg.qr(torch.randn(layer.in_features, layer.r, generator=generator))
-            layer.lora_B.weight.copy_(q_out)              # (out, r), orthonormal columns
-            layer.lora_A.weight.copy_(q_in.T)             # (r, in), orthonormal rows
-            layer.lora_A.weight[rank:] = 0                # keep ``rank`` directions
+            q_out, _ = torch.linalg.qr(torch.randn(layer.out_features, layer.r["default"], generator=generator))
+            q_in, _ = torch.linalg.qr(torch.randn(layer.in_features, layer.r["default"], generator=generator))
+            layer.lora_B["default"].weight.copy_(q_out)              # (out, r), orthonormal columns
+            layer.lora_A["default"].weight.copy_(q_in.T)             # (r, in), orthonormal rows
+            layer.lora_A["default"].weight[rank:] = 0                # keep ``rank`` directions
 
 
 @pytest.mark.parametrize("rank", [0, 1, 3])
@@ -233,11 +233,11 @@ def test_spectrum_of_a_known_update(rank):
     minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]))
     equal_spectrum_adapter(model, rank)
     for row, (_, layer) in zip(spectrum.layer_changes(model), minilora.lora_layers(model)):
-        delta = layer.delta_weight().double()  # the full (in, out) matrix: an independent reference
+        delta = layer.delta_weight("default").double()  # the full (in, out) matrix: an independent reference
         torch.testing.assert_close(row.singular_values, torch.linalg.svdvals(delta)[:4], atol=1e-6, rtol=1e-6)
         assert row.rank == rank
         assert row.effective_rank == pytest.approx(rank, abs=1e-6)  # k equal singular values -> k
-        assert row.delta_norm == pytest.approx(math.sqrt(rank) * layer.scaling, rel=1e-6)
+        assert row.delta_norm == pytest.approx(math.sqrt(rank) * layer.scaling["default"], rel=1e-6)
         expected = torch.linalg.matrix_norm(delta) / torch.linalg.matrix_norm(layer.base_layer.weight.double())
         assert row.relative == pytest.approx(expected.item(), rel=1e-6)
 

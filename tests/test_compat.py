@@ -147,7 +147,7 @@ def test_peft_methods(tiny_gpt2, tmp_path):
 
     copied = copy.deepcopy(model)  # the methods must act on the copy, not on the original
     with torch.no_grad():
-        copied.get_submodule("transformer.h.0.attn.c_attn").lora_B.weight.mul_(2)
+        copied.get_submodule("transformer.h.0.attn.c_attn").lora_B["default"].weight.mul_(2)
     copied.save_pretrained(tmp_path / "copy")
     reloaded = PeftModel.from_pretrained(make_tiny_gpt2(), tmp_path / "copy")
     with torch.no_grad():

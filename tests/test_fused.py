@@ -84,8 +84,8 @@ def test_fused_layer_matches_reference_forward_and_gradients(kind, n_in, n_out, 
     out_fused.backward(upstream)
     assert_close(x_fused.grad, x_ref.grad, FLOAT32_RTOL, "grad x")
     for name in ("lora_A", "lora_B"):
-        expected = getattr(reference, name).weight.grad
-        assert_close(getattr(fused, name).weight.grad, expected, FLOAT32_RTOL, f"grad {name}")
+        expected = getattr(reference, name)["default"].weight.grad
+        assert_close(getattr(fused, name)["default"].weight.grad, expected, FLOAT32_RTOL, f"grad {name}")
 
 
 @given(kind=st.sampled_from(["linear", "conv1d"]), r=st.integers(1, 6), alpha=st.floats(0.5, 40),
@@ -182,7 +182,7 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     before = fused(ids).logits.detach()
 
     with torch.no_grad():
-        layer.lora_A.weight.data.mul_(3.0)  # a write that autograd's version counter does not see
+        layer.lora_A["default"].weight.data.mul_(3.0)  # a write that autograd's version counter does not see
     _check_fused_equals_fresh_reference(fused, ids, "after changing A through .data")
     with torch.no_grad():
         layer.base_layer.weight.add_(0.5)   # in place: W0 is a view of the buffer
@@ -193,9 +193,9 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     _check_fused_equals_fresh_reference(fused, ids, "after replacing W0")
 
     with torch.no_grad():
-        layer.lora_A.weight.data = layer.lora_A.weight.data * -1.0  # A replaced: rebuilt from the new A
+        layer.lora_A["default"].weight.data = layer.lora_A["default"].weight.data * -1.0  # A replaced: rebuilt from the new A
     _check_fused_equals_fresh_reference(fused, ids, "after replacing A")
-    assert _concatenated_weight(layer)[0][layer.out_features:].data_ptr() == layer.lora_A.weight.data_ptr()
+    assert _concatenated_weight(layer)[0][layer.out_features:].data_ptr() == layer.lora_A["default"].weight.data_ptr()
 
     adapter = {k: v.clone() * 2 for k, v in fused.state_dict().items() if ".lora_" in k}
     fused.load_state_dict(adapter, strict=False)
@@ -230,11 +230,11 @@ def test_leaving_fused_gives_w0_its_own_storage_back():
     layers = [layer for _, layer in minilora.lora_layers(fused)]
     buffer, _ = _concatenated_weight(layers[0])  # (out + r, in) = [W0; A], W0 and A views of it
     assert layers[0].base_layer.weight.data_ptr() == buffer.data_ptr()
-    assert torch.equal(buffer[layers[0].out_features:], layers[0].lora_A.weight)
+    assert torch.equal(buffer[layers[0].out_features:], layers[0].lora_A["default"].weight)
     minilora.set_forward_path(fused, "reference")
     for layer in layers:
         assert layer._concatenated is None and layer.forward_override is None
-        for weight in (layer.base_layer.weight, layer.lora_A.weight):
+        for weight in (layer.base_layer.weight, layer.lora_A["default"].weight):
             assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.nbytes
     assert minilora.forward_path(fused) == "reference"
 

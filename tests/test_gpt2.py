@@ -125,7 +125,8 @@ def test_attn_and_mlp_targets_count_by_formula():
 def test_after_inject_only_lora_parameters_train():
     model = minilora.inject(meta_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
     names = trainable_names(model)
-    assert names and all(name.rsplit(".", 2)[-2] in ("lora_A", "lora_B") for name in names)
+    assert names and all(name.rsplit(".", 3)[-3:] in (["lora_A", "default", "weight"], ["lora_B", "default", "weight"])
+                         for name in names)
     assert len(names) == 2 * 2 * N_LAYER
     for _, layer in minilora.lora_layers(model):
         assert not any(p.requires_grad for p in layer.base_layer.parameters())

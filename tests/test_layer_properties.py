@@ -104,7 +104,7 @@ def inputs(case: Case) -> torch.Tensor:
 
 def reference_delta(layer: LoraLinear, case: Case) -> torch.Tensor:
     """scaling * B A in float64, in the base weight's layout: (out, in) Linear, (in, out) Conv1D."""
-    delta = case.scaling * (layer.lora_B.weight.double() @ layer.lora_A.weight.double())  # (out, r) @ (r, in)
+    delta = case.scaling * (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double())  # (out, r) @ (r, in)
     return delta.T if case.kind == "Conv1D" else delta
 
 
@@ -139,8 +139,8 @@ def test_adapter_dtype_follows_peft_default(kind, dtype):
     """PEFT's default (autocast_adapter_dtype=True): float32 adapters on half bases, else the base dtype."""
     layer = build(Case(kind, dtype, 6, 5, 2, 8, False, True, cast_adapters=False, seed=0))
     expected = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == expected
-    assert layer.lora_A.weight.shape == (2, 6) and layer.lora_B.weight.shape == (5, 2)  # (r, in), (out, r)
+    assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == expected
+    assert layer.lora_A["default"].weight.shape == (2, 6) and layer.lora_B["default"].weight.shape == (5, 2)  # (r, in), (out, r)
     assert layer.fan_in_fan_out == (kind == "Conv1D")
     assert layer.base_layer.weight.dtype == dtype
 
@@ -155,7 +155,7 @@ def test_delta_weight_is_scaled_product(kind, dtype, data):
     got = layer.delta_weight()
     want = reference_delta(layer, case)
     assert got.shape == layer.base_layer.weight.shape
-    assert got.dtype == layer.lora_B.weight.dtype
+    assert got.dtype == layer.lora_B["default"].weight.dtype
     assert_close(got, want, got.dtype, want.abs().max().item(), "delta_weight vs float64 scaling * B @ A")
 
 
@@ -235,7 +235,7 @@ def test_zero_b_gives_base_output_bitwise(kind, dtype, data):
     case = data.draw(cases(kind, dtype))
     layer = build(case)
     with torch.no_grad():
-        layer.lora_B.weight.zero_()
+        layer.lora_B["default"].weight.zero_()
     x = inputs(case)
     with torch.no_grad():
         assert torch.equal(layer(x), layer.base_layer(x))
@@ -248,8 +248,8 @@ def test_fresh_adapter_has_zero_b_and_gives_base_output(kind, init):
     case = Case(kind, torch.float32, 7, 5, 3, 16, False, True, cast_adapters=False, seed=3)
     base = build(case).base_layer
     layer = LoraLinear(base, r=3, lora_alpha=16, init_lora_weights=init)
-    assert torch.count_nonzero(layer.lora_B.weight) == 0
-    assert torch.count_nonzero(layer.lora_A.weight) == layer.lora_A.weight.numel()
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+    assert torch.count_nonzero(layer.lora_A["default"].weight) == layer.lora_A["default"].weight.numel()
     x = inputs(case)
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))
@@ -271,21 +271,22 @@ def test_disabled_restores_state_after_an_exception(kind):
 @layer_params
 @dtype_params
 def test_repeated_merge_or_unmerge_warns_and_does_nothing(kind, dtype):
+    """PEFT's warnings, word for word (peft 0.21.2 tuners_utils.check_adapters_to_merge, lora.Linear.unmerge)."""
     layer = build(Case(kind, dtype, 9, 6, 4, 8, False, True, False, seed=2))
     w0 = layer.base_layer.weight.detach().clone()
-    with pytest.warns(UserWarning, match="not merged"):
+    with pytest.warns(UserWarning, match="Already unmerged"):
         layer.unmerge()
     assert torch.equal(layer.base_layer.weight, w0) and not layer.merged
 
     layer.merge()
     merged = layer.base_layer.weight.detach().clone()
-    with pytest.warns(UserWarning, match="already merged"):
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do."):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, merged) and layer.merged
 
     layer.unmerge()
     after = layer.base_layer.weight.detach().clone()
-    with pytest.warns(UserWarning, match="not merged"):
+    with pytest.warns(UserWarning, match="Already unmerged"):
         layer.unmerge()
     assert torch.equal(layer.base_layer.weight, after) and not layer.merged
 
@@ -309,7 +310,7 @@ def test_safe_merge_matches_plain_merge(kind, dtype):
 def test_safe_merge_refuses_non_finite_and_leaves_w0(kind, dtype, bad):
     layer = build(Case(kind, dtype, 5, 7, 2, 8, False, True, False, seed=5))
     with torch.no_grad():
-        layer.lora_A.weight[0, 0] = bad
+        layer.lora_A["default"].weight[0, 0] = bad
     w0 = layer.base_layer.weight.detach().clone()
     with pytest.raises(MiniLoraError, match="NaN or inf"):
         layer.merge(safe=True)
@@ -322,7 +323,7 @@ def test_model_level_safe_merge_merges_nothing_when_one_layer_is_broken():
     first = build(Case("Linear", torch.float32, 4, 4, 2, 8, False, True, False, seed=6))
     second = build(Case("Conv1D", torch.float32, 4, 4, 2, 8, False, True, False, seed=7))
     with torch.no_grad():
-        second.lora_B.weight[0, 0] = float("nan")
+        second.lora_B["default"].weight[0, 0] = float("nan")
     model = nn.Sequential(first, second)
     weights = [layer.base_layer.weight.detach().clone() for layer in (first, second)]
     with pytest.raises(MiniLoraError, match="NaN or inf"):
@@ -365,7 +366,7 @@ def test_repr_shows_base_layer_r_alpha_scaling_and_merged(kind):
 def test_scaling_is_alpha_over_r_or_over_sqrt_r(use_rslora, expected):
     layer = LoraLinear(nn.Linear(3, 3), r=4, lora_alpha=32, use_rslora=use_rslora)
     config = minilora.LoraConfig(r=4, lora_alpha=32, use_rslora=use_rslora)
-    assert layer.scaling == config.scaling == expected
+    assert layer.scaling["default"] == config.scaling == expected
 
 
 def test_dropout_applies_to_the_adapter_input_only():
@@ -377,13 +378,14 @@ def test_dropout_applies_to_the_adapter_input_only():
     got = layer(x)
     torch.manual_seed(123)
     mask_x = nn.functional.dropout(x, p=0.5, training=True)  # the same draw from the same RNG state
-    want = layer.base_layer(x) + layer.lora_B(layer.lora_A(mask_x)) * layer.scaling
+    adapter_B, adapter_A = layer.lora_B["default"], layer.lora_A["default"]
+    want = layer.base_layer(x) + adapter_B(adapter_A(mask_x)) * layer.scaling["default"]
     assert torch.equal(got, want)
     layer.eval()
     with torch.no_grad():
         eval_out = layer(x)
-        assert torch.equal(eval_out, layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling)
-    assert isinstance(LoraLinear(nn.Linear(2, 2), lora_dropout=0.0).lora_dropout, nn.Identity)
+        assert torch.equal(eval_out, layer.base_layer(x) + adapter_B(adapter_A(x)) * layer.scaling["default"])
+    assert isinstance(LoraLinear(nn.Linear(2, 2), lora_dropout=0.0).lora_dropout["default"], nn.Identity)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,7 +393,7 @@ def test_dropout_applies_to_the_adapter_input_only():
 def test_adapters_live_on_the_base_layers_device(kind, device):
     base = nn.Linear(4, 3) if kind == "Linear" else Conv1D(3, 4)
     layer = LoraLinear(base.to(device), r=2, init_lora_weights=False)
-    assert layer.lora_A.weight.device.type == layer.lora_B.weight.device.type == torch.device(device).type
+    assert layer.lora_A["default"].weight.device.type == layer.lora_B["default"].weight.device.type == torch.device(device).type
     x = torch.randn(2, 4, device=device)
     with torch.no_grad():
         assert layer(x).device.type == torch.device(device).type
@@ -402,7 +404,7 @@ def test_adapters_follow_a_base_layer_on_another_device(kind):
     """The meta device stands in for an accelerator here: A and B go where W0 is, not to the default device."""
     base = (nn.Linear(4, 3) if kind == "Linear" else Conv1D(3, 4)).to("meta")
     layer = LoraLinear(base, r=2)
-    assert layer.lora_A.weight.is_meta and layer.lora_B.weight.is_meta
+    assert layer.lora_A["default"].weight.is_meta and layer.lora_B["default"].weight.is_meta
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -411,7 +413,7 @@ def test_model_to_moves_and_casts_adapters(device):
     minilora.inject(model, minilora.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
     model.to(device=device, dtype=torch.float64)
     for _, layer in minilora.lora_layers(model):
-        for weight in (layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.weight):
+        for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight):
             assert weight.dtype == torch.float64
             assert weight.device.type == torch.device(device).type
     x = torch.randn(3, 4, dtype=torch.float64, device=device)

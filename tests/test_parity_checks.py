@@ -99,15 +99,15 @@ def test_counts_fail_on_an_extra_trainable_parameter(bases):
 def test_init_fails_on_a_perturbed_weight(bases):
     pair = grid.make_pair(bases, LINEAR, "cpu")
     with torch.no_grad():
-        pair.mini.c_proj.lora_A.weight[0, 0] += 1e-6
+        pair.mini.c_proj.lora_A["default"].weight[0, 0] += 1e-6
     [row] = checks.check_init(pair)
     assert row.status == FAIL
-    assert "c_proj.lora_A.weight" in row.message and "bitwise" in row.message
+    assert "c_proj.lora_A.default.weight" in row.message and "bitwise" in row.message
 
 
 def test_forward_fails_on_a_wrong_scaling(bases):
     pair = random_pair(bases)
-    pair.mini.c_attn.scaling *= 2
+    pair.mini.c_attn.scaling["default"] *= 2
     rows = checks.check_forward(pair)
     assert statuses(rows) == {"max rel err (eval)": FAIL, "max rel err (train, same RNG)": FAIL}
     assert "exceeds bitwise equality" in rows[0].message
@@ -115,7 +115,7 @@ def test_forward_fails_on_a_wrong_scaling(bases):
 
 def test_forward_train_mode_fails_on_a_different_dropout(bases):
     pair = random_pair(bases, grid.Case("linear", lora_dropout=0.1, targets=grid.ALL_LINEAR))
-    pair.mini.c_fc.lora_dropout.p = 0.2  # eval is unaffected; train mode must see it
+    pair.mini.c_fc.lora_dropout["default"].p = 0.2  # eval is unaffected; train mode must see it
     assert statuses(checks.check_forward(pair)) == {"max rel err (eval)": PASS,
                                                     "max rel err (train, same RNG)": FAIL}
 
@@ -128,22 +128,22 @@ def test_forward_refuses_a_vacuous_comparison(bases):
 
 def test_backward_fails_on_a_wrong_scaling(bases):
     pair = random_pair(bases)
-    pair.mini.c_attn.scaling *= 1.001
+    pair.mini.c_attn.scaling["default"] *= 1.001
     [row] = checks.check_backward(pair)
     assert row.status == FAIL and "lora" in row.message
 
 
 def test_training_fails_when_one_matrix_does_not_train(bases):
     pair = random_pair(bases)
-    pair.mini.c_fc.lora_A.weight.requires_grad_(False)
+    pair.mini.c_fc.lora_A["default"].weight.requires_grad_(False)
     [row] = checks.check_training(pair, steps=2)
     assert row.status == FAIL
-    assert "c_fc.lora_A.weight" in row.message
+    assert "c_fc.lora_A.default.weight" in row.message
 
 
 def test_merge_fails_on_a_wrong_scaling(bases):
     pair = random_pair(bases)
-    pair.mini.c_proj.scaling *= 2  # dW = 2 * scaling * B A in merge
+    pair.mini.c_proj.scaling["default"] *= 2  # dW = 2 * scaling * B A in merge
     rows = checks.check_merge(pair)
     result = statuses(rows)
     assert result["max rel err (merged outputs)"] == FAIL
@@ -201,7 +201,7 @@ def test_files_fail_when_loading_loses_a_weight(bases, monkeypatch, tmp_path):
     def lossy_load(model, source, **kwargs):
         real_load(model, source, **kwargs)
         with torch.no_grad():
-            model.c_attn.lora_B.weight.zero_()
+            model.c_attn.lora_B["default"].weight.zero_()
         return model
 
     monkeypatch.setattr(minilora, "load_adapter", lossy_load)

@@ -162,8 +162,8 @@ def test_same_seed_gives_peft_adapters(model_name, init, device):
     assert_same_adapters(mini, twin, torch.float32)
     assert torch.equal(rng_mini, rng_peft), "minilora and PEFT drew a different amount of random numbers"
     for _, layer in minilora.lora_layers(mini):
-        assert layer.lora_A.weight.device == layer.base_layer.weight.device
-        assert (torch.count_nonzero(layer.lora_B.weight) == 0) == (init is not False)
+        assert layer.lora_A["default"].weight.device == layer.base_layer.weight.device
+        assert (torch.count_nonzero(layer.lora_B["default"].weight) == 0) == (init is not False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, *HALF_DTYPES], ids=lambda d: str(d).removeprefix("torch."))
@@ -270,8 +270,9 @@ def test_scaling_and_rslora_match_peft(use_rslora):
     mini, twin = make_twins(make_tiny_gpt2(), LoraConfig(r=4, lora_alpha=12, use_rslora=use_rslora))
     theirs = twin.base_model.model.transformer.h[0].attn.c_attn
     ours = mini.transformer.h[0].attn.c_attn
-    assert ours.scaling == theirs.scaling["default"]
-    assert torch.equal(ours.delta_weight(), theirs.get_delta_weight("default"))
+    assert ours.scaling == theirs.scaling == {"default": 12 / (2 if use_rslora else 4)}
+    assert ours.r == theirs.r and ours.lora_alpha == theirs.lora_alpha
+    assert torch.equal(ours.delta_weight("default"), theirs.get_delta_weight("default"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def test_one_layer_equals_peft_bitwise(kind, in_features, out_features, r, lora_
     with torch.no_grad():
         ours, theirs = mini(x), twin(x)
         assert torch.equal(ours, theirs), f"outputs differ by {max_abs_diff(ours, theirs):.3e}"
-        assert torch.equal(ours_layer.delta_weight(), theirs_layer.get_delta_weight("default"))
+        assert torch.equal(ours_layer.delta_weight("default"), theirs_layer.get_delta_weight("default"))
         ours_layer.merge()
         theirs_layer.merge()
         assert torch.equal(ours_layer.base_layer.weight, theirs_layer.base_layer.weight)

@@ -115,4 +115,4 @@ def test_trainer_on_gpt2_small_moves_only_lora(gpt2, _gpt2_pristine, tmp_path):
     for name, value in gpt2.state_dict().items():
         if ".lora_" not in name:
             assert torch.equal(value, pristine[name.replace(".base_layer.", ".")]), f"base weight {name} changed"
-    assert all(torch.count_nonzero(layer.lora_B.weight) > 0 for _, layer in minilora.lora_layers(gpt2))
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) > 0 for _, layer in minilora.lora_layers(gpt2))
