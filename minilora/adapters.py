@@ -329,7 +329,7 @@ def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, s
     whatever the model (a model with layers of the tensors' r would accept the shapes and take the
     config's scaling)."""
     for key, tensor in tensors.items():
-        side = 0 if key.endswith("lora_A.weight") else 1 if key.endswith("lora_B.weight") else None
+        side = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None  # (r, in) or (out, r)
         r = layer_rank_and_alpha(key.partition(".lora_")[0], config)[0]  # rank_pattern, else config.r
         if side is not None and tensor.dim() == 2 and tensor.shape[side] != r:
             raise MiniLoraError(f"{source}: adapter_config.json says r={r} but {key} has shape "

@@ -90,7 +90,7 @@ BAD_DIRECTORIES = [
      r"adapter_config\.json: target_modules=\['q_proj', 'v_proj'\] matches no module"),
     ("targets-not-linear", lambda d: edit_config(d, target_modules=["ln_1"]), r"is a LayerNorm"),
     ("r-differs-from-tensors", lambda d: edit_config(d, r=8), r"adapter_config\.json says r=8 but "
-                                                             r".*lora_[AB]\.weight has shape \(\d+, \d+\), i\.e\. r=4"),
+                                                             r".*lora_[AB]\.default\.weight has shape \(\d+, \d+\), i\.e\. r=4"),
     ("key-missing", lambda d: edit_weights(d, lambda t: t.pop(B1)),
      r"missing keys \[transformer\.h\.1\.attn\.c_attn\.lora_B\.default\.weight\], unexpected keys \[none\]"),
     ("key-unexpected", lambda d: edit_weights(d, _set(PEFT_PREFIX + "transformer.h.0.mlp.c_fc.lora_A.weight",
