@@ -156,21 +156,38 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def release_notes(run: Run) -> list[str]:
+    """One release's reasons: why checks FAILed or were N/A (one line per case and reason), build errors.
+
+    The release's own number reads "this release", so releases with the same reasons group together.
+    """
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for row in (run["suite"] or {}).get("results", []):
+        if row["status"] in ("FAIL", "N/A"):
+            checks = grouped.setdefault((row["status"], row["configuration"], row["message"]), [])
+            if row["check"] not in checks:
+                checks.append(row["check"])
+    notes = [f"could not run everything: {run['error']}"] if run["error"] else []
+    notes += [f"{status} {', '.join(checks)} ({configuration}): {message}"
+              for (status, configuration, message), checks in grouped.items()]
+    for name in ("peft", "PEFT"):
+        notes = [note.replace(f"{name} {run['peft']} ", "this release ") for note in notes]
+    return notes
+
+
 def details(runs: list[Run]) -> str:
-    """Per release: why checks FAILed or were N/A (one line per case and reason), and build errors."""
-    lines = []
+    """Per stretch of consecutive releases with the same reasons: the reasons, one line each."""
+    stretches: list[list] = []  # [first, last, notes]
     for run in runs:
-        grouped: dict[tuple[str, str, str], list[str]] = {}
-        for row in (run["suite"] or {}).get("results", []):
-            if row["status"] in ("FAIL", "N/A"):
-                checks = grouped.setdefault((row["status"], row["configuration"], row["message"]), [])
-                if row["check"] not in checks:
-                    checks.append(row["check"])
-        notes = [f"could not run everything: {run['error']}"] if run["error"] else []
-        notes += [f"{status} {', '.join(checks)} ({configuration}): {message}"
-                  for (status, configuration, message), checks in grouped.items()]
+        notes = release_notes(run)
+        if stretches and stretches[-1][2] == notes:
+            stretches[-1][1] = run["peft"]
+        else:
+            stretches.append([run["peft"], run["peft"], notes])
+    lines = []
+    for first, last, notes in stretches:
         if notes:
-            lines.append(f"- **peft {run['peft']}**")
+            lines.append(f"- **peft {_releases(first, last)}**")
             lines += [f"  - {_cell_text(note)}" for note in notes]
     return "\n".join(lines) if lines else "Nothing failed and nothing was N/A."
 

@@ -18,12 +18,12 @@ def row(check, status, message="", configuration="linear r=8"):
             "tolerance": 0.0, "status": status, "message": message}
 
 
-def fake_run(version, statuses, probe_values, error=""):
+def fake_run(version, statuses, probe_values=None, error=""):
     results = [row(check, status, f"why {check} {status}") for check, status in statuses]
     return {"peft": version, "environment": f"/envs/peft-{version}", "error": error,
             "versions": {"torch": "2.13.0+cpu", "transformers": f"tf-for-{version}", "peft": version},
             "suite": {"results": results},
-            "probes": {name: {"question": f"{name}?", "value": value} for name, value in probe_values.items()}}
+            "probes": {name: {"question": f"{name}?", "value": value} for name, value in (probe_values or {}).items()}}
 
 
 OLD = fake_run("0.6.2", [("forward", "PASS"), ("forward", "FAIL"), ("init", "N/A")],
@@ -121,6 +121,18 @@ def test_a_subprocess_that_writes_no_json_is_reported(tmp_path):
     assert data is None and "no_such_module_for_parity exited 1" in why and "No module named" in why
 
 
+def test_details_group_consecutive_releases_with_the_same_reasons():
+    def run(version, message):
+        return {**fake_run(version, []), "suite": {"results": [row("init", "N/A", message)]}}
+
+    runs = [run("0.6.2", "peft 0.6.2 has no X"), run("0.7.1", "peft 0.7.1 has no X"), run("0.8.2", "other"),
+            fake_run("0.9.0", [("init", "PASS")], {})]
+    text = matrix.details(runs)
+    assert text.splitlines() == ["- **peft 0.6.2 - 0.7.1**", "  - N/A init (linear r=8): this release has no X",
+                                 "- **peft 0.8.2**", "  - N/A init (linear r=8): other"]
+    assert matrix.details(runs[3:]) == "Nothing failed and nothing was N/A."
+
+
 def test_check_cells_sum_statuses():
     assert matrix.check_cell([]) == "-"
     assert matrix.check_cell([row("x", "PASS"), row("x", "N/A")]) == "PASS 1, N/A 1"
@@ -163,8 +175,11 @@ def test_target_probes_agree_with_peft_s_table_and_with_the_model_s_layers(answe
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
     from transformers.pytorch_utils import Conv1D
 
+    from minilora.targets import DEFAULT_TARGET_MODULES
+
     for architecture in ("llama", "mistral", "bert", "t5"):
         assert answers[f"default_targets_{architecture}"] == ",".join(sorted(table[architecture])), architecture
+        assert answers[f"default_targets_{architecture}"] == ",".join(sorted(DEFAULT_TARGET_MODULES[architecture]))
     llama = probes_targets._build("llama")
     linear = sorted({name.split(".")[-1] for name, module in llama.named_modules()
                      if isinstance(module, torch.nn.Linear) and name != "lm_head"})
