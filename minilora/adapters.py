@@ -36,6 +36,7 @@ from torch import nn
 
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
+from .bounded_regex import time_bound
 from .config import LoraConfig, MiniLoraError
 from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
                     write_atomically)
@@ -43,7 +44,7 @@ from .inject import CONFIG_ATTRIBUTE, inject, is_lora_parameter, lora_layers, ma
 from .layer import HALF_DTYPES, in_out_features
 from .saved_modules import (expected_saved_shapes, find_modules_to_save, is_saved_module_key, original_key,
                             saved_modules, saved_state, to_model_keys)
-from .targets import find_targets, layer_rank_and_alpha
+from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_target_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -156,6 +157,17 @@ def _saved_config(model: nn.Module) -> LoraConfig:
             "or minilora.load_adapter(model, directory) leave it. This model has none "
             f"({type(model).__name__}, {len(layers)} LoRA layers)."
         )
+    try:
+        config.validate()  # its fields may have been changed since inject
+        selected = _selected_layers(model, config, [name for name, _ in layers])
+    except MiniLoraError as error:
+        raise MiniLoraError(f"The model's config was changed after inject and is no longer valid: {error}") from None
+    if selected != [name for name, _ in layers]:
+        raise MiniLoraError(
+            f"The model's config.target_modules ({config.target_modules!r}) now selects {_few(selected)}, but the "
+            f"model's LoRA layers are {_few([name for name, _ in layers])}: the saved adapter could not be loaded "
+            "back. target_modules was changed after inject; set it back, or inject again with the new targets."
+        )
     for name, layer in layers:
         r, alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
@@ -167,6 +179,16 @@ def _saved_config(model: nn.Module) -> LoraConfig:
                 "alpha_pattern) in the config; rebuild the adapter with one config."
             )
     return config
+
+
+def _selected_layers(model: nn.Module, config: LoraConfig, layer_names: list[str]) -> list[str]:
+    """The modules the config's targets select in a model that is already injected: the LoRA layers
+    stand where their base layers stood, and modules inside a LoRA layer do not count."""
+    inside = tuple(f"{name}." for name in layer_names)
+    targets = resolve_target_modules(model, config)
+    with time_bound():
+        return [name for name, _ in model.named_modules()
+                if name and not name.startswith(inside) and is_target(name, targets, config)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, LoraConfig, MiniLoraError
+from . import bounded_regex  # re.match / re.fullmatch with a time bound (hostile files)
 from .layer import LoraLinear
 
 # PEFT's default targets per model_type (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING in
@@ -203,13 +204,13 @@ def matches(name: str, patterns: list[str] | set[str] | str) -> bool:
     """PEFT's name rule: a regex string must match the full name; a list entry must equal the name or
     be its last dotted part(s) (``"c_attn"`` matches ``"transformer.h.0.attn.c_attn"``)."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return bounded_regex.fullmatch(patterns, name)
     return name in patterns or any(name.endswith(f".{pattern}") for pattern in patterns)
 
 
 def is_saved_module(name: str, modules_to_save: Optional[list[str]]) -> bool:
     """True for a module inside (or equal to) one of ``modules_to_save``: those are never LoRA targets."""
-    return any(re.match(rf"(^|.*\.){module}($|\..*)", name) for module in modules_to_save or ())
+    return any(bounded_regex.match(rf"(^|.*\.){module}($|\..*)", name) for module in modules_to_save or ())
 
 
 def layer_index(name: str, layers_pattern: Optional[list[str] | str]) -> Optional[int]:
@@ -217,11 +218,11 @@ def layer_index(name: str, layers_pattern: Optional[list[str] | str]) -> Optiona
     (``"model.layers.3.mlp.up_proj"`` -> 3 with pattern "layers"), or without a pattern the first
     number that follows two name parts. ``None`` when there is none."""
     if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        match = bounded_regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         match = None
         for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = bounded_regex.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
             if match is not None:
                 break
     return int(match.group("idx")) if match else None
@@ -269,7 +270,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"target_modules={targets!r} is a string, so it is read as a regex, and it is not a valid one "
                 f"({error}). Fix the regex, or pass a list of names such as {suggest_targets(model)[:3]}."
             ) from None
-    names = [name for name, _ in model.named_modules() if name and is_target(name, targets, config)]
+    with bounded_regex.time_bound():
+        names = [name for name, _ in model.named_modules() if name and is_target(name, targets, config)]
     if not names and isinstance(model, LINEAR_TYPES):
         raise MiniLoraError(
             f"The model is itself a single {type(model).__name__}; inject replaces layers inside a model. "
@@ -320,7 +322,7 @@ def pattern_key(patterns: list[str], name: str) -> Optional[str]:
     """PEFT's ``get_pattern_key``: the first pattern (in the dict's order) that matches the end of
     ``name`` on a dot boundary, as a regex: ``(.*\\.)?(pattern)$``. ``None`` if none does."""
     for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        if bounded_regex.match(rf"(.*\.)?({pattern})$", name):
             return pattern
     return None
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from parity.twins import randomize_adapters
 CONFIG = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
 A0 = PEFT_PREFIX + "transformer.h.0.attn.c_attn.lora_A.weight"
 INPUT = torch.arange(12).reshape(2, 6)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -130,3 +135,65 @@ def test_config_r_that_differs_from_the_tensors_is_refused_by_a_model_with_layer
     minilora.inject(tiny_gpt2, CONFIG)
     refused(tiny_gpt2, lambda: minilora.load_adapter(tiny_gpt2, adapter),
             r"adapter_config\.json says r=8 but .* i\.e\. r=4: the config and the weights disagree", unchanged)
+
+
+# ------------------------------------------------------------------------------------------------
+# Regexes from files are bounded; a config changed after inject is refused at save time
+# ------------------------------------------------------------------------------------------------
+HOSTILE = r"(.+)+X"
+
+
+def test_a_backtracking_regex_in_a_file_does_not_hang(adapter, tmp_path):
+    """In a child process with a time limit: with re, (.+)+X on a 40-character name runs for hours.
+    The same for the other selectors that are regexes or pasted into one."""
+    edit_config(adapter, target_modules=HOSTILE)
+    code = ("import minilora; from minilora.models import tiny_gpt2\n"
+            f"try: minilora.load_adapter(tiny_gpt2(), {str(adapter)!r})\n"
+            "except minilora.MiniLoraError as error: print('refused:', error)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "refused:" in done.stdout and "matches no module" in done.stdout, done.stdout
+
+
+def test_a_regex_that_runs_out_of_time_is_an_error(tiny_gpt2, unchanged, monkeypatch):
+    from minilora import bounded_regex
+
+    monkeypatch.setattr(bounded_regex, "MATCH_SECONDS", 1e-6)
+    config = minilora.LoraConfig(r=2, target_modules=r"(.*[a-z]){25}[0-9]")
+    refused(tiny_gpt2, lambda: minilora.inject(tiny_gpt2, config), r"took more than .* s to match .*Simplify",
+            unchanged)
+
+
+def test_the_bounded_regex_selects_what_re_selects(tiny_gpt2):
+    import re
+
+    from minilora.targets import find_targets
+
+    names = [name for name, _ in tiny_gpt2.named_modules() if name]
+    for pattern in (r".*c_attn", r".*\.h\.[01]\.(attn|mlp)\.c_(attn|fc)", r"transformer\.h\.\d+\.mlp\.c_proj",
+                    r"(?i).*C_ATTN"):
+        config = minilora.LoraConfig(target_modules=pattern)
+        assert find_targets(tiny_gpt2, config) == [n for n in names if re.fullmatch(pattern, n)], pattern
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj"], ["c_fc"], r".*c_attn", r".*attn\.c_attn.*"])
+def test_target_modules_changed_after_inject_is_refused_at_save(tiny_gpt2, tmp_path, targets):
+    config = minilora.LoraConfig(r=2, target_modules=["c_attn"])
+    minilora.inject(tiny_gpt2, config)
+    config.target_modules = targets
+    if targets in (r".*c_attn", r".*attn\.c_attn.*"):  # the same layers, written as a regex: fine
+        minilora.save_adapter(tiny_gpt2, tmp_path)
+        minilora.load_adapter(minilora.models.tiny_gpt2(), tmp_path)
+        return
+    with pytest.raises(MiniLoraError, match=r"now selects .* but the model's LoRA layers are .*changed after inject"):
+        minilora.save_adapter(tiny_gpt2, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_config_made_invalid_after_inject_is_refused_at_save(tiny_gpt2, tmp_path):
+    config = minilora.LoraConfig(r=2, target_modules=["c_attn"])
+    minilora.inject(tiny_gpt2, config)
+    config.use_rslora = "false"
+    with pytest.raises(MiniLoraError, match="changed after inject .*use_rslora"):
+        minilora.save_adapter(tiny_gpt2, tmp_path)
