@@ -18,6 +18,7 @@ import os
 import sys
 
 from .config import LoraConfig, MiniLoraError
+from .files import check_writable
 from .inject import inject, lora_layers, merge_and_unload
 from .models import DEFAULT_MODEL, load_model
 from .params import layer_table, trainable_parameters_line
@@ -110,6 +111,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to write into it.")
+    check_writable(out_dir, "OUT_DIR", directory=True)
     model = load_adapted(args.adapter_dir, args.model)
     layers = len(list(lora_layers(model)))
     progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
@@ -120,19 +122,27 @@ def run_merge(args: argparse.Namespace) -> None:
     except OSError as error:
         raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. "
                             "Pass a directory you can write to.") from error
-    save_tokenizer_if_any(args.model, out_dir)
+    save_tokenizer_if_any(model, args.model, out_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
     print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
 
 
-def save_tokenizer_if_any(model_arg: str | None, out_dir: str) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def save_tokenizer_if_any(model, model_arg: str | None, out_dir: str) -> None:
     """Copy the base model's tokenizer next to the merged weights, when it has one."""
     if model_arg in (None, DEFAULT_MODEL):
         return  # the embedded model has no tokenizer of its own (see minilora/text.py)
+    source = getattr(model, "name_or_path", None) or model_arg  # where the weights came from (a cache dir offline)
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        progress(f"note: no tokenizer saved ({source} has no tokenizer files)")
+        return
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(model_arg).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
     except (OSError, ValueError) as error:
         progress(f"note: no tokenizer saved ({str(error).splitlines()[0]})")
 
@@ -145,6 +155,8 @@ def run_diff(args: argparse.Namespace) -> None:
         raise MiniLoraError(f"--plot writes a PNG; give it a file name ending in .png, not {args.plot!r}.")
     if not 0 < args.rtol < 1:
         raise MiniLoraError(f"--rtol must be between 0 and 1, got {args.rtol}. The default is 0.01.")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     model = load_adapted(args.adapter_dir, args.model)
     rows = layer_changes(model, rtol=args.rtol)
     print(change_table(rows))

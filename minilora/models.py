@@ -7,6 +7,9 @@ parameters), random values. Users with real weights pass a hub name or a local d
 
 from __future__ import annotations
 
+import os
+import urllib.parse
+
 import torch
 from torch import nn
 
@@ -51,13 +54,7 @@ def load_model(name_or_path: str | None = None, seed: int = DEFAULT_SEED, dtype:
             torch.manual_seed(seed)
             model = GPT2LMHeadModel(GPT2Config())
     else:
-        try:
-            model = model_class(name_or_path).from_pretrained(name_or_path)
-        except (OSError, ValueError) as error:  # missing files; a config.json transformers can't read
-            raise MiniLoraError(
-                f"Could not load model {name_or_path!r}: {error}\nPass a local directory that holds "
-                "config.json and the weights, or leave --model out to use the embedded default."
-            ) from error
+        model = _from_pretrained(name_or_path)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -86,3 +83,55 @@ def model_class(name_or_path: str) -> type:
             "use the Python API: minilora.load_adapter(model, directory)."
         )
     return cls
+
+
+def _from_pretrained(name_or_path: str) -> nn.Module:
+    """``model_class(...).from_pretrained`` for a local directory, or a hub name from the cache; without a
+    cached copy, the hub is asked only if it can be reached, so that an offline machine gets an answer
+    in seconds (transformers alone retries for about a minute)."""
+
+    def load(**kwargs):
+        try:
+            return model_class(name_or_path).from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError) as error:  # missing files; a config.json transformers can't read
+            raise MiniLoraError(
+                f"Could not load model {name_or_path!r}: {error}\nPass a local directory that holds "
+                "config.json and the weights, or leave --model out to use the embedded default."
+            ) from error
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise MiniLoraError(f"Model path {name_or_path!r} is a file; pass the directory that holds config.json "
+                                "and the weights (what save_pretrained wrote).")
+        return load()
+    if os.path.isabs(path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 \
+            or "\\" in name_or_path:
+        raise MiniLoraError(f"Model path {name_or_path!r} does not exist. Pass an existing directory that holds "
+                            "config.json and the weights, or a Hugging Face hub name such as gpt2.")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if not constants.HF_HUB_OFFLINE and _reachable(host):
+        return load()
+    cached = try_to_load_from_cache(name_or_path, "config.json")  # a path in the cache's snapshot, or not
+    if isinstance(cached, str):
+        name_or_path = os.path.dirname(cached)  # a local directory: no network calls (and no retries)
+        return load()
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached from here"
+    raise MiniLoraError(
+        f"Model {name_or_path!r} is not in your Hugging Face cache, and {why}. Download it on a machine with "
+        f"network access (huggingface-cli download {name_or_path}) and copy the cache, or pass a local "
+        "directory with config.json and the weights, or leave --model out to use the embedded default."
+    )
+
+
+def _reachable(host: str, seconds: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``seconds`` (name lookup included)."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=seconds).close()
+        return True
+    except OSError:
+        return False
