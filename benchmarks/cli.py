@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             print(f"error: --threads must be at least 1, got {args.threads}.", file=sys.stderr)
             return 2
+    from minilora import MiniLoraError
+    from minilora.files import check_writable
+
+    try:  # before minutes of timing, not after
+        check_writable(args.out, "--out", directory=True)
+    except MiniLoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     plan = quick_plan() if args.quick else full_plan()
     if args.threads is not None:
         plan.threads = args.threads

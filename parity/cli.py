@@ -24,7 +24,9 @@ max|a - b| / max|b| below a per-dtype bound. Statuses: PASS, FAIL, SKIP (cannot 
 grid: GPT-2 small (embedded random weights, or --model) and a plain nn.Linear model; r in {1, 8, 64},
 alpha, rsLoRA, dropout, targets [c_attn] and [c_attn,c_proj,c_fc], float32 / float64 / bfloat16.
 
-exit status: 0 when nothing FAILed, 1 when a check FAILed, 2 for a usage error.
+exit status: 0 when nothing FAILed; 1 when a check FAILed (and only then); 2 for a usage or I/O error
+(a bad option, a --model that cannot be loaded, a --json path that cannot be written), reported in one
+"error: ..." line before any check runs.
 across PEFT versions: python -m parity matrix --help
 """
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minilora import MiniLoraError
+    from minilora.files import check_writable
     from parity import grid, report, suite
 
     torch.set_num_threads(args.threads)
@@ -79,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    if args.model is not None:
-        try:  # fail early, with minilora's message, before the long run
+    try:  # fail early, with minilora's message, before the long run
+        if args.json:
+            check_writable(args.json, "--json")
+        if args.model is not None:
             grid.Bases(args.model).get("gpt2", "float32", "cpu")
-        except MiniLoraError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    except MiniLoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cases = grid.quick_grid(args.model) if args.quick else grid.full_grid()
     start = time.perf_counter()
     results = suite.run_suite(cases, suite.resolve_devices(args.device), model_name=args.model,
@@ -93,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"finished in {time.perf_counter() - start:.0f}s\n")
     report.print_report(results, sys.stdout)
     if args.json:
-        report.write_json(results, args.json)
+        try:
+            report.write_json(results, args.json)
+        except OSError as error:
+            print(f"error: --json {args.json!r} could not be written ({error}); the report is above.", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
