@@ -107,7 +107,7 @@ def _from_pretrained(name_or_path: str) -> nn.Module:
         return load()
     if os.path.isabs(path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 \
             or "\\" in name_or_path:
-        raise MiniLoraError(f"Model path {name_or_path!r} does not exist. Pass an existing directory that holds "
+        raise MiniLoraError(f"Model path {name_or_path!r} does not exist. Pass an existing local directory that holds "
                             "config.json and the weights, or a Hugging Face hub name such as gpt2.")
     from huggingface_hub import constants, try_to_load_from_cache
 
