@@ -131,7 +131,7 @@ def test_inspect_bad_input(capsys, tiny_dir, argv, fragment):
 
 def test_bad_model_paths(capsys, tmp_path):
     assert_user_error(*run(capsys, "inspect", "--model", str(tmp_path))[::2], "without config.json")
-    assert_user_error(*run(capsys, "inspect", "--model", str(tmp_path / "missing"))[::2], "Could not load model")
+    assert_user_error(*run(capsys, "inspect", "--model", str(tmp_path / "missing"))[::2], "missing' does not exist")
 
 
 # ------------------------------------------------------------------------------------------
