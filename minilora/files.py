@@ -104,9 +104,10 @@ def _sync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def check_writable(path: str | os.PathLike, what: str, directory: bool = False) -> None:
+def check_writable(path: str | os.PathLike, what: str, directory: bool = False, parents: bool = False) -> None:
     """Raise MiniLoraError now, before a long run, if ``path`` (a file, or with ``directory`` a folder)
-    could not be written. Creates nothing: a missing folder is judged by its nearest existing parent."""
+    could not be written. Creates nothing: a missing folder that the writer will create (``directory``,
+    or ``parents`` for a file's folders) is judged by its nearest existing parent."""
     from .config import MiniLoraError
 
     path = Path(path).expanduser()
@@ -116,7 +117,7 @@ def check_writable(path: str | os.PathLike, what: str, directory: bool = False) 
         problem = "it is a file"
     else:
         folder = path if directory else path.parent
-        while directory and not folder.exists() and folder != folder.parent:
+        while (directory or parents) and not folder.exists() and folder != folder.parent:
             folder = folder.parent  # save_pretrained / mkdir create the missing ones
         problem = None if folder.is_dir() else f"{folder} is not a directory" if folder.exists() \
             else f"directory {folder} does not exist"

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # fail early, with minilora's message, before the long run
         if args.json:
-            check_writable(args.json, "--json")
+            check_writable(args.json, "--json", parents=True)
         if args.model is not None:
             grid.Bases(args.model).get("gpt2", "float32", "cpu")
     except MiniLoraError as error:
