@@ -48,7 +48,7 @@ def linear_layers(model: nn.Module) -> list[tuple[str, int, int]]:
 
 
 def lora_floor(model: nn.Module, targets: tuple, r: int, forwards: list[tuple[int, int, int]],
-               training: bool = False) -> dict[str, float]:
+               training: bool = False, adapters: int = 1) -> dict[str, float]:
     """{"macs": LoRA MACs / base MACs, "bytes": LoRA bytes / base bytes} over a list of forwards.
 
     Args:
@@ -59,6 +59,8 @@ def lora_floor(model: nn.Module, targets: tuple, r: int, forwards: list[tuple[in
         forwards: (batch, new_tokens, context) per forward call of the workload, e.g. one
             (4, 128, 128) for prefill, or (1, 8, 8) then (1, 1, 9), (1, 1, 10), ... for decode.
         training: count forward and backward (see the module docstring).
+        adapters: how many adapters' A and B one call reads (a mixed batch: each row runs one
+            adapter, so the multiply-adds stay those of one, but every adapter's weights are read).
     """
     layers = linear_layers(model)
     adapted = [(fan_in, fan_out) for name, fan_in, fan_out in layers if name.split(".")[-1] in targets]
@@ -73,7 +75,7 @@ def lora_floor(model: nn.Module, targets: tuple, r: int, forwards: list[tuple[in
         lora_macs += 3 * adapter_macs if training else adapter_macs
         forward_base_bytes = sum(fan_in * fan_out + n * fan_in + n * fan_out for _, fan_in, fan_out in layers) \
             + n_layer * 2 * batch * context * d
-        forward_lora_bytes = sum(r * (fan_in + fan_out) + 2 * n * r for fan_in, fan_out in adapted)
+        forward_lora_bytes = sum(adapters * r * (fan_in + fan_out) + 2 * n * r for fan_in, fan_out in adapted)
         gradients = sum(r * (fan_in + fan_out) for fan_in, fan_out in adapted)
         base_bytes += 2 * forward_base_bytes if training else forward_base_bytes
         lora_bytes += (2 * forward_lora_bytes + gradients) if training else forward_lora_bytes

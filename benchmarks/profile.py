@@ -82,3 +82,68 @@ def profile_prefill(base, config, weights: dict, shape: tuple, vocab: int, devic
             "extra_calls": sum(calls.values()) - sum(base_profile["calls"].values()),
         }
     return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Why the concatenated weight's layout matters (one layer, raw tensors)
+# ------------------------------------------------------------------------------------------------
+def layout_forms(fan_in: int, fan_out: int, r: int, rows: int, device: str, seed: int = 0) -> dict:
+    """The ways to compute one Conv1D layer's ``x W0 + b + s (x A^T) B^T`` for ``rows`` tokens.
+
+    ``base``: Conv1D's own ``addmm(b, x, W0)`` (no LoRA: the floor). ``addmm``: the base matmul,
+    ``x A^T`` and ``addmm_`` (fused, concatenate=False). ``rows [W0; A]``: one matmul over the
+    buffer stacked as nn.Linear stores weights, (out + r, in), then the slice and ``addmm_`` (what
+    the fused path did before). ``cols [W0 | A^T]``: the buffer in Conv1D's own layout, (in, out + r)
+    (what it does now). The ``... matmul only`` forms drop the slice and ``addmm_``: what the big
+    matmul alone costs in each layout.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(device) * 0.05
+    x, W0, b, A, B = make(rows, fan_in), make(fan_in, fan_out), make(fan_out), make(r, fan_in), make(fan_out, r)
+    rows_buffer = torch.cat([W0.T, A])                        # (out + r, in)
+    cols_buffer = torch.cat([W0, A.T], dim=1)                 # (in, out + r)
+    bias_buffer = torch.cat([b, b.new_zeros(r)])
+
+    def addmm_path():
+        out = torch.addmm(b, x, W0)
+        return out.addmm_(torch.nn.functional.linear(x, A), B.T, alpha=2.0)
+
+    def concatenated(both):
+        out, xa = both[:, :fan_out], both[:, fan_out:]
+        return out.addmm_(xa, B.T, alpha=2.0)
+
+    return {
+        "base": lambda: torch.addmm(b, x, W0),
+        "addmm": addmm_path,
+        "rows [W0; A]": lambda: concatenated(torch.nn.functional.linear(x, rows_buffer, bias_buffer)),
+        "cols [W0 | A^T]": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer)),
+        "rows matmul only": lambda: torch.nn.functional.linear(x, rows_buffer, bias_buffer),
+        "cols matmul only": lambda: torch.addmm(bias_buffer, x, cols_buffer),
+    }
+
+
+def profile_layouts(shapes: list[tuple[int, int]], r: int, device: str, rows_per_call: tuple = (1, 128),
+                    repeats: int = 20, min_rounds: int = 10, max_rounds: int = 40, max_seconds: float = 20.0) -> list:
+    """Per layer shape and token count: each form's median per-round ratio to ``base`` with its interval.
+
+    One call of a form is ``repeats`` back-to-back calls (a single one-token matmul takes tens of
+    microseconds: too short to time alone).
+    """
+    from .timing import interleaved, summarize
+
+    table = []
+    for fan_in, fan_out in shapes:
+        for rows in rows_per_call:
+            forms = layout_forms(fan_in, fan_out, r, rows, device)
+            expected = forms["addmm"]()
+            for name in ("rows [W0; A]", "cols [W0 | A^T]"):
+                assert torch.allclose(forms[name](), expected, rtol=1e-4, atol=1e-5), name
+            functions = {name: (lambda f: lambda: [f() for _ in range(repeats)])(f) for name, f in forms.items()}
+            timed = interleaved(functions, device, "base", min_rounds, max_rounds, max_seconds)
+            summary = summarize(timed, "base")
+            first = timed["clocks"][0]
+            table.append({"in": fan_in, "out": fan_out, "rows": rows, "rounds": timed["rounds"],
+                          "us_per_call": {n: c[first]["median_s"] / repeats * 1e6 for n, c in summary.items()},
+                          "ratio": {n: [c[first]["ratio"], c[first]["low"], c[first]["high"]]
+                                    for n, c in summary.items()}})
+    return table

@@ -74,6 +74,8 @@ WORKLOAD_TITLES = {"prefill": "prefill batch {0} x seq {1}", "decode": "decode l
 def section_title(key: tuple) -> str:
     table, workload, shape, targets, r, dropout = key
     what = WORKLOAD_TITLES.get(workload, workload + " {0} x {1}").format(*shape)
+    if table.startswith("mixed"):
+        what = what.replace(" at batch 1", f" at batch {shape[0]}")
     return (f"{what} | targets {','.join(targets)} | r={r}"
             + (f" | lora_dropout={dropout}" if dropout is not None else "") + f" | {table}")
 
@@ -100,17 +102,22 @@ HEADER = ["variant", "{0} ms", "ratio ({0})", "95% interval", "ratio (wall)", "w
           "floor MACs", "floor bytes", "max rel diff vs reference"]
 
 
-def header(clock: str) -> list[str]:
-    return [h.format(clock) for h in HEADER]
+def header(measurements: list[dict]) -> list[str]:
+    clock = measurements[0]["clock"]
+    tokens = [f"tokens/s ({clock})"] if "tokens" in measurements[0] else []
+    return [h.format(clock) for h in HEADER[:2]] + tokens + [h.format(clock) for h in HEADER[2:]]
 
 
 def rows(measurements: list[dict]) -> list[list[str]]:
+    """One row per variant: time, ratios with their intervals on both clocks, the floor, validation."""
     out = []
     for m in measurements:
         first, wall = m["clocks"][m["clock"]], m["clocks"]["wall"]
-        out.append([m["variant"], f"{first['median_s'] * 1000:.1f}", f"{first['ratio']:.3f}", _interval(first),
-                    f"{wall['ratio']:.3f}", _interval(wall), f"+{m['floor']['macs'] * 100:.2f}%",
-                    f"+{m['floor']['bytes'] * 100:.2f}%", _diff(m["validation_max_rel_diff"])])
+        tokens = [f"{m['tokens'] / first['median_s']:.0f}"] if "tokens" in m else []
+        out.append([m["variant"], f"{first['median_s'] * 1000:.1f}"] + tokens + [
+            f"{first['ratio']:.3f}", _interval(first), f"{wall['ratio']:.3f}", _interval(wall),
+            f"+{m['floor']['macs'] * 100:.2f}%", f"+{m['floor']['bytes'] * 100:.2f}%",
+            _diff(m["validation_max_rel_diff"])])
     return out
 
 
@@ -129,7 +136,7 @@ def terminal(results: dict) -> str:
     blocks = []
     for key, ms in sections(results).items():
         blocks.append(f"{section_title(key)}  (ratio to {ms[0]['ratio_to']}; {stopping(ms[0]).replace('**', '')})\n"
-                      + text_table(header(ms[0]["clock"]), rows(ms)))
+                      + text_table(header(ms), rows(ms)))
     if results["memory"]:
         blocks.append("peak memory (MiB beyond what the model holds)\n" + text_table(*memory_table(results)))
     verdicts = targets_check(results)
@@ -235,7 +242,7 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
         for key, ms in sections(results).items():
             if key[0] == table:
                 lines += [f"### {section_title(key)}", "", f"Ratio to {ms[0]['ratio_to']}; {stopping(ms[0])}.", "",
-                          markdown_table(header(ms[0]["clock"]), rows(ms)), ""]
+                          markdown_table(header(ms), rows(ms)), ""]
     if results["memory"]:
         lines += ["## Peak memory", "", "Each variant in its own process; the peak of one call beyond the "
                   "memory held before it (CPU: RSS high-water mark reset before the call).", "",
@@ -245,6 +252,8 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
                   [[k, f"{v:.1f}"] for k, v in results["compile_s"].items()]), ""]
     if results.get("profile"):
         lines += profile_markdown(results["profile"])
+    if results.get("layouts"):
+        lines += layouts_markdown(results["layouts"])
     if results["failures"]:
         lines += ["## Failures", ""] + [f"- {f['measurement']} / {f['variant']}: {f['error']}"
                                         for f in results["failures"]] + [""]
@@ -282,6 +291,22 @@ def profile_markdown(profile: dict) -> list[str]:
     lines += [markdown_table(["variant", "op time ms", "LoRA matmuls", "their ms", "extra elementwise",
                               "LoRA share", "aten calls vs base"], body), ""]
     return lines
+
+
+def layouts_markdown(layouts: list[dict]) -> list[str]:
+    """The per-layer layout study (benchmarks/profile.py, ``profile_layouts``)."""
+    forms = list(layouts[0]["ratio"])
+    lines = ["## The concatenated weight's layout, one layer at a time", "",
+             "One Conv1D layer's output with its LoRA update, computed each way for 1 token (decode) and "
+             "128 (prefill); median per-round ratio to the layer without LoRA (`base`), 95% interval, "
+             "process CPU time, one thread. `rows [W0; A]`: one matmul over the weight stacked as nn.Linear "
+             "stores it, (out + r, in); `cols [W0 | A^T]`: stacked in Conv1D's own layout, (in, out + r); "
+             "`addmm`: no concatenation (base matmul, x A^T, addmm_). `... matmul only`: the big matmul "
+             "without the slice and the rank-r addmm_.", ""]
+    body = [[f"{row['in']} -> {row['out']}", str(row["rows"]), f"{row['us_per_call']['base']:.0f}"]
+            + [f"{row['ratio'][f][0]:.3f} ({row['ratio'][f][1]:.3f}-{row['ratio'][f][2]:.3f})" for f in forms[1:]]
+            for row in layouts]
+    return lines + [markdown_table(["layer", "tokens", "base us"] + forms[1:], body), ""]
 
 
 def plot(results: dict, path: Path) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -90,6 +91,8 @@ class Runner:
                 if self.is_main(targets, r):
                     for dropout in plan.dropouts:
                         self.training_case(targets, r, dropout)
+            for n in plan.mixed_adapters:
+                self.mixed_case(n)
             cores = os.cpu_count() or 1
             if plan.all_cores and torch.device(self.device).type == "cpu" and cores > one_thread:
                 self.threads = cores
@@ -106,6 +109,13 @@ class Runner:
                 self.results["profile"] = profile_prefill(self.base, config,
                                                           adapter_weights(self.base, config, plan.seed),
                                                           plan.prefill_shapes[0], self.vocab, self.device)
+                from .floor import linear_layers
+                from .profile import profile_layouts
+                shapes = list(dict.fromkeys((i, o) for name, i, o in linear_layers(self.base)
+                                            if name.split(".")[-1] in targets))
+                self.log(f"profiling the concatenated weight's layout on {len(shapes)} layer shapes")
+                self.results["layouts"] = profile_layouts(shapes, r, self.device,
+                                                          max_seconds=plan.other_max_seconds / 3)
         finally:
             torch.set_num_threads(default_threads)
         self.results["total_s"] = time.perf_counter() - self.started
@@ -186,7 +196,6 @@ class Runner:
     def measure(self, models: dict, workload, targets: tuple, r: int, dropout, ratio_to: str,
                 table: str = "one thread") -> None:
         """Validate every variant against the reference path, then time the valid ones together."""
-        plan = self.plan
         label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r}" + (
             f" dropout={dropout}" if dropout is not None else "") + f" [{table}]"
         self.log(f"{label}: validating {len(models)} variants")
@@ -196,25 +205,89 @@ class Runner:
                 self.fail(label, ratio_to, "the ratio reference failed; nothing timed")
             return
         functions = {name: workload.prepare(models[name]) for name in models if name in checked}  # table order
+        lora = lora_floor(self.base, targets, r, workload.forwards(), training=workload.name == "train")
+        main = self.is_main(targets, r) and table == "one thread"
+        self.time_and_record(functions, checked, label, ratio_to, lora, {
+            "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
+            "r": r, "dropout": dropout}, self.plan.max_seconds if main else self.plan.other_max_seconds)
+
+    def time_and_record(self, functions: dict, checked: dict, label: str, ratio_to: str, lora: dict,
+                        fields: dict, seconds: float, tokens: int | None = None) -> None:
+        """Time the validated functions in interleaved rounds and add one measurement per variant."""
+        plan = self.plan
         self.log(f"{label}: timing {', '.join(functions)}")
-        seconds = plan.max_seconds if self.is_main(targets, r) and table == "one thread" else plan.other_max_seconds
         timed = interleaved(functions, self.device, ratio_to, plan.min_rounds, plan.max_rounds, seconds,
                             plan.resolution, on_round=lambda k, width: self.log(
                                 f"{label}: round {k}, widest interval +-{width * 100:.1f}%") if k % 10 == 0 else None)
         summary = summarize(timed, ratio_to)
-        lora = lora_floor(self.base, targets, r, workload.forwards(), training=workload.name == "train")
         for name, clocks in summary.items():
             no_adapter = name in ("base", "base-copy", "merged", "peft-merged")
             self.results["measurements"].append({
-                "table": table, "threads": self.threads, "workload": workload.name, "shape": list(workload.shape),
-                "targets": list(targets), "r": r, "dropout": dropout, "variant": name, "ratio_to": ratio_to,
+                **fields, "threads": self.threads, "variant": name, "ratio_to": ratio_to,
                 "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
                 "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
                 "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,
+                **({"tokens": tokens} if tokens else {}),
             })
         first = timed["clocks"][0]
         line = "  ".join(f"{name} {c[first]['ratio']:.3f}" for name, c in summary.items())
         self.log(f"{label}: {timed['rounds']} rounds ({timed['stopped']}), {first} time x{ratio_to}: {line}")
+
+    def mixed_case(self, n: int) -> None:
+        """A batch whose row i runs adapter i mod n: PEFT's adapter_names, minilora's, the gathered form,
+        against one merged adapter on the same batch. Every variant is checked row by row first."""
+        from . import mixed
+
+        plan = self.plan
+        targets, r = plan.main_case
+        config = lora_config(tuple(targets), r, 0.0, plan.lora_alpha_per_r)
+        names = [mixed.adapter_name(i % n) for i in range(plan.mixed_batch)]
+        source = mixed.minilora_with_adapters(self.base, config, n, plan.seed)
+        builders = {
+            "merged": lambda: mixed.merged_single(source),
+            "peft-mixed": lambda: mixed.peft_with_adapters(self.base, config, source, n),
+            "minilora-mixed": lambda: copy.deepcopy(source),
+            "gathered": lambda: mixed.gathered_model(copy.deepcopy(source), [mixed.adapter_name(i) for i in range(n)]),
+        }
+        table = f"mixed batch, {n} adapter{'s' if n > 1 else ''}"
+        workloads = [mixed.MixedPrefill(plan.mixed_batch, plan.mixed_seq, self.vocab, self.device),
+                     mixed.MixedDecode(plan.mixed_batch, plan.decode_prompt, plan.mixed_tokens, self.vocab, self.device)]
+        models = {}
+        for name in plan.mixed_variants:
+            try:
+                models[name] = builders[name]()
+            except Exception as error:
+                self.fail(table, name, error)
+        for workload in workloads:
+            label = f"{workload.name} {workload.shape} [{table}]"
+            self.log(f"{label}: validating {len(models)} variants row by row")
+            expected = mixed.rows_alone(workload, copy.deepcopy(source), names)
+            checked, functions = {}, {}
+            for name, model in models.items():
+                forward = mixed.forward_function(name, model, names)
+                try:
+                    got = workload.run(forward)
+                except Exception as error:  # e.g. a minilora without adapter_names
+                    self.fail(label, name, error)
+                    continue
+                if name == "merged" and n > 1:
+                    checked[name] = "one adapter (the cost floor)"
+                else:
+                    difference = relative_difference(got, expected)
+                    if difference > TOLERANCE:
+                        self.fail(label, name, f"differs from each row run alone by {difference:.3g} (relative) "
+                                               f"> {TOLERANCE:g}; not timed")
+                        continue
+                    checked[name] = difference
+                functions[name] = (lambda workload, forward: lambda: workload.run(forward))(workload, forward)
+            if "merged" not in checked:
+                self.fail(label, "merged", "the ratio reference failed; nothing timed")
+                continue
+            lora = lora_floor(self.base, targets, r, workload.forwards(), adapters=n)
+            self.time_and_record(functions, checked, label, "merged", lora, {
+                "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
+                "r": r, "dropout": None, "adapters": n}, plan.other_max_seconds, tokens=workload.tokens())
+        del models
 
     def fail(self, label: str, variant: str, error) -> None:
         message = error if isinstance(error, str) else \

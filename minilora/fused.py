@@ -98,17 +98,19 @@ def _layer_path(layer: LoraLinear) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The concatenated weight [W0; A]
+# The concatenated weight [W0; A] (nn.Linear) or [W0 | A^T] (Conv1D)
 # ------------------------------------------------------------------------------------------------
 def build_concatenated_weight(layer: LoraLinear) -> None:
-    """Stack W0 and A in one buffer, (out + r, in), and make W0, its bias and A views of it.
+    """Stack W0 and A in one buffer in W0's own layout, and make W0, its bias and A views of it.
 
-    The buffer holds the weights as nn.Linear does, (out, in) rows for W0 then (r, in) rows for A,
-    so that ``F.linear(x, buffer)`` gives ``[x W0^T | x A^T]`` in one matmul. For nn.Linear, W0 is
-    the buffer's first ``out`` rows; for Conv1D (weight stored (in, out)) it is their transpose,
-    a strided (in, out) view that Conv1D's ``addmm`` reads just as well. Skipped (nothing built)
-    unless exactly one adapter is active, and while A's dtype differs from W0's (a half-precision
-    base with a float32 adapter).
+    nn.Linear stores W0 as (out, in): the buffer is (out + r, in) = [W0; A], W0 its first ``out``
+    rows and A the last r, and ``F.linear(x, buffer)`` gives ``[x W0^T | x A^T]``. Conv1D stores
+    W0 as (in, out): the buffer is (in, out + r) = [W0 | A^T], W0 its first ``out`` columns and A
+    the transpose of the last r, and ``addmm(b, x, buffer)`` gives the same. Keeping W0's layout
+    keeps the base matmul the kernel it was: stacked as (out + r, in) rows instead, a Conv1D's
+    one-token matmul (decode) ran 1.2-1.7x slower on a 2-core CPU (benchmarks/results/latest.md).
+    Skipped (nothing built) unless exactly one adapter is active, and while A's dtype differs from
+    W0's (a half-precision base with a float32 adapter).
     """
     active = _active(layer)
     if len(active) != 1 or layer.lora_A[active[0]].weight.dtype != layer.base_layer.weight.dtype:
@@ -117,15 +119,24 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
     base, adapter = layer.base_layer, layer.lora_A[active[0]]
     out = layer.out_features
     with torch.inference_mode(False), torch.no_grad():  # normal tensors even if called under inference_mode
-        weight_rows = base.weight.T if layer.fan_in_fan_out else base.weight       # (out, in)
-        buffer = torch.cat([weight_rows, adapter.weight])                           # (out + r, in) = [W0; A]
-        base.weight.data = buffer[:out].T if layer.fan_in_fan_out else buffer[:out]  # a view, W0's own layout
-        adapter.weight.data = buffer[out:]                                          # (r, in), a view
+        if layer.fan_in_fan_out:  # Conv1D
+            buffer = torch.cat([base.weight, adapter.weight.T], dim=1)  # (in, out + r) = [W0 | A^T]
+        else:                     # nn.Linear
+            buffer = torch.cat([base.weight, adapter.weight])           # (out + r, in) = [W0; A]
+        base.weight.data, adapter.weight.data = split_concatenated(layer, buffer)  # views of the buffer
         bias_buffer = None
         if base.bias is not None:
             bias_buffer = torch.cat([base.bias, base.bias.new_zeros(adapter.weight.shape[0])])  # (out + r,) = [b | 0]
             base.bias.data = bias_buffer[:out]
     layer._concatenated = (buffer, bias_buffer, _storage_pointers(layer))
+
+
+def split_concatenated(layer: LoraLinear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 and A as views of a concatenated buffer, in W0's layout: ((out, in) or (in, out), (r, in))."""
+    out = layer.out_features
+    if layer.fan_in_fan_out:                 # buffer (in, out + r) = [W0 | A^T]
+        return buffer[:, :out], buffer[:, out:].T
+    return buffer[:out], buffer[out:]        # buffer (out + r, in) = [W0; A]
 
 
 def _active(layer: LoraLinear) -> list[str]:
@@ -177,6 +188,14 @@ def base_matmul(layer: LoraLinear, x2d: torch.Tensor) -> torch.Tensor:
     return F.linear(x2d, weight, bias)  # nn.Linear: weight (out, in); out = x W^T + b
 
 
+def concatenated_matmul(layer: LoraLinear, x2d: torch.Tensor, buffer: torch.Tensor,
+                        bias_buffer: torch.Tensor | None) -> torch.Tensor:
+    """[x W0^T + b | x A^T] for rows x2d (N, in) -> (N, out + r), in the buffer's layout."""
+    if layer.fan_in_fan_out:  # buffer (in, out + r): x @ buffer + [b | 0]
+        return torch.addmm(bias_buffer, x2d, buffer) if bias_buffer is not None else x2d @ buffer
+    return F.linear(x2d, buffer, bias_buffer)  # buffer (out + r, in): x @ buffer^T + [b | 0]
+
+
 def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     """h = W0 x + b + s * B A dropout(x), with the update added into the base output in place.
 
@@ -199,7 +218,7 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
             and getattr(layer, "fused_concatenate", True):
         buffer, bias_buffer = _concatenated_weight(layer)
         weight_B, scaling = layer.lora_B[adapters[0]].weight, layer.scaling[adapters[0]]  # (out, r)
-        both = F.linear(x2d, buffer, bias_buffer)            # (N, in) @ (in, out + r) -> (N, out + r)
+        both = concatenated_matmul(layer, x2d, buffer, bias_buffer)  # (N, in) -> (N, out + r)
         out2d, xa = both[:, :layer.out_features], both[:, layer.out_features:]  # (N, out), (N, r)
         out2d.addmm_(xa, weight_B.T, alpha=scaling)          # (N, out) += s (N, r) @ (r, out)
         return out2d.view(*lead_shape, layer.out_features)

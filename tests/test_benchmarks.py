@@ -6,6 +6,7 @@ the reference, forward and gradients, before it is timed), not how fast anything
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -40,11 +41,20 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
     main = len(plan.prefill_shapes) + 2 + len(plan.dropouts)  # prefill grid, decode loop, generate, train per dropout
     other = 2                                                # first prefill shape and the decode loop
     all_cores = 2 if (os.cpu_count() or 1) > 1 else 0
-    assert len(sections) == main + other * len(plan.other_cases) + all_cores
+    mixed = 2 * len(plan.mixed_adapters)                     # prefill and decode per adapter count
+    assert len(sections) == main + other * len(plan.other_cases) + all_cores + mixed
     workloads = {key[1] for key in sections}
     assert workloads == {"prefill", "decode", "generate", "train"}
-    for key, measurements in sections.items():
+    for key, measurements in list(sections.items()):
         table, workload, shape, targets, r, dropout = key
+        if table.startswith("mixed"):
+            assert [m["variant"] for m in measurements] == list(plan.mixed_variants)
+            for m in measurements:
+                assert m["ratio_to"] == "merged" and m["tokens"] == shape[0] * shape[1]
+                assert m["clocks"]["cpu"]["low"] <= m["clocks"]["cpu"]["ratio"] <= m["clocks"]["cpu"]["high"]
+                if m["variant"] != "merged" or m["adapters"] == 1:  # checked against each row run alone
+                    assert 0.0 <= m["validation_max_rel_diff"] <= TOLERANCE
+            continue
         is_main = (targets, r) == (ALL_LINEAR, 4) and table == "one thread"
         variants = plan.training_variants if workload == "train" else \
             plan.inference_variants if is_main else [v for v in plan.inference_variants if v in plan.other_case_variants]
@@ -105,6 +115,38 @@ def test_a_variant_that_disagrees_is_reported_and_not_timed():
     assert [f["variant"] for f in runner.results["failures"]] == ["fused"]
     assert "not timed" in runner.results["failures"][0]["error"]
     assert {m["variant"] for m in runner.results["measurements"]} == {"base", "reference"}
+
+
+@pytest.mark.parametrize("workload", ["prefill", "decode"])
+def test_mixed_batch_forms_equal_each_row_alone_and_a_wrong_row_is_caught(workload):
+    from benchmarks import mixed
+
+    base = load_base("tiny", "cpu")
+    config = lora_config(ALL_LINEAR, 4, 0.0, 2.0)
+    source = mixed.minilora_with_adapters(base, config, 3, seed=0)
+    names = [mixed.adapter_name(i % 3) for i in range(5)]
+    work = mixed.MixedPrefill(5, 6, 96, "cpu") if workload == "prefill" else mixed.MixedDecode(5, 3, 2, 96, "cpu")
+    expected = mixed.rows_alone(work, copy.deepcopy(source), names)
+    adapters = [mixed.adapter_name(i) for i in range(3)]
+    gathered = mixed.gathered_model(copy.deepcopy(source), adapters)
+    peft_model = mixed.peft_with_adapters(base, config, source, 3)
+    assert relative_difference(work.run(mixed.forward_function("gathered", gathered, names)), expected) <= TOLERANCE
+    assert relative_difference(work.run(mixed.forward_function("peft-mixed", peft_model, names)), expected) <= TOLERANCE
+    shifted = names[1:] + names[:1]  # every row given another row's adapter
+    wrong = work.run(mixed.forward_function("gathered", gathered, shifted))
+    assert relative_difference(wrong, expected) > 1e-3
+
+
+def test_layout_forms_compute_the_same_layer():
+    from benchmarks.profile import layout_forms
+
+    for rows in (1, 7):
+        forms = layout_forms(16, 40, 4, rows, "cpu")
+        expected = forms["addmm"]()
+        assert not torch.allclose(forms["base"](), expected)  # the update is not zero
+        for name in ("rows [W0; A]", "cols [W0 | A^T]"):
+            torch.testing.assert_close(forms[name](), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(forms["rows matmul only"](), forms["cols matmul only"](), rtol=1e-5, atol=1e-6)
 
 
 def test_the_generate_workload_checks_logits_of_every_token():

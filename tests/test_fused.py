@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import minilora
-from minilora.fused import _concatenated_weight
+from minilora.fused import _concatenated_weight, split_concatenated
 from parity.twins import make_twins, max_rel_diff, randomize_adapters
 from tests.conftest import DEVICES
 
@@ -195,7 +195,8 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     with torch.no_grad():
         layer.lora_A["default"].weight.data = layer.lora_A["default"].weight.data * -1.0  # A replaced: rebuilt from the new A
     _check_fused_equals_fresh_reference(fused, ids, "after replacing A")
-    assert _concatenated_weight(layer)[0][layer.out_features:].data_ptr() == layer.lora_A["default"].weight.data_ptr()
+    buffer = _concatenated_weight(layer)[0]
+    assert split_concatenated(layer, buffer)[1].data_ptr() == layer.lora_A["default"].weight.data_ptr()
 
     adapter = {k: v.clone() * 2 for k, v in fused.state_dict().items() if ".lora_" in k}
     fused.load_state_dict(adapter, strict=False)
@@ -228,9 +229,10 @@ def test_rebuilt_under_inference_mode_still_trains():
 def test_leaving_fused_gives_w0_its_own_storage_back():
     fused = lora_model(tiny_gpt2(), "fused")
     layers = [layer for _, layer in minilora.lora_layers(fused)]
-    buffer, _ = _concatenated_weight(layers[0])  # (out + r, in) = [W0; A], W0 and A views of it
+    buffer, _ = _concatenated_weight(layers[0])  # Conv1D: (in, out + r) = [W0 | A^T], W0 and A views of it
+    assert buffer.shape == (layers[0].in_features, layers[0].out_features + 4)
     assert layers[0].base_layer.weight.data_ptr() == buffer.data_ptr()
-    assert torch.equal(buffer[layers[0].out_features:], layers[0].lora_A["default"].weight)
+    assert torch.equal(buffer[:, layers[0].out_features:].T, layers[0].lora_A["default"].weight)
     minilora.set_forward_path(fused, "reference")
     for layer in layers:
         assert layer._concatenated is None and layer.forward_override is None
