@@ -190,6 +190,14 @@ class MixedDecode:
         return steps
 
 
+def ignores_adapter_names(workload, model: nn.Module, got: list[torch.Tensor]) -> bool:
+    """True when ``got`` (a call with ``adapter_names``) equals a plain call: the argument was ignored."""
+    from .variants import relative_difference
+
+    plain = workload.run(lambda ids, **kwargs: model(input_ids=ids, **kwargs).logits)
+    return relative_difference(got, plain) == 0.0
+
+
 def rows_alone(workload, reference: nn.Module, names: list[str]) -> list[torch.Tensor]:
     """What each row gives run alone with only its adapter active (reference path), stacked back."""
     per_row = []

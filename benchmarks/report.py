@@ -254,6 +254,9 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
         lines += profile_markdown(results["profile"])
     if results.get("layouts"):
         lines += layouts_markdown(results["layouts"])
+    if results.get("skipped"):
+        lines += ["## Not measured", ""] + [f"- {f['measurement']} / {f['variant']}: {f['why']}"
+                                            for f in results["skipped"]] + [""]
     if results["failures"]:
         lines += ["## Failures", ""] + [f"- {f['measurement']} / {f['variant']}: {f['error']}"
                                         for f in results["failures"]] + [""]

@@ -10,9 +10,9 @@ ratios:
   clock is a pair of CUDA events (the GPU's time), the second the host's wall time.
 - **Ratios within a round.** Each round times every variant once; each variant's ratio is taken
   against the reference variant *of the same round*, so slow drifts cancel.
-- **Alternating order.** Even rounds run the variants in table order, odd rounds in reverse
-  (A B C, C B A, ...): no variant always runs first after a pause, or always right after the
-  same neighbour, and a linear drift over two rounds cancels.
+- **Alternating order.** Even rounds run the variants in a rotation of table order, odd rounds
+  the same rotation reversed (A B C, C B A, B C A, A C B, ...): a linear drift over two rounds
+  cancels, and no variant always runs first after the between-round pause.
 
 Rounds continue until the bootstrap 95% interval of every variant's median ratio (on the first
 clock) lies within +-``resolution`` of its median, or until a cap (``max_rounds`` or
@@ -56,8 +56,15 @@ def clocks(device: str) -> tuple[tuple[str, str], Callable[[Callable[[], object]
 
 
 def round_order(names: list[str], k: int) -> list[str]:
-    """Round k's order: table order on even rounds, reversed on odd ones."""
-    return list(names) if k % 2 == 0 else list(reversed(names))
+    """Round k's order: a rotation of table order on even rounds, that rotation reversed on odd ones.
+
+    Rounds 2j and 2j + 1 start at variant j mod n and run there and back (A B C, C B A, B C A,
+    A C B, ...): a linear drift within the pair cancels, and every variant is first equally often
+    (the first call of a round comes after the between-round bookkeeping).
+    """
+    shift = (k // 2) % max(len(names), 1)
+    rotated = list(names[shift:]) + list(names[:shift])
+    return rotated if k % 2 == 0 else rotated[::-1]
 
 
 def per_round_ratios(samples: list[float], reference: list[float]) -> list[float]:

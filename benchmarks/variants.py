@@ -83,12 +83,13 @@ def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weigh
     """One variant's model. ``compiled`` is the reference path under torch.compile; ``fused-addmm`` is
     the fused path without the concatenated weight (what it does in training, also at inference).
 
-    The A/A controls are identical copies of a variant in memory of their own: ``base-copy`` of the
+    ``base`` is a copy too, so that base and every variant have memory allocated the same way (the
+    model as loaded had the A/A control at 0.95 on a 2-core CPU). The A/A controls are identical copies of a variant in memory of their own: ``base-copy`` of the
     base model (inference tables), ``peft-copy`` of the PEFT model (training tables, whose ratios
     are to PEFT). The method should find them at 1.00; how far it does not is its own error.
     """
     builders: dict[str, Callable[[], nn.Module]] = {
-        "base": lambda: base,
+        "base": lambda: copy.deepcopy(base),
         "base-copy": lambda: copy.deepcopy(base),
         "peft": lambda: peft_model(base, config, weights, merged=False),
         "peft-copy": lambda: peft_model(base, config, weights, merged=False),

@@ -123,8 +123,10 @@ def planted(times: dict[str, list[float]], calls: list[str]):
 
 
 def test_rounds_alternate_their_order():
-    assert round_order(["a", "b", "c"], 0) == ["a", "b", "c"]
-    assert round_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    orders = [round_order(["a", "b", "c"], k) for k in range(6)]
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"], ["a", "c", "b"],
+                      ["c", "a", "b"], ["b", "a", "c"]]
+    assert sorted(order[0] for order in orders) == ["a", "a", "b", "b", "c", "c"]  # each first equally often
     calls = []
     functions, timer = planted({"a": [1.0], "b": [1.0], "c": [1.0]}, calls)
     interleaved(functions, "cpu", "a", min_rounds=2, max_rounds=2, max_seconds=60, timer=timer)

@@ -48,7 +48,10 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
     for key, measurements in list(sections.items()):
         table, workload, shape, targets, r, dropout = key
         if table.startswith("mixed"):
-            assert [m["variant"] for m in measurements] == list(plan.mixed_variants)
+            skipped = {s["variant"] for s in results.get("skipped", []) if s["measurement"].endswith(f"[{table}]")
+                       and s["measurement"].startswith(workload)}
+            assert skipped <= {"minilora-mixed"}  # only where this minilora has no mixed-batch forward
+            assert [m["variant"] for m in measurements] == [v for v in plan.mixed_variants if v not in skipped]
             for m in measurements:
                 assert m["ratio_to"] == "merged" and m["tokens"] == shape[0] * shape[1]
                 assert m["clocks"]["cpu"]["low"] <= m["clocks"]["cpu"]["ratio"] <= m["clocks"]["cpu"]["high"]
