@@ -92,31 +92,34 @@ def layout_forms(fan_in: int, fan_out: int, r: int, rows: int, device: str, seed
 
     ``base``: Conv1D's own ``addmm(b, x, W0)`` (no LoRA: the floor). ``addmm``: the base matmul,
     ``x A^T`` and ``addmm_`` (fused, concatenate=False). ``rows [W0; A]``: one matmul over the
-    buffer stacked as nn.Linear stores weights, (out + r, in), then the slice and ``addmm_`` (what
-    the fused path did before). ``cols [W0 | A^T]``: the buffer in Conv1D's own layout, (in, out + r)
-    (what it does now). The ``... matmul only`` forms drop the slice and ``addmm_``: what the big
-    matmul alone costs in each layout.
+    buffer stacked as nn.Linear stores weights, (out + r, in), then the slice and ``addmm_`` with
+    B in its own layout (the fused path before). ``cols [W0 | A^T]``: the buffer in Conv1D's own
+    layout, (in, out + r), B in its own layout; ``cols, B^T rows``: the same with B stored as B^T's
+    rows (the fused path now; ``addmm`` stores B that way too). ``... matmul only``: the big matmul
+    without the slice and the rank-r ``addmm_``, in each layout.
     """
     generator = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=generator).to(device) * 0.05
     x, W0, b, A, B = make(rows, fan_in), make(fan_in, fan_out), make(fan_out), make(r, fan_in), make(fan_out, r)
+    B_rows = B.T.contiguous()                                 # (r, out): B^T's rows
     rows_buffer = torch.cat([W0.T, A])                        # (out + r, in)
     cols_buffer = torch.cat([W0, A.T], dim=1)                 # (in, out + r)
     bias_buffer = torch.cat([b, b.new_zeros(r)])
 
     def addmm_path():
         out = torch.addmm(b, x, W0)
-        return out.addmm_(torch.nn.functional.linear(x, A), B.T, alpha=2.0)
+        return out.addmm_(torch.nn.functional.linear(x, A), B_rows, alpha=2.0)
 
-    def concatenated(both):
+    def concatenated(both, B_T):
         out, xa = both[:, :fan_out], both[:, fan_out:]
-        return out.addmm_(xa, B.T, alpha=2.0)
+        return out.addmm_(xa, B_T, alpha=2.0)
 
     return {
         "base": lambda: torch.addmm(b, x, W0),
         "addmm": addmm_path,
-        "rows [W0; A]": lambda: concatenated(torch.nn.functional.linear(x, rows_buffer, bias_buffer)),
-        "cols [W0 | A^T]": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer)),
+        "rows [W0; A]": lambda: concatenated(torch.nn.functional.linear(x, rows_buffer, bias_buffer), B.T),
+        "cols [W0 | A^T]": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer), B.T),
+        "cols, B^T rows": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer), B_rows),
         "rows matmul only": lambda: torch.nn.functional.linear(x, rows_buffer, bias_buffer),
         "cols matmul only": lambda: torch.addmm(bias_buffer, x, cols_buffer),
     }
@@ -136,7 +139,7 @@ def profile_layouts(shapes: list[tuple[int, int]], r: int, device: str, rows_per
         for rows in rows_per_call:
             forms = layout_forms(fan_in, fan_out, r, rows, device)
             expected = forms["addmm"]()
-            for name in ("rows [W0; A]", "cols [W0 | A^T]"):
+            for name in ("rows [W0; A]", "cols [W0 | A^T]", "cols, B^T rows"):
                 assert torch.allclose(forms[name](), expected, rtol=1e-4, atol=1e-5), name
             functions = {name: (lambda f: lambda: [f() for _ in range(repeats)])(f) for name, f in forms.items()}
             timed = interleaved(functions, device, "base", min_rounds, max_rounds, max_seconds)

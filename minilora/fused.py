@@ -72,6 +72,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
     layers = [layer for _, layer in require_lora_layers(model, "set_forward_path")]
     for layer in layers:
         release_concatenated_weight(layer)
+        store_B(layer, transposed=False)
         layer.forward_override = None
         if path == "merged" and not layer.merged:
             layer.merge()
@@ -81,6 +82,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             layer.fused_concatenate = bool(concatenate)
             if concatenate:
                 build_concatenated_weight(layer)
+            store_B(layer, transposed=True)
             layer.forward_override = fused_forward
     return model
 
@@ -89,6 +91,23 @@ def forward_path(model: nn.Module) -> str:
     """The path the model's LoRA layers use: one of FORWARD_PATHS, or "mixed" if they differ."""
     paths = {_layer_path(layer) for _, layer in require_lora_layers(model, "forward_path")}
     return paths.pop() if len(paths) == 1 else "mixed"
+
+
+def store_B(layer: LoraLinear, transposed: bool) -> None:
+    """Keep every B (out, r) in memory as B^T's rows (``transposed``), or in its own layout.
+
+    The fused path's ``addmm_`` reads ``B^T`` (r, out). Stored as B's own rows, that is ``out``
+    dot products of length r; stored as B^T's rows, r rows of ``out`` scaled and added, which
+    measured about 2x faster per call at one token on a 2-core CPU. B keeps its shape, values
+    and identity; only its strides change ((1, out) instead of (r, 1)).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        for adapter in layer.lora_B.values():
+            weight = adapter.weight
+            if transposed and not weight.T.is_contiguous():
+                weight.data = weight.data.T.contiguous().T   # (out, r) with strides (1, out)
+            elif not transposed and not weight.is_contiguous():
+                weight.data = weight.data.contiguous()
 
 
 def _layer_path(layer: LoraLinear) -> str:

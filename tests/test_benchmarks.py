@@ -147,7 +147,7 @@ def test_layout_forms_compute_the_same_layer():
         forms = layout_forms(16, 40, 4, rows, "cpu")
         expected = forms["addmm"]()
         assert not torch.allclose(forms["base"](), expected)  # the update is not zero
-        for name in ("rows [W0; A]", "cols [W0 | A^T]"):
+        for name in ("rows [W0; A]", "cols [W0 | A^T]", "cols, B^T rows"):
             torch.testing.assert_close(forms[name](), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(forms["rows matmul only"](), forms["cols matmul only"](), rtol=1e-5, atol=1e-6)
 

@@ -233,9 +233,11 @@ def test_leaving_fused_gives_w0_its_own_storage_back():
     assert buffer.shape == (layers[0].in_features, layers[0].out_features + 4)
     assert layers[0].base_layer.weight.data_ptr() == buffer.data_ptr()
     assert torch.equal(buffer[:, layers[0].out_features:].T, layers[0].lora_A["default"].weight)
+    assert all(layer.lora_B["default"].weight.T.is_contiguous() for layer in layers)  # B^T's rows
     minilora.set_forward_path(fused, "reference")
     for layer in layers:
         assert layer._concatenated is None and layer.forward_override is None
+        assert layer.lora_B["default"].weight.is_contiguous()
         for weight in (layer.base_layer.weight, layer.lora_A["default"].weight):
             assert weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.nbytes
     assert minilora.forward_path(fused) == "reference"
