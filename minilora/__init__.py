@@ -3,7 +3,7 @@
     h = W0 x + (lora_alpha / r) * B A x
 
 Read in this order: config.py (what to adapt), layer.py (the math), targets.py (which layers),
-inject.py (putting it into a model), params.py (counting), adapters.py and adapter_config.py
+inject.py (putting it into a model), multi.py (several adapters), params.py (counting), adapters.py and adapter_config.py
 (adapter files in PEFT's format), compat.py (PEFT's API), fused.py (faster forward paths), cli.py
 (the `minilora` command).
 """
@@ -24,6 +24,17 @@ from .inject import (
 from .fused import FORWARD_PATHS, forward_path, set_forward_path
 from .layer import LoraLinear
 from .models import load_model
+from .multi import (
+    active_adapters,
+    add_adapter,
+    adapter_names,
+    delete_adapter,
+    enable_adapters,
+    layer_status,
+    model_status,
+    save_adapters,
+    set_adapter,
+)
 from .params import (
     count_parameters,
     layer_counts,
@@ -37,12 +48,18 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "MiniLoraError",
+    "active_adapters",
+    "adapter_names",
+    "add_adapter",
     "count_parameters",
+    "delete_adapter",
     "disabled",
+    "enable_adapters",
     "find_targets",
     "forward_path",
     "inject",
     "layer_counts",
+    "layer_status",
     "layer_table",
     "load_adapter",
     "load_model",
@@ -50,8 +67,11 @@ __all__ = [
     "mark_only_lora_as_trainable",
     "merge",
     "merge_and_unload",
+    "model_status",
     "print_trainable_parameters",
     "save_adapter",
+    "save_adapters",
+    "set_adapter",
     "set_forward_path",
     "trainable_parameters_line",
     "unload",

@@ -40,8 +40,10 @@ from .bounded_regex import time_bound
 from .config import LoraConfig, MiniLoraError
 from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
                     write_atomically)
-from .inject import CONFIG_ATTRIBUTE, inject, is_lora_parameter, lora_layers, mark_only_lora_as_trainable
-from .layer import HALF_DTYPES, in_out_features
+from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter, lora_layers,
+                     mark_only_lora_as_trainable, set_adapter_config)
+from .layer import HALF_DTYPES, LoraLinear, in_out_features
+from .multi import add_adapter, check_can_add
 from .saved_modules import (expected_saved_shapes, find_modules_to_save, is_saved_module_key, original_key,
                             saved_modules, saved_state, to_model_keys)
 from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_target_modules
@@ -49,7 +51,6 @@ from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_targ
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every key
-ADAPTER_NAME = "default"  # the in-memory name of the adapter a file is read into
 
 PAIRS_HINT = (
     "Use one of the two consistent pairs:\n"
@@ -63,17 +64,19 @@ PAIRS_HINT = (
 # --------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------
-def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
+                       adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, under PEFT's keys: A and B of every LoRA layer, plus the
     biases when the config trains them (``bias="all"``: every bias; ``"lora_only"``: the wrapped layers').
 
     Args:
         state_dict: take the values from here instead of ``model.state_dict()`` (``transformers.Trainer``
             passes one); the keys are minilora's, i.e. the model's own.
+        adapter_name: which adapter; its name is left out of the keys, as in PEFT's files.
     """
-    config = _saved_config(model)
+    config = _saved_config(model, adapter_name)
     state = model.state_dict() if state_dict is None else state_dict
-    adapter = ADAPTER_NAME
+    adapter = adapter_name
     lora = {name: file_key(name, adapter) for name in state if is_lora_parameter(name) and f".{adapter}." in name}
     if config.bias == "all":  # (the biases of modules_to_save are in their copies, below)
         lora.update({name: name for name in state
@@ -92,7 +95,7 @@ def file_key(name: str, adapter: str) -> str:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
-                 state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+                 state_dict: Mapping[str, torch.Tensor] | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, as PEFT does.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` loads the result without warnings and gives
@@ -107,16 +110,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
             one whole save or raises MiniLoraError, never the weights of one save with another's config.
         safe_serialization: False writes the older ``adapter_model.bin`` (a ``torch.save`` pickle).
         state_dict: see ``adapter_state_dict``.
+        adapter_name: which adapter of the model to save (minilora.save_adapters writes several).
 
     Raises:
         MiniLoraError: if the model has no minilora layers, its layers no longer agree with its config,
             or the directory cannot be written.
     """
-    config = _saved_config(model)
+    config = _saved_config(model, adapter_name)
     # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
     # torch.save would write the whole buffer that a view points into.
     tensors = {key: value.detach().clone(memory_format=torch.contiguous_format)
-               for key, value in adapter_state_dict(model, state_dict).items()}
+               for key, value in adapter_state_dict(model, state_dict, adapter_name).items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
@@ -147,14 +151,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
                             "write to.") from error
 
 
-def _saved_config(model: nn.Module) -> LoraConfig:
-    """The config ``inject`` left on the model, after checking that every layer still agrees with it."""
+def _saved_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> LoraConfig:
+    """The config ``inject`` left on the model for ``adapter_name``, after checking that every layer
+    holding that adapter still agrees with it."""
     layers = list(lora_layers(model)) if isinstance(model, nn.Module) else []
-    config = getattr(model, CONFIG_ATTRIBUTE, None)
+    config = adapter_config(model, adapter_name) if layers else None
     if not layers or config is None:
         raise MiniLoraError(
-            "save_adapter needs a model with minilora layers and their config, as minilora.inject(model, config) "
-            "or minilora.load_adapter(model, directory) leave it. This model has none "
+            f"save_adapter needs a model with minilora layers and the config of adapter {adapter_name!r}, as "
+            "minilora.inject(model, config) or minilora.load_adapter(model, directory) leave it. This model has none "
             f"({type(model).__name__}, {len(layers)} LoRA layers)."
         )
     try:
@@ -169,9 +174,11 @@ def _saved_config(model: nn.Module) -> LoraConfig:
             "back. target_modules was changed after inject; set it back, or inject again with the new targets."
         )
     for name, layer in layers:
+        if adapter_name not in layer.lora_A:
+            continue
         r, alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
-        layer_r, layer_scaling = layer.r[ADAPTER_NAME], layer.scaling[ADAPTER_NAME]
+        layer_r, layer_scaling = layer.r[adapter_name], layer.scaling[adapter_name]
         if layer_r != r or abs(layer_scaling - scaling) > 1e-12 * abs(scaling):
             raise MiniLoraError(
                 f"Layer {name!r} has r={layer_r}, scaling={layer_scaling:g} but the model's config says "
@@ -254,18 +261,20 @@ def minilora_key(key: str, adapter: str = "default") -> str:
     return re.sub(r"\.(lora_[AB])(\.[^.]+)?\.weight$", rf".\1.{adapter}.weight", key)
 
 
-def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model: nn.Module, config: LoraConfig | None,
+                    adapter_name: str = DEFAULT_ADAPTER) -> dict[str, tuple[int, ...]]:
     """Every tensor the adapter must hold for this model, by the model's key after loading, with its shape.
 
-    A model with minilora layers expects A (r, in) and B (out, r) of exactly those layers; a plain
-    model expects them for the targets of ``config``, as ``inject`` will build them.
+    A model whose minilora layers hold ``adapter_name`` expects A (r, in) and B (out, r) of exactly
+    those layers; otherwise the targets of ``config`` are expected, as ``inject`` / ``add_adapter``
+    will build them.
     """
-    layers = dict(lora_layers(model))
-    adapter = ADAPTER_NAME
+    layers = {name: layer for name, layer in lora_layers(model) if adapter_name in layer.lora_A}
+    adapter = adapter_name
     if layers:
         sizes = {name: (layer.in_features, layer.out_features, layer.r[adapter]) for name, layer in layers.items()}
     else:
-        sizes = {name: (*in_out_features(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
+        sizes = {name: (*_in_out(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
                  for name in find_targets(model, config)}
     shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes)))  # modules_to_save
     for name, (fan_in, fan_out, r) in sizes.items():
@@ -282,6 +291,11 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None) -> dict[str, tu
             if bias == "all" or key.removesuffix(".base_layer.bias") in sizes:
                 shapes[key] = tuple(value.shape)
     return shapes
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a plain linear layer or of the one a LoraLinear wraps."""
+    return (module.in_features, module.out_features) if isinstance(module, LoraLinear) else in_out_features(module)
 
 
 def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets: list[str]) -> list[str]:
@@ -342,7 +356,8 @@ def held_dtype(model: nn.Module, key: str) -> torch.dtype:
     if is_saved_module_key(key):  # the copy of a module not wrapped yet: the module's own dtype
         return state[original_key(key)].dtype
     module, _, _ = key.partition(".lora_") if ".lora_" in key else key.rpartition(".base_layer.bias")
-    dtype = state[f"{module}.weight" if ".lora_" in key else f"{module}.bias"].dtype
+    name = f"{module}.weight" if ".lora_" in key else f"{module}.bias"
+    dtype = state[name if name in state else f"{module}.base_layer.weight"].dtype  # (a LoRA layer already)
     return torch.float32 if dtype in HALF_DTYPES and ".lora_" in key else dtype
 
 
@@ -363,7 +378,7 @@ def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, s
 # Loading
 # --------------------------------------------------------------------------------------------
 def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                 is_trainable: bool = False) -> nn.Module:
+                 is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Load an adapter saved by minilora or PEFT into ``model``, in place; the result gives its trained outputs.
 
     - A model without minilora layers is injected with the adapter's config, then given its weights.
@@ -376,6 +391,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             or a dict of adapter tensors (PEFT's or minilora's keys) for a model that already has its layers.
         is_trainable: as in PEFT: False freezes everything (for inference); True lets A and B train
             (and the biases, per the config's ``bias``).
+        adapter_name: the name the adapter gets in the model. A model that has minilora layers but no
+            adapter of that name gets it added (``minilora.add_adapter``), inactive and, unless
+            ``is_trainable``, frozen, as PEFT's ``load_adapter`` does; the other adapters are left as they are.
 
     Returns:
         the same ``model`` object.
@@ -390,7 +408,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                             f"{type(model).__name__}.")
     reject_whole_module(source, "load_adapter")
     layers = list(lora_layers(model))
-    merged = [name for name, layer in layers if layer.merged]
+    adding = bool(layers) and not any(adapter_name in layer.lora_A for _, layer in layers)  # a new adapter
+    merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise MiniLoraError(f"Layers {_few(merged)} are merged (their W0 holds the old dW); loading new A and B "
                             "would leave the old update inside W0. Call minilora.unmerge(model) first.")
@@ -401,7 +420,10 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             raise MiniLoraError("A dict of tensors carries no config (r, lora_alpha, target_modules), so it can "
                                 "only be loaded into a model that already has minilora layers. Pass the adapter "
                                 "directory instead, or minilora.inject(model, config) first.")
-        config, config_origin, origin = getattr(model, CONFIG_ATTRIBUTE, None), "the model's config", "the state dict"
+        config, config_origin, origin = adapter_config(model, adapter_name), "the model's config", "the state dict"
+        if config is None:
+            raise MiniLoraError(f"The model has no adapter {adapter_name!r} to load a dict of tensors into. Pass "
+                                "the adapter directory (it holds the config) instead.")
         tensors = dict(source)
     else:
         directory = _adapter_directory(source)
@@ -409,9 +431,11 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         config = config_from_fields(fields, config_origin)
         path, tensors, digest = read_adapter_weights(directory, device)
         origin = str(path)
+    if adding:
+        check_can_add(model, adapter_name, config)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
-    renamed = {minilora_key(key): value for key, value in tensors.items()}
+    renamed = {minilora_key(key, adapter_name): value for key, value in tensors.items()}
     if len(renamed) != len(tensors):
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
     try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
@@ -422,7 +446,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
     try:
-        shapes = expected_shapes(model, config)
+        shapes = expected_shapes(model, config, adapter_name)
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     check_tensors(renamed, shapes, origin, config, model)
@@ -431,16 +455,23 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
 
     # Everything is checked: from here on nothing can fail.
     if not layers:
-        inject(model, config)
+        inject(model, config, adapter_name)
         for _, layer in lora_layers(model):
             layer.train(model.training)  # new modules start in train mode; an eval model stays in eval
-    elif config is not getattr(model, CONFIG_ATTRIBUTE, None):
-        config = _adopt_adapter_config(model, config)
+    elif adding:
+        add_adapter(model, adapter_name, config)
+    elif config is not adapter_config(model, adapter_name):
+        config = _adopt_adapter_config(model, config, adapter_name)
     current = model.state_dict(keep_vars=True)  # the model's own parameters, by key
     with torch.no_grad():
         for key, value in renamed.items():
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
-    if is_trainable:
+    if adding:  # the other adapters keep their state; the new one trains only if asked to
+        for _, layer in lora_layers(model):
+            if adapter_name in layer.lora_A:
+                for module in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                    module.requires_grad_(is_trainable)
+    elif is_trainable:
         mark_only_lora_as_trainable(model, config.bias if config is not None else "none")
     else:
         for param in model.parameters():
@@ -459,20 +490,23 @@ def reject_whole_module(source: object, action: str) -> None:
         )
 
 
-def _adopt_adapter_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+def _adopt_adapter_config(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraConfig:
     """The loaded adapter's numbers belong to it: its scaling goes on the layers, its fields into the
     model's config (which keeps its own type, its dropout and any other fields, e.g. a task type).
 
     Returns the model's new config.
     """
+    adapter = adapter_name
     for name, layer in lora_layers(model):
-        r = layer.r[ADAPTER_NAME]
-        layer.lora_alpha[ADAPTER_NAME] = layer_rank_and_alpha(name, config)[1]
-        layer.scaling[ADAPTER_NAME] = layer.lora_alpha[ADAPTER_NAME] / (math.sqrt(r) if config.use_rslora else r)
-    old = getattr(model, CONFIG_ATTRIBUTE, None)
+        if adapter not in layer.lora_A:
+            continue
+        r = layer.r[adapter]
+        layer.lora_alpha[adapter] = layer_rank_and_alpha(name, config)[1]
+        layer.scaling[adapter] = layer.lora_alpha[adapter] / (math.sqrt(r) if config.use_rslora else r)
+    old = adapter_config(model, adapter)
     if old is not None:
         config = dataclasses.replace(old, **{name: getattr(config, name) for name in ADAPTER_FIELDS})
-    setattr(model, CONFIG_ATTRIBUTE, config)
+    set_adapter_config(model, adapter, config)
     return config
 
 

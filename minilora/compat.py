@@ -27,12 +27,12 @@ nothing to wrap twice, and PEFT's two classic pitfalls go away:
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 
@@ -40,7 +40,8 @@ from . import adapters
 from .adapter_config import check_unsupported
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
-from .inject import disabled, inject, merge_and_unload, unload
+from .compat_adapters import ATTRIBUTES, MULTI_ADAPTER_METHODS, sync_attributes
+from .inject import inject, merge_and_unload, unload
 from .params import count_parameters, print_trainable_parameters
 
 
@@ -93,22 +94,22 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """Inject LoRA into ``model`` in place and give it PEFT's methods; returns the same object.
 
     Same seed, same adapter as ``peft.get_peft_model`` (minilora draws A and B in PEFT's order).
-    Calling it again on the result raises MiniLoraError: the model already has LoRA layers.
+    Calling it again on the result raises MiniLoraError: the model already has LoRA layers (add
+    more adapters with ``model.add_adapter(name, config)``).
 
     Args:
-        adapter_name: only "default": minilora holds one adapter per layer.
+        adapter_name: the name of the first adapter ("default" in PEFT's files).
         autocast_adapter_dtype: only True, PEFT's default (float16 / bfloat16 adapters are kept in float32).
     """
     if not isinstance(peft_config, _MiniLoraConfig):
         raise MiniLoraError(f"get_peft_model needs minilora.compat.LoraConfig, got "
                             f"{type(peft_config).__module__}.{type(peft_config).__qualname__}. "
                             "Import LoraConfig from minilora.compat as well.")
-    _check_single_adapter(adapter_name)
     if autocast_adapter_dtype is not True:
         raise MiniLoraError("minilora always keeps float16 / bfloat16 adapters in float32 (PEFT's "
                             "autocast_adapter_dtype=True).")
     add_task_head(model, peft_config)
-    inject(model, peft_config)
+    inject(model, peft_config, adapter_name)
     if getattr(peft_config, "inference_mode", False):
         for param in model.parameters():
             param.requires_grad_(False)
@@ -158,18 +159,16 @@ class PeftModel:
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, **kwargs: Any) -> nn.Module:
-        """Load the adapter in directory ``model_id`` (saved by minilora or PEFT) into ``model``; returns it.
+        """Load the adapter ``model_id`` (a directory saved by minilora or PEFT, or a Hugging Face hub id,
+        with PEFT's ``subfolder=`` and ``revision=``) into ``model``; returns it.
 
         A base model is injected; a model that already has matching LoRA layers (e.g. from
         ``get_peft_model``) gets the trained weights in those layers. As in PEFT, ``is_trainable=False``
         freezes the adapter and puts the model in eval mode.
         """
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
-        _check_single_adapter(adapter_name)
-        if kwargs:
-            raise MiniLoraError(f"PeftModel.from_pretrained: minilora loads local directories only and takes no "
-                                f"{sorted(kwargs)}.")
-        adapters.load_adapter(model, model_id, is_trainable=is_trainable)
+        directory = resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained")
+        adapters.load_adapter(model, directory, is_trainable=is_trainable, adapter_name=adapter_name)
         if not is_trainable:
             model.eval()
         _add_peft_methods(model)
@@ -190,18 +189,6 @@ def _get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _save_pretrained(model: nn.Module, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                     is_main_process: bool = True, state_dict: Any = None, **kwargs: Any) -> None:
-    """Save the adapter only (``minilora.save_adapter``), as PEFT's ``save_pretrained`` does.
-
-    ``state_dict`` and ``is_main_process`` are what ``transformers.Trainer`` passes at checkpoints.
-    """
-    if kwargs:
-        raise MiniLoraError(f"save_pretrained: minilora takes no {sorted(kwargs)}.")
-    if is_main_process:
-        adapters.save_adapter(model, save_directory, safe_serialization=safe_serialization, state_dict=state_dict)
-
-
 def _merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = False) -> nn.Module:
     """Fold dW into W0, put the plain layers back and drop PEFT's methods: a plain model again."""
     merge_and_unload(model, safe=safe_merge)
@@ -214,13 +201,6 @@ def _unload(model: nn.Module) -> nn.Module:
     unload(model)
     _remove_peft_methods(model)
     return model
-
-
-@contextlib.contextmanager
-def _disable_adapter(model: nn.Module) -> Iterator[None]:
-    """``with model.disable_adapter():`` gives the base model's outputs inside the block."""
-    with disabled(model):
-        yield
 
 
 def _get_base_model(model: nn.Module) -> nn.Module:
@@ -237,12 +217,11 @@ def _load_state_dict(model: nn.Module, state_dict: Any, *args: Any, **kwargs: An
 PEFT_METHODS = {
     "print_trainable_parameters": _print_trainable_parameters,
     "get_nb_trainable_parameters": _get_nb_trainable_parameters,
-    "save_pretrained": _save_pretrained,
     "merge_and_unload": _merge_and_unload,
     "unload": _unload,
-    "disable_adapter": _disable_adapter,
     "get_base_model": _get_base_model,
     "load_state_dict": _load_state_dict,
+    **MULTI_ADAPTER_METHODS,  # save_pretrained, disable_adapter, add_adapter, set_adapter, ... (compat_adapters.py)
 }
 
 
@@ -255,17 +234,67 @@ def _add_peft_methods(model: nn.Module) -> None:
     """
     for name, function in PEFT_METHODS.items():
         object.__setattr__(model, name, functools.update_wrapper(functools.partial(function, model), function))
+    sync_attributes(model)  # peft_config, active_adapter, active_adapters
 
 
 def _remove_peft_methods(model: nn.Module) -> None:
-    for name in PEFT_METHODS:
+    for name in (*PEFT_METHODS, *ATTRIBUTES):
         model.__dict__.pop(name, None)
 
 
-def _check_single_adapter(adapter_name: str) -> None:
-    if adapter_name != "default":
-        raise MiniLoraError(f"adapter_name={adapter_name!r}: minilora holds one adapter per layer, named "
-                            "'default'. Leave adapter_name out.")
+# --------------------------------------------------------------------------------------------
+# Where an adapter is: a directory, or a Hugging Face hub id
+# --------------------------------------------------------------------------------------------
+HUB_OPTIONS = ("subfolder", "revision", "cache_dir", "token", "local_files_only")
+
+
+def resolve_adapter_source(model_id: str | os.PathLike, kwargs: dict, action: str) -> Path:
+    """The local directory of adapter ``model_id``: the directory itself (``/subfolder``), or, for a
+    hub id, the files in the Hugging Face cache, fetched by ``huggingface_hub`` as PEFT fetches them
+    (offline, ``HF_HUB_OFFLINE=1``, they must be in the cache already).
+
+    Raises:
+        MiniLoraError: for options minilora does not take, or an id that is neither a directory nor
+            (with network off) in the cache.
+    """
+    options = {name: kwargs.pop(name) for name in HUB_OPTIONS if name in kwargs}
+    if kwargs:
+        raise MiniLoraError(f"{action}: minilora takes no {sorted(kwargs)} (it knows {list(HUB_OPTIONS)}).")
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise MiniLoraError(f"{action} needs an adapter directory or a hub id (a str or Path), got "
+                            f"{type(model_id).__name__}.")
+    subfolder = options.get("subfolder")
+    local = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if local.exists() or not isinstance(model_id, str) or model_id.startswith((".", "/", "~")):
+        return local  # a directory (load_adapter explains what is wrong with it, if anything)
+    return _from_hub(model_id, options, action)
+
+
+def _from_hub(repo_id: str, options: dict, action: str) -> Path:
+    """The cached directory that holds adapter_config.json and the weights of hub repository ``repo_id``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import HFValidationError
+
+    download = dict(repo_id=repo_id, subfolder=options.get("subfolder"), revision=options.get("revision"),
+                    cache_dir=options.get("cache_dir"), token=options.get("token"),
+                    local_files_only=options.get("local_files_only", False))
+    try:
+        config_path = hf_hub_download(filename=adapters.CONFIG_NAME, **download)
+        try:
+            hf_hub_download(filename=adapters.WEIGHTS_NAME, **download)
+        except Exception:  # an older adapter: adapter_model.bin only
+            hf_hub_download(filename=adapters.LEGACY_WEIGHTS_NAME, **download)
+    except HFValidationError:
+        raise MiniLoraError(f"{action}: {repo_id!r} is not a directory, and not a valid hub id either. Pass the "
+                            "directory save_pretrained wrote, or a hub id such as 'user/adapter'.") from None
+    except Exception as error:  # offline and not cached, no such repository, no network, ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        raise MiniLoraError(
+            f"{action}: {repo_id!r} is not a local directory, and its files could not be had from the Hugging Face "
+            f"hub{' cache (HF_HUB_OFFLINE is set)' if offline else ''} ({type(error).__name__}: {error}). Pass the "
+            "directory save_pretrained wrote, or download the adapter first (huggingface-cli download "
+            f"{repo_id})." ) from None
+    return Path(config_path).parent
 
 
 __all__ = ["LoraConfig", "PeftModel", "TaskType", "get_peft_model"]

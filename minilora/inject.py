@@ -22,7 +22,25 @@ from .saved_modules import (find_modules_to_save, mark_saved_modules_trainable, 
                             wrap_modules_to_save)
 from .targets import find_targets, layer_rank_and_alpha
 
-CONFIG_ATTRIBUTE = "minilora_config"  # where inject leaves the config on the model
+CONFIGS_ATTRIBUTE = "minilora_configs"  # where inject leaves {adapter name: its LoraConfig} on the model
+DEFAULT_ADAPTER = "default"  # the name of the first adapter, as in PEFT
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The config of each adapter of ``model``, by adapter name, in the order they were added ({} if none)."""
+    return getattr(model, CONFIGS_ATTRIBUTE, None) or {}
+
+
+def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> LoraConfig | None:
+    """The config adapter ``adapter_name`` was built from, or None if the model has no such adapter."""
+    return adapter_configs(model).get(adapter_name)
+
+
+def set_adapter_config(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """Record ``config`` as adapter ``adapter_name``'s (the dict is kept, so views of it stay current)."""
+    if not hasattr(model, CONFIGS_ATTRIBUTE):
+        setattr(model, CONFIGS_ATTRIBUTE, {})
+    getattr(model, CONFIGS_ATTRIBUTE)[adapter_name] = config
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -50,8 +68,10 @@ def _check_fan_in_fan_out(name: str, base_layer: nn.Module, config: LoraConfig) 
         )
 
 
-def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Wrap every target layer of ``model`` in a LoraLinear, in place, and freeze the rest.
+
+    The adapter is kept under ``adapter_name`` (more can be added: minilora.add_adapter).
 
     After this only ``lora_A`` and ``lora_B`` (and biases, per ``config.bias``) require grad.
     Layers are wrapped in ``model.named_modules()`` order, the order PEFT uses, so the same seed
@@ -78,30 +98,37 @@ def inject(model: nn.Module, config: LoraConfig) -> nn.Module:
     check_adapter_size(model, names, max(layer_rank_and_alpha(name, config)[0] for name in names))
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
-    # Building draws A and B from the RNG in named_modules() order, as PEFT does.
-    new_layers = {}
-    for name in names:
-        base_layer = model.get_submodule(name)
-        _check_fan_in_fan_out(name, base_layer, config)
-        r, lora_alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
-        new_layers[name] = LoraLinear(
-            base_layer,
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-        )
-        # A new module starts in train mode; take the mode of the layer it replaces instead, so
-        # that lora_dropout stays off in a model that was put in eval mode before inject.
-        # (PEFT leaves its new layers in train mode even inside an eval model.)
-        new_layers[name].train(base_layer.training)
+    new_layers = build_adapter(model, config, adapter_name, names)
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)
     wrap_modules_to_save(model, to_save)  # after freezing, as PEFT: the copies train, the originals do not
-    setattr(model, CONFIG_ATTRIBUTE, config)
+    setattr(model, CONFIGS_ATTRIBUTE, {adapter_name: config})
     return model
+
+
+def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names: list[str]) -> dict[str, LoraLinear]:
+    """Adapter ``adapter_name`` for each target in ``names``: a new LoraLinear around a plain layer
+    (returned, for the caller to put in place), or a new entry in a layer that is a LoraLinear already.
+
+    A and B are drawn from the RNG in ``names`` (named_modules()) order, as PEFT does.
+    """
+    new_layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        r, lora_alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
+        options = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                       init_lora_weights=config.init_lora_weights)
+        if isinstance(module, LoraLinear):  # a layer that holds other adapters already
+            module.add_adapter(adapter_name, r, lora_alpha, **options)
+            continue
+        _check_fan_in_fan_out(name, module, config)
+        new_layers[name] = LoraLinear(module, r=r, lora_alpha=lora_alpha, adapter_name=adapter_name, **options)
+        # A new module starts in train mode; take the mode of the layer it replaces instead, so
+        # that lora_dropout stays off in a model that was put in eval mode before inject.
+        # (PEFT leaves its new layers in train mode even inside an eval model.)
+        new_layers[name].train(module.training)
+    return new_layers
 
 
 def check_adapter_size(model: nn.Module, names: list[str], r: int) -> None:
@@ -153,19 +180,20 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     mark_saved_modules_trainable(model)  # modules_to_save: the copies train, the originals stay frozen
 
 
-def merge(model: nn.Module, safe: bool = False) -> None:
-    """Merge every LoRA layer: W0 <- W0 + scaling * B A. Layers already merged are left as they are.
+def merge(model: nn.Module, safe: bool = False, adapter_names: list[str] | None = None) -> None:
+    """Merge every LoRA layer: W0 <- W0 + scaling * B A. Adapters already merged are left as they are.
 
     Args:
         safe: check every layer's merged weight is finite before merging any, so that a broken
             adapter raises MiniLoraError and leaves the whole model as it was.
+        adapter_names: which adapters to fold in; None means the active ones.
     """
     layers = require_lora_layers(model, "merge")
     if safe:
-        _check_merged_weights_are_finite(layers)
+        _check_merged_weights_are_finite(layers, adapter_names)
     for _, layer in layers:
-        if _unmerged_active(layer):
-            layer.merge(safe=safe)
+        if _unmerged_active(layer, adapter_names):
+            layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
 
 
 def unmerge(model: nn.Module) -> None:
@@ -240,16 +268,18 @@ def require_lora_layers(model: nn.Module, action: str) -> list[tuple[str, LoraLi
     return layers
 
 
-def _unmerged_active(layer: LoraLinear) -> list[str]:
-    """The layer's active adapters whose dW is not in W0 yet."""
-    return [name for name in layer.active_adapters if name in layer.lora_A and name not in layer.merged_adapters]
+def _unmerged_active(layer: LoraLinear, adapter_names: list[str] | None = None) -> list[str]:
+    """The layer's adapters named (default: its active ones) whose dW is not in W0 yet."""
+    names = layer.active_adapters if adapter_names is None else adapter_names
+    return [name for name in names if name in layer.lora_A and name not in layer.merged_adapters]
 
 
-def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]]) -> None:
-    """Raise before anything changes if any layer's W0 + dW (of its unmerged active adapters) would hold NaN or inf."""
+def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]], adapter_names: list[str] | None = None) -> None:
+    """Raise before anything changes if any layer's W0 + dW (of the adapters to merge) would hold NaN or inf."""
     for name, layer in layers:
         weight = layer.base_layer.weight
-        merged = weight + sum(layer.delta_weight(adapter).to(weight.dtype) for adapter in _unmerged_active(layer))
+        todo = _unmerged_active(layer, adapter_names)
+        merged = weight + sum(layer.delta_weight(adapter).to(weight.dtype) for adapter in todo)
         if not bool(merged.isfinite().all()):
             raise MiniLoraError(
                 f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken (check the loss during "
@@ -258,5 +288,5 @@ def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]]) -> No
 
 
 def _forget_config(model: nn.Module) -> None:
-    if hasattr(model, CONFIG_ATTRIBUTE):
-        delattr(model, CONFIG_ATTRIBUTE)
+    if hasattr(model, CONFIGS_ATTRIBUTE):
+        delattr(model, CONFIGS_ATTRIBUTE)

@@ -118,6 +118,8 @@ class LoraLinear(nn.Module):
         """
         if self.forward_override is not None:
             return self.forward_override(self, x)
+        if self.disabled and self.merged:
+            self.unmerge()  # as PEFT: a disabled layer gives W0 x, so dW leaves W0 (minilora.disabled refuses this)
         result = self.base_layer(x)                        # (..., out)
         if self.merged or self.disabled:
             return result
@@ -150,7 +152,7 @@ class LoraLinear(nn.Module):
         """Build adapter ``adapter_name``: A and B drawn as PEFT's ``update_layer`` draws them.
 
         The active adapters stay as they were (a new one on a fresh layer is active because
-        ``__init__`` made it so); only active adapters require grad, as in PEFT.
+        ``__init__`` made it so); the new A and B require grad only if the adapter is active, as in PEFT.
         """
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise MiniLoraError(f"r must be a positive int, got {r!r}.")
@@ -167,7 +169,9 @@ class LoraLinear(nn.Module):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)  # weight (out, r)
         self._init_adapter_weights(adapter_name, init_lora_weights)
         self._match_base_device_and_dtype(adapter_name)
-        self.set_adapter(self.active_adapters)
+        for module in (self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_dropout[adapter_name]):
+            module.train(self.training)  # the layer's mode, not a new module's (train)
+            module.requires_grad_(adapter_name in self.active_adapters)
 
     def _init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """Mirror of PEFT's ``LoraLayer.reset_lora_parameters`` (peft 0.21.2, tuners/lora/layer.py).
@@ -222,10 +226,15 @@ class LoraLinear(nn.Module):
         """Remove an adapter's A, B, dropout and numbers. If it was active, the others stay active,
         or (none left) the first remaining name in sorted order becomes active, as in PEFT."""
         for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling):
-            table.pop(adapter_name, None)
+            if adapter_name in table:
+                del table[adapter_name]
         if adapter_name in self.active_adapters:
             remaining = [name for name in self.active_adapters if name != adapter_name]
-            self.set_adapter(remaining or sorted(self.lora_A)[:1])
+            if not remaining and self.lora_A:
+                remaining = sorted(self.lora_A)[:1]
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.", stacklevel=2)
+            self.set_adapter(remaining)
 
     # ----------------------------------------------------------------------------------------
     # The update, and folding it into W0

@@ -270,8 +270,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 f"target_modules={targets!r} is a string, so it is read as a regex, and it is not a valid one "
                 f"({error}). Fix the regex, or pass a list of names such as {suggest_targets(model)[:3]}."
             ) from None
+    # a LoRA layer already there is a target as the layer it wraps (another adapter goes in it); its insides are not
+    inside_lora = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LoraLinear))
     with bounded_regex.time_bound():
-        names = [name for name, _ in model.named_modules() if name and is_target(name, targets, config)]
+        names = [name for name, _ in model.named_modules()
+                 if name and not name.startswith(inside_lora) and is_target(name, targets, config)]
     if not names and isinstance(model, LINEAR_TYPES):
         raise MiniLoraError(
             f"The model is itself a single {type(model).__name__}; inject replaces layers inside a model. "
@@ -282,7 +285,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise MiniLoraError(_no_match_message(model, targets, config))
     modules = dict(model.named_modules())
     for name in names:
-        if not isinstance(modules[name], LINEAR_TYPES):
+        if not isinstance(modules[name], (*LINEAR_TYPES, LoraLinear)):
             raise MiniLoraError(
                 f"target {name!r} is a {type(modules[name]).__name__}; LoRA here wraps nn.Linear or Conv1D "
                 f"only. Narrow target_modules (or add it to exclude_modules), e.g. to {suggest_targets(model)[:3]}."

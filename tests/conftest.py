@@ -56,7 +56,8 @@ def record_model(model):
         return ([(n, type(x)) for n, x in m.named_modules()],
                 {k: v.detach().clone() for k, v in m.state_dict().items()},
                 {n: p.requires_grad for n, p in m.named_parameters()},
-                m.training, getattr(m, "minilora_config", None), sorted(vars(m)))
+                m.training, [(name, id(config)) for name, config in getattr(m, "minilora_configs", {}).items()],
+                sorted(vars(m)))
 
     before = state(model)
 
@@ -68,7 +69,7 @@ def record_model(model):
         assert not changed, f"tensors changed: {changed[:5]}"
         assert after[2] == before[2], "requires_grad changed"
         assert after[3] == before[3], "train/eval mode changed"
-        assert after[4] is before[4], "minilora_config changed"
+        assert after[4] == before[4], "minilora_configs changed"
         assert after[5] == before[5], "model attributes changed"
 
     return check

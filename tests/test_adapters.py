@@ -198,7 +198,7 @@ def test_load_into_matching_layers_keeps_parameters(tiny_gpt2, tmp_path):
         assert max_abs_diff(tiny_gpt2(x).logits, trained(x).logits) <= ATOL
     assert all(param is before[name] for name, param in tiny_gpt2.named_parameters())
     assert all(layer.scaling == {"default": 16 / 4} for _, layer in minilora.lora_layers(tiny_gpt2))
-    assert tiny_gpt2.minilora_config.lora_alpha == 16  # save_adapter now writes what was loaded
+    assert tiny_gpt2.minilora_configs["default"].lora_alpha == 16  # save_adapter now writes what was loaded
 
 
 def test_is_trainable(tiny_gpt2, tmp_path):

@@ -165,7 +165,7 @@ def assert_plain(model, types):
     assert [(name, type(module)) for name, module in model.named_modules()] == types
     assert not list(minilora.lora_layers(model))
     assert not any(".lora_" in key for key in model.state_dict())
-    assert not hasattr(model, "minilora_config")
+    assert not hasattr(model, "minilora_configs")
     assert minilora.count_parameters(model).total == sum(p.numel() for p in make_tiny_gpt2().parameters())
 
 

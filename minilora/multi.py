@@ -1,0 +1,290 @@
+"""Several adapters in one model: add them, choose which take part, delete, merge, and ask their state.
+
+Each LoraLinear keeps its adapters by name (layer.py). Across a model, with PEFT's semantics:
+
+    minilora.inject(model, config)                      # adapter "default": active, trains
+    minilora.add_adapter(model, "other", config2)       # same seed -> same A, B as PEFT's add_adapter;
+                                                        # inactive and frozen until chosen
+    minilora.set_adapter(model, "other")                # forward uses it; its A and B train, default's do not
+    minilora.set_adapter(model, ["default", "other"])   # h = W0 x + s1 B1 A1 x + s2 B2 A2 x
+    minilora.delete_adapter(model, "default")
+
+Files: ``save_adapters`` writes PEFT's layout (the "default" adapter at the root of the directory,
+every other one in a sub-directory named after it); ``minilora.load_adapter(model, directory,
+adapter_name=...)`` reads one adapter into a model that has others (adapters.py).
+
+The model-wide state is the layers' state: the active adapters are those of the LoRA layers (all
+layers agree unless changed by hand), and ``model_status`` says "irregular" where they do not.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from .config import LoraConfig, MiniLoraError
+from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, adapter_configs, build_adapter, require_lora_layers,
+                     set_adapter_config, _replace_module)
+from .layer import LoraLinear
+from .saved_modules import saved_modules
+from .targets import find_targets
+
+BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
+
+
+# --------------------------------------------------------------------------------------------
+# Which adapters there are, and which take part
+# --------------------------------------------------------------------------------------------
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added."""
+    return list(adapter_configs(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters forward adds, in order (those of the first LoRA layer: all layers agree)."""
+    return list(require_lora_layers(model, "active_adapters")[0][1].active_adapters)
+
+
+def set_adapter(model: nn.Module, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+    """Make ``adapter_names`` (one name or a list) the active adapters of every LoRA layer.
+
+    As PEFT: their A and B require grad (unless ``inference_mode``), every other adapter's do not;
+    a merged layer is unmerged first, with PEFT's warning.
+
+    Raises:
+        MiniLoraError: before changing anything, if a name is not an adapter of the model.
+    """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    _check_known(model, names, "set_adapter")
+    for _, layer in require_lora_layers(model, "set_adapter"):
+        if layer.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
+            layer.unmerge()
+        layer.set_adapter(names, inference_mode=inference_mode)
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    """Switch every LoRA layer (and saved module) on or off, as PEFT's enable/disable_adapter_layers.
+
+    Off: the base model's outputs, and no adapter requires grad. On again: the active adapters
+    require grad (PEFT's ``set_adapter``). ``minilora.disabled(model)`` is the block form that only
+    switches, leaving requires_grad alone.
+    """
+    for _, layer in require_lora_layers(model, "enable_adapters"):
+        if enabled:
+            layer.set_adapter(layer.active_adapters)
+        else:
+            for name in layer.lora_A:
+                layer.lora_A[name].requires_grad_(False)
+                layer.lora_B[name].requires_grad_(False)
+        layer.disabled = not enabled
+    for _, wrapper in saved_modules(model):
+        wrapper.disabled = not enabled
+        wrapper.trained.requires_grad_(enabled)
+
+
+# --------------------------------------------------------------------------------------------
+# Adding and deleting
+# --------------------------------------------------------------------------------------------
+def check_can_add(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
+    """Raise MiniLoraError, before anything changes, if ``config`` cannot be added as ``adapter_name``."""
+    require_lora_layers(model, "add_adapter")
+    if not isinstance(config, LoraConfig):
+        raise MiniLoraError(f"add_adapter needs a minilora.LoraConfig, got {type(config).__name__}.")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE:
+        raise MiniLoraError(f"adapter_name={adapter_name!r}: an adapter name is a non-empty str without dots "
+                            f"(it becomes part of parameter names), and not {BASE!r}.")
+    if adapter_name in adapter_configs(model):
+        raise MiniLoraError(f"The model has an adapter named {adapter_name!r} already ({adapter_names(model)}). "
+                            "Pick another name, or minilora.delete_adapter it first.")
+    config.validate()
+    if getattr(config, "modules_to_save", None) or any(True for _ in saved_modules(model)):
+        raise MiniLoraError("minilora keeps modules_to_save for one adapter only: add adapters to a model without "
+                            "modules_to_save, with configs that have none.")
+    if config.bias != "none":
+        raise MiniLoraError(f"bias={config.bias!r}: minilora trains biases for the first adapter only. Add this "
+                            "adapter with bias='none'.")
+
+
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+    """Add a new adapter to a model that has LoRA layers, as PEFT's ``add_adapter`` does.
+
+    Its targets are ``config``'s: a target that is already a LoRA layer gets the new adapter next to
+    the others, a plain one is wrapped. A and B are drawn in PEFT's order, so the same seed gives the
+    same weights. The new adapter is not active and does not train until ``set_adapter`` chooses it;
+    nothing else changes (the active adapters and what requires grad stay as they were).
+
+    Returns:
+        the same ``model`` object.
+
+    Raises:
+        MiniLoraError: before anything changes, for a name in use, a bad config, or targets that do not fit.
+    """
+    check_can_add(model, adapter_name, config)
+    names = find_targets(model, config)
+    active = active_adapters(model)
+    new_layers = build_adapter(model, config, adapter_name, names)
+    for name, layer in new_layers.items():
+        layer.set_adapter(active)  # the model's active adapters, which this layer does not hold: frozen
+        layer.base_layer.requires_grad_(False)
+        _replace_module(model, name, layer)
+    set_adapter_config(model, adapter_name, config)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter from every layer, as PEFT's ``delete_adapter``.
+
+    If it was active, the other active adapters stay so; if none is left, the first remaining name
+    (sorted) becomes active, with PEFT's warning.
+
+    Raises:
+        MiniLoraError: before anything changes, if there is no such adapter or it is merged.
+    """
+    _check_known(model, [adapter_name], "delete_adapter")
+    layers = require_lora_layers(model, "delete_adapter")
+    merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
+    if merged:
+        raise MiniLoraError(f"Cannot delete adapter {adapter_name!r} while it is merged (e.g. in {merged[0]!r}): "
+                            "W0 holds its dW. Call minilora.unmerge(model) first.")
+    for _, layer in layers:
+        layer.delete_adapter(adapter_name)
+    getattr(model, CONFIGS_ATTRIBUTE).pop(adapter_name)
+
+
+def _check_known(model: nn.Module, names: list[str], action: str) -> None:
+    known = adapter_names(model)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise MiniLoraError(f"{action}: no adapter named {unknown[0]!r}; the model has {known}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Files: PEFT's layout for several adapters
+# --------------------------------------------------------------------------------------------
+def adapter_directory(directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where ``save_adapters`` puts one adapter: the directory itself for "default", else a sub-directory."""
+    return Path(directory) if adapter_name == DEFAULT_ADAPTER else Path(directory) / adapter_name
+
+
+def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                  **kwargs) -> None:
+    """Save several adapters in PEFT's layout: "default" at the root of ``directory``, every other
+    adapter in ``directory/<name>/`` (PEFT's ``save_pretrained``). ``kwargs`` go to ``save_adapter``.
+
+    Raises:
+        MiniLoraError: before writing anything, if a selected name is not an adapter of the model.
+    """
+    from .adapters import save_adapter
+
+    names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
+    _check_known(model, names, "save_adapters")
+    for name in names:
+        save_adapter(model, adapter_directory(directory, name), adapter_name=name, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# State: PEFT's get_layer_status / get_model_status
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LayerStatus:
+    """One LoRA layer (or saved module): PEFT's ``TunerLayerStatus`` fields."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, bool | Literal["irregular"]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None = None
+
+
+@dataclass
+class ModelStatus:
+    """The whole model: PEFT's ``TunerModelStatus`` fields; "irregular" where the layers disagree."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool | Literal["irregular"]
+    active_adapters: list[str] | Literal["irregular"]
+    merged_adapters: list[str] | Literal["irregular"]
+    requires_grad: dict[str, bool | Literal["irregular"]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None | Literal["irregular"] = None
+
+
+def _agree(values: list) -> bool | Literal["irregular"]:
+    """True if all are True, False if all are False, else "irregular" (PEFT's check_irrgular)."""
+    if all(value is True for value in values):
+        return True
+    if all(value is False for value in values):
+        return False
+    return "irregular"
+
+
+def layer_status(model: nn.Module, module_type: str = "LoraLinear") -> list[LayerStatus]:
+    """The state of each LoRA layer and saved module, in module order (PEFT's ``get_layer_status``)."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            tables = {adapter: [*module.lora_A[adapter].parameters(), *module.lora_B[adapter].parameters()]
+                      for adapter in module.lora_A}
+            rows.append(LayerStatus(name, module_type, not module.disabled, list(module.active_adapters),
+                                    list(module.merged_adapters),
+                                    {k: _agree([p.requires_grad for p in v]) for k, v in tables.items()},
+                                    sorted(tables), {k: sorted({p.device.type for p in v}) for k, v in tables.items()}))
+        elif type(module).__name__ == "ModulesToSave":
+            params = {DEFAULT_ADAPTER: list(module.trained.parameters())}
+            rows.append(LayerStatus(name, "ModulesToSaveWrapper", not module.disabled, [DEFAULT_ADAPTER], [],
+                                    {k: _agree([p.requires_grad for p in v]) for k, v in params.items()},
+                                    [DEFAULT_ADAPTER], {k: sorted({p.device.type for p in v}) for k, v in params.items()}))
+    if not rows:
+        raise MiniLoraError("layer_status: this model has no minilora layers. Call minilora.inject(model, config) "
+                            "first.")
+    return rows
+
+
+def model_status(model: nn.Module, layers: list[LayerStatus] | None = None,
+                 adapter_model_type: str = "minilora") -> ModelStatus:
+    """The state of the model's adapters, summed over its layers (PEFT's ``get_model_status``)."""
+    from .params import count_parameters
+
+    rows = layer_status(model) if layers is None else layers
+    enabled = {row.enabled for row in rows}
+    actives = {tuple(row.active_adapters) for row in rows}
+    merged_all = sorted({name for row in rows for name in row.merged_adapters})
+    irregular_merge = any(set(row.available_adapters) - set(row.merged_adapters) & set(merged_all) for row in rows)
+    grads, devices = collections.defaultdict(list), collections.defaultdict(set)
+    for row in rows:
+        for name, value in row.requires_grad.items():
+            grads[name].append(value)
+        for name, value in row.devices.items():
+            devices[name].update(value)
+    trainable, total = count_parameters(model)
+    return ModelStatus(
+        base_model_type=type(model).__name__ if hasattr(model, "config") else "other",
+        adapter_model_type=adapter_model_type,
+        peft_types={name: "LORA" for name in adapter_names(model)},
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(rows),
+        enabled=enabled.pop() if len(enabled) == 1 else "irregular",
+        active_adapters=list(actives.pop()) if len(actives) == 1 else "irregular",
+        merged_adapters="irregular" if irregular_merge else merged_all,
+        requires_grad={name: _agree(values) for name, values in grads.items()},
+        available_adapters=sorted({name for row in rows for name in row.available_adapters}),
+        devices={name: sorted(value) for name, value in devices.items()},
+    )

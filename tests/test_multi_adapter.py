@@ -1,0 +1,299 @@
+"""Several adapters per model, against PEFT as the oracle: every call is made on a PEFT model and on
+a minilora.compat model built from the same base and seed, and the results compared (bitwise in
+float32 on the CPU, where minilora does PEFT's operations in PEFT's order).
+
+The models are PEFT's own test shapes (test_custom_models.py): an MLP with nn.Linear layers and a
+GPT-2 style Conv1D layer, small enough to run every case in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import minilora
+from conftest import record_model
+from minilora import MiniLoraError, compat
+
+PREFIX = "base_model.model."
+
+
+class MLP(nn.Module):
+    """Linear -> ReLU -> Linear -> Conv1D (GPT-2's transposed layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 6)
+        self.conv = Conv1D(4, 6)  # nf=4 out, nx=6 in: weight (6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.lin1(self.relu(self.lin0(x))))
+
+
+def base() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+OTHER = dict(r=2, lora_alpha=5, target_modules=["lin0", "lin1", "conv"], init_lora_weights=False)
+
+
+def pair(seed: int = 1, second: dict = OTHER) -> tuple[nn.Module, nn.Module]:
+    """(PEFT model, minilora.compat model): "default" on lin0, then "other" (``second``) added, same seeds."""
+    models = []
+    for lib in (peft, compat):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out notice for Conv1D
+            model = lib.get_peft_model(base(), lib.LoraConfig(r=4, target_modules=["lin0"], init_lora_weights=False))
+            model.add_adapter("other", lib.LoraConfig(**second))
+        models.append(model)
+    return models[0], models[1]
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict by minilora's keys (PEFT's without its wrapper's prefix)."""
+    return {key.removeprefix(PREFIX): value for key, value in model.state_dict().items()}
+
+
+def trainable(model: nn.Module) -> list[str]:
+    return sorted(name.removeprefix(PREFIX) for name, param in model.named_parameters() if param.requires_grad)
+
+
+def assert_same_state(theirs: nn.Module, ours: nn.Module) -> None:
+    theirs_state, ours_state = state(theirs), state(ours)
+    assert sorted(theirs_state) == sorted(ours_state)
+    different = [key for key in ours_state if not torch.equal(theirs_state[key], ours_state[key])]
+    assert not different, different
+    assert trainable(theirs) == trainable(ours)
+
+
+X = torch.randn(5, 10, generator=torch.Generator().manual_seed(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# add_adapter / set_adapter / active adapters
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_added_adapter_has_peft_weights_and_trainable_names(init):
+    """Same seed, same A and B for every adapter, in old and new layers; only 'default' trains."""
+    theirs, ours = pair(second={**OTHER, "init_lora_weights": init})
+    assert_same_state(theirs, ours)
+    assert trainable(ours) == ["lin0.lora_A.default.weight", "lin0.lora_B.default.weight"]
+    assert ours.peft_config.keys() == theirs.peft_config.keys() == {"default", "other"}
+
+
+@pytest.mark.parametrize("names", ["other", ["default", "other"], ["other", "default"], "default"])
+def test_set_adapter_gives_peft_outputs_gradients_and_trainable_names(names):
+    theirs, ours = pair()
+    (theirs.base_model if isinstance(names, list) else theirs).set_adapter(names)
+    ours.set_adapter(names)
+    assert trainable(theirs) == trainable(ours)
+    assert theirs.active_adapters == ours.active_adapters == ([names] if isinstance(names, str) else names)
+    theirs_out, ours_out = theirs(X), ours(X)
+    assert torch.equal(theirs_out, ours_out)
+    theirs_out.square().sum().backward()
+    ours_out.square().sum().backward()
+    theirs_grads = {n.removeprefix(PREFIX): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, theirs_grads[name]), name
+
+
+def test_native_api_names_the_same_state():
+    model = base()
+    torch.manual_seed(1)
+    minilora.inject(model, minilora.LoraConfig(r=4, target_modules=["lin0"]))
+    minilora.add_adapter(model, "other", minilora.LoraConfig(**OTHER))
+    assert minilora.adapter_names(model) == ["default", "other"]
+    assert minilora.active_adapters(model) == ["default"]
+    minilora.set_adapter(model, ["other", "default"])
+    assert minilora.active_adapters(model) == ["other", "default"]
+    expected = model.lin0.base_layer(X)
+    for name in ("other", "default"):
+        expected = expected + model.lin0.lora_update(X, name)  # in the active order
+    assert torch.equal(model.lin0(X), expected)
+
+
+def test_add_and_set_adapter_errors_change_nothing():
+    _, ours = pair()
+    check = record_model(ours)
+    with pytest.raises(MiniLoraError, match="Adapter with name 'other' already exists"):
+        ours.add_adapter("other", compat.LoraConfig(r=2, target_modules=["lin0"]))
+    with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
+        ours.set_adapter(["default", "nope"])
+    with pytest.raises(MiniLoraError, match="bias='none'"):
+        ours.add_adapter("third", compat.LoraConfig(r=2, target_modules=["lin0"], bias="all"))
+    with pytest.raises(MiniLoraError, match="matches no module"):
+        ours.add_adapter("third", compat.LoraConfig(r=2, target_modules=["nothing"]))
+    with pytest.raises(MiniLoraError, match="without dots"):
+        ours.add_adapter("a.b", compat.LoraConfig(r=2, target_modules=["lin0"]))
+    check()
+
+
+# ------------------------------------------------------------------------------------------------
+# delete_adapter
+# ------------------------------------------------------------------------------------------------
+def test_delete_the_active_adapter_as_peft():
+    theirs, ours = pair()
+    with pytest.warns(UserWarning, match="Adapter default was active which is now deleted. Setting active adapter "
+                                         "to other."):
+        theirs.delete_adapter("default")
+    with pytest.warns(UserWarning, match="Adapter default was active which is now deleted. Setting active adapter "
+                                         "to other."):
+        ours.delete_adapter("default")
+    assert_same_state(theirs, ours)
+    assert theirs.active_adapters == ours.active_adapters == ["other"]
+    assert list(ours.peft_config) == list(theirs.peft_config) == ["other"]
+    assert torch.equal(theirs(X), ours(X))
+
+
+def test_delete_refuses_a_merged_or_unknown_adapter():
+    _, ours = pair()
+    ours.merge_adapter()
+    check = record_model(ours)
+    with pytest.raises(MiniLoraError, match="while it is merged"):
+        ours.delete_adapter("default")
+    with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
+        ours.delete_adapter("nope")
+    check()
+
+
+# ------------------------------------------------------------------------------------------------
+# merge_adapter / unmerge_adapter, enable / disable
+# ------------------------------------------------------------------------------------------------
+def test_merge_and_unmerge_adapter_as_peft():
+    theirs, ours = pair()
+    for model in (theirs, ours):
+        model.merge_adapter()
+    assert_same_state(theirs, ours)
+    assert torch.equal(theirs(X), ours(X))
+    for model in (theirs, ours):
+        with pytest.warns(UserWarning, match="Already following adapters were merged default. You are now "
+                                             "additionally merging other."):
+            model.merge_adapter(["default", "other"])
+    assert_same_state(theirs, ours)
+    for model in (theirs, ours):
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do."):
+            model.merge_adapter(["other"])
+    assert [s.merged_adapters for s in theirs.get_layer_status()] == \
+        [s.merged_adapters for s in ours.get_layer_status()]
+    for model in (theirs, ours):
+        model.unmerge_adapter()
+        with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
+            model.unmerge_adapter()
+    assert_same_state(theirs, ours)
+
+
+def test_disable_and_enable_adapter_layers_as_peft():
+    theirs, ours = pair()
+    for model in (theirs, ours):
+        model.disable_adapter_layers()
+    assert trainable(theirs) == trainable(ours) == []
+    assert torch.equal(theirs(X), ours(X))
+    assert theirs.get_model_status().enabled is ours.get_model_status().enabled is False
+    for model in (theirs, ours):
+        model.enable_adapter_layers()
+    assert trainable(theirs) == trainable(ours)
+    assert torch.equal(theirs(X), ours(X))
+
+
+def test_disable_adapter_on_a_merged_model_gives_base_outputs_as_peft():
+    """PEFT unmerges on the fly inside ``disable_adapter``; the model is unmerged afterwards."""
+    theirs, ours = pair()
+    base_out = base()(X)
+    inside = []
+    for model in (theirs, ours):
+        model.merge_adapter()
+        with model.disable_adapter():
+            inside.append(model(X))
+    assert torch.equal(inside[0], inside[1])
+    assert (inside[1] - base_out).abs().max() <= 1e-6  # W0 + dW - dW: float32 rounding of W0 only
+    assert [s.merged_adapters for s in theirs.get_layer_status()] == \
+        [s.merged_adapters for s in ours.get_layer_status()] == [[], [], []]
+    assert torch.equal(theirs(X), ours(X))
+    assert trainable(theirs) == trainable(ours)
+
+
+# ------------------------------------------------------------------------------------------------
+# get_layer_status / get_model_status
+# ------------------------------------------------------------------------------------------------
+def test_layer_and_model_status_as_peft():
+    theirs, ours = pair()
+    theirs.base_model.set_adapter(["other", "default"])
+    ours.set_adapter(["other", "default"])
+    theirs.merge_adapter(["default"])
+    ours.merge_adapter(["default"])
+    assert [dataclasses.asdict(s) for s in theirs.get_layer_status()] == \
+        [dataclasses.asdict(s) for s in ours.get_layer_status()]
+    assert dataclasses.asdict(theirs.get_model_status()) == dataclasses.asdict(ours.get_model_status())
+
+
+# ------------------------------------------------------------------------------------------------
+# Files with several adapters, both ways
+# ------------------------------------------------------------------------------------------------
+def outputs_per_adapter(model: nn.Module) -> dict[str, torch.Tensor]:
+    results = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        with torch.no_grad():
+            results[name] = model(X)
+    return results
+
+
+def test_save_pretrained_layout_and_files_both_ways(tmp_path):
+    theirs, ours = pair()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "mini")
+    for directory in ("peft", "mini"):
+        files = sorted(p.relative_to(tmp_path / directory).as_posix() for p in (tmp_path / directory).rglob("*"))
+        assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other",
+                         "other/adapter_config.json", "other/adapter_model.safetensors"], directory
+    readme = (tmp_path / "mini" / "README.md").read_text()
+    assert "library_name: peft" in readme and "- lora" in readme
+    expected = outputs_per_adapter(ours)
+
+    for source, lib in (("mini", peft), ("peft", compat)):  # each library reads the other's files
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = lib.PeftModel.from_pretrained(base(), tmp_path / source)
+            loaded.load_adapter(tmp_path / source / "other", adapter_name="other")
+        assert sorted(loaded.peft_config) == ["default", "other"]
+        got = outputs_per_adapter(loaded)
+        assert all(torch.equal(got[name], expected[name]) for name in expected), source
+
+
+def test_load_adapter_into_a_model_with_others_as_peft(tmp_path):
+    """A loaded adapter is added inactive, frozen (is_trainable=False) and the model goes to eval."""
+    theirs, ours = pair()
+    ours.save_pretrained(tmp_path, selected_adapters=["other"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "other"]
+    for model in (theirs, ours):
+        model.train()
+        model.load_adapter(tmp_path / "other", adapter_name="loaded")
+    assert_same_state(theirs, ours)
+    assert not theirs.training and not ours.training
+    assert theirs.active_adapters == ours.active_adapters == ["default"]
+    for model in (theirs, ours):
+        model.set_adapter("loaded")
+    assert torch.equal(theirs(X), ours(X))
+    assert torch.equal(ours(X), ours.set_adapter("other") or ours(X))
+    config = json.loads((tmp_path / "other" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 5
+
+
+def test_save_pretrained_refuses_unknown_selected_adapters(tmp_path):
+    _, ours = pair()
+    with pytest.raises(MiniLoraError, match="invalid `selected_adapters`"):
+        ours.save_pretrained(tmp_path / "out", selected_adapters=["nope"])
+    assert not (tmp_path / "out").exists()
