@@ -36,6 +36,14 @@ def adapter_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> Lor
     return adapter_configs(model).get(adapter_name)
 
 
+def check_adapter_name(adapter_name: object) -> None:
+    """An adapter name becomes part of parameter names (``lora_A.<name>.weight``): a non-empty str
+    without dots, and not "__base__" (which means "no adapter" in a mixed batch, as in PEFT)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
+        raise MiniLoraError(f"adapter_name={adapter_name!r}: an adapter name is a non-empty str without dots "
+                            "(it becomes part of parameter names), and not '__base__'.")
+
+
 def set_adapter_config(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     """Record ``config`` as adapter ``adapter_name``'s (the dict is kept, so views of it stay current)."""
     if not hasattr(model, CONFIGS_ATTRIBUTE):
@@ -92,6 +100,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
             "This model already has minilora layers; wrapping them again would stack adapters. "
             "Use the model as it is, or call minilora.unload(model) first."
         )
+    check_adapter_name(adapter_name)
     config.validate()  # its fields may have been changed since it was built
     names = find_targets(model, config)
     to_save = find_modules_to_save(model, config.modules_to_save, names)  # trained in full (saved_modules.py)

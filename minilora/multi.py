@@ -29,8 +29,8 @@ from typing import Literal
 from torch import nn
 
 from .config import LoraConfig, MiniLoraError
-from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, adapter_configs, build_adapter, require_lora_layers,
-                     set_adapter_config, _replace_module)
+from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
+                     check_adapter_name, require_lora_layers, set_adapter_config)
 from .layer import LoraLinear
 from .saved_modules import saved_modules
 from .targets import find_targets
@@ -97,9 +97,7 @@ def check_can_add(model: nn.Module, adapter_name: str, config: LoraConfig) -> No
     require_lora_layers(model, "add_adapter")
     if not isinstance(config, LoraConfig):
         raise MiniLoraError(f"add_adapter needs a minilora.LoraConfig, got {type(config).__name__}.")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE:
-        raise MiniLoraError(f"adapter_name={adapter_name!r}: an adapter name is a non-empty str without dots "
-                            f"(it becomes part of parameter names), and not {BASE!r}.")
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise MiniLoraError(f"The model has an adapter named {adapter_name!r} already ({adapter_names(model)}). "
                             "Pick another name, or minilora.delete_adapter it first.")

@@ -143,6 +143,8 @@ def test_peft_methods(tiny_gpt2, tmp_path):
     model.save_pretrained(tmp_path / "skipped", is_main_process=False)
     assert not (tmp_path / "skipped").exists()
     with pytest.raises(MiniLoraError, match="takes no"):
+        model.save_pretrained(tmp_path / "x", push_to_hub=True)
+    with pytest.raises(MiniLoraError, match="invalid `selected_adapters`"):
         model.save_pretrained(tmp_path / "x", selected_adapters=["other"])
 
     copied = copy.deepcopy(model)  # the methods must act on the copy, not on the original
@@ -177,8 +179,8 @@ def test_inference_mode_freezes(tiny_gpt2):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="second"),
-     "one adapter per layer"),
+    (lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="a.b"),
+     "without dots"),
     (lambda m: PeftModel(m), "no PeftModel objects"),
     (lambda m: PeftModel.from_pretrained(m, "somewhere", torch_device="cuda"), "takes no"),
 ], ids=["adapter-name", "constructor", "from-pretrained-kwargs"])
