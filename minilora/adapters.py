@@ -167,10 +167,11 @@ def _saved_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> Lora
         selected = _selected_layers(model, config, [name for name, _ in layers])
     except MiniLoraError as error:
         raise MiniLoraError(f"The model's config was changed after inject and is no longer valid: {error}") from None
-    if selected != [name for name, _ in layers]:
+    holding = [name for name, layer in layers if adapter_name in layer.lora_A]  # (other adapters may have others)
+    if selected != holding:
         raise MiniLoraError(
             f"The model's config.target_modules ({config.target_modules!r}) now selects {_few(selected)}, but the "
-            f"model's LoRA layers are {_few([name for name, _ in layers])}: the saved adapter could not be loaded "
+            f"model's LoRA layers are {_few(holding)}: the saved adapter could not be loaded "
             "back. target_modules was changed after inject; set it back, or inject again with the new targets."
         )
     for name, layer in layers:
