@@ -134,6 +134,22 @@ def test_a_failed_install_names_pip_s_reason_and_does_not_fetch_torch(tmp_path, 
     assert not (tmp_path / "peft-0.6.2" / envs.READY_FILE).exists()  # not cached: the next run tries again
 
 
+def test_envs_command_builds_all_or_the_named_releases_and_reports_failures(tmp_path, monkeypatch, capsys):
+    built = []
+
+    def fake_build(version, root, log=print):
+        built.append((version, root))
+        if version == "0.3.0":
+            raise envs.EnvError("pip install failed for peft 0.3.0: reason")
+
+    monkeypatch.setattr(envs, "build_env", fake_build)
+    assert envs.main(["all", "--root", str(tmp_path)]) == 1
+    assert [version for version, _ in built] == list(envs.COMPANIONS) and built[0][1] == tmp_path
+    assert "FAILED 0.3.0: pip install failed for peft 0.3.0: reason" in capsys.readouterr().out
+    built.clear()
+    assert envs.main(["0.21.2", "--root", str(tmp_path)]) == 0 and built == [("0.21.2", tmp_path)]
+
+
 def test_unknown_release_is_a_usage_error(capsys):
     assert matrix.main(["--peft", "9.9.9"]) == 2
     assert "no transformers release is pinned for peft 9.9.9" in capsys.readouterr().err
