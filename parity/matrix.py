@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from parity.results import CHECKS
 DEFAULT_MARKDOWN = envs.REPO_ROOT / "docs" / "peft-versions.md"
 NOTES_BEGIN, NOTES_END = "<!-- NOTES: kept when the page is regenerated -->", "<!-- /NOTES -->"
 SUITE_TIMEOUT_S = 1800
+TEMPORARY = re.compile(r"/\S*/parity-[A-Za-z0-9_]+/")  # parity.suite's tempfile folder, in messages
 
 Run = dict  # one release: {"peft", "environment", "versions", "suite": {...} | None, "probes": {...} | None, "error"}
 
@@ -172,7 +174,7 @@ def release_notes(run: Run) -> list[str]:
               for (status, configuration, message), checks in grouped.items()]
     for name in ("peft", "PEFT"):
         notes = [note.replace(f"{name} {run['peft']} ", "this release ") for note in notes]
-    return notes
+    return [TEMPORARY.sub("<tmp>/", note) for note in notes]  # the suite's scratch folder: new every run
 
 
 def details(runs: list[Run]) -> str:

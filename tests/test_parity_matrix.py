@@ -167,10 +167,11 @@ def test_details_group_consecutive_releases_with_the_same_reasons():
     def run(version, message):
         return {**fake_run(version, []), "suite": {"results": [row("init", "N/A", message)]}}
 
-    runs = [run("0.6.2", "peft 0.6.2 has no X"), run("0.7.1", "peft 0.7.1 has no X"), run("0.8.2", "other"),
+    runs = [run("0.6.2", "peft 0.6.2 has no X in /tmp/parity-ab_1/case"),
+            run("0.7.1", "peft 0.7.1 has no X in /tmp/parity-cd_2/case"), run("0.8.2", "other"),
             fake_run("0.9.0", [("init", "PASS")], {})]
     text = matrix.details(runs)
-    assert text.splitlines() == ["- **peft 0.6.2 - 0.7.1**", "  - N/A init (linear r=8): this release has no X",
+    assert text.splitlines() == ["- **peft 0.6.2 - 0.7.1**", "  - N/A init (linear r=8): this release has no X in <tmp>/case",
                                  "- **peft 0.8.2**", "  - N/A init (linear r=8): other"]
     assert matrix.details(runs[3:]) == "Nothing failed and nothing was N/A."
 
