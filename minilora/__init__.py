@@ -3,7 +3,7 @@
     h = W0 x + (lora_alpha / r) * B A x
 
 Read in this order: config.py (what to adapt), layer.py (the math), targets.py (which layers),
-inject.py (putting it into a model), multi.py (several adapters), params.py (counting), adapters.py and adapter_config.py
+inject.py (putting it into a model), multi.py, weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and adapter_config.py
 (adapter files in PEFT's format), compat.py (PEFT's API), fused.py (faster forward paths), cli.py
 (the `minilora` command).
 """
@@ -23,6 +23,7 @@ from .inject import (
 )
 from .fused import FORWARD_PATHS, forward_path, set_forward_path
 from .layer import LoraLinear
+from .mixed import mixed_batch
 from .models import load_model
 from .multi import (
     active_adapters,
@@ -35,6 +36,7 @@ from .multi import (
     save_adapters,
     set_adapter,
 )
+from .weighted import add_weighted_adapter
 from .params import (
     count_parameters,
     layer_counts,
@@ -51,6 +53,7 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "add_adapter",
+    "add_weighted_adapter",
     "count_parameters",
     "delete_adapter",
     "disabled",
@@ -66,6 +69,7 @@ __all__ = [
     "lora_layers",
     "mark_only_lora_as_trainable",
     "merge",
+    "mixed_batch",
     "merge_and_unload",
     "model_status",
     "print_trainable_parameters",

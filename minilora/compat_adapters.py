@@ -29,6 +29,7 @@ from torch import nn
 from . import adapters, multi
 from .config import MiniLoraError
 from .inject import CONFIGS_ATTRIBUTE, adapter_configs, lora_layers, require_lora_layers
+from .weighted import add_weighted_adapter
 
 
 def sync_attributes(model: nn.Module) -> None:
@@ -220,7 +221,21 @@ def _get_model_status(model: nn.Module):
     return dataclasses.replace(status, base_model_type=type(model).__name__)
 
 
+def _add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                          combination_type: str = "svd", svd_rank: Optional[int] = None, svd_clamp: Any = None,
+                          svd_full_matrices: bool = True, svd_driver: Optional[str] = None, density: Any = None,
+                          majority_sign_method: str = "total") -> None:
+    """LoraModel.add_weighted_adapter (linear, cat, svd): see weighted.py."""
+    if density is not None:
+        raise MiniLoraError("add_weighted_adapter: density is for PEFT's ties / dare / magnitude_prune combinations, "
+                            "which minilora does not have (it has linear, cat and svd).")
+    add_weighted_adapter(model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                         svd_full_matrices, svd_driver)
+    sync_attributes(model)
+
+
 MULTI_ADAPTER_METHODS = {
+    "add_weighted_adapter": _add_weighted_adapter,
     "add_adapter": _add_adapter,
     "set_adapter": _set_adapter,
     "delete_adapter": _delete_adapter,

@@ -297,3 +297,145 @@ def test_save_pretrained_refuses_unknown_selected_adapters(tmp_path):
     with pytest.raises(MiniLoraError, match="invalid `selected_adapters`"):
         ours.save_pretrained(tmp_path / "out", selected_adapters=["nope"])
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# add_weighted_adapter
+# ------------------------------------------------------------------------------------------------
+SAME_RANK = dict(r=4, lora_alpha=7, target_modules=["lin0", "lin1"], init_lora_weights=False)
+
+
+def weighted_pair(combination: str, second: dict = OTHER, **options) -> tuple[nn.Module, nn.Module]:
+    """(PEFT, minilora) after add_weighted_adapter(... "mix"), with "mix" active; the random numbers
+    drawn after the call must be the same too (the new adapter is built from the RNG, then filled)."""
+    theirs, ours = pair(second=second)
+    after = []
+    for model in (theirs, ours):
+        torch.manual_seed(5)
+        model.add_weighted_adapter(["default", "other"], [0.7, -1.3], "mix", combination_type=combination, **options)
+        after.append(torch.rand(3))
+        model.set_adapter("mix")
+    assert torch.equal(after[0], after[1]), "add_weighted_adapter drew other random numbers than PEFT's"
+    return theirs, ours
+
+
+@pytest.mark.parametrize("combination, second", [("cat", OTHER), ("linear", SAME_RANK)])
+def test_weighted_adapter_cat_and_linear_are_peft_bitwise(combination, second):
+    theirs, ours = weighted_pair(combination, second)
+    assert_same_state(theirs, ours)
+    assert torch.equal(theirs(X), ours(X))
+    assert dataclasses.asdict(theirs.get_model_status()) == dataclasses.asdict(ours.get_model_status())
+
+
+def test_weighted_cat_is_the_weighted_sum_of_updates():
+    """cat is exact: dW_mix = 0.7 dW_default - 1.3 dW_other, checked in float64 from the parts."""
+    _, ours = weighted_pair("cat")
+    for name in ("lin0", "lin1", "conv"):
+        layer = getattr(ours, name)
+        expected = sum(w * layer.delta_weight(a).double() for a, w in (("default", 0.7), ("other", -1.3))
+                       if a in layer.lora_A)
+        got = layer.delta_weight("mix").double()
+        assert (got - expected).abs().max() <= 1e-6 * expected.abs().max(), name
+
+
+# SVD tolerance. PEFT and minilora run the same LAPACK routine on the same float32 matrix, but the
+# truncated factors are only defined up to the sign of each singular pair, and the dW they rebuild
+# (B A = U_k S_k V_k^T) is exact only up to float32 rounding of a backward-stable SVD:
+# |error| <~ c * eps * ||dW|| with eps = 1.2e-7 and c a small multiple of the matrix size (<= 20 here).
+# 1e-5 relative to max |dW| leaves a 4x margin over 20 * eps and is far below a real error (a wrong
+# weight, scaling or transpose moves dW by O(1) relative).
+SVD_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("svd_rank", [None, 4, 1])
+def test_weighted_adapter_svd_within_the_stated_tolerance(svd_rank):
+    theirs, ours = weighted_pair("svd", svd_rank=svd_rank)
+    assert sorted(state(theirs)) == sorted(state(ours)) and trainable(theirs) == trainable(ours)
+    for name in ("lin0", "lin1", "conv"):
+        ours_delta = getattr(ours, name).delta_weight("mix")
+        theirs_delta = getattr(theirs.base_model.model, name).get_delta_weight("mix")
+        assert (ours_delta - theirs_delta).abs().max() <= SVD_RTOL * theirs_delta.abs().max(), name
+    out_theirs, out_ours = theirs(X), ours(X)
+    assert (out_theirs - out_ours).abs().max() <= SVD_RTOL * out_theirs.abs().max()
+
+
+def test_weighted_adapter_svd_is_exact_when_the_rank_suffices():
+    """svd_rank >= sum of ranks: B A is the weighted sum itself (independent float64 reference)."""
+    _, ours = weighted_pair("svd", second=dict(OTHER, target_modules=["lin0"]), svd_rank=6)  # 4 + 2 <= 6
+    layer = ours.lin0
+    expected = 0.7 * layer.delta_weight("default").double() - 1.3 * layer.delta_weight("other").double()
+    assert (layer.delta_weight("mix").double() - expected).abs().max() <= SVD_RTOL * expected.abs().max()
+
+
+def test_weighted_adapter_errors():
+    _, ours = pair()
+    check = record_model(ours)
+    with pytest.raises(MiniLoraError, match="same r value"):
+        ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="linear")
+    with pytest.raises(MiniLoraError, match="ties"):
+        ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", combination_type="ties")
+    with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
+        ours.add_weighted_adapter(["default", "nope"], [1.0, 1.0], "mix")
+    # conv is (in 6, out 4): a rank-6 SVD of its dW has 4 singular triplets. PEFT builds A (6, 6) and
+    # B (4, 4) there, and the model fails at its next forward; minilora refuses up front.
+    with pytest.raises(MiniLoraError, match="svd_rank=6 .* 'conv'"):
+        ours.add_weighted_adapter(["default", "other"], [1.0, 1.0], "mix", svd_rank=6)
+    check()
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed batches: one adapter per row
+# ------------------------------------------------------------------------------------------------
+ROWS = ["other", "__base__", "default", "other", "default"]
+
+
+def test_mixed_batch_is_peft_bitwise_and_each_row_is_its_adapter_alone():
+    theirs, ours = pair()
+    for model in (theirs, ours):
+        model.eval()
+    with torch.no_grad():
+        expected = theirs(X, adapter_names=ROWS)
+        got = ours(X, adapter_names=ROWS)
+        assert torch.equal(got, expected)
+        with minilora.mixed_batch(ours, ROWS):  # the native form
+            assert torch.equal(ours(X), expected)
+        for row, name in enumerate(ROWS):  # independent: the row through its adapter alone
+            if name == "__base__":
+                alone = base()(X[row:row + 1])
+            else:
+                ours.set_adapter(name)
+                alone = ours(X[row:row + 1])
+            assert (got[row] - alone[0]).abs().max() <= 1e-6, row
+    assert all(layer.forward_override is None for _, layer in minilora.lora_layers(ours))  # hooks left
+
+
+def test_mixed_batch_on_gpt2_is_peft_bitwise(tiny_gpt2):
+    config = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], init_lora_weights=False)
+    models = []
+    for lib in (peft, compat):
+        torch.manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(copy.deepcopy(tiny_gpt2), lib.LoraConfig(**config))
+            model.add_adapter("other", lib.LoraConfig(**{**config, "r": 2}))
+        models.append(model.eval())
+    tokens = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+    names = ["other", "default", "__base__"]
+    with torch.no_grad():
+        assert torch.equal(models[0](tokens, adapter_names=names).logits, models[1](tokens, adapter_names=names).logits)
+
+
+def test_mixed_batch_errors_as_peft():
+    _, ours = pair()
+    with pytest.raises(MiniLoraError, match="training mode"):
+        ours(X, adapter_names=ROWS)
+    ours.eval()
+    with pytest.raises(MiniLoraError, match="non-existing adapter"):
+        ours(X, adapter_names=["nope"] * 5)
+    with pytest.raises(MiniLoraError, match="Length of `adapter_names`"):
+        ours(X, adapter_names=ROWS[:2])
+    ours.merge_adapter()
+    with pytest.raises(MiniLoraError, match="merged adapters"):
+        ours(X, adapter_names=ROWS)
+    ours.unmerge_adapter()
+    assert all(layer.forward_override is None for _, layer in minilora.lora_layers(ours))

@@ -1,0 +1,126 @@
+"""Mixed batches: one adapter per row of a batch, at inference (PEFT's ``adapter_names=[...]``).
+
+    with minilora.mixed_batch(model, ["default", "other", "__base__", "default"]):
+        logits = model(input_ids).logits        # row 0 and 3: default, row 1: other, row 2: no adapter
+
+Each LoRA layer computes the base output for the whole batch, then, for each adapter named, adds
+its update to that adapter's rows only:
+
+    h[rows_a] = W0 x[rows_a] + s_a B_a A_a x[rows_a]        ("__base__" rows: W0 x only)
+
+The rows of one adapter are gathered and computed together (one pair of small matmuls per adapter
+and layer, never a Python loop over rows), in PEFT's operations, so the outputs are bitwise PEFT's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import MiniLoraError
+from .inject import require_lora_layers
+from .layer import LoraLinear
+
+BASE = "__base__"  # the rows that get no adapter (PEFT's name)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch the model sees uses adapter ``adapter_names[i]``.
+
+    Raises:
+        MiniLoraError: before changing anything, if the model is in training mode, a name is no
+            adapter of the model, or a layer is merged (as PEFT); inside, if a batch has another
+            number of rows than ``adapter_names``.
+    """
+    layers = [layer for _, layer in require_lora_layers(model, "mixed_batch")]
+    if isinstance(adapter_names, str) or not all(isinstance(name, str) for name in adapter_names):
+        raise MiniLoraError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}.")
+    if model.training:
+        raise MiniLoraError("Cannot pass `adapter_names` when the model is in training mode (dropout would differ "
+                            "per group of rows): call model.eval() first.")
+    known = set().union(*(layer.lora_A.keys() for layer in layers))
+    unknown = sorted({name for name in adapter_names if name != BASE} - known)
+    if unknown:
+        raise MiniLoraError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} (the model has "
+                            f"{sorted(known)}; {BASE!r} means no adapter).")
+    if any(layer.merged for layer in layers):
+        raise MiniLoraError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                            "`unmerge_adapter` first.")
+    rows = row_groups(list(adapter_names))
+    previous = [layer.forward_override for layer in layers]
+    for layer in layers:
+        layer.forward_override = _MixedForward(rows, len(adapter_names), layer.forward_override)
+    try:
+        yield model
+    finally:
+        for layer, override in zip(layers, previous):
+            layer.forward_override = override
+
+
+def row_groups(adapter_names: list[str]) -> dict[str, list[int]]:
+    """{adapter: the rows that use it}, in order of first appearance."""
+    rows: dict[str, list[int]] = {}
+    for index, name in enumerate(adapter_names):
+        rows.setdefault(name, []).append(index)
+    return rows
+
+
+class _MixedForward:
+    """A LoraLinear's forward for a mixed batch (set as its ``forward_override`` by ``mixed_batch``)."""
+
+    def __init__(self, rows: dict[str, list[int]], batch: int, previous) -> None:
+        self.rows, self.batch, self.previous = rows, batch, previous
+
+    def __call__(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        if layer.disabled:  # adapters switched off: the base model, as PEFT
+            return layer.base_layer(x)
+        if len(x) != self.batch:
+            raise MiniLoraError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                                f"{self.batch} and {len(x)} respectively.")
+        result = layer.base_layer(x)                                   # (B, ..., out), every row
+        result_dtype = result.dtype
+        for adapter, rows in self.rows.items():
+            if adapter == BASE or adapter not in layer.lora_A:
+                continue
+            sub_batch = x[rows].to(layer.lora_A[adapter].weight.dtype)  # (rows, ..., in), gathered
+            result[rows] += layer.lora_update(sub_batch, adapter).to(result_dtype)
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT's calling form, model(..., adapter_names=[...]): hooks on the model (set by minilora.compat)
+# ------------------------------------------------------------------------------------------------
+def _pop_adapter_names(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: take ``adapter_names`` out of the call and enter ``mixed_batch`` for it."""
+    adapter_names = kwargs.pop("adapter_names", None)
+    if adapter_names is not None and any(not layer.disabled for _, layer in require_lora_layers(model, "forward")):
+        context = mixed_batch(model, adapter_names)
+        context.__enter__()
+        model.__dict__.setdefault("_minilora_mixed", []).append(context)
+    return args, kwargs
+
+
+def _leave_mixed_batch(model: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    """Forward hook (run even if forward raised): leave the ``mixed_batch`` the pre-hook entered."""
+    contexts = model.__dict__.get("_minilora_mixed")
+    if contexts:
+        contexts.pop().__exit__(None, None, None)
+
+
+def accept_adapter_names(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=[...])`` run a mixed batch, as on a PEFT model."""
+    if _pop_adapter_names in [hook for hook in model._forward_pre_hooks.values()]:
+        return
+    model.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_leave_mixed_batch, with_kwargs=True, always_call=True)
+
+
+def refuse_adapter_names(model: nn.Module) -> None:
+    """Undo ``accept_adapter_names``."""
+    for hooks, function in ((model._forward_pre_hooks, _pop_adapter_names), (model._forward_hooks, _leave_mixed_batch)):
+        for key in [key for key, hook in hooks.items() if hook is function]:
+            del hooks[key]
