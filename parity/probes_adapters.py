@@ -272,3 +272,41 @@ def new_layers_mode(base) -> str:
     active = "dropout active (two calls differ)" if not torch.equal(first, second) else "no dropout (two calls equal)"
     return f"LoRA layers in {mode} mode, model.training={model.training}: {active}"
 
+
+
+API = {  # what issue 11 lists, by where PEFT users call it
+    "PeftModel": ("add_adapter", "set_adapter", "delete_adapter", "load_adapter", "disable_adapter",
+                  "get_layer_status", "get_model_status", "set_requires_grad"),
+    "LoRA model": ("add_weighted_adapter", "merge_adapter", "unmerge_adapter", "delete_adapter",
+                   "enable_adapter_layers", "disable_adapter_layers", "merge_and_unload", "unload"),
+}
+
+
+@probe("which of PEFT's several-adapter methods the release's classes define (PeftModel, and its LoRA model)")
+def adapter_api(base) -> str:
+    import peft
+
+    model = peft.get_peft_model(copy.deepcopy(base), _config())
+    classes = {"PeftModel": type(model), "LoRA model": type(model.base_model)}
+    missing = {where: [name for name in names if not hasattr(classes[where], name)] for where, names in API.items()}
+    return "; ".join(f"{where} lacks {', '.join(names)}" for where, names in missing.items() if names) or "all of them"
+
+
+@probe("save_pretrained of a model with adapters 'default' and 'other': the files, and loading 'other' back")
+def adapter_files_several(base) -> str:
+    import os
+    import tempfile
+
+    import peft
+
+    model = _two_adapters(base)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        files = sorted(os.path.relpath(os.path.join(folder, name), directory)
+                       for folder, _, names in os.walk(directory) for name in names if name != "README.md")
+        try:
+            loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(directory, "other"))
+            back = _whose(logits(loaded), {"other's output": logits(_single(base, 2))})
+        except Exception as error:  # noqa: BLE001
+            back = f"raises {short(error)}"
+    return f"{' + '.join(files)}; other/ loads as: {back}"

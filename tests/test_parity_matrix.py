@@ -246,6 +246,11 @@ def test_adapter_probes_on_the_installed_peft(answers):
     assert answers["merge_unmerge"].startswith("merged: adapted output; merging again: warns 'All adapters are "
                                                "already merged, nothing to do.', output adapted; unmerged: "
                                                "adapted output, W0 back within")
+    assert answers["adapter_api"] == "all of them"  # every method issue 11 lists exists in 0.21
+    # issue 11: "the default adapter at the root, others in sub-folders named after them"
+    assert answers["adapter_files_several"] == ("adapter_config.json + adapter_model.safetensors + "
+                                                "other/adapter_config.json + other/adapter_model.safetensors; "
+                                                "other/ loads as: other's output")
     # issue 11: "disable_adapter() on a merged model: PEFT unmerges on the fly and gives the base outputs"
     assert answers["disabled_while_merged"] == "inside: the base output; after: output adapted"
     # the behaviour issue 11 asks to measure: new LoRA layers in an eval() model train (dropout on)
