@@ -317,6 +317,49 @@ class LoraLinear(nn.Module):
             with torch.no_grad():
                 weight.data -= self.delta_weight(adapter).to(weight.dtype)
 
+    # ----------------------------------------------------------------------------------------
+    # What code written for the wrapped layer reads
+    # ----------------------------------------------------------------------------------------
+    # Models inspect their own layers: T5 reads ``self.wo.weight.dtype``, ``get_output_embeddings()``
+    # and ``resize_token_embeddings`` read ``lm_head.weight``. As PEFT's layers do, the wrapper
+    # answers with the base layer's (``in_features`` / ``out_features`` are set in __init__).
+    @property
+    def weight(self) -> torch.Tensor:
+        """W0: the wrapped layer's weight (it holds dW too while merged)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def __setattr__(self, name: str, value) -> None:
+        """``layer.weight = p`` (transformers ties ``lm_head.weight`` to the input embedding this way)
+        sets the base layer's weight; a weight of another shape (``resize_token_embeddings`` after
+        inject) would no longer fit B and A, so it is refused."""
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            old = getattr(self.base_layer, name)
+            if old is not None and value is not None and tuple(value.shape) != tuple(old.shape):
+                raise MiniLoraError(
+                    f"Setting the {name} of a LoRA-wrapped layer to shape {tuple(value.shape)} (it is "
+                    f"{tuple(old.shape)}): A and B are sized for the old shape. This happens with "
+                    "resize_token_embeddings after inject when lm_head has LoRA (transformers has then already "
+                    "resized the input embedding): resize the embeddings before inject, or leave lm_head out "
+                    "of target_modules."
+                )
+            setattr(self.base_layer, name, value)
+            return
+        super().__setattr__(name, value)
+
+    @property
+    def nx(self) -> int:
+        """Conv1D's input size (GPT-2 code reads it); an nn.Linear has none."""
+        return self.base_layer.nx
+
+    @property
+    def nf(self) -> int:
+        """Conv1D's output size."""
+        return self.base_layer.nf
+
     def extra_repr(self) -> str:
         adapters = "; ".join(f"{name}: r={self.r[name]}, lora_alpha={self.lora_alpha[name]}, "
                              f"scaling={self.scaling[name]:g}" for name in self.lora_A)

@@ -21,7 +21,7 @@ import minilora
 from minilora.inject import is_lora_parameter
 from parity import twins
 from parity.grid import Pair, loss, make_inputs, output
-from parity.results import PASS, FAIL, Result, within
+from parity.results import PASS, FAIL, Result, not_applicable, within
 
 # Relative tolerances off the CPU, per dtype: a few hundred ulps of the dtype's precision.
 RELATIVE_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2}
@@ -228,6 +228,7 @@ def check_merge(pair: Pair) -> list[Result]:
     """
     label, device, tol = pair.label, pair.device, tolerance(pair)
     rows = []
+    adapted_layers = {name for name, _ in minilora.lora_layers(pair.mini)}
     with torch.no_grad():
         # merge -> outputs -> unmerge, on both sides; the residual is what unmerge fails to restore
         before_mini, before_peft = _base_weights(pair.mini), _peft_base_weights(pair.peft)
@@ -264,8 +265,8 @@ def check_merge(pair: Pair) -> list[Result]:
             error, name, abs_error = worst([(k, mini_state[k], peft_state[k]) for k in mini_state])
             rows.append(within("merge", label, device, "max rel err (merge_and_unload weights)", error, tol,
                                f"{len(mini_state)} tensors; worst {name} (abs {abs_error:.2e})"))
-        mini_types = {n: type(m).__name__ for n, m in mini_plain.named_modules() if n.endswith(pair.case.targets)}
-        peft_types = {n: type(m).__name__ for n, m in peft_plain.named_modules() if n.endswith(pair.case.targets)}
+        mini_types = {n: type(m).__name__ for n, m in mini_plain.named_modules() if n in adapted_layers}
+        peft_types = {n: type(m).__name__ for n, m in peft_plain.named_modules() if n in adapted_layers}
         same_types = mini_types == peft_types
         rows.append(Result("merge", label, device, "layer types after unload", ",".join(sorted(set(mini_types.values()))),
                            None, PASS if same_types else FAIL,
@@ -275,3 +276,83 @@ def check_merge(pair: Pair) -> list[Result]:
                            rel_err(output(mini_plain, pair), output(peft_plain, pair)), tol))
     return rows
 
+
+
+# ------------------------------------------------------------------------------------------------
+# targets
+# ------------------------------------------------------------------------------------------------
+def check_targets(pair: Pair) -> list[Result]:
+    """The layers minilora wrapped are the layers PEFT wrapped, in the same order."""
+    mini = [name for name, _ in minilora.lora_layers(pair.mini)]
+    # the modules holding lora_A (PEFT's targeted_module_names is newer than some releases the matrix runs)
+    peft_names = [name for name, module in pair.peft.base_model.model.named_modules() if hasattr(module, "lora_A")]
+    same = mini == peft_names
+    missing, extra = sorted(set(peft_names) - set(mini)), sorted(set(mini) - set(peft_names))
+    return [Result("targets", pair.label, pair.device, "layers wrapped", len(mini), None, PASS if same else FAIL,
+                   f"the same {len(mini)} layers as PEFT ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in mini}))})"
+                   if same else f"PEFT wraps {missing[:3]} that minilora does not; minilora wraps {extra[:3]} that "
+                   "PEFT does not" + ("" if missing or extra else "; the same layers in another order"))]
+
+
+def check_refusal(base: nn.Module, case, device: str, error: Exception) -> list[Result]:
+    """The twins could not be built: PASS when PEFT refuses the case too, N/A when minilora refuses what
+    PEFT does with LoRA on bare parameters (target_parameters, e.g. fused MoE experts), else FAIL."""
+    import copy
+    import warnings
+
+    import peft
+
+    mine = f"{type(error).__name__}: {str(error).splitlines()[0][:110]}"
+    if not isinstance(error, minilora.MiniLoraError):
+        return [Result("targets", case.label, device, "refusal", None, None, FAIL,
+                       f"building the twins raised {mine} (not a MiniLoraError from minilora)")]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = peft.get_peft_model(copy.deepcopy(base), twins.peft_config(case.config()))
+    except Exception as peft_error:  # noqa: BLE001 - any refusal of PEFT's
+        return [Result("targets", case.label, device, "refusal", "both refuse", None, PASS,
+                       f"PEFT: {type(peft_error).__name__}: {str(peft_error).splitlines()[0][:70]}; "
+                       f"minilora: {mine[:90]}")]
+    parameters = getattr(twin.peft_config["default"], "target_parameters", None)
+    if parameters:
+        return [not_applicable("targets", case.label, device, f"minilora refuses (PEFT puts LoRA on parameters "
+                                                              f"{sorted(parameters)[:3]}): {mine[:80]}")]
+    return [Result("targets", case.label, device, "refusal", "minilora only", None, FAIL,
+                   f"minilora refuses ({mine}) but PEFT wraps {len(twin.base_model.targeted_module_names)} layers")]
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------
+GENERATED_TOKENS = 4
+
+
+def _generate(model: nn.Module, pair: Pair):
+    if isinstance(pair.inputs, dict):
+        inputs = {k: v for k, v in pair.inputs.items() if k != "decoder_input_ids"}  # the decoder starts itself
+    else:
+        inputs = {"input_ids": pair.inputs}
+    return model.generate(**inputs, max_new_tokens=GENERATED_TOKENS, min_new_tokens=GENERATED_TOKENS,
+                          do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True,
+                          pad_token_id=0)
+
+
+def check_generate(pair: Pair) -> list[Result]:
+    """Greedy ``generate()``: the same tokens, and the same scores at every step."""
+    arch = pair.case.architecture
+    if (arch is None and pair.case.model == "linear") or (arch is not None and not arch.generates):
+        return [not_applicable("generate", pair.label, pair.device, "this model has no generate()")]
+    with torch.no_grad():
+        pair.mini.eval()
+        pair.peft.eval()
+        mini, peft_out = _generate(pair.mini, pair), _generate(pair.peft, pair)
+    same_tokens = torch.equal(mini.sequences, peft_out.sequences)
+    error, step, _ = worst([(f"step {i}", a, b) for i, (a, b) in enumerate(zip(mini.scores, peft_out.scores))])
+    rows = [within("generate", pair.label, pair.device, f"max rel err (scores of {GENERATED_TOKENS} greedy steps)",
+                   error, tolerance(pair), f"worst at {step}")]
+    rows.append(Result("generate", pair.label, pair.device, "tokens", "same" if same_tokens else "differ", None,
+                       PASS if same_tokens else FAIL,
+                       f"{GENERATED_TOKENS} greedy tokens equal to PEFT's" if same_tokens
+                       else f"minilora {mini.sequences[0].tolist()} vs PEFT {peft_out.sequences[0].tolist()}"))
+    return rows

@@ -23,6 +23,10 @@ max|a - b| / max|b| below a per-dtype bound. Statuses: PASS, FAIL, SKIP (cannot 
 
 grid: GPT-2 small (embedded random weights, or --model) and a plain nn.Linear model; r in {1, 8, 64},
 alpha, rsLoRA, dropout, targets [c_attn] and [c_attn,c_proj,c_fc], float32 / float64 / bfloat16.
+--arch: tiny random builds of other architectures (parity/architectures.py), each with PEFT's default
+targets (target_modules=None) and with "all-linear"; r=4, dropout 0.1, float32. Where PEFT has no
+default, both must refuse (targets PASS, the other checks N/A); where minilora cannot do what PEFT
+does (LoRA on fused MoE expert parameters), the targets row is N/A and says so.
 
 exit status: 0 when nothing FAILed; 1 when a check FAILed (and only then); 2 for a usage or I/O error
 (a bad option, a --model that cannot be loaded, a --json path that cannot be written), reported in one
@@ -47,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="a small grid that runs in seconds: a tiny GPT-2 (GPT-2 small with --model) and three "
                              "nn.Linear cases")
+    parser.add_argument("--arch", metavar="NAMES",
+                        help="the architecture axis instead of the GPT-2 grid: tiny random builds (from configs, no "
+                             "downloads) of these architectures, comma-separated (e.g. llama,bert,t5), or 'all'; "
+                             "each with PEFT's default targets and with all-linear")
     parser.add_argument("--checks", nargs="+", choices=list(CHECKS), metavar="CHECK",
                         help=f"run only these checks (default: all): {', '.join(CHECKS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -90,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     except MiniLoraError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    cases = grid.quick_grid(args.model) if args.quick else grid.full_grid()
+    if args.arch:
+        try:
+            cases = grid.arch_grid(args.arch)
+        except ValueError as error:
+            print(f"error: --arch: {error}", file=sys.stderr)
+            return 2
+    else:
+        cases = grid.quick_grid(args.model) if args.quick else grid.full_grid()
     start = time.perf_counter()
     results = suite.run_suite(cases, suite.resolve_devices(args.device), model_name=args.model,
                               selected=tuple(args.checks) if args.checks else None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minilora
-from parity import twins
+from parity import architectures, twins
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 ATTENTION_ONLY = ("c_attn",)
@@ -45,26 +45,33 @@ class LinearNet(nn.Module):
 class Case:
     """One configuration: which model, which LoRA numbers, which dtype."""
 
-    model: str = "gpt2"                      # "gpt2" (GPT-2 small), "tiny-gpt2" or "linear"
+    model: str = "gpt2"                      # "gpt2" (GPT-2 small), "tiny-gpt2", "linear", or "arch:<name>"
     r: int = 8
     lora_alpha: float = 16
     use_rslora: bool = False
     lora_dropout: float = 0.0
     targets: tuple[str, ...] = ATTENTION_ONLY
     dtype: str = "float32"
+    selector: str = ""                       # "default" (target_modules=None) or "all-linear" instead of targets
 
     def config(self) -> minilora.LoraConfig:
+        targets = {"default": None, "all-linear": "all-linear"}.get(self.selector, list(self.targets))
         return minilora.LoraConfig(r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora,
-                                   lora_dropout=self.lora_dropout, target_modules=list(self.targets))
+                                   lora_dropout=self.lora_dropout, target_modules=targets)
+
+    @property
+    def architecture(self) -> Optional[architectures.Architecture]:
+        """The tiny architecture of an "arch:<name>" case (parity/architectures.py), else None."""
+        return architectures.ARCHITECTURES[self.model[5:]] if self.model.startswith("arch:") else None
 
     @property
     def label(self) -> str:
-        parts = [self.model, f"r={self.r}", f"alpha={self.lora_alpha:g}"]
+        parts = [self.model.removeprefix("arch:"), f"r={self.r}", f"alpha={self.lora_alpha:g}"]
         if self.use_rslora:
             parts.append("rslora")
         if self.lora_dropout:
             parts.append(f"dropout={self.lora_dropout:g}")
-        parts += ["[" + ",".join(self.targets) + "]", self.dtype]
+        parts += [self.selector or "[" + ",".join(self.targets) + "]", self.dtype]
         return " ".join(parts)
 
 
@@ -111,6 +118,17 @@ def full_grid() -> list[Case]:
     return gpt2 + linear
 
 
+def arch_grid(names: str) -> list[Case]:
+    """The architecture axis: each tiny architecture (``"llama,bert"`` or ``"all"``) with PEFT's default
+    targets (target_modules=None) and with "all-linear", r=4, dropout 0.1 (so train mode is checked).
+
+    Raises:
+        ValueError: for an unknown architecture name (the message lists the known ones).
+    """
+    return [Case(f"arch:{spec.name}", r=4, lora_alpha=8, lora_dropout=0.1, selector=selector)
+            for spec in architectures.resolve(names) for selector in ("default", "all-linear")]
+
+
 @dataclass
 class Bases:
     """Base models built once and shared: one per (model, dtype, device).
@@ -129,6 +147,8 @@ class Bases:
                 base = copy.deepcopy(float32) if float32 is not None else minilora.load_model(self.model_name)
             elif model == "tiny-gpt2":
                 base = tiny_gpt2()
+            elif model.startswith("arch:"):
+                base = architectures.ARCHITECTURES[model[5:]].build()
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
@@ -152,8 +172,9 @@ class Pair:
     device: str
     mini: nn.Module
     peft: nn.Module
-    inputs: torch.Tensor   # token ids (B, T) for GPT-2, features (B, 32) for LinearNet
-    targets: torch.Tensor  # next tokens (B, T) for GPT-2, regression targets (B, 8) for LinearNet
+    inputs: torch.Tensor   # token ids (B, T) for GPT-2, features (B, 32) for LinearNet, a dict for an architecture
+    targets: torch.Tensor  # next tokens (B, T) for GPT-2, regression targets (B, 8) for LinearNet, None for an
+    #                        architecture (its loss is the mean square of the logits)
     base: Optional[nn.Module] = None  # the shared base both were copied from: deep-copy before changing
 
     @property
@@ -164,6 +185,8 @@ class Pair:
 def make_inputs(case: Case, model: nn.Module, device: str, seed: int = 0, batch: int = 2,
                 tokens: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """A small fixed batch (2 x 8 tokens for GPT-2): small inputs keep the suite fast."""
+    if case.architecture is not None:
+        return case.architecture.inputs(seed, batch, tokens), None  # a dict of model inputs; no targets
     generator = torch.Generator().manual_seed(seed)
     if case.model != "linear":
         vocab = model.config.vocab_size
@@ -196,6 +219,8 @@ def randomize(pair: Pair, seed: int = 0) -> None:
 
 def output(model: nn.Module, pair: Pair) -> torch.Tensor:
     """The model's output for the pair's batch: logits (B, T, vocab) or features (B, 8)."""
+    if pair.case.architecture is not None:
+        return model(**pair.inputs).logits
     if pair.case.model != "linear":
         return model(input_ids=pair.inputs).logits
     return model(pair.inputs)
@@ -205,6 +230,8 @@ def loss(model: nn.Module, pair: Pair) -> torch.Tensor:
     """Cross-entropy on next tokens for GPT-2, mean squared error for LinearNet; bfloat16 outputs are
     compared in float32 (the loss of a half-precision model is taken in full precision)."""
     out = output(model, pair)
+    if pair.case.architecture is not None:  # any smooth function of all outputs compares gradients
+        return out.float().pow(2).mean()
     if pair.case.model != "linear":
         return F.cross_entropy(out.flatten(0, 1).float(), pair.targets.flatten())
     dtype = torch.float32 if out.dtype == torch.bfloat16 else out.dtype

@@ -17,6 +17,7 @@ Number = Union[float, int, str, None]
 
 # The checks, in the order they run, with the one line that --help prints for each.
 CHECKS = {
+    "targets": "the layers wrapped are PEFT's (architecture cases: default targets and all-linear), or both refuse",
     "counts": "trainable / total parameters equal PEFT's count, and each layer adds r*(in+out)",
     "init": "same seed -> the same A and B as peft.get_peft_model, bitwise",
     "forward": "outputs with equal non-zero adapters, in eval mode and in train mode (same dropout RNG)",
@@ -24,6 +25,7 @@ CHECKS = {
     "training": "A and B after a few AdamW steps on the same batches",
     "merge": "merged outputs and merge_and_unload weights vs PEFT's, module types restored, unmerge residual",
     "files": "minilora.save_adapter output loads in PEFT, PEFT's save_pretrained loads in minilora; same outputs",
+    "generate": "greedy generate(): the same tokens and per-step scores as PEFT (models that generate)",
     "behaviours": "PEFT's pitfalls measured (double wrap; torch.save of a whole model) next to minilora's answer",
 }
 KNOWN_DEVICES = ("cpu", "cuda")

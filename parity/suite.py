@@ -1,8 +1,9 @@
 """Run the checks over the grid, on each device, and collect the rows.
 
-The order per case: counts and init on the fresh same-seed twins; then equal random adapters for
-forward, backward and files; then training (which moves both adapters); and merge last (it unloads
-the LoRA layers). Behaviours run once per small model kind (tiny GPT-2, nn.Linear), on its first case.
+The order per case: targets, counts and init on the fresh same-seed twins; then equal random adapters
+for forward, backward and files; then training (which moves both adapters); generate on equal
+adapters again; and merge last (it unloads the LoRA layers). A case whose twins cannot be built (a
+refusal) gives one targets row that compares the refusal with PEFT's answer. Behaviours run once per small model kind (tiny GPT-2, nn.Linear), on its first case.
 
 A check that raises inside PEFT (an old release without some API) becomes an N/A row that says
 why; one that raises anywhere else is a FAIL. A device that is not present gives one SKIP row,
@@ -66,11 +67,16 @@ def run_case(bases: grid.Bases, case: grid.Case, device: str, selected: tuple[st
         pair = grid.make_pair(bases, case, device)
     except twins.UnsupportedByPeft as error:
         return [not_applicable(name, case.label, device, str(error)) for name in selected]
+    except Exception as error:  # noqa: BLE001 - a refusal: compared with PEFT's answer in a "targets" row
+        rows = checks.check_refusal(bases.get(case.model, case.dtype, device), case, device, error)
+        return rows + [not_applicable(name, case.label, device, "no adapter to compare (see targets)")
+                       for name in selected if name != "targets" and (name != "behaviours" or with_behaviours)]
 
     def step(name: str, run: Callable[[], list[Result]]) -> None:
         if name in selected:
             rows.extend(guarded(name, case, device, run))
 
+    step("targets", lambda: checks.check_targets(pair))
     step("counts", lambda: checks.check_counts(pair))
     step("init", lambda: checks.check_init(pair))
     grid.randomize(pair)
@@ -81,6 +87,7 @@ def run_case(bases: grid.Bases, case: grid.Case, device: str, selected: tuple[st
         step("behaviours", lambda: behaviours.check_behaviours(pair, directory / "behaviours"))
     step("training", lambda: checks.check_training(pair, steps=training_steps))
     grid.randomize(pair)  # equal adapters again, whatever training did
+    step("generate", lambda: checks.check_generate(pair))
     step("merge", lambda: checks.check_merge(pair))
     return rows
 

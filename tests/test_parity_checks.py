@@ -15,7 +15,7 @@ import torch
 import minilora
 from minilora import compat
 from parity import behaviours, checks, grid, suite, twins
-from parity.results import CHECKS, FAIL, PASS, Result
+from parity.results import CHECKS, FAIL, NOT_APPLICABLE, PASS, Result
 
 from conftest import DEVICES
 
@@ -68,7 +68,8 @@ def test_every_check_passes(bases, case, device, tmp_path):
     assert not only_failures(rows), [(r.check, r.metric, r.message) for r in only_failures(rows)]
     expected = set(CHECKS) if case is LINEAR else set(CHECKS) - {"behaviours"}
     assert {row.check for row in rows} == expected
-    assert all(row.status == PASS for row in rows)
+    no_generate = case.model == "linear"  # a plain nn.Module: generate is N/A, and says so
+    assert all(row.status == (NOT_APPLICABLE if no_generate and row.check == "generate" else PASS) for row in rows)
 
 
 def test_counts_match_the_issue_numbers_on_gpt2_small(gpt2_pair):
@@ -254,3 +255,53 @@ def test_absent_devices_are_reported_not_skipped(monkeypatch):
     monkeypatch.setattr(suite, "device_available", lambda device: device == "cpu")
     rows = suite.run_suite([], suite.resolve_devices("all"))
     assert [(row.device, row.status, row.message) for row in rows] == [("cuda", "SKIP", "cuda: not available")]
+
+
+# ------------------------------------------------------------------------------------------------
+# targets, refusals and generate (the architecture axis)
+# ------------------------------------------------------------------------------------------------
+def test_targets_fail_when_a_layer_is_missing(bases):
+    pair = grid.make_pair(bases, LINEAR, "cpu")
+    pair.mini.c_fc = pair.mini.c_fc.base_layer  # minilora now adapts one layer fewer than PEFT
+    [row] = checks.check_targets(pair)
+    assert row.status == FAIL and "PEFT wraps ['c_fc']" in row.message
+
+
+def test_refusal_fails_when_only_minilora_refuses(bases):
+    base = bases.get("linear", "float32", "cpu")
+    [row] = checks.check_refusal(base, LINEAR, "cpu", minilora.MiniLoraError("planted refusal"))
+    assert row.status == FAIL and "but PEFT wraps 3 layers" in row.message
+    [row] = checks.check_refusal(base, LINEAR, "cpu", KeyError("a crash, not a refusal"))
+    assert row.status == FAIL and "not a MiniLoraError" in row.message
+
+
+def test_refusal_passes_when_both_refuse(bases):
+    base = bases.get("linear", "float32", "cpu")
+    case = grid.Case("linear", targets=("no_such_layer",))
+    [row] = checks.check_refusal(base, case, "cpu", minilora.MiniLoraError("matches no module"))
+    assert row.status == PASS and row.value == "both refuse"
+
+
+TINY_GPT2 = grid.Case("tiny-gpt2", r=8, lora_alpha=16)
+
+
+def test_generate_fails_on_a_perturbed_adapter(bases):
+    pair = random_pair(bases, TINY_GPT2)
+    assert {row.status for row in checks.check_generate(pair)} == {PASS}
+    with torch.no_grad():
+        pair.mini.transformer.h[0].attn.c_attn.lora_B["default"].weight[0, 0] += 1e-4
+    rows = checks.check_generate(pair)
+    assert statuses(rows)["max rel err (scores of 4 greedy steps)"] == FAIL
+
+
+def test_generate_tokens_fail_when_the_tokens_differ(bases, monkeypatch):
+    pair = random_pair(bases, TINY_GPT2)
+    real = checks._generate
+
+    def shifted(model, pair_):
+        result = real(model, pair_)
+        if model is pair.mini:
+            result.sequences[:, -1] += 1  # one different token at the end
+        return result
+    monkeypatch.setattr(checks, "_generate", shifted)
+    assert statuses(checks.check_generate(pair))["tokens"] == FAIL
