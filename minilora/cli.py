@@ -95,7 +95,10 @@ def load_adapted(adapter_dir: str, model_arg: str | None):
 # --------------------------------------------------------------------------------------------
 def run_inspect(args: argparse.Namespace) -> None:
     """Inject LoRA with the given numbers and print what it adds, layer by layer."""
-    config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=args.targets)
+    targets = args.targets
+    if targets and len(targets) == 1 and targets[0].lower() == "all-linear":
+        targets = "all-linear"  # PEFT's shorthand is a string, not a list entry
+    config = LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets)
     model = open_model(args.model)
     inject(model, config)
     print(layer_table(model))
@@ -198,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_parser.add_argument("--alpha", type=float, default=32,
                                 help="lora_alpha; the update is scaled by alpha / r (default: 32)")
     inspect_parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
-                                help="modules to wrap, by name or last name part (default: the "
-                                     "architecture's, c_attn for GPT-2)")
+                                help="modules to wrap, by name or last name part, or all-linear (every "
+                                     "linear layer but the output layer) (default: PEFT's for the "
+                                     "architecture, c_attn for GPT-2)")
     inspect_parser.set_defaults(run=run_inspect)
 
     merge_parser = commands.add_parser(

@@ -121,6 +121,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     _causal("cohere", "cohere", "CohereForCausalLM"),
     _causal("biogpt", "biogpt", "BioGptForCausalLM"),
     _causal("mixtral", "mixtral", "MixtralForCausalLM", num_local_experts=2, num_experts_per_tok=1),
+    _causal("gemma4", "gemma4_text", "Gemma4ForCausalLM", vocab_size_per_layer_input=128,
+            hidden_size_per_layer_input=16, sliding_window=16),
     # encoders (masked language models), PEFT's SEQ_CLS / TOKEN_CLS bases
     Architecture("bert", "bert", "BertForMaskedLM", "masked", BERT_LIKE),
     Architecture("roberta", "roberta", "RobertaForMaskedLM", "masked", BERT_LIKE),
@@ -137,6 +139,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("mt5", "mt5", "MT5ForConditionalGeneration", "seq2seq", T5_SIZES),
     Architecture("umt5", "umt5", "UMT5ForConditionalGeneration", "seq2seq", T5_SIZES),
     Architecture("longt5", "longt5", "LongT5ForConditionalGeneration", "seq2seq", T5_SIZES),
+    Architecture("switch_transformers", "switch_transformers", "SwitchTransformersForConditionalGeneration",
+                 "seq2seq", {**T5_SIZES, "num_experts": 2, "num_sparse_encoder_layers": 1,
+                             "num_sparse_decoder_layers": 1}),
     Architecture("bart", "bart", "BartForConditionalGeneration", "seq2seq", SEQ2SEQ),
     Architecture("mbart", "mbart", "MBartForConditionalGeneration", "seq2seq", SEQ2SEQ),
     Architecture("pegasus", "pegasus", "PegasusForConditionalGeneration", "seq2seq", SEQ2SEQ),

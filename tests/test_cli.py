@@ -311,6 +311,8 @@ def test_inspect_uses_the_architecture_default_targets(capsys, tmp_path):
     ARCHITECTURES["llama"].build().save_pretrained(tmp_path / "llama")
     status, out, _ = run(capsys, "inspect", "--model", str(tmp_path / "llama"), "--r", "2")
     assert status == 0 and "q_proj" in out and "v_proj" in out and "k_proj" not in out
+    status, out, _ = run(capsys, "inspect", "--model", str(tmp_path / "llama"), "--r", "2", "--targets", "all-linear")
+    assert status == 0 and "down_proj" in out and "k_proj" in out and "lm_head" not in out
     status, _, err = run(capsys, "inspect", "--model", str(tmp_path / "llama"), "--targets", "lm_head", "--r", "0")
     assert_user_error(status, err, "r must be a positive int")
 
