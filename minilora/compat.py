@@ -27,21 +27,24 @@ nothing to wrap twice, and PEFT's two classic pitfalls go away:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from . import adapters
-from .adapter_config import check_unsupported
+from .adapter_config import check_unsupported, read_adapter_config
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .compat_adapters import ATTRIBUTES, MULTI_ADAPTER_METHODS, sync_attributes
-from .inject import inject, merge_and_unload, unload
+from .inject import inject, lora_layers, merge_and_unload, unload
 from .mixed import accept_adapter_names, refuse_adapter_names
 from .params import count_parameters, print_trainable_parameters
 
@@ -90,6 +93,25 @@ class LoraConfig(_MiniLoraConfig):
         check_unsupported(vars(self), "LoraConfig")
 
 
+_dataclass_init = LoraConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
+    """The dataclass __init__, after naming any field it does not know (a newer PEFT's, or a typo)
+    in a MiniLoraError instead of Python's bare TypeError."""
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise MiniLoraError(f"LoraConfig got fields minilora does not know: {unknown}. They are probably from a newer "
+                            "PEFT (or misspelt); minilora cannot honour them, so it stops rather than train something "
+                            f"else. Its fields: {sorted(known)}.")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _init_naming_unknown_fields
+
+
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True) -> nn.Module:
     """Inject LoRA into ``model`` in place and give it PEFT's methods; returns the same object.
@@ -111,6 +133,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                             "autocast_adapter_dtype=True).")
     add_task_head(model, peft_config)
     inject(model, peft_config, adapter_name)
+    leave_new_layers_in_train_mode(model, adapter_name)
     if getattr(peft_config, "inference_mode", False):
         for param in model.parameters():
             param.requires_grad_(False)
@@ -169,7 +192,12 @@ class PeftModel:
         """
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
         directory = resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained")
+        had_layers = any(True for _ in lora_layers(model))
         adapters.load_adapter(model, directory, is_trainable=is_trainable, adapter_name=adapter_name)
+        if had_layers:
+            draw_like_peft_rewrap(model, adapter_name, directory)
+        else:
+            leave_new_layers_in_train_mode(model, adapter_name)
         if not is_trainable:
             model.eval()
         _add_peft_methods(model)
@@ -243,6 +271,40 @@ def _remove_peft_methods(model: nn.Module) -> None:
     for name in (*PEFT_METHODS, *ATTRIBUTES):
         model.__dict__.pop(name, None)
     refuse_adapter_names(model)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT's side effects that a script's later numbers depend on
+# --------------------------------------------------------------------------------------------
+def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's new LoRA modules start in train mode even inside an eval() model (dropout on until the
+    next .eval()); minilora's own inject follows the model's mode instead (the safer choice,
+    README "Train and eval mode"). compat does what PEFT does, so a script that never calls
+    .train() / .eval() draws the same dropout masks, and prints the same numbers, as with PEFT."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            base_mode = layer.base_layer.training
+            layer.train(True)
+            layer.base_layer.train(base_mode)
+
+
+def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, directory: Path) -> None:
+    """``PeftModel.from_pretrained`` on a model that has its LoRA layers already (pitfall 1) makes
+    PEFT wrap it again: each layer's adapter is rebuilt, drawing A and B from the default random
+    generator, before the files are read. minilora loads into the layers instead, and draws the
+    same numbers here, so that every random number the script draws afterwards is PEFT's."""
+    config = read_adapter_config(directory)
+    for _, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        r = layer.r[adapter_name]
+        weight_A = nn.Linear(layer.in_features, r, bias=False).weight  # nn.Linear's own init: A, then B
+        nn.Linear(r, layer.out_features, bias=False)
+        with torch.no_grad():
+            if config.init_lora_weights is True:
+                nn.init.kaiming_uniform_(weight_A, a=math.sqrt(5))
+            elif config.init_lora_weights == "gaussian":
+                nn.init.normal_(weight_A, std=1 / r)
 
 
 # --------------------------------------------------------------------------------------------

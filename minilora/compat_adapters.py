@@ -51,6 +51,12 @@ def _add_adapter(model: nn.Module, adapter_name: str, peft_config: Any, low_cpu_
         raise MiniLoraError("minilora always keeps float16 / bfloat16 adapters in float32 (PEFT's "
                             "autocast_adapter_dtype=True).")
     multi.add_adapter(model, adapter_name, peft_config)
+    for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat.leave_new_layers_in_train_mode)
+        if adapter_name in layer.lora_A:
+            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                table[adapter_name].train(True)
+            if list(layer.lora_A) == [adapter_name]:  # a layer built for this adapter
+                layer.training = True
     sync_attributes(model)
 
 
