@@ -86,3 +86,13 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("minilora", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("minilora")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is several times faster on shared cores. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -37,13 +37,7 @@ CASES = [
 IDS = [case[0] for case in CASES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def build(arch: str, class_name: str) -> nn.Module:

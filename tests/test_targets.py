@@ -28,13 +28,7 @@ from parity.architectures import ARCHITECTURES
 ARCH_NAMES = list(ARCHITECTURES)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -301,12 +295,13 @@ def test_rank_and_alpha_patterns_equal_peft(built, name, fields):
 
 @pytest.mark.parametrize("name, fields", PATTERN_CASES[:2], ids=[case[0] for case in PATTERN_CASES[:2]])
 def test_files_with_patterns_load_both_ways(built, name, fields, tmp_path):
-    """adapter_config.json keeps rank_pattern / alpha_pattern / layers_to_transform as PEFT does."""
+    """adapter_config.json keeps rank_pattern / alpha_pattern / layers_to_transform / exclude_modules as PEFT does."""
     from parity.twins import randomize_adapters
 
     model = built(name)
     inputs = {"input_ids": torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))}
-    fields = {**fields, "layers_to_transform": None if isinstance(fields["target_modules"], str) else [0, 1]}
+    listed = not isinstance(fields["target_modules"], str)
+    fields = {**fields, "layers_to_transform": [0, 1] if listed else None, "exclude_modules": None if listed else ["o_proj"]}
     mini = copy.deepcopy(model)
     minilora.inject(mini, minilora.LoraConfig(**fields))
     randomize_adapters(mini, seed=3)
