@@ -3,9 +3,10 @@
     h = W0 x + (lora_alpha / r) * B A x
 
 Read in this order: config.py (what to adapt), layer.py (the math), targets.py (which layers),
-inject.py (putting it into a model), multi.py, weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and adapter_config.py
-(adapter files in PEFT's format), compat.py (PEFT's API), fused.py (faster forward paths), cli.py
-(the `minilora` command).
+inject.py (putting it into a model), saved_modules.py (modules trained in full), multi.py,
+weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and
+adapter_config.py (adapter files in PEFT's format), compat.py (PEFT's API), fused.py (faster
+forward paths), cli.py (the `minilora` command).
 """
 
 from .adapters import load_adapter, save_adapter
