@@ -326,3 +326,28 @@ def test_model_whose_class_transformers_lacks_is_a_clear_error(capsys, tmp_path)
     (tmp_path / "custom" / "config.json").write_text(json.dumps(config))
     status, _, err = run(capsys, "inspect", "--model", str(tmp_path / "custom"))
     assert_user_error(status, err, "'MyOwnGPT'", "does not have")
+
+
+def test_merge_of_a_seq_cls_adapter_keeps_the_trained_head(capsys, tmp_path):
+    """A PEFT SEQ_CLS adapter (LoRA + the classifier in modules_to_save): the merged model is a
+    BertForSequenceClassification with PEFT's merged outputs, trained head included."""
+    import peft
+    from transformers import BertForSequenceClassification
+
+    from parity.architectures import ARCHITECTURES
+
+    config = ARCHITECTURES["bert"].config()
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    twin = peft.get_peft_model(BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+                               peft.LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
+    with torch.no_grad():
+        twin.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # a trained head
+    twin.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = twin.eval().merge_and_unload()(TOKENS).logits
+    status, out, _ = run(capsys, "merge", str(tmp_path / "adapter"), str(tmp_path / "merged"),
+                         "--model", str(tmp_path / "base"))
+    assert status == 0 and "BertForSequenceClassification.from_pretrained" in out
+    with torch.no_grad():
+        assert torch.equal(minilora.load_model(str(tmp_path / "merged"))(TOKENS).logits, expected)
