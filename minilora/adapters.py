@@ -492,8 +492,9 @@ def reject_whole_module(source: object, action: str) -> None:
 
 
 def _adopt_adapter_config(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> LoraConfig:
-    """The loaded adapter's numbers belong to it: its scaling goes on the layers, its fields into the
-    model's config (which keeps its own type, its dropout and any other fields, e.g. a task type).
+    """The loaded adapter's numbers belong to it: its lora_alpha, scaling (rsLoRA or not) and dropout go
+    on the layers (r already agrees: the shapes were checked), its fields into the model's config (which
+    keeps its own type and any other fields, e.g. a task type), as PEFT's load_adapter does.
 
     Returns the model's new config.
     """
@@ -504,9 +505,11 @@ def _adopt_adapter_config(model: nn.Module, config: LoraConfig, adapter_name: st
         r = layer.r[adapter]
         layer.lora_alpha[adapter] = layer_rank_and_alpha(name, config)[1]
         layer.scaling[adapter] = layer.lora_alpha[adapter] / (math.sqrt(r) if config.use_rslora else r)
+        dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0.0 else nn.Identity()
+        layer.lora_dropout[adapter] = dropout.train(layer.training)
     old = adapter_config(model, adapter)
     if old is not None:
-        config = dataclasses.replace(old, **{name: getattr(config, name) for name in ADAPTER_FIELDS})
+        config = dataclasses.replace(old, **{name: getattr(config, name) for name in (*ADAPTER_FIELDS, "lora_dropout")})
     set_adapter_config(model, adapter, config)
     return config
 

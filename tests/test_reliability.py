@@ -197,3 +197,32 @@ def test_a_config_made_invalid_after_inject_is_refused_at_save(tiny_gpt2, tmp_pa
     config.use_rslora = "false"
     with pytest.raises(MiniLoraError, match="changed after inject .*use_rslora"):
         minilora.save_adapter(tiny_gpt2, tmp_path)
+
+
+def test_loading_into_existing_layers_takes_every_number_from_the_file(tiny_gpt2, tmp_path):
+    """The pitfall-1 path (layers built from one config, a file saved with another of the same r):
+    every layer ends with the file's r, lora_alpha, scaling (rsLoRA) and dropout, and so does the
+    model's config; the outputs are those of the file loaded into a fresh model."""
+    from minilora.adapters import ADAPTER_NAME
+
+    saved = copy.deepcopy(tiny_gpt2)
+    file_config = minilora.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.3, use_rslora=True, target_modules=["c_attn"])
+    minilora.inject(saved, file_config)
+    randomize_adapters(saved, seed=3)
+    minilora.save_adapter(saved, tmp_path)
+
+    model = copy.deepcopy(tiny_gpt2)
+    minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
+    model.train()
+    minilora.load_adapter(model, tmp_path, is_trainable=True)
+    for name, layer in minilora.lora_layers(model):
+        assert layer.r[ADAPTER_NAME] == 4 and layer.lora_alpha[ADAPTER_NAME] == 16, name
+        assert layer.scaling[ADAPTER_NAME] == 16 / 2  # alpha / sqrt(r)
+        dropout = layer.lora_dropout[ADAPTER_NAME]
+        assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.3 and dropout.training, name
+    config = model.minilora_config
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (4, 16, 0.3, True)
+    fresh = minilora.load_adapter(copy.deepcopy(tiny_gpt2), tmp_path)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(INPUT).logits, fresh(INPUT).logits)
