@@ -224,6 +224,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
     for name, layer in layers:
         if _unmerged_active(layer):
             layer.merge(safe=safe)
+        _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)
     unwrap_saved_modules(model, keep="trained")  # modules_to_save: the trained copies stay, as in PEFT
     _forget_config(model)
@@ -238,10 +239,19 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in require_lora_layers(model, "unload"):
         if layer.merged:
             layer.unmerge()
+        _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)
     unwrap_saved_modules(model, keep="original")  # modules_to_save: the base model's own modules come back
     _forget_config(model)
     return model
+
+
+def _give_back_own_storage(layer: LoraLinear) -> None:
+    """After the fused path W0 and its bias are views of the [W0; A] buffer (minilora/fused.py): the plain
+    layer that goes back into the model gets contiguous storage of its own, without A's rows."""
+    from .fused import release_concatenated_weight  # (fused.py imports this module)
+
+    release_concatenated_weight(layer)
 
 
 @contextlib.contextmanager

@@ -226,3 +226,31 @@ def test_loading_into_existing_layers_takes_every_number_from_the_file(tiny_gpt2
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(INPUT).logits, fresh(INPUT).logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# After the fused path, the plain model owns its weights
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("take_out", ["unload", "merge_and_unload"])
+def test_plain_weights_after_the_fused_path_have_their_own_contiguous_storage(tiny_gpt2, take_out, tmp_path):
+    import io
+
+    reference = copy.deepcopy(tiny_gpt2)
+    minilora.inject(reference, minilora.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    randomize_adapters(reference, seed=4)
+    model = copy.deepcopy(reference)
+    minilora.set_forward_path(model, "fused")
+    with torch.no_grad():
+        model(INPUT)  # builds [W0; A] and makes W0, its bias and A views of it
+    plain = getattr(minilora, take_out)(model)
+    expected = getattr(minilora, take_out)(reference)
+    for name, module in plain.named_modules():
+        if name.endswith(("c_attn", "c_fc")):
+            for tensor in (module.weight, module.bias):
+                assert tensor.is_contiguous(), name
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+    assert plain.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in expected.state_dict().items())
+    saved, wanted = io.BytesIO(), io.BytesIO()
+    torch.save(plain.state_dict(), saved), torch.save(expected.state_dict(), wanted)
+    assert len(saved.getvalue()) == len(wanted.getvalue())  # no adapter rows stored along
