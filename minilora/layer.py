@@ -106,6 +106,9 @@ class LoraLinear(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        # A state dict taken while merged records it, so that loading it gives the same model (below).
+        self._register_state_dict_hook(_record_merged_adapters)
+        self._register_load_state_dict_pre_hook(_restore_merged_adapters, with_module=True)
 
     # ----------------------------------------------------------------------------------------
     # Forward: the math
@@ -365,3 +368,37 @@ class LoraLinear(nn.Module):
                              f"scaling={self.scaling[name]:g}" for name in self.lora_A)
         return (f"{adapters}; active={self.active_adapters}, fan_in_fan_out={self.fan_in_fan_out}, "
                 f"merged={self.merged}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The merged state travels with the state dict
+# ------------------------------------------------------------------------------------------------
+# While merged, W0 in a state dict holds W0 + dW. Loaded into a model whose layers are not merged,
+# forward would add B A x once more (PEFT does exactly that). So ``state_dict()`` adds, per merged
+# adapter, ``<layer>.lora_merged.<adapter>`` (its place in the merge order, a 0-d tensor); loading a
+# state dict that holds the layer's W0 sets the layer's merged adapters to what the state dict says
+# (none if it has no such keys): ``torch.save(model.state_dict())`` / ``load_state_dict`` round-trips
+# exactly, merged or not, in either direction.
+MERGED_KEY = "lora_merged"
+
+
+def _record_merged_adapters(layer: LoraLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for order, name in enumerate(layer.merged_adapters):
+        state_dict[f"{prefix}{MERGED_KEY}.{name}"] = torch.tensor(order)
+
+
+def _restore_merged_adapters(layer: LoraLinear, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                             missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    flags = {key: state_dict.pop(key) for key in [key for key in state_dict if key.startswith(f"{prefix}{MERGED_KEY}.")]}
+    if f"{prefix}base_layer.weight" not in state_dict:
+        if flags:  # a merged flag without the W0 it describes
+            error_msgs.append(f"{prefix}: the state dict says adapters are merged but holds no "
+                              f"{prefix}base_layer.weight; load W0 together with the flags.")
+        return
+    merged = [key.rsplit(".", 1)[1] for key, _ in sorted(flags.items(), key=lambda item: int(item[1]))]
+    unknown = [name for name in merged if name not in layer.lora_A]
+    if unknown:
+        error_msgs.append(f"{prefix}: the state dict's W0 holds the update of adapters {unknown}, which this layer "
+                          "does not have.")
+        return
+    layer.merged_adapters = merged

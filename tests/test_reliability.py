@@ -254,3 +254,39 @@ def test_plain_weights_after_the_fused_path_have_their_own_contiguous_storage(ti
     saved, wanted = io.BytesIO(), io.BytesIO()
     torch.save(plain.state_dict(), saved), torch.save(expected.state_dict(), wanted)
     assert len(saved.getvalue()) == len(wanted.getvalue())  # no adapter rows stored along
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.save(model.state_dict()) taken while merged
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("saved_merged, target_merged", [(True, False), (False, True), (True, True), (False, False)])
+def test_state_dict_round_trips_exactly_merged_or_not(tiny_gpt2, saved_merged, target_merged):
+    """One of README's two consistent pairs. Taken while merged, W0 holds W0 + dW: loaded into an
+    unmerged model the update used to be applied twice ("All keys matched")."""
+    import io
+
+    source = copy.deepcopy(tiny_gpt2)
+    minilora.inject(source, minilora.LoraConfig(r=4, target_modules=["c_attn"]))
+    randomize_adapters(source, seed=5)
+    with torch.no_grad():
+        expected = source(INPUT).logits
+    if saved_merged:
+        minilora.merge(source)
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    buffer.seek(0)
+
+    target = copy.deepcopy(tiny_gpt2)
+    minilora.inject(target, minilora.LoraConfig(r=4, target_modules=["c_attn"]))
+    randomize_adapters(target, seed=6)  # other values: everything must come from the file
+    if target_merged:
+        minilora.merge(target)
+    result = target.load_state_dict(torch.load(buffer, weights_only=True))
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(layer.merged == saved_merged for _, layer in minilora.lora_layers(target))
+    with torch.no_grad():
+        assert (target(INPUT).logits - expected).abs().max() <= 1e-5
+    if saved_merged:
+        minilora.unmerge(target)
+    with torch.no_grad():  # and unmerging gives the unmerged model back
+        assert (target(INPUT).logits - expected).abs().max() <= 1e-5
