@@ -108,6 +108,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
     new_layers = build_adapter(model, config, adapter_name, names)
+    _note_tied_weights(model, new_layers)
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)
@@ -138,6 +139,29 @@ def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names
         # (PEFT leaves its new layers in train mode even inside an eval model.)
         new_layers[name].train(module.training)
     return new_layers
+
+
+def _note_tied_weights(model: nn.Module, new_layers: dict[str, LoraLinear]) -> None:
+    """A target whose weight is shared with another module (GPT-2's lm_head is tied to the input
+    embedding wte) must not be merged in place: W0 + dW would change the embedding too. Each such layer
+    records what it shares its weight with (``LoraLinear.tied_to``; merge unties it), and one warning
+    says so, as PEFT warns."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = {}
+    for name, layer in new_layers.items():
+        others = [other for other in owners.get(id(layer.base_layer.weight), []) if other != f"{name}.weight"]
+        if others:
+            layer.tied_to = others
+            tied[name] = others
+    if tied:
+        warnings.warn(
+            f"The weights of target modules {sorted(tied)} are tied to {sorted(sum(tied.values(), []))} (e.g. "
+            "tie_word_embeddings=True). The adapter changes only the target's output; merging gives the target a "
+            "weight of its own (untied, with a warning) so that merged outputs equal unmerged ones.",
+            stacklevel=3,
+        )
 
 
 def check_adapter_size(model: nn.Module, names: list[str], r: int) -> None:
@@ -226,16 +250,41 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
             layer.merge(safe=safe)
         _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)
+    _keep_untied(model, [name for name, layer in layers if layer.untied_weight is not None])
     unwrap_saved_modules(model, keep="trained")  # modules_to_save: the trained copies stay, as in PEFT
     _forget_config(model)
     return model
 
 
+def _keep_untied(model: nn.Module, untied: list[str]) -> None:
+    """After merge_and_unload, layers whose tied weight was untied keep W0 + dW of their own: a
+    transformers config that says ``tie_word_embeddings=True`` would tie them again on save/load and
+    drop the update, so it is switched off (and said)."""
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+        warnings.warn(f"merge_and_unload: {untied} now hold W0 + dW and are no longer tied to the input "
+                      "embedding; model.config.tie_word_embeddings is set to False so that save_pretrained and "
+                      "from_pretrained keep them apart.", stacklevel=3)
+
+
+def _warn_if_biases_trained(model: nn.Module, action: str) -> None:
+    """With bias="all" / "lora_only" the biases train in place (they belong to the base model), so
+    switching the adapters off cannot give the base model's outputs back. PEFT warns the same."""
+    bias = getattr(getattr(model, CONFIG_ATTRIBUTE, None), "bias", "none")
+    if bias != "none":
+        warnings.warn(f"Careful, {action} with bias configured to be '{bias}' does not produce the same output as "
+                      "the base model would without adaption: the biases trained in place and are not restored.",
+                      stacklevel=3)
+
+
 def unload(model: nn.Module) -> nn.Module:
     """Put the plain base layers back and drop the adapters (merged ones are unmerged first).
 
-    Returns the same model object, with the base model's outputs.
+    Returns the same model object, with the base model's outputs; with ``bias="all"`` or
+    ``"lora_only"`` the biases that trained stay as trained (a warning says so).
     """
+    _warn_if_biases_trained(model, "unload()")
     for name, layer in require_lora_layers(model, "unload"):
         if layer.merged:
             layer.unmerge()
@@ -258,10 +307,14 @@ def _give_back_own_storage(layer: LoraLinear) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model gives the base model's outputs; the adapters come back on exit.
 
+    With ``bias="all"`` or ``"lora_only"`` the biases trained in place and stay on: a warning says
+    the outputs are not the base model's.
+
     Raises:
         MiniLoraError: if a layer is merged (its W0 already holds dW): call ``unmerge`` first.
     """
     layers = require_lora_layers(model, "disabled")
+    _warn_if_biases_trained(model, "disabling adapter layers")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise MiniLoraError(

@@ -105,6 +105,10 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Names of other parameters that share base_layer.weight (GPT-2's lm_head and wte; set by
+        # inject), and while merged the shared weight this layer was untied from (see merge).
+        self.tied_to: list[str] = []
+        self.untied_weight: nn.Parameter | None = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
         # A state dict taken while merged records it, so that loading it gives the same model (below).
         self._register_state_dict_hook(_record_merged_adapters)
@@ -289,6 +293,8 @@ class LoraLinear(nn.Module):
                               f"You are now additionally merging {','.join(names)}.", stacklevel=2)
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+        if self.tied_to and not self.merged and names:
+            self._untie()
         weight = self.base_layer.weight
         for adapter in (name for name in names if name in self.lora_A):
             with torch.no_grad():
@@ -296,6 +302,8 @@ class LoraLinear(nn.Module):
                     merged_weight = weight.data.clone()
                     merged_weight += self.delta_weight(adapter).to(weight.dtype)  # as PEFT's safe_merge
                     if not torch.isfinite(merged_weight).all():
+                        if not self.merged and self.untied_weight is not None:  # as it was: tied
+                            self.base_layer.weight, self.untied_weight = self.untied_weight, None
                         raise MiniLoraError(
                             f"The merged weight has NaN or inf values: adapter {adapter!r} is broken (check the "
                             "loss during training). W0 was left unchanged."
@@ -319,6 +327,17 @@ class LoraLinear(nn.Module):
             adapter = self.merged_adapters.pop()
             with torch.no_grad():
                 weight.data -= self.delta_weight(adapter).to(weight.dtype)
+        if self.untied_weight is not None:  # tie it again: the shared weight was never changed
+            self.base_layer.weight, self.untied_weight = self.untied_weight, None
+
+    def _untie(self) -> None:
+        """Give base_layer a weight of its own before merging: W0 is shared with ``tied_to`` (e.g. GPT-2's
+        lm_head with the input embedding), and W0 + dW in place would change those too."""
+        shared = self.base_layer.weight
+        warnings.warn(f"Merging unties this layer's weight from {self.tied_to}: W0 + dW is written to a copy, "
+                      "the shared weight stays as it was (unmerge ties them again).", stacklevel=3)
+        self.untied_weight = shared
+        self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
 
     # ----------------------------------------------------------------------------------------
     # What code written for the wrapped layer reads
@@ -401,4 +420,8 @@ def _restore_merged_adapters(layer: LoraLinear, state_dict: dict, prefix: str, l
         error_msgs.append(f"{prefix}: the state dict's W0 holds the update of adapters {unknown}, which this layer "
                           "does not have.")
         return
+    if merged and layer.tied_to and layer.untied_weight is None:
+        layer._untie()  # W0 + dW is about to be loaded: into a weight of this layer's own
+    elif not merged and layer.untied_weight is not None:
+        layer.base_layer.weight, layer.untied_weight = layer.untied_weight, None  # plain W0: tied again
     layer.merged_adapters = merged

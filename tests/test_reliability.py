@@ -290,3 +290,101 @@ def test_state_dict_round_trips_exactly_merged_or_not(tiny_gpt2, saved_merged, t
         minilora.unmerge(target)
     with torch.no_grad():  # and unmerging gives the unmerged model back
         assert (target(INPUT).logits - expected).abs().max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Tied weights: GPT-2's lm_head shares its weight with the input embedding wte
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tied_adapted(tiny_gpt2):
+    assert tiny_gpt2.lm_head.weight is tiny_gpt2.transformer.wte.weight
+    with pytest.warns(UserWarning, match=r"lm_head'\] are tied to \['transformer\.wte\.weight'\]"):
+        minilora.inject(tiny_gpt2, minilora.LoraConfig(r=4, target_modules=["c_attn", "lm_head"]))
+    randomize_adapters(tiny_gpt2, seed=7)
+    with torch.no_grad():
+        return tiny_gpt2, tiny_gpt2(INPUT).logits, tiny_gpt2.transformer.wte.weight.detach().clone()
+
+
+def test_merging_a_tied_target_unties_it_and_merged_equals_unmerged(tied_adapted):
+    model, unmerged, wte = tied_adapted
+    with pytest.warns(UserWarning, match="Merging unties this layer's weight from"):
+        minilora.merge(model)
+    with torch.no_grad():
+        merged = model(INPUT).logits
+    assert (merged - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+    assert torch.equal(model.transformer.wte.weight, wte)  # the embedding did not take the update
+    minilora.unmerge(model)
+    assert model.lm_head.base_layer.weight is model.transformer.wte.weight  # tied again, exactly
+    with torch.no_grad():  # (c_attn's W0 - dW + dW is W0 up to rounding)
+        assert (model(INPUT).logits - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+
+
+def test_merge_and_unload_of_a_tied_target_saves_and_loads_as_merged(tied_adapted, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, unmerged, wte = tied_adapted
+    with pytest.warns(UserWarning, match="tie_word_embeddings is set to False"):
+        plain = minilora.merge_and_unload(model)
+    plain.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for result in (plain(INPUT).logits, reloaded(INPUT).logits):
+            assert (result - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+    assert torch.equal(reloaded.transformer.wte.weight, wte)
+
+
+def test_minilora_merge_of_a_tied_target_writes_a_model_with_the_adapted_outputs(tied_adapted, tiny_gpt2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from minilora.cli import main
+
+    model, unmerged, _ = tied_adapted
+    minilora.save_adapter(model, tmp_path / "adapter")
+    base = minilora.models.tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    assert main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model", str(tmp_path / "base")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (merged(INPUT).logits - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+
+
+def test_state_dict_of_a_merged_tied_model_round_trips(tied_adapted, tiny_gpt2):
+    import io
+
+    model, unmerged, wte = tied_adapted
+    with pytest.warns(UserWarning):
+        minilora.merge(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    target = minilora.models.tiny_gpt2()
+    with pytest.warns(UserWarning):
+        minilora.inject(target, minilora.LoraConfig(r=4, target_modules=["c_attn", "lm_head"]))
+        target.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert (target(INPUT).logits - unmerged).abs().max() <= 1e-5 * unmerged.abs().max()
+    assert torch.equal(target.transformer.wte.weight, wte)
+
+
+# ------------------------------------------------------------------------------------------------
+# bias="all" / "lora_only": the biases train in place, so "off" is not the base model
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_disabled_and_unload_warn_when_biases_trained(tiny_gpt2, bias):
+    minilora.inject(tiny_gpt2, minilora.LoraConfig(r=2, target_modules=["c_attn"], bias=bias))
+    with pytest.warns(UserWarning, match=f"bias configured to be '{bias}' does not produce the same output"):
+        with minilora.disabled(tiny_gpt2):
+            pass
+    with pytest.warns(UserWarning, match=f"bias configured to be '{bias}' does not produce the same output"):
+        minilora.unload(tiny_gpt2)
+
+
+def test_no_bias_warning_when_biases_are_frozen(tiny_gpt2):
+    import warnings
+
+    minilora.inject(tiny_gpt2, minilora.LoraConfig(r=2, target_modules=["c_attn"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with minilora.disabled(tiny_gpt2):
+            pass
+        minilora.unload(tiny_gpt2)
