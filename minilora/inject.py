@@ -271,8 +271,8 @@ def _keep_untied(model: nn.Module, untied: list[str]) -> None:
 def _warn_if_biases_trained(model: nn.Module, action: str) -> None:
     """With bias="all" / "lora_only" the biases train in place (they belong to the base model), so
     switching the adapters off cannot give the base model's outputs back. PEFT warns the same."""
-    bias = getattr(getattr(model, CONFIG_ATTRIBUTE, None), "bias", "none")
-    if bias != "none":
+    modes = sorted({config.bias for config in adapter_configs(model).values() if config.bias != "none"})
+    for bias in modes:
         warnings.warn(f"Careful, {action} with bias configured to be '{bias}' does not produce the same output as "
                       "the base model would without adaption: the biases trained in place and are not restored.",
                       stacklevel=3)

@@ -203,7 +203,7 @@ def test_loading_into_existing_layers_takes_every_number_from_the_file(tiny_gpt2
     """The pitfall-1 path (layers built from one config, a file saved with another of the same r):
     every layer ends with the file's r, lora_alpha, scaling (rsLoRA) and dropout, and so does the
     model's config; the outputs are those of the file loaded into a fresh model."""
-    from minilora.adapters import ADAPTER_NAME
+    from minilora.inject import DEFAULT_ADAPTER as ADAPTER_NAME, adapter_config
 
     saved = copy.deepcopy(tiny_gpt2)
     file_config = minilora.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.3, use_rslora=True, target_modules=["c_attn"])
@@ -220,7 +220,7 @@ def test_loading_into_existing_layers_takes_every_number_from_the_file(tiny_gpt2
         assert layer.scaling[ADAPTER_NAME] == 16 / 2  # alpha / sqrt(r)
         dropout = layer.lora_dropout[ADAPTER_NAME]
         assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.3 and dropout.training, name
-    config = model.minilora_config
+    config = adapter_config(model)
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora) == (4, 16, 0.3, True)
     fresh = minilora.load_adapter(copy.deepcopy(tiny_gpt2), tmp_path)
     model.eval()
