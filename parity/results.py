@@ -27,6 +27,8 @@ CHECKS = {
     "files": "minilora.save_adapter output loads in PEFT, PEFT's save_pretrained loads in minilora; same outputs",
     "generate": "greedy generate(): the same tokens and per-step scores as PEFT (models that generate)",
     "behaviours": "PEFT's pitfalls measured (double wrap; torch.save of a whole model) next to minilora's answer",
+    "adapters": "several adapters (small models): add_adapter init, two active, weighted cat/linear/svd, mixed "
+                "batch, merge_adapter/unmerge_adapter, several-adapter files both ways",
 }
 KNOWN_DEVICES = ("cpu", "cuda")
 

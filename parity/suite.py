@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from parity import behaviours, checks, grid, twins
+from parity import adapters, behaviours, checks, grid, twins
 from parity.results import CHECKS, FAIL, KNOWN_DEVICES, Result, not_applicable, skipped
 
 
@@ -85,6 +85,7 @@ def run_case(bases: grid.Bases, case: grid.Case, device: str, selected: tuple[st
     step("files", lambda: behaviours.check_files(pair, directory / "files"))
     if with_behaviours:
         step("behaviours", lambda: behaviours.check_behaviours(pair, directory / "behaviours"))
+        step("adapters", lambda: adapters.check_adapters(pair, directory / "adapters"))  # on copies of the pair
     step("training", lambda: checks.check_training(pair, steps=training_steps))
     grid.randomize(pair)  # equal adapters again, whatever training did
     step("generate", lambda: checks.check_generate(pair))
