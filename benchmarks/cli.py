@@ -17,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Time base, PEFT (unmerged, merged) and minilora's forward paths (reference, merged, "
                     "fused, compiled) on GPT-2 small: prefill, decode with the KV cache, and a training step. "
                     "Every variant is checked against minilora's reference path before it is timed.",
-        epilog="The full run takes 20-25 minutes on a 2-core CPU; --quick about a minute on a quiet one. "
+        epilog="The full run takes about 20 minutes on a 2-core CPU; --quick about a minute on a quiet one. "
                "Results: a table here, and <out>/<name>.json, .md and .png. The committed page is "
                f"regenerated with --out {RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent)}.",
     )
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="cap on the seconds of rounds per measurement of the main case (default 150; other "
+                        help="cap on the seconds of rounds per measurement of the main case (default 100; other "
                              "cases and the all-cores table get 0.3 of it). Rounds stop earlier once every 95%% "
                              "interval is within +-1%%")
     parser.add_argument("--threads", type=int, default=None,
