@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="cap on the seconds of rounds per measurement of the main case (default 100; other "
+                        help="cap on the seconds of rounds per measurement of the main case (default 80; other "
                              "cases and the all-cores table get 0.3 of it). Rounds stop earlier once every 95%% "
                              "interval is within +-1%%")
     parser.add_argument("--threads", type=int, default=None,

@@ -7,7 +7,8 @@ batch against **one merged adapter** (the base model's cost: no implementation c
 - ``peft-mixed``: PEFT's ``adapter_names`` (``lora.Linear._mixed_batch_forward``, peft 0.21):
   the base matmul over the whole batch, then for each adapter a Python loop step that indexes
   its rows out of x, runs ``B(A(x_rows)) * s`` and adds the result back into those rows.
-- ``minilora-mixed``: minilora's own ``adapter_names`` forward, where the installed minilora has one.
+- ``minilora-mixed``: minilora's own mixed batch (``minilora.mixed_batch``, where this minilora has
+  it): PEFT's computation, one gather and scatter-add per adapter and layer.
 - ``gathered``: the Punica / S-LoRA form in plain PyTorch. Every adapter's A and B are stacked
   once, (n, r, in) and (n, out, r); per call each row's pair is gathered by its adapter index and
   two batched matmuls add every row's update at once, without a loop over adapters::
@@ -131,7 +132,12 @@ def merged_single(source: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 def forward_function(variant: str, model: nn.Module, names: list[str]):
     """(input_ids, **kwargs) -> logits, with row i using adapter names[i] (merged: its one adapter)."""
-    if variant == "peft-mixed" or variant == "minilora-mixed":
+    if variant == "minilora-mixed" and hasattr(minilora, "mixed_batch"):
+        def run(ids, **kwargs):
+            with minilora.mixed_batch(model, names):
+                return model(input_ids=ids, **kwargs).logits
+        return run
+    if variant in ("peft-mixed", "minilora-mixed"):
         return lambda ids, **kwargs: model(input_ids=ids, adapter_names=names, **kwargs).logits
     if variant == "gathered":
         index = torch.tensor([model._adapter_order.index(name) for name in names],

@@ -37,7 +37,7 @@ class Plan:
 
     model: str = "gpt2"                          # "gpt2": the embedded GPT-2 small; "tiny": 2 layers, 32 wide
     main_case: tuple = (ALL_LINEAR, 8)           # (targets, r): the targets are judged on this case
-    other_cases: tuple = ((ALL_LINEAR, 64),)    # prefill and decode only, fewer variants
+    other_cases: tuple = ()                      # (targets, r) pairs: prefill and decode, fewer variants
     lora_alpha_per_r: float = 2.0                # lora_alpha = 2 r: the scale does not change the cost
     prefill_shapes: tuple = ((1, 128),)         # (batch, sequence); the first is the targets' shape
     decode_prompt: int = 8
@@ -52,6 +52,7 @@ class Plan:
     compiled_train: bool = False
     threads: int = 1                             # torch threads for the ratio tables (0: torch's default)
     all_cores: bool = True                       # also the main case's prefill and decode with every core
+    all_cores_variants: tuple = ("base", "base-copy", "peft", "merged", "fused")  # (the same validated models)
     mixed_adapters: tuple = (1, 4, 16)          # several adapters in one batch (row i: adapter i mod n)
     mixed_variants: tuple = ("merged", "peft-mixed", "minilora-mixed", "gathered")  # ratios to "merged"
     mixed_batch: int = 16                       # rows; prefill (mixed_batch, mixed_seq), decode mixed_tokens
@@ -59,7 +60,7 @@ class Plan:
     mixed_tokens: int = 4
     min_rounds: int = 10
     max_rounds: int = 80
-    max_seconds: float = 100.0                   # per measurement, main case
+    max_seconds: float = 80.0                    # per measurement, main case
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
     memory: bool = True

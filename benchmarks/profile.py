@@ -93,7 +93,7 @@ def layout_forms(fan_in: int, fan_out: int, r: int, rows: int, device: str, seed
     ``base``: Conv1D's own ``addmm(b, x, W0)`` (no LoRA: the floor). ``addmm``: the base matmul,
     ``x A^T`` and ``addmm_`` (fused, concatenate=False). ``rows [W0; A]``: one matmul over the
     buffer stacked as nn.Linear stores weights, (out + r, in), then the slice and ``addmm_`` with
-    B in its own layout (the fused path before). ``cols [W0 | A^T]``: the buffer in Conv1D's own
+    B in its own layout (the fused path before). ``cols [W0, A^T]``: the buffer in Conv1D's own
     layout, (in, out + r), B in its own layout; ``cols, B^T rows``: the same with B stored as B^T's
     rows (the fused path now; ``addmm`` stores B that way too). ``... matmul only``: the big matmul
     without the slice and the rank-r ``addmm_``, in each layout.
@@ -118,7 +118,7 @@ def layout_forms(fan_in: int, fan_out: int, r: int, rows: int, device: str, seed
         "base": lambda: torch.addmm(b, x, W0),
         "addmm": addmm_path,
         "rows [W0; A]": lambda: concatenated(torch.nn.functional.linear(x, rows_buffer, bias_buffer), B.T),
-        "cols [W0 | A^T]": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer), B.T),
+        "cols [W0, A^T]": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer), B.T),
         "cols, B^T rows": lambda: concatenated(torch.addmm(bias_buffer, x, cols_buffer), B_rows),
         "rows matmul only": lambda: torch.nn.functional.linear(x, rows_buffer, bias_buffer),
         "cols matmul only": lambda: torch.addmm(bias_buffer, x, cols_buffer),
@@ -139,7 +139,7 @@ def profile_layouts(shapes: list[tuple[int, int]], r: int, device: str, rows_per
         for rows in rows_per_call:
             forms = layout_forms(fan_in, fan_out, r, rows, device)
             expected = forms["addmm"]()
-            for name in ("rows [W0; A]", "cols [W0 | A^T]", "cols, B^T rows"):
+            for name in ("rows [W0; A]", "cols [W0, A^T]", "cols, B^T rows"):
                 assert torch.allclose(forms[name](), expected, rtol=1e-4, atol=1e-5), name
             functions = {name: (lambda f: lambda: [f() for _ in range(repeats)])(f) for name, f in forms.items()}
             timed = interleaved(functions, device, "base", min_rounds, max_rounds, max_seconds)

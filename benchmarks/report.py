@@ -303,7 +303,7 @@ def layouts_markdown(layouts: list[dict]) -> list[str]:
              "One Conv1D layer's output with its LoRA update, computed each way for 1 token (decode) and "
              "128 (prefill); median per-round ratio to the layer without LoRA (`base`), 95% interval, "
              "process CPU time, one thread. `rows [W0; A]`: one matmul over the weight stacked as nn.Linear "
-             "stores it, (out + r, in) (the fused path before); `cols [W0 | A^T]`: stacked in Conv1D's own "
+             "stores it, (out + r, in) (the fused path before); `cols [W0, A^T]`: stacked in Conv1D's own "
              "layout, (in, out + r); `cols, B^T rows`: that, with B stored as B^T's rows for the rank-r "
              "addmm_ (the fused path now); `addmm`: no concatenation (base matmul, x A^T, addmm_; "
              "concatenate=False). `... matmul only`: the big matmul without the slice and the addmm_.", ""]

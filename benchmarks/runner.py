@@ -93,12 +93,6 @@ class Runner:
                         self.training_case(targets, r, dropout)
             for n in plan.mixed_adapters:
                 self.mixed_case(n)
-            cores = os.cpu_count() or 1
-            if plan.all_cores and torch.device(self.device).type == "cpu" and cores > one_thread:
-                self.threads = cores
-                torch.set_num_threads(cores)
-                self.inference_case(*plan.main_case, table="all cores")
-                torch.set_num_threads(one_thread)
             if plan.memory:
                 self.memory_runs()
             if plan.profile:
@@ -149,8 +143,32 @@ class Runner:
             workloads.append(Generate(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         for workload in workloads:
             here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload, table)}
-            self.measure(here, workload, targets, r, None, ratio_to="base", table=table)
+            checked = self.measure(here, workload, targets, r, None, ratio_to="base", table=table)
+            if main and workload in (workloads[0], workloads[len(shapes)]):  # first prefill shape, decode loop
+                self.all_cores(models, checked, workload, targets, r)
         del models
+
+    def all_cores(self, models: dict, checked: dict, workload, targets: tuple, r: int) -> None:
+        """The same measurement again with every core (CPU only), on the validated models (fewer variants,
+        at least 3 rounds: on cores shared with other work, threads wait for each other at every op
+        and a call can take 10x its one-thread time, so this table may stop at its cap unresolved)."""
+        cores, one_thread = os.cpu_count() or 1, self.threads
+        if not self.plan.all_cores or torch.device(self.device).type != "cpu" or cores <= one_thread \
+                or "base" not in checked:
+            return
+        names = [n for n in models if n in checked and n in self.plan.all_cores_variants]
+        label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r} [all cores]"
+        self.threads = cores
+        torch.set_num_threads(cores)
+        try:
+            self.time_and_record({n: workload.prepare(models[n]) for n in names}, checked, label, "base",
+                                 lora_floor(self.base, targets, r, workload.forwards()), {
+                                     "table": "all cores", "workload": workload.name, "shape": list(workload.shape),
+                                     "targets": list(targets), "r": r, "dropout": None},
+                                 self.plan.other_max_seconds, min_rounds=min(3, self.plan.min_rounds))
+        finally:
+            self.threads = one_thread
+            torch.set_num_threads(one_thread)
 
     def training_case(self, targets: tuple, r: int, dropout: float) -> None:
         plan = self.plan
@@ -194,8 +212,9 @@ class Runner:
         return checked
 
     def measure(self, models: dict, workload, targets: tuple, r: int, dropout, ratio_to: str,
-                table: str = "one thread") -> None:
-        """Validate every variant against the reference path, then time the valid ones together."""
+                table: str = "one thread") -> dict:
+        """Validate every variant against the reference path, then time the valid ones together;
+        returns {variant: its validation result} for the variants that passed."""
         label = f"{workload.name} {workload.shape} targets={','.join(targets)} r={r}" + (
             f" dropout={dropout}" if dropout is not None else "") + f" [{table}]"
         self.log(f"{label}: validating {len(models)} variants")
@@ -203,20 +222,21 @@ class Runner:
         if ratio_to not in checked:
             if checked:
                 self.fail(label, ratio_to, "the ratio reference failed; nothing timed")
-            return
+            return checked
         functions = {name: workload.prepare(models[name]) for name in models if name in checked}  # table order
         lora = lora_floor(self.base, targets, r, workload.forwards(), training=workload.name == "train")
         main = self.is_main(targets, r) and table == "one thread"
         self.time_and_record(functions, checked, label, ratio_to, lora, {
             "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
             "r": r, "dropout": dropout}, self.plan.max_seconds if main else self.plan.other_max_seconds)
+        return checked
 
     def time_and_record(self, functions: dict, checked: dict, label: str, ratio_to: str, lora: dict,
-                        fields: dict, seconds: float, tokens: int | None = None) -> None:
+                        fields: dict, seconds: float, tokens: int | None = None, min_rounds: int | None = None) -> None:
         """Time the validated functions in interleaved rounds and add one measurement per variant."""
         plan = self.plan
         self.log(f"{label}: timing {', '.join(functions)}")
-        timed = interleaved(functions, self.device, ratio_to, plan.min_rounds, plan.max_rounds, seconds,
+        timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds, seconds,
                             plan.resolution, on_round=lambda k, width: self.log(
                                 f"{label}: round {k}, widest interval +-{width * 100:.1f}%") if k % 10 == 0 else None)
         summary = summarize(timed, ratio_to)
@@ -314,7 +334,7 @@ class Runner:
                   "alpha_per_r": plan.lora_alpha_per_r, "seed": plan.seed, "threads": plan.threads}
         largest = max(plan.prefill_shapes, key=lambda s: s[0] * s[1])
         specs = [{**common, "variant": v, "workload": "prefill", "shape": list(largest), "dropout": 0.0}
-                 for v in plan.inference_variants if v not in ("compiled", "base-copy")]
+                 for v in plan.inference_variants if v in ("base", "peft", "reference", "fused")]
         specs += [{**common, "variant": v, "workload": "train", "shape": list(plan.train_shape), "dropout": d}
                   for d in plan.dropouts for v in plan.training_variants if v not in ("compiled", "peft-copy")]
         self.log(f"memory: {len(specs)} variants, one process each")

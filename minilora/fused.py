@@ -13,7 +13,11 @@ matmuls run and how many output-sized tensors are made on the way.
   or p = 0 dropout) the base matmul and ``x A^T`` are one matmul over a concatenated weight,
   so decoding pays one big matmul per layer and one small accumulate:
 
-      [x W0^T + b | x A^T] = F.linear(x, [W0; A], [b; 0])    (N, in) @ (in, out + r) -> (N, out + r)
+      [x W0^T + b | x A^T] = x @ [W0^T | A^T] + [b | 0]      (N, in) @ (in, out + r) -> (N, out + r)
+
+  The buffer is stored in W0's own layout (``[W0; A]`` rows for nn.Linear, ``[W0 | A^T]`` columns
+  for Conv1D), so the big matmul is the base layer's own kernel with r more outputs; and B is
+  stored as B^T's rows, the layout the accumulate reads.
 
 Compiling (``torch.compile(model)``) works on top of any path; the benchmarks time it on the
 reference path.
@@ -59,7 +63,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             docstring). Leaving ``"merged"`` unmerges.
         concatenate: fused path only: without gradients, one matmul over the concatenated
             weight ``[W0; A]``. False: the base matmul, ``x A^T`` and ``addmm_`` as in training
-            (no buffer; on a 2-core CPU this measured faster at decode, see benchmarks/).
+            (no buffer). Which is faster where: benchmarks/results/latest.md.
 
     Raises:
         MiniLoraError: before changing anything, if ``path`` is unknown or the model has no
