@@ -119,8 +119,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     config = _saved_config(model, adapter_name)
     # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
     # torch.save would write the whole buffer that a view points into.
-    tensors = {key: value.detach().clone(memory_format=torch.contiguous_format)
-               for key, value in adapter_state_dict(model, state_dict, adapter_name).items()}
+    taken = adapter_state_dict(model, state_dict, adapter_name)
+    check_not_sharded(taken)
+    tensors = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in taken.items()}
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
@@ -149,6 +150,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     except OSError as error:
         raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. Pass a directory you can "
                             "write to.") from error
+
+
+def check_not_sharded(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse the shards of a sharded model (FSDP2's ``fully_shard`` makes every parameter a DTensor
+    that holds one rank's piece): an adapter file holds whole tensors."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed
+        return
+    sharded = [key for key, value in tensors.items() if isinstance(value, DTensor)]
+    if sharded:
+        raise MiniLoraError(
+            f"The model is sharded (e.g. FSDP2's fully_shard): {_few(sharded)} are DTensor shards, not whole "
+            "tensors. Gather a full state dict on every rank and save it from one:\n"
+            "  from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions\n"
+            "  state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))\n"
+            "  if rank == 0: minilora.save_adapter(model, directory, state_dict=state)"
+        )
 
 
 def _saved_config(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> LoraConfig:

@@ -74,6 +74,12 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             if path == "compiled" else ""
         raise MiniLoraError(f"Unknown forward path {path!r}; choose one of {FORWARD_PATHS}.{hint}")
     layers = [layer for _, layer in require_lora_layers(model, "set_forward_path")]
+    if path == "fused" and concatenate and _sharded(layers):
+        raise MiniLoraError(
+            "The model is sharded (FSDP2's fully_shard: its parameters are DTensors). The concatenated weight "
+            "[W0; A] would re-point FSDP's unsharded parameters and train wrong; use "
+            "set_forward_path(model, 'fused', concatenate=False), which adds the update in place without it."
+        )
     for layer in layers:
         release_concatenated_weight(layer)
         store_B(layer, transposed=False)
@@ -89,6 +95,15 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             store_B(layer, transposed=True)
             layer.forward_override = fused_forward
     return model
+
+
+def _sharded(layers: list[LoraLinear]) -> bool:
+    """True if any parameter of these layers is a DTensor (FSDP2, tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(param, DTensor) for layer in layers for param in layer.parameters())
 
 
 def forward_path(model: nn.Module) -> str:
