@@ -52,15 +52,16 @@ class Plan:
     compiled_train: bool = False
     threads: int = 1                             # torch threads for the ratio tables (0: torch's default)
     all_cores: bool = True                       # also the main case's prefill and decode with every core
-    all_cores_variants: tuple = ("base", "base-copy", "peft", "merged", "fused")  # (the same validated models)
+    all_cores_variants: tuple = ("base", "base-copy", "peft", "fused")  # (the same validated models)
     mixed_adapters: tuple = (1, 4, 16)          # several adapters in one batch (row i: adapter i mod n)
     mixed_variants: tuple = ("merged", "peft-mixed", "minilora-mixed", "gathered")  # ratios to "merged"
     mixed_batch: int = 16                       # rows; prefill (mixed_batch, mixed_seq), decode mixed_tokens
-    mixed_seq: int = 16
+    mixed_seq: int = 8
     mixed_tokens: int = 4
+    mixed_min_rounds: int = 6                   # the fewest that give a 95% interval (stats.MIN_ROUNDS)
     min_rounds: int = 10
     max_rounds: int = 80
-    max_seconds: float = 80.0                    # per measurement, main case
+    max_seconds: float = 70.0                    # per measurement, main case
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
     memory: bool = True
@@ -85,7 +86,7 @@ def full_plan() -> Plan:
 def quick_plan() -> Plan:
     """Well under a minute: the main case, small shapes, six variants, no compile, memory or profile."""
     return Plan(other_cases=(), prefill_shapes=((1, 32),), decode_tokens=4, train_shape=(1, 32), dropouts=(0.1,),
-                mixed_adapters=(4,), mixed_batch=4, mixed_seq=8, mixed_tokens=2,
+                mixed_adapters=(4,), mixed_batch=4, mixed_seq=8, mixed_tokens=2, mixed_min_rounds=3,
                 inference_variants=("base", "base-copy", "peft", "reference", "merged", "fused"),
                 training_variants=("peft", "peft-copy", "reference", "fused"), all_cores=False,
                 min_rounds=3, max_rounds=3, max_seconds=0.0, memory=False, profile=False)
@@ -95,7 +96,7 @@ def tiny_plan() -> Plan:
     """For the tests: a 2-layer GPT-2, every variant and workload but torch.compile, two rounds."""
     return Plan(model="tiny", main_case=(ALL_LINEAR, 4), other_cases=((ATTN_ONLY, 4),),
                 prefill_shapes=((2, 8), (1, 5)), decode_prompt=3, decode_tokens=3, train_shape=(2, 8),
-                mixed_adapters=(1, 3), mixed_batch=4, mixed_seq=5, mixed_tokens=2,
+                mixed_adapters=(1, 3), mixed_batch=4, mixed_seq=5, mixed_tokens=2, mixed_min_rounds=2,
                 inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
                 training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
                 min_rounds=2, max_rounds=2, max_seconds=0.0, other_max_seconds=0.0, all_cores=True,

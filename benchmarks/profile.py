@@ -129,8 +129,8 @@ def profile_layouts(shapes: list[tuple[int, int]], r: int, device: str, rows_per
                     repeats: int = 20, min_rounds: int = 10, max_rounds: int = 40, max_seconds: float = 20.0) -> list:
     """Per layer shape and token count: each form's median per-round ratio to ``base`` with its interval.
 
-    One call of a form is ``repeats`` back-to-back calls (a single one-token matmul takes tens of
-    microseconds: too short to time alone).
+    One call of a form is ``repeats`` back-to-back calls at one token (a single one-token matmul
+    takes tens of microseconds: too short to time alone), ``repeats // 8`` at more.
     """
     from .timing import interleaved, summarize
 
@@ -141,12 +141,13 @@ def profile_layouts(shapes: list[tuple[int, int]], r: int, device: str, rows_per
             expected = forms["addmm"]()
             for name in ("rows [W0; A]", "cols [W0, A^T]", "cols, B^T rows"):
                 assert torch.allclose(forms[name](), expected, rtol=1e-4, atol=1e-5), name
-            functions = {name: (lambda f: lambda: [f() for _ in range(repeats)])(f) for name, f in forms.items()}
+            calls = repeats if rows == 1 else max(1, repeats // 8)  # a 128-token matmul is long enough
+            functions = {name: (lambda f: lambda: [f() for _ in range(calls)])(f) for name, f in forms.items()}
             timed = interleaved(functions, device, "base", min_rounds, max_rounds, max_seconds)
             summary = summarize(timed, "base")
             first = timed["clocks"][0]
             table.append({"in": fan_in, "out": fan_out, "rows": rows, "rounds": timed["rounds"],
-                          "us_per_call": {n: c[first]["median_s"] / repeats * 1e6 for n, c in summary.items()},
+                          "us_per_call": {n: c[first]["median_s"] / calls * 1e6 for n, c in summary.items()},
                           "ratio": {n: [c[first]["ratio"], c[first]["low"], c[first]["high"]]
                                     for n, c in summary.items()}})
     return table

@@ -309,7 +309,8 @@ class Runner:
             lora = lora_floor(self.base, targets, r, workload.forwards(), adapters=n)
             self.time_and_record(functions, checked, label, "merged", lora, {
                 "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
-                "r": r, "dropout": None, "adapters": n}, plan.other_max_seconds, tokens=workload.tokens())
+                "r": r, "dropout": None, "adapters": n}, plan.other_max_seconds, tokens=workload.tokens(),
+                min_rounds=plan.mixed_min_rounds)
         del models
 
     def skip(self, label: str, variant: str, why: str) -> None:
