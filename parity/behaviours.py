@@ -9,7 +9,8 @@
   2. whole module: ``torch.save(model)`` (the whole object) mixed up with weights, then
      ``load_state_dict(torch.load(...))`` / ``load_adapter`` on the loaded object.
   A row PASSes when minilora does the right thing (trained outputs; a clear MiniLoraError); its message
-  says what PEFT did.
+  says what PEFT did. parity/wrong_answers.py adds three more of the kind: a merged state dict, a
+  string boolean in adapter_config.json, merging a tied lm_head.
 
 Both need ``pair.base`` (the shared base, deep-copied here, never changed) and equal non-zero
 adapters on the pair (``grid.randomize``).
@@ -195,5 +196,8 @@ def check_whole_module(pair: Pair) -> list[Result]:
 
 
 def check_behaviours(pair: Pair, directory: Path) -> list[Result]:
-    """Both pitfalls on one pair."""
-    return check_double_wrap(pair, directory) + check_whole_module(pair)
+    """Both pitfalls on one pair, then the cases where PEFT gives a silently different answer
+    (parity/wrong_answers.py)."""
+    from parity.wrong_answers import check_wrong_answers
+
+    return check_double_wrap(pair, directory) + check_whole_module(pair) + check_wrong_answers(pair, directory)

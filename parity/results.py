@@ -26,7 +26,8 @@ CHECKS = {
     "merge": "merged outputs and merge_and_unload weights vs PEFT's, module types restored, unmerge residual",
     "files": "minilora.save_adapter output loads in PEFT, PEFT's save_pretrained loads in minilora; same outputs",
     "generate": "greedy generate(): the same tokens and per-step scores as PEFT (models that generate)",
-    "behaviours": "PEFT's pitfalls measured (double wrap; torch.save of a whole model) next to minilora's answer",
+    "behaviours": "PEFT's pitfalls and silent wrong answers measured (double wrap; torch.save of a whole model; merged "
+                  "state dict; \"false\" strings; tied lm_head merge) next to minilora's answer",
     "adapters": "several adapters (small models): add_adapter init, two active, weighted cat/linear/svd, mixed "
                 "batch, merge_adapter/unmerge_adapter, several-adapter files both ways",
 }
