@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                               training_steps=args.steps, progress=progress)
     progress(f"finished in {time.perf_counter() - start:.0f}s\n")
     report.print_report(results, sys.stdout)
+    if args.arch:
+        print("\n" + report.architecture_table(results, cases))
     if args.json:
         try:
             report.write_json(results, args.json)

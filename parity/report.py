@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from parity.results import FAIL, STATUSES, Result
+from parity.results import FAIL, NOT_APPLICABLE, PASS, STATUSES, Result
 
 COLUMNS = ("check", "configuration", "device", "metric", "value", "tolerance", "status", "message")
 MESSAGE_WIDTH = 100
@@ -72,6 +72,30 @@ def table(results: list[Result]) -> str:
         if index == 0:
             lines.append("  ".join("-" * width for width in widths) + "  " + "-" * len("message"))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def architecture_table(results: list[Result], cases: list) -> str:
+    """The --arch run in one line per architecture: per selector, what PEFT and minilora chose (the
+    number of layers wrapped, "both refuse", or N/A) and whether every check on it passed."""
+    cells = {}
+    for case in cases:
+        rows = [r for r in results if r.configuration == case.label]
+        [targets] = [r for r in rows if r.check == "targets"] or [None]
+        chosen = ("-" if targets is None else "N/A" if targets.status == NOT_APPLICABLE
+                  else f"{targets.value} layers" if isinstance(targets.value, int) else str(targets.value))
+        failed = sum(r.status == FAIL for r in rows)
+        passed = sum(r.status == PASS for r in rows)
+        cells[(case.model.removeprefix("arch:"), case.selector)] = (
+            f"{chosen}, {failed} FAIL" if failed else f"{chosen}, all {passed} rows pass"
+            if isinstance(getattr(targets, "value", None), int) else chosen)
+    names = list(dict.fromkeys(name for name, _ in cells))
+    header = ("architecture", "target_modules=None", '"all-linear"')
+    lines = [header] + [(name, cells.get((name, "default"), "-"), cells.get((name, "all-linear"), "-"))
+                        for name in names]
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(text)
 
 
 def print_report(results: list[Result], out: TextIO) -> None:

@@ -165,3 +165,18 @@ def test_parity_cli_arch(capsys):
     assert cli.main(["--arch", "gpt_neox", "--checks", "targets", "counts", "--quiet", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "gpt_neox r=4 alpha=8 dropout=0.1 default" in out and "all-linear" in out and "FAIL" not in out
+
+
+def test_architecture_table_one_line_per_architecture(arch_rows):
+    from parity import report
+
+    text = report.architecture_table(arch_rows, grid.arch_grid(SAMPLE))
+    lines = text.splitlines()
+    assert lines[0].split() == ["architecture", "target_modules=None", '"all-linear"'] and len(lines) == 2 + 4
+    t5 = next(line for line in lines if line.startswith("t5 "))
+    assert "12 layers, all" in t5 and "32 layers, all" in t5 and "FAIL" not in text
+    assert "both refuse" in next(line for line in lines if line.startswith("phi3"))
+    planted = [row if not (row.check == "forward" and row.configuration.startswith("t5 ")) else
+               type(row)(**{**row.to_dict(), "status": FAIL}) for row in arch_rows]
+    assert "2 FAIL" in next(line for line in report.architecture_table(planted, grid.arch_grid(SAMPLE)).splitlines()
+                            if line.startswith("t5 "))
