@@ -19,6 +19,7 @@ per-layer ``r`` / ``lora_alpha`` by PEFT's ``get_pattern_key`` rule (``layer_ran
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Optional
 
@@ -105,9 +106,14 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def model_type(model: nn.Module) -> Optional[str]:
-    """``model.config.model_type``, as PEFT reads it (``None`` for a model without a transformers config)."""
+    """``model.config``'s ``model_type``, read as PEFT's ``get_model_config`` reads it: from a
+    transformers config, a dataclass or a plain dict (``None`` for a model without one)."""
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) if config is not None else None
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 # --------------------------------------------------------------------------------------------

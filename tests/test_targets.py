@@ -330,3 +330,16 @@ def test_regex_targets_still_fullmatch(built):
     model = built("llama")
     assert_same_choice(*both(model, target_modules=r"model\.layers\.1\.self_attn\.(q|k)_proj"))
     assert not re.fullmatch(r"q_proj", "model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("config", [{"model_type": "llama"}, {"hidden": 4}], ids=["dict-llama", "dict-no-type"])
+def test_model_type_from_a_plain_dict_config_as_peft(config):
+    """A custom nn.Module with ``config`` a dict: PEFT reads model_type from it (or finds none)."""
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.q_proj = nn.Linear(4, 4)
+            self.v_proj = nn.Linear(4, 4)
+
+    assert_same_choice(*both(Custom(), target_modules=None))
