@@ -5,7 +5,8 @@
 Read in this order: config.py (what to adapt), layer.py (the math), targets.py (which layers),
 inject.py (putting it into a model), saved_modules.py (modules trained in full), multi.py,
 weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and
-adapter_config.py (adapter files in PEFT's format), compat.py (PEFT's API), fused.py (faster
+adapter_config.py (adapter files in PEFT's format; files.py writes them crash-safely,
+bounded_regex.py matches their regexes with a time bound), compat.py (PEFT's API), fused.py (faster
 forward paths), cli.py (the `minilora` command).
 """
 

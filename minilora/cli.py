@@ -71,7 +71,7 @@ def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
     try:
         with open(os.path.join(adapter_dir, "adapter_config.json")) as file:
             base = json.load(file).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return  # load_adapter reports a broken config with the details
     if base and model_arg is None and base not in (DEFAULT_MODEL,):
         progress(f"warning: the adapter was saved from base model {base!r}, but --model is not given: using "

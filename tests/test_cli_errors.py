@@ -118,3 +118,11 @@ def test_benchmarks_out_is_checked_before_timing(capsys):
     assert main(["--quick", "--out", "/proc/x"]) == 2
     err = capsys.readouterr().err
     assert "--out '/proc/x' cannot be written" in err and "progress" not in err
+
+
+def test_a_deeply_nested_config_is_one_error_line(tiny_dir, capsys):
+    model_dir, adapter = tiny_dir
+    (adapter / "adapter_config.json").write_text('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert minilora_main(["diff", str(adapter), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("minilora: error: ") and "nests JSON values too deeply" in err[-1]
