@@ -4,7 +4,8 @@
   whole batch, which is PEFT's adapter bit for bit (tests/test_peft_oracle.py's claim, re-checked
   here on these steps); the adapter saved from ``ddp.module`` on rank 0 loads back to those values.
 - FSDP2 (``fully_shard``): ``save_adapter`` on the shards is a clear MiniLoraError; a gathered full
-  state dict saves the adapter exactly; the fused path's concatenated weight is refused.
+  state dict saves the adapter exactly; the fused path's concatenated weight is refused, and the
+  fused path without it gives the reference path's outputs and gradients.
 """
 
 from __future__ import annotations
@@ -93,6 +94,20 @@ def worker(rank: int, port: int, out: str) -> None:
         results["fused"] = "selected"
     except minilora.MiniLoraError as error:
         results["fused"] = str(error)
+    # the fused path without the concatenated weight: the reference path's outputs and gradients,
+    # each on its own freshly sharded model, after a no-grad forward (where the buffer used to go stale)
+    inputs = batches()[0][2 * rank:2 * rank + 2]
+    for path in ("reference", "fused"):
+        sharded = tiny_gpt2()
+        minilora.inject(sharded, minilora.LoraConfig(**CONFIG))
+        randomize_adapters(sharded, seed=11)
+        fully_shard(sharded)
+        minilora.set_forward_path(sharded, path, concatenate=False)
+        with torch.no_grad():
+            results[f"{path}-no-grad"] = sharded(input_ids=inputs).logits
+        sharded(input_ids=inputs, labels=inputs).loss.backward()
+        results[f"{path}-grads"] = {name: param.grad.to_local().clone() for name, param in sharded.named_parameters()
+                                    if param.grad is not None}
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         minilora.save_adapter(model, Path(out) / "fsdp-adapter", state_dict=state)
@@ -148,6 +163,12 @@ def test_fsdp2_shards_are_refused_and_a_gathered_state_dict_saves_exactly(ranks)
         assert "sharded" in rank_result["shards"] and "get_model_state_dict" in rank_result["shards"]
         assert not rank_result["shards-dir"]  # refused before anything was written
         assert "concatenate=False" in rank_result["fused"]
+    for rank_result in results:  # fused (concatenate=False) under FSDP2 = the reference path
+        reference, fused = rank_result["reference-no-grad"], rank_result["fused-no-grad"]
+        assert (fused - reference).abs().max() <= 1e-5 * reference.abs().max()
+        assert rank_result["fused-grads"].keys() == rank_result["reference-grads"].keys()
+        for name, grad in rank_result["reference-grads"].items():
+            assert torch.allclose(rank_result["fused-grads"][name], grad, rtol=1e-4, atol=1e-7), name
     loaded = minilora.load_adapter(tiny_gpt2(), out / "fsdp-adapter")
     expected = results[0]["fsdp-expected"]
     assert all(torch.equal(lora_weights(loaded)[name], expected[name]) for name in expected)
