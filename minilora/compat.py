@@ -45,7 +45,7 @@ from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .compat_adapters import ATTRIBUTES, MULTI_ADAPTER_METHODS, sync_attributes
 from .inject import inject, lora_layers, merge_and_unload, unload
-from .mixed import accept_adapter_names, refuse_adapter_names
+from .mixed import accept_adapter_names, generate_with_adapter_names, refuse_adapter_names
 from .params import count_parameters, print_trainable_parameters
 
 
@@ -265,10 +265,12 @@ def _add_peft_methods(model: nn.Module) -> None:
         object.__setattr__(model, name, functools.update_wrapper(functools.partial(function, model), function))
     sync_attributes(model)  # peft_config, active_adapter, active_adapters
     accept_adapter_names(model)  # model(..., adapter_names=[...]): a mixed batch (mixed.py)
+    if callable(getattr(type(model), "generate", None)):  # and model.generate(..., adapter_names=[...])
+        object.__setattr__(model, "generate", functools.partial(generate_with_adapter_names, model))
 
 
 def _remove_peft_methods(model: nn.Module) -> None:
-    for name in (*PEFT_METHODS, *ATTRIBUTES):
+    for name in (*PEFT_METHODS, *ATTRIBUTES, "generate"):
         model.__dict__.pop(name, None)
     refuse_adapter_names(model)
 

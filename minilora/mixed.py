@@ -124,3 +124,16 @@ def refuse_adapter_names(model: nn.Module) -> None:
     for hooks, function in ((model._forward_pre_hooks, _pop_adapter_names), (model._forward_hooks, _leave_mixed_batch)):
         for key in [key for key, hook in hooks.items() if hook is function]:
             del hooks[key]
+
+
+def generate_with_adapter_names(model: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
+    """``model.generate(..., adapter_names=[...])`` as PEFT's: every forward of the generation runs the
+    mixed batch (with beam search each row's name is repeated once per beam, as PEFT does)."""
+    generate = type(model).generate
+    if adapter_names is None:
+        return generate(model, *args, **kwargs)
+    beams = kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        adapter_names = [name for name in adapter_names for _ in range(beams)]
+    with mixed_batch(model, adapter_names):
+        return generate(model, *args, **kwargs)

@@ -62,8 +62,9 @@ def pair(seed: int = 1, second: dict = OTHER) -> tuple[nn.Module, nn.Module]:
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict by minilora's keys (PEFT's without its wrapper's prefix)."""
-    return {key.removeprefix(PREFIX): value for key, value in model.state_dict().items()}
+    """State dict by minilora's keys (PEFT's without its wrapper's prefix). minilora's record of which
+    adapters are merged (``<layer>.lora_merged.<adapter>``, layer.py) is left out: PEFT has none."""
+    return {key.removeprefix(PREFIX): value for key, value in model.state_dict().items() if ".lora_merged." not in key}
 
 
 def trainable(model: nn.Module) -> list[str]:
@@ -439,3 +440,40 @@ def test_mixed_batch_errors_as_peft():
         ours(X, adapter_names=ROWS)
     ours.unmerge_adapter()
     assert all(layer.forward_override is None for _, layer in minilora.lora_layers(ours))
+
+
+def test_generate_with_adapter_names_is_peft_s(tiny_gpt2):
+    """model.generate(..., adapter_names=[...]): greedy tokens equal PEFT's, with beams too."""
+    config = dict(r=4, target_modules=["c_attn"], init_lora_weights=False)
+    results = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(copy.deepcopy(tiny_gpt2), lib.LoraConfig(**config))
+            model.add_adapter("other", lib.LoraConfig(**{**config, "r": 2}))
+            model.eval()
+            ids = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1))
+            names = ["other", "__base__", "default"]
+            results.append([model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                           do_sample=False, num_beams=beams, adapter_names=names, pad_token_id=0)
+                            for beams in (1, 2)])
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(results[1], results[0]))
+
+
+def test_fused_path_adds_every_active_adapter():
+    """The fused forward path (fused.py) with two active adapters equals the reference path."""
+    model = base()
+    minilora.inject(model, minilora.LoraConfig(r=4, target_modules=["lin0", "conv"], init_lora_weights=False))
+    minilora.add_adapter(model, "other", minilora.LoraConfig(**OTHER))
+    minilora.set_adapter(model, ["default", "other"])
+    with torch.no_grad():
+        reference = model(X)
+        minilora.set_forward_path(model, "fused")
+        fused = model(X)
+        minilora.set_adapter(model, "other")  # one active adapter: the concatenated weight, built for it
+        fused_other = model(X)
+        minilora.set_forward_path(model, "reference")
+        reference_other = model(X)
+    assert (fused - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert (fused_other - reference_other).abs().max() <= 1e-5 * reference_other.abs().max()
