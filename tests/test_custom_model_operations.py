@@ -19,8 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from minilora import MiniLoraError, compat
-
-PREFIX = "base_model.model."
+from test_multi_adapter import state, trainable  # by minilora's keys; PEFT's without its wrapper's prefix
 
 
 class MLP(nn.Module):
@@ -78,14 +77,6 @@ def inputs(kind: str) -> torch.Tensor:
     if kind == "MLP":
         return torch.randn(4, 10, generator=generator)
     return torch.randint(0, 100, (4, 10), generator=generator)  # 10 tokens: lin0 reads 10 features
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(PREFIX): v for k, v in model.state_dict().items() if ".lora_merged." not in k}
-
-
-def trainable(model: nn.Module) -> list[str]:
-    return sorted(n.removeprefix(PREFIX) for n, p in model.named_parameters() if p.requires_grad)
 
 
 class Both:
