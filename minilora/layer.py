@@ -123,6 +123,7 @@ class LoraLinear(nn.Module):
         With several active adapters each adds its own ``scaling * B A dropout(x)`` in turn.
         Merged or disabled, the update is either inside W0 already or switched off: one matmul.
         """
+        self._check_base_weight_shape()
         if self.forward_override is not None:
             return self.forward_override(self, x)
         if self.disabled and self.merged:
@@ -338,6 +339,23 @@ class LoraLinear(nn.Module):
                       "the shared weight stays as it was (unmerge ties them again).", stacklevel=3)
         self.untied_weight = shared
         self.base_layer.weight = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+
+    def _check_base_weight_shape(self) -> None:
+        """A and B were sized for W0's shape; a W0 replaced by one of another shape (transformers'
+        ``resize_token_embeddings`` after inject re-ties a GPT-2 ``lm_head`` this way, past
+        ``__setattr__``) no longer fits them: say so instead of a shape error deep in a matmul."""
+        adapter = next(iter(self.lora_A), None)
+        if adapter is None:
+            return
+        in_features = self.lora_A[adapter].weight.shape[1]   # A: (r, in)
+        out_features = self.lora_B[adapter].weight.shape[0]  # B: (out, r)
+        expected = (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+        if tuple(self.base_layer.weight.shape) != expected:
+            raise MiniLoraError(
+                f"This LoRA layer's base weight is now {tuple(self.base_layer.weight.shape)}, but its adapters "
+                f"were built for {expected}. This happens with resize_token_embeddings after inject when lm_head "
+                "has LoRA: resize the embeddings before inject, or leave lm_head out of target_modules."
+            )
 
     # ----------------------------------------------------------------------------------------
     # What code written for the wrapped layer reads

@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import minilora
+from minilora.models import tiny_gpt2
 from minilora import MiniLoraError
 from parity import grid, suite
 from parity.architectures import ARCHITECTURES
@@ -180,3 +181,13 @@ def test_architecture_table_one_line_per_architecture(arch_rows):
                type(row)(**{**row.to_dict(), "status": FAIL}) for row in arch_rows]
     assert "2 FAIL" in next(line for line in report.architecture_table(planted, grid.arch_grid(SAMPLE)).splitlines()
                             if line.startswith("t5 "))
+
+
+def test_resize_token_embeddings_after_inject_on_a_tied_lm_head_is_a_clear_error():
+    """transformers re-ties GPT-2's lm_head to the resized wte below LoraLinear.__setattr__; the next
+    forward must say what happened (a MiniLoraError), not fail with a shape mismatch in a matmul."""
+    model = tiny_gpt2()
+    minilora.inject(model, minilora.LoraConfig(target_modules=["lm_head"]))
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    with pytest.raises(minilora.MiniLoraError, match="resize_token_embeddings after inject"):
+        model(torch.tensor([[1, 2, 3]]))
