@@ -123,22 +123,25 @@ class LoraLinear(nn.Module):
         With several active adapters each adds its own ``scaling * B A dropout(x)`` in turn.
         Merged or disabled, the update is either inside W0 already or switched off: one matmul.
         """
-        self._check_base_weight_shape()
-        if self.forward_override is not None:
-            return self.forward_override(self, x)
-        if self.disabled and self.merged:
-            self.unmerge()  # as PEFT: a disabled layer gives W0 x, so dW leaves W0 (minilora.disabled refuses this)
-        result = self.base_layer(x)                        # (..., out)
-        if self.merged or self.disabled:
-            return result
-        result_dtype = result.dtype
-        for adapter in self.active_adapters:
-            if adapter not in self.lora_A:
-                continue  # active on other layers only (PEFT skips it too)
-            if x.dtype != self.lora_A[adapter].weight.dtype:
-                x = x.to(self.lora_A[adapter].weight.dtype)  # half base, float32 adapter
-            result = result + self.lora_update(x, adapter)
-        return result.to(result_dtype)
+        try:
+            if self.forward_override is not None:
+                return self.forward_override(self, x)
+            if self.disabled and self.merged:
+                self.unmerge()  # as PEFT: a disabled layer gives W0 x, so dW leaves W0 (minilora.disabled refuses this)
+            result = self.base_layer(x)                        # (..., out)
+            if self.merged or self.disabled:
+                return result
+            result_dtype = result.dtype
+            for adapter in self.active_adapters:
+                if adapter not in self.lora_A:
+                    continue  # active on other layers only (PEFT skips it too)
+                if x.dtype != self.lora_A[adapter].weight.dtype:
+                    x = x.to(self.lora_A[adapter].weight.dtype)  # half base, float32 adapter
+                result = result + self.lora_update(x, adapter)
+            return result.to(result_dtype)
+        except RuntimeError:
+            self._check_base_weight_shape()  # W0 replaced by one that no longer fits A and B: say so
+            raise
 
     def lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """One adapter's term of h: scaling * B A dropout(x), (..., in) -> (..., r) -> (..., out)."""
@@ -343,7 +346,7 @@ class LoraLinear(nn.Module):
     def _check_base_weight_shape(self) -> None:
         """A and B were sized for W0's shape; a W0 replaced by one of another shape (transformers'
         ``resize_token_embeddings`` after inject re-ties a GPT-2 ``lm_head`` this way, past
-        ``__setattr__``) no longer fits them: say so instead of a shape error deep in a matmul."""
+        ``__setattr__``) no longer fits them. Called when forward fails, so it costs nothing otherwise."""
         adapter = next(iter(self.lora_A), None)
         if adapter is None:
             return
