@@ -109,3 +109,16 @@ def _unmerge_all_but_last(model):
         if layer.merged:
             layer.unmerge()
         layer.merged_adapters = []
+
+
+def test_a_peft_release_without_mixed_batches_is_not_applicable_not_a_failure(bases, tmp_path, monkeypatch):
+    """Before 0.10 PEFT passes adapter_names on to the model's forward, which raises a TypeError
+    outside PEFT's code: the check must call that an N/A (the release lacks the feature), not a FAIL."""
+    import peft
+    from parity import twins
+
+    monkeypatch.setattr(peft, "__version__", "0.9.0")
+    pair = grid.make_pair(bases, CASE, "cpu")
+    grid.randomize(pair)
+    with pytest.raises(twins.UnsupportedByPeft, match="mixed batches"):
+        adapters.check_adapters(pair, tmp_path)
