@@ -19,7 +19,7 @@ EPILOG = "checks:\n" + "\n".join(f"  {name:<11} {line}" for name, line in CHECKS
 tolerances: on the CPU minilora runs PEFT's operations in PEFT's order, so outputs, gradients and
 trained weights must be bitwise equal ("bitwise"); on other devices a relative error
 max|a - b| / max|b| below a per-dtype bound. Statuses: PASS, FAIL, SKIP (cannot run here, e.g.
-"cuda: not available"), N/A (the installed PEFT cannot express the case, e.g. rsLoRA before 0.7).
+"cuda: not available"), N/A (the installed PEFT cannot express the case, e.g. rsLoRA before 0.8).
 
 grid: GPT-2 small (embedded random weights, or --model) and a plain nn.Linear model; r in {1, 8, 64},
 alpha, rsLoRA, dropout, targets [c_attn] and [c_attn,c_proj,c_fc], float32 / float64 / bfloat16.
