@@ -199,8 +199,8 @@ def targets_check(results: dict) -> list[list[str]]:
 
 METHOD = (
     "Method: each variant is validated against minilora's reference path (float32, relative tolerance {tol:g}) "
-    "before it is timed. Rounds time every variant once, in table order on even rounds and reversed on odd "
-    "ones; each variant's ratio is taken to the reference variant (base; PEFT for training) of the same "
+    "before it is timed. Rounds time every variant once, in a rotation of table order on even rounds and "
+    "that rotation reversed on odd ones; each variant's ratio is taken to the reference variant (base; PEFT for training) of the same "
     "round, on two clocks: **{clock} time** (the process's CPU time on a CPU: time spent waiting for a core "
     "does not count; CUDA events on a GPU) and wall time. The figure is the median of the per-round ratios "
     "with its 95% bootstrap interval; rounds continue until every interval on the first clock is within "
@@ -371,3 +371,44 @@ def write_all(results: dict, out_dir: Path, stem: str = "latest") -> dict[str, P
     if plot(results, paths["png"]) is None:
         del paths["png"]
     return paths
+
+
+SUMMARY_COLUMNS = ("base-copy", "peft", "reference", "merged", "fused", "fused-addmm", "compiled")
+SUMMARY_NAMES = {"base-copy": "A/A control", "fused-addmm": "fused, concatenate=False", "peft-copy": "A/A control"}
+
+
+def summary_markdown(results: dict) -> str:
+    """The README's short form: the main case's ratios with intervals, and the mixed batches."""
+    found = main_sections(results)
+    cell = lambda c: f"{c['ratio']:.3f} ({c['low']:.3f}-{c['high']:.3f})"
+    body = []
+    for (workload, dropout), ms in found.items():
+        by_variant = {m["variant"]: m for m in ms}
+        title = section_title(section_key(ms[0])).split(" | ")[0] + (f", dropout {dropout}" if dropout is not None else "")
+        row = [f"{title} (vs {ms[0]['ratio_to']}; {ms[0]['rounds']} rounds)"]
+        for variant in SUMMARY_COLUMNS:
+            key = "peft-copy" if workload == "train" and variant == "base-copy" else variant
+            m = by_variant.get(key)
+            row.append(cell(m["clocks"][m["clock"]]) if m and m["variant"] != m["ratio_to"] else "-")
+        body.append(row)
+    lines = [markdown_table([""] + [SUMMARY_NAMES.get(v, v) for v in SUMMARY_COLUMNS], body)]
+    mixed = [(key, ms) for key, ms in sections(results).items() if key[0].startswith("mixed")]
+    if mixed:
+        variants = list(dict.fromkeys(m["variant"] for _, ms in mixed for m in ms))
+        rows_ = []
+        for key, ms in mixed:
+            by_variant = {m["variant"]: m for m in ms}
+            row = [f"{key[0].removeprefix('mixed batch, ')}, {key[1]} {key[2][0]} x {key[2][1]}"]
+            for variant in variants:
+                m = by_variant.get(variant)
+                row.append("-" if m is None else f"{m['tokens'] / m['clocks'][m['clock']]['median_s']:.0f} tok/s"
+                           + ("" if variant == m["ratio_to"] else f", {m['clocks'][m['clock']]['ratio']:.2f}x"))
+            rows_.append(row)
+        lines += ["", markdown_table(["mixed batch"] + variants, rows_)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summary_markdown(json.loads(Path(sys.argv[1]).read_text())))
