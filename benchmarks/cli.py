@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "time is the work done, whatever else runs on the machine)")
     parser.add_argument("--no-all-cores", action="store_true",
                         help="skip the separate table of the main case with every core")
+    parser.add_argument("--no-mixed", action="store_true",
+                        help="skip the mixed batches (several adapters in one batch)")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         plan.threads = args.threads
     plan.all_cores = plan.all_cores and not args.no_all_cores
+    if args.no_mixed:
+        plan.mixed_adapters = ()
     if args.no_compiled:
         plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")

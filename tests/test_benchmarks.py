@@ -196,6 +196,7 @@ def test_cli_help_and_bad_device(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "--quick" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--no-mixed" in out and "--no-all-cores" in out
     assert main(["--device", "tpu-ish"]) == 2
     assert "not a torch device" in capsys.readouterr().err
