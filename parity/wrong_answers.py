@@ -59,11 +59,8 @@ def check_merged_state_dict(pair: Pair) -> list[Result]:
         mini_outcome = classify(_eval_output(target, pair), adapted, base, pair.case.dtype)
     except Exception as error:
         mini_outcome = f"raises {_short(error)}"
-    ok = mini_outcome == "adapter output"
-    said = f"PEFT {peft.__version__}: {peft_outcome}"
-    return [Result("behaviours", pair.label, pair.device, "merged state_dict -> unmerged model: minilora gives",
-                   mini_outcome, None, PASS if ok else FAIL,
-                   said if ok else f"minilora should give the adapter output; {said}")]
+    return [_outcome_row(pair, "merged state_dict -> unmerged model: minilora gives", mini_outcome,
+                         "adapter output", peft_outcome, "minilora should give the adapter output")]
 
 
 def check_string_boolean(pair: Pair, directory: Path) -> list[Result]:
@@ -93,11 +90,18 @@ def check_string_boolean(pair: Pair, directory: Path) -> list[Result]:
         mini_outcome = "clear error" if "use_rslora" in str(error) else f"raises {_short(error)}"
     except Exception as error:
         mini_outcome = f"raises {_short(error)}"
-    ok = mini_outcome == "clear error"
+    return [_outcome_row(pair, 'use_rslora: "false" in the file: minilora gives', mini_outcome,
+                         "clear error", peft_outcome, "minilora should refuse the string")]
+
+
+def _outcome_row(pair: Pair, metric: str, mini_outcome: str, wanted: str, peft_outcome: str, hint: str) -> Result:
+    """PASS when minilora's outcome is ``wanted``; PEFT's outcome is reported next to it either way."""
+    import peft
+
+    ok = mini_outcome == wanted
     said = f"PEFT {peft.__version__}: {peft_outcome}"
-    return [Result("behaviours", pair.label, pair.device, 'use_rslora: "false" in the file: minilora gives',
-                   mini_outcome, None, PASS if ok else FAIL,
-                   said if ok else f"minilora should refuse the string; {said}")]
+    return Result("behaviours", pair.label, pair.device, metric, mini_outcome, None, PASS if ok else FAIL,
+                  said if ok else f"{hint}; {said}")
 
 
 def check_tied_merge(pair: Pair) -> list[Result]:
