@@ -203,10 +203,8 @@ class Runner:
             elif name == "compiled" and workload.name == "train" and dropout:
                 checked[name] = "skipped: inductor draws its own dropout masks"
             else:
-                difference = relative_difference(got, expected)
-                if difference > TOLERANCE:
-                    self.fail(label, name, f"output differs from the reference by {difference:.3g} "
-                                           f"(relative) > {TOLERANCE:g}; not timed")
+                difference = self.validated(label, name, got, expected, "the reference")
+                if difference is None:
                     continue
                 checked[name] = difference
         return checked
@@ -296,10 +294,8 @@ class Runner:
                     self.skip(label, name, "this minilora has no mixed-batch forward (adapter_names was ignored)")
                     continue
                 else:
-                    difference = relative_difference(got, expected)
-                    if difference > TOLERANCE:
-                        self.fail(label, name, f"differs from each row run alone by {difference:.3g} (relative) "
-                                               f"> {TOLERANCE:g}; not timed")
+                    difference = self.validated(label, name, got, expected, "each row run alone")
+                    if difference is None:
                         continue
                     checked[name] = difference
                 functions[name] = (lambda workload, forward: lambda: workload.run(forward))(workload, forward)
@@ -312,6 +308,16 @@ class Runner:
                 "r": r, "dropout": None, "adapters": n}, plan.other_max_seconds, tokens=workload.tokens(),
                 min_rounds=plan.mixed_min_rounds)
         del models
+
+    def validated(self, label: str, variant: str, got, expected, against: str) -> float | None:
+        """The relative difference of ``got`` from ``expected``, or None (and a failure row: not timed)
+        when it is above TOLERANCE."""
+        difference = relative_difference(got, expected)
+        if difference > TOLERANCE:
+            self.fail(label, variant, f"differs from {against} by {difference:.3g} (relative) > {TOLERANCE:g}; "
+                                      "not timed")
+            return None
+        return difference
 
     def skip(self, label: str, variant: str, why: str) -> None:
         """A variant that does not apply here: said on the page, not a failure."""
