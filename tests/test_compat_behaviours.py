@@ -6,6 +6,7 @@ each test runs the same calls with both libraries.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -72,6 +73,44 @@ def test_random_stream_is_peft_s(tmp_path):
         ours = double_wrap_script(compat, tmp_path / "mini")
     different = {key for key in theirs if theirs[key] != ours[key]}
     assert different == {"double-wrapped output"}, different  # PEFT's re-initialised B = 0; minilora loaded it
+
+
+def article_script(lib, directory: Path) -> dict[str, float]:
+    """The script of the PEFT issue #2115 article (Hoper-J, "AI-Guide-and-Demos"), call for call:
+    seed 42, LinearModel(10, 1), r=4, alpha=16, one Adam step on 100 random rows, save, then
+    method 1 (get_peft_model, then PeftModel.from_pretrained) and method 2 (from_pretrained on the
+    untouched base), and the four outputs on one torch.randn(1, 10) drawn after both loads."""
+    torch.manual_seed(42)
+    model = LinearModel()
+    original = copy.deepcopy(model)
+    config = lib.LoraConfig(inference_mode=False, r=4, lora_alpha=16, target_modules=["linear"])
+    trained = lib.get_peft_model(model, config)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=1e-3)
+    inputs, targets = torch.randn(100, 10), torch.randn(100, 1)
+    trained.train()
+    optimizer.zero_grad()
+    nn.MSELoss()(trained(inputs), targets).backward()
+    optimizer.step()
+    trained.save_pretrained(directory)
+    method_1 = lib.PeftModel.from_pretrained(lib.get_peft_model(copy.deepcopy(original), config), directory)
+    method_2 = lib.PeftModel.from_pretrained(copy.deepcopy(original), directory)
+    test_input = torch.randn(1, 10)
+    models = {"original": original, "trained": trained, "method 1": method_1, "method 2": method_2}
+    return {name: m(test_input).item() for name, m in models.items()}
+
+
+def test_article_script_prints_the_article_s_numbers(tmp_path):
+    """The article prints -0.03600371 (original) and -0.03428639 (trained). PEFT's method 1 gives
+    the original (its second wrap re-initialises B = 0); compat's gives the trained one, and every
+    other number is the article's, so compat drew exactly PEFT's random numbers on the way."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's "missing adapter keys" warning for method 1
+        theirs = article_script(peft, tmp_path / "peft")
+        ours = article_script(compat, tmp_path / "mini")
+    original, trained = -0.03600371, -0.03428639  # printed by the article (numpy float32, 8 digits)
+    article = {"original": original, "trained": trained, "method 1": original, "method 2": trained}
+    assert theirs == pytest.approx(article, abs=5e-9)
+    assert ours == pytest.approx({**article, "method 1": trained}, abs=5e-9)
 
 
 def test_new_layers_start_in_train_mode_as_peft():
