@@ -42,7 +42,7 @@ from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, rem
                     write_atomically)
 from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter, lora_layers,
                      mark_only_lora_as_trainable, set_adapter_config)
-from .layer import HALF_DTYPES, LoraLinear, in_out_features
+from .layer import HALF_DTYPES, LoraLinear, check_autocast_adapter_dtype, in_out_features
 from .multi import add_adapter, check_can_add
 from .saved_modules import (expected_saved_shapes, find_modules_to_save, is_saved_module_key, original_key,
                             saved_modules, saved_state, to_model_keys)
@@ -327,7 +327,7 @@ def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str,
-                  config: LoraConfig | None, model: nn.Module) -> None:
+                  config: LoraConfig | None, model: nn.Module, autocast_adapter_dtype: bool = True) -> None:
     """Missing keys, unexpected keys, shapes, dtypes, finiteness: every problem, before any change."""
     missing = sorted(set(shapes) - set(tensors))
     unexpected = sorted(set(tensors) - set(shapes))
@@ -354,7 +354,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
                                 "or float64 numbers. The file is corrupt or was made by another tool: save the "
                                 "adapter again.")
         # The values the model will hold: float64 values beyond float32's range become inf in the cast.
-        held = held_dtype(model, key)
+        held = held_dtype(model, key, autocast_adapter_dtype)
         if not bool(torch.isfinite(tensor.to(held)).all()):
             cast = f" once cast to the model's {held}" if tensor.dtype != held else ""
             raise MiniLoraError(f"{source}: {key} holds NaN or inf values{cast}: the file is corrupt or the "
@@ -364,11 +364,12 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def held_dtype(model: nn.Module, key: str) -> torch.dtype:
+def held_dtype(model: nn.Module, key: str, autocast_adapter_dtype: bool = True) -> torch.dtype:
     """The dtype ``model`` will hold the tensor ``key`` (the model's key after loading) in.
 
     An existing parameter keeps its dtype; A and B of a layer ``inject`` is about to build take the
-    base weight's dtype, float32 for a float16 / bfloat16 base (LoraLinear, as PEFT does).
+    base weight's dtype, float32 for a float16 / bfloat16 base with ``autocast_adapter_dtype``
+    (LoraLinear, as PEFT does).
     """
     state = model.state_dict(keep_vars=True)
     if key in state:
@@ -378,7 +379,7 @@ def held_dtype(model: nn.Module, key: str) -> torch.dtype:
     module, _, _ = key.partition(".lora_") if ".lora_" in key else key.rpartition(".base_layer.bias")
     name = f"{module}.weight" if ".lora_" in key else f"{module}.bias"
     dtype = state[name if name in state else f"{module}.base_layer.weight"].dtype  # (a LoRA layer already)
-    return torch.float32 if dtype in HALF_DTYPES and ".lora_" in key else dtype
+    return torch.float32 if autocast_adapter_dtype and dtype in HALF_DTYPES and ".lora_" in key else dtype
 
 
 def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, source: str) -> None:
@@ -398,7 +399,8 @@ def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, s
 # Loading
 # --------------------------------------------------------------------------------------------
 def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
-                 is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+                 is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER,
+                 autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load an adapter saved by minilora or PEFT into ``model``, in place; the result gives its trained outputs.
 
     - A model without minilora layers is injected with the adapter's config, then given its weights.
@@ -414,6 +416,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         adapter_name: the name the adapter gets in the model. A model that has minilora layers but no
             adapter of that name gets it added (``minilora.add_adapter``), inactive and, unless
             ``is_trainable``, frozen, as PEFT's ``load_adapter`` does; the other adapters are left as they are.
+        autocast_adapter_dtype: for an adapter this call builds in a float16 / bfloat16 model: A and B in
+            float32 (True, PEFT's default) or in the model's dtype (False). Existing layers keep their dtype.
 
     Returns:
         the same ``model`` object.
@@ -427,6 +431,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
                             f"{type(model).__name__}.")
     reject_whole_module(source, "load_adapter")
+    check_autocast_adapter_dtype(autocast_adapter_dtype)
     layers = list(lora_layers(model))
     adding = bool(layers) and not any(adapter_name in layer.lora_A for _, layer in layers)  # a new adapter
     merged = [name for name, layer in layers if adapter_name in layer.merged_adapters]
@@ -469,17 +474,17 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         shapes = expected_shapes(model, config, adapter_name)
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
-    check_tensors(renamed, shapes, origin, config, model)
+    check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if not isinstance(source, Mapping):  # last, so that a more specific problem is named first
         check_config_digest(fields, digest, directory / CONFIG_NAME, path)
 
     # Everything is checked: from here on nothing can fail.
     if not layers:
-        inject(model, config, adapter_name)
+        inject(model, config, adapter_name, autocast_adapter_dtype)
         for _, layer in lora_layers(model):
             layer.train(model.training)  # new modules start in train mode; an eval model stays in eval
     elif adding:
-        add_adapter(model, adapter_name, config)
+        add_adapter(model, adapter_name, config, autocast_adapter_dtype)
     elif config is not adapter_config(model, adapter_name):
         config = _adopt_adapter_config(model, config, adapter_name)
     current = model.state_dict(keep_vars=True)  # the model's own parameters, by key

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import LoraConfig, MiniLoraError
-from .layer import LoraLinear, in_out_features
+from .layer import LoraLinear, check_autocast_adapter_dtype, in_out_features
 from .saved_modules import (find_modules_to_save, mark_saved_modules_trainable, saved_modules, unwrap_saved_modules,
                             wrap_modules_to_save)
 from .targets import find_targets, layer_rank_and_alpha
@@ -76,10 +76,13 @@ def _check_fan_in_fan_out(name: str, base_layer: nn.Module, config: LoraConfig) 
         )
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
+           autocast_adapter_dtype: bool = True) -> nn.Module:
     """Wrap every target layer of ``model`` in a LoraLinear, in place, and freeze the rest.
 
     The adapter is kept under ``adapter_name`` (more can be added: minilora.add_adapter).
+    In a float16 / bfloat16 model A and B are float32 (``autocast_adapter_dtype=True``, PEFT's
+    default), or in the model's dtype with ``autocast_adapter_dtype=False``.
 
     After this only ``lora_A`` and ``lora_B`` (and biases, per ``config.bias``) require grad.
     Layers are wrapped in ``model.named_modules()`` order, the order PEFT uses, so the same seed
@@ -101,13 +104,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
             "Use the model as it is, or call minilora.unload(model) first."
         )
     check_adapter_name(adapter_name)
+    check_autocast_adapter_dtype(autocast_adapter_dtype)
     config.validate()  # its fields may have been changed since it was built
     names = find_targets(model, config)
     to_save = find_modules_to_save(model, config.modules_to_save, names)  # trained in full (saved_modules.py)
     check_adapter_size(model, names, max(layer_rank_and_alpha(name, config)[0] for name in names))
 
     # Build every new layer before changing the model, so that nothing is half-done if one fails.
-    new_layers = build_adapter(model, config, adapter_name, names)
+    new_layers = build_adapter(model, config, adapter_name, names, autocast_adapter_dtype)
     _note_tied_weights(model, new_layers)
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
@@ -117,7 +121,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
     return model
 
 
-def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names: list[str]) -> dict[str, LoraLinear]:
+def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names: list[str],
+                  autocast_adapter_dtype: bool = True) -> dict[str, LoraLinear]:
     """Adapter ``adapter_name`` for each target in ``names``: a new LoraLinear around a plain layer
     (returned, for the caller to put in place), or a new entry in a layer that is a LoraLinear already.
 
@@ -128,7 +133,7 @@ def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names
         module = model.get_submodule(name)
         r, lora_alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         options = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                       init_lora_weights=config.init_lora_weights)
+                       init_lora_weights=config.init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype)
         if isinstance(module, LoraLinear):  # a layer that holds other adapters already
             module.add_adapter(adapter_name, r, lora_alpha, **options)
             continue

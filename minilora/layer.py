@@ -65,6 +65,8 @@ class LoraLinear(nn.Module):
         init_lora_weights: True (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B),
             or False (both keep nn.Linear's random init: a non-zero update, for tests).
         adapter_name: the name this first adapter is kept under.
+        autocast_adapter_dtype: for a float16 / bfloat16 base layer, keep A and B in float32 (True,
+            PEFT's default: the small update trains in full precision) or in the base dtype (False).
 
     Attributes (one entry per adapter, keyed by its name, as in PEFT):
         lora_A: nn.ModuleDict of nn.Linear(in, r, bias=False), weight (r, in).
@@ -93,6 +95,7 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -109,7 +112,8 @@ class LoraLinear(nn.Module):
         # inject), and while merged the shared weight this layer was untied from (see merge).
         self.tied_to: list[str] = []
         self.untied_weight: nn.Parameter | None = None
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                         autocast_adapter_dtype)
         # A state dict taken while merged records it, so that loading it gives the same model (below).
         self._register_state_dict_hook(_record_merged_adapters)
         self._register_load_state_dict_pre_hook(_restore_merged_adapters, with_module=True)
@@ -159,6 +163,7 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         """Build adapter ``adapter_name``: A and B drawn as PEFT's ``update_layer`` draws them.
 
@@ -169,6 +174,7 @@ class LoraLinear(nn.Module):
             raise MiniLoraError(f"r must be a positive int, got {r!r}.")
         if init_lora_weights not in (True, False, "gaussian"):
             raise MiniLoraError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
+        check_autocast_adapter_dtype(autocast_adapter_dtype)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -179,7 +185,7 @@ class LoraLinear(nn.Module):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)   # weight (r, in)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)  # weight (out, r)
         self._init_adapter_weights(adapter_name, init_lora_weights)
-        self._match_base_device_and_dtype(adapter_name)
+        self._match_base_device_and_dtype(adapter_name, autocast_adapter_dtype)
         for module in (self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_dropout[adapter_name]):
             module.train(self.training)  # the layer's mode, not a new module's (train)
             module.requires_grad_(adapter_name in self.active_adapters)
@@ -198,19 +204,19 @@ class LoraLinear(nn.Module):
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
-    def _match_base_device_and_dtype(self, adapter_name: str) -> None:
-        """Put A and B on the base layer's device; their dtype follows PEFT's default.
+    def _match_base_device_and_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Put A and B on the base layer's device, in its dtype, as PEFT does.
 
-        PEFT first casts the adapter to the base weight's dtype, then (``autocast_adapter_dtype=True``)
-        casts float16 / bfloat16 adapters up to float32, so that the small update is trained in
-        full precision. The round trip rounds the initial values to the base dtype once; we do the
-        same so that the same seed gives the same numbers.
+        With ``autocast_adapter_dtype`` (PEFT's default) PEFT then casts float16 / bfloat16 adapters
+        up to float32, so that the small update is trained in full precision. The round trip rounds
+        the initial values to the base dtype once; we do the same so that the same seed gives the
+        same numbers. Without it, A and B stay in the base dtype (forward then runs in half precision).
         """
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else None
         for matrix in (self.lora_A[adapter_name], self.lora_B[adapter_name]):
             matrix.to(weight.device, dtype)
-            if dtype in HALF_DTYPES:
+            if dtype in HALF_DTYPES and autocast_adapter_dtype:
                 matrix.to(torch.float32)
 
     # ----------------------------------------------------------------------------------------
@@ -408,6 +414,12 @@ class LoraLinear(nn.Module):
                              f"scaling={self.scaling[name]:g}" for name in self.lora_A)
         return (f"{adapters}; active={self.active_adapters}, fan_in_fan_out={self.fan_in_fan_out}, "
                 f"merged={self.merged}")
+
+
+def check_autocast_adapter_dtype(value: object) -> None:
+    """``autocast_adapter_dtype`` is a bool: a string such as "false" would read as true."""
+    if not isinstance(value, bool):
+        raise MiniLoraError(f"autocast_adapter_dtype must be True or False (a bool), got {value!r}.")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 from .config import LoraConfig, MiniLoraError
 from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
                      check_adapter_name, require_lora_layers, set_adapter_config)
-from .layer import LoraLinear
+from .layer import LoraLinear, check_autocast_adapter_dtype
 from .saved_modules import saved_modules
 from .targets import find_targets
 
@@ -110,13 +110,15 @@ def check_can_add(model: nn.Module, adapter_name: str, config: LoraConfig) -> No
                             "adapter with bias='none'.")
 
 
-def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.Module:
+def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
+                autocast_adapter_dtype: bool = True) -> nn.Module:
     """Add a new adapter to a model that has LoRA layers, as PEFT's ``add_adapter`` does.
 
     Its targets are ``config``'s: a target that is already a LoRA layer gets the new adapter next to
     the others, a plain one is wrapped. A and B are drawn in PEFT's order, so the same seed gives the
     same weights. The new adapter is not active and does not train until ``set_adapter`` chooses it;
     nothing else changes (the active adapters and what requires grad stay as they were).
+    ``autocast_adapter_dtype`` as in ``minilora.inject``.
 
     Returns:
         the same ``model`` object.
@@ -125,9 +127,10 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig) -> nn.M
         MiniLoraError: before anything changes, for a name in use, a bad config, or targets that do not fit.
     """
     check_can_add(model, adapter_name, config)
+    check_autocast_adapter_dtype(autocast_adapter_dtype)
     names = find_targets(model, config)
     active = active_adapters(model)
-    new_layers = build_adapter(model, config, adapter_name, names)
+    new_layers = build_adapter(model, config, adapter_name, names, autocast_adapter_dtype)
     for name, layer in new_layers.items():
         layer.set_adapter(active)  # the model's active adapters, which this layer does not hold: frozen
         layer.base_layer.requires_grad_(False)
