@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .peft_attributes import PeftConfigAttributes
+
 
 class MiniLoraError(ValueError):
     """The one error minilora raises for bad input. The message says what was wrong and what to do."""
@@ -26,8 +28,11 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(PeftConfigAttributes):
     """Which layers get LoRA, and with which numbers. Field names and defaults follow PEFT.
+
+    (The base class adds what PEFT's code reads on a config: ``peft_type``, ``to_dict``,
+    ``save_pretrained`` / ``from_pretrained``; see peft_attributes.py.)
 
     Args:
         r: rank of the update ``B A``; ``A`` is (r, in), ``B`` is (out, r). A positive int.

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MiniLoraError
+from .peft_attributes import PeftLayerAttributes
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -50,7 +51,7 @@ def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(nn.Module, PeftLayerAttributes):
     """x -> base_layer(x) + (lora_alpha / r) * lora_B(lora_A(dropout(x))).
 
     The operations and their order are PEFT's ``lora.Linear.forward``, so that with equal weights
@@ -77,6 +78,8 @@ class LoraLinear(nn.Module):
         merged_adapters: the names whose ``dW`` W0 holds now; ``merged`` is True if there is any.
         fan_in_fan_out: True for Conv1D (weight stored (in, out)).
         disabled: True while the adapters are switched off (``minilora.disabled``).
+        (PEFT's names for these and a few more, e.g. ``disable_adapters``, ``get_base_layer()``,
+        come from ``PeftLayerAttributes``: peft_attributes.py.)
 
     Raises:
         MiniLoraError: if ``base_layer`` is neither nn.Linear nor Conv1D, or r <= 0.
@@ -238,6 +241,17 @@ class LoraLinear(nn.Module):
             for param in (*self.lora_A[name].parameters(), *self.lora_B[name].parameters()):
                 param.requires_grad_(name in names and not inference_mode)
         self.active_adapters = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch this layer's adapters on or off (PEFT's layer ``enable_adapters``). Off: forward gives
+        ``W0 x`` and no adapter requires grad; on again: the active adapters require grad."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for name in self.lora_A:
+                self.lora_A[name].requires_grad_(False)
+                self.lora_B[name].requires_grad_(False)
+        self.disabled = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's A, B, dropout and numbers. If it was active, the others stay active,

@@ -77,13 +77,7 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
     switches, leaving requires_grad alone.
     """
     for _, layer in require_lora_layers(model, "enable_adapters"):
-        if enabled:
-            layer.set_adapter(layer.active_adapters)
-        else:
-            for name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(False)
-                layer.lora_B[name].requires_grad_(False)
-        layer.disabled = not enabled
+        layer.enable_adapters(enabled)
     for _, wrapper in saved_modules(model):
         wrapper.disabled = not enabled
         wrapper.trained.requires_grad_(enabled)

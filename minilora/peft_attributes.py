@@ -1,0 +1,157 @@
+"""The names PEFT's own code reads on a config and on a LoRA layer, so that code written for PEFT
+(its tests, training scripts, helpers such as ``peft.get_peft_model_state_dict``) runs on minilora's
+objects. Nothing here changes what LoRA computes; the math is in layer.py.
+
+- ``LoraConfig`` (config.py) gets ``peft_type``, ``is_prompt_learning``, ``is_adaption_prompt``,
+  ``to_dict``, ``save_pretrained`` and ``from_pretrained`` from ``PeftConfigAttributes``
+  (peft 0.21.2, ``peft/config.py``: ``PeftConfigMixin``).
+- ``LoraLinear`` (layer.py) gets ``disable_adapters``, ``get_base_layer``, ``get_delta_weight``, the
+  per-adapter feature flags ``use_dora`` / ``lora_bias`` (always False: minilora has neither) and the
+  lists of per-adapter tables PEFT walks, from ``PeftLayerAttributes``
+  (``peft/tuners/tuners_utils.py``: ``BaseTunerLayer``; ``peft/tuners/lora/layer.py``: ``LoraLayer``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import check_writable, write_atomically
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's ``PeftType``, LoRA only. A str enum: ``PeftType.LORA == "LORA"``, and it equals (and hashes
+    like) ``peft.PeftType.LORA``, so PEFT's tables keyed by peft type find it."""
+
+    LORA = "LORA"
+
+
+CONFIG_FILE = "adapter_config.json"  # (adapter_config.py's CONFIG_NAME; that module imports config.py)
+
+
+class PeftConfigAttributes:
+    """What PEFT's ``PeftConfigMixin`` offers, for a dataclass config of LoRA fields."""
+
+    @property
+    def peft_type(self) -> PeftType:
+        """Always LoRA (PEFT sets ``peft_type = PeftType.LORA`` in ``LoraConfig.__post_init__``)."""
+        return PeftType.LORA
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """False: LoRA changes weights, not prompts (PEFT reads this to pick a save / load path)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, plus ``peft_type``, as PEFT's ``to_dict`` (``dataclasses.asdict``) gives them."""
+        return {"peft_type": self.peft_type, **dataclasses.asdict(self)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``save_directory/adapter_config.json`` (the directory is created), as PEFT's config
+        ``save_pretrained`` does: every field, sorted keys, two-space indent. The file is replaced in
+        one step, so a crash leaves the old file or the new one.
+
+        Raises:
+            MiniLoraError: if ``save_directory`` is a file or cannot be written, or for PEFT's hub options
+                (``push_to_hub``...): minilora writes local directories only.
+        """
+        from .config import MiniLoraError
+
+        if kwargs:
+            raise MiniLoraError(f"LoraConfig.save_pretrained takes a directory only, got {sorted(kwargs)}: minilora "
+                                "does not push to a hub. Save locally, then upload with huggingface_hub.")
+        check_writable(save_directory, "save_pretrained: the directory", directory=True)
+        directory = Path(save_directory).expanduser()
+        directory.mkdir(parents=True, exist_ok=True)
+        fields = {name: _json_value(value) for name, value in self.to_dict().items()}
+        write_atomically(directory / CONFIG_FILE, (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        **kwargs: Any):
+        """The config in ``directory[/subfolder]/adapter_config.json`` (written by PEFT or minilora).
+
+        Fields this class does not have (a newer PEFT's, or metadata such as ``peft_version``) are
+        left out with one warning; a PEFT feature minilora does not have is a MiniLoraError (see
+        adapter_config.py). Keyword arguments set fields after loading, as PEFT's do.
+
+        Raises:
+            MiniLoraError: for a missing or broken file, another PEFT method, a used unsupported feature,
+                a bad value, or an unknown keyword.
+        """
+        from .adapter_config import config_from_fields, read_config_fields
+        from .config import MiniLoraError
+
+        directory = Path(pretrained_model_name_or_path).expanduser() / (subfolder or "")
+        if not directory.is_dir():
+            raise MiniLoraError(f"LoraConfig.from_pretrained: {str(directory)!r} is not a directory. minilora reads "
+                                "configs from local directories; for a hub adapter use PeftModel.from_pretrained, "
+                                "which resolves hub ids.")
+        fields = read_config_fields(directory)
+        config_from_fields(fields, str(directory / CONFIG_FILE))  # checks: LoRA, features, values (warns unknown)
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise MiniLoraError(f"LoraConfig.from_pretrained got {unknown}, which are not LoraConfig fields.")
+        values = {name: value for name, value in fields.items() if name in known}
+        return cls(**{**values, **kwargs})
+
+
+def _json_value(value: Any) -> Any:
+    """A field's value as JSON holds it: enums by value, sets as sorted lists (PEFT writes sets as lists)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return value
+
+
+class PeftLayerAttributes:
+    """What PEFT's ``BaseTunerLayer`` / ``LoraLayer`` offer, for LoraLinear (one kind of LoRA, no variants)."""
+
+    # The per-adapter tables, by attribute name: PEFT walks these to delete an adapter, report
+    # requires_grad and devices (get_layer_status), or check what an adapter left behind.
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while the adapters are switched off (minilora's ``disabled``)."""
+        return self.disabled
+
+    @property
+    def _disable_adapters(self) -> bool:
+        return self.disabled
+
+    def get_base_layer(self) -> torch.nn.Module:
+        """The wrapped nn.Linear / Conv1D."""
+        return self.base_layer
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """PEFT's name for ``delta_weight``: scaling * B A in the base weight's layout."""
+        return self.delta_weight(adapter)
+
+    @property
+    def use_dora(self) -> dict[str, bool]:
+        """{adapter: False}: minilora has no DoRA (a config asking for it is refused)."""
+        return {name: False for name in self.lora_A}
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        """{adapter: False}: lora_B has no bias in minilora."""
+        return {name: False for name in self.lora_A}
+
+    @property
+    def lora_variant(self) -> dict:
+        """{}: every adapter is plain LoRA."""
+        return {}
