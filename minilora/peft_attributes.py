@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +143,39 @@ class PeftLayerAttributes:
         return self.delta_weight(adapter)
 
     @property
-    def use_dora(self) -> dict[str, bool]:
+    def use_dora(self) -> Mapping[str, bool]:
         """{adapter: False}: minilora has no DoRA (a config asking for it is refused)."""
-        return {name: False for name in self.lora_A}
+        return AllFalse(self.lora_A)
 
     @property
-    def lora_bias(self) -> dict[str, bool]:
+    def lora_bias(self) -> Mapping[str, bool]:
         """{adapter: False}: lora_B has no bias in minilora."""
-        return {name: False for name in self.lora_A}
+        return AllFalse(self.lora_A)
 
     @property
     def lora_variant(self) -> dict:
         """{}: every adapter is plain LoRA."""
         return {}
+
+
+class AllFalse(Mapping):
+    """{adapter: False} for each adapter in ``adapters`` (the layer's ``lora_A``), read live: an adapter
+    added or deleted later is in it or gone from it, as in PEFT's per-adapter dicts. Read-only, so
+    nothing can switch a feature on through it."""
+
+    def __init__(self, adapters: Mapping) -> None:
+        self._adapters = adapters
+
+    def __getitem__(self, adapter: str) -> bool:
+        if adapter not in self._adapters:
+            raise KeyError(adapter)
+        return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._adapters)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))

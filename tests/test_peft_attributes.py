@@ -187,6 +187,25 @@ def test_peft_names_change_nothing_when_read():
     check = record_model(model)
     layer = model[0]
     _ = (layer.disable_adapters, layer.use_dora, layer.lora_bias, layer.get_base_layer(), layer.get_delta_weight("default"))
-    layer.use_dora["default"] = True  # a fresh dict each time: writing to it cannot switch DoRA on
+    with pytest.raises(TypeError):
+        layer.use_dora["default"] = True  # read-only: nothing switches DoRA on through it
     assert layer.use_dora == {"default": False}
     check()
+
+
+def test_feature_flags_follow_the_adapters_like_peft():
+    """PEFT's use_dora / lora_bias dicts gain and lose an entry with each adapter; a view read before a
+    delete_adapter must not still hold the deleted one (PEFT's tests look for such leftovers)."""
+    import peft
+
+    ours = minilora.inject(make_mlp(), LoraConfig(target_modules=["0"]), adapter_name="first")
+    theirs = peft.get_peft_model(make_mlp(), peft_lora_config(target_modules=["0"]), adapter_name="first")
+    views = [ours[0].use_dora, ours[0].lora_bias]
+    minilora.add_adapter(ours, "second", LoraConfig(target_modules=["0"]))
+    theirs.add_adapter("second", peft_lora_config(target_modules=["0"]))
+    peft_layer = theirs.base_model.model[0]
+    assert all(view == peft_layer.use_dora == peft_layer.lora_bias == {"first": False, "second": False}
+               for view in views)
+    minilora.delete_adapter(ours, "first")
+    theirs.delete_adapter("first")
+    assert all(view == peft_layer.use_dora == {"second": False} and "first" not in view for view in views)
