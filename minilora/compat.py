@@ -10,43 +10,61 @@
     model = PeftModel.from_pretrained(base_model, "out")
     model = model.merge_and_unload()
 
-The one difference: ``get_peft_model`` returns the model you passed, with LoRA injected in place, not
-a wrapper around it. PEFT's methods (``print_trainable_parameters``, ``save_pretrained``,
-``merge_and_unload``, ...) are set on that object as attributes (see ``PEFT_METHODS``); its class,
-its ``state_dict`` keys and its ``forward`` are the model's own. Because there is no wrapper, there is
-nothing to wrap twice, and PEFT's two classic pitfalls go away:
+**The wrapper.** As in PEFT, ``get_peft_model`` injects LoRA into your model in place (with
+``minilora.inject``) and returns a ``PeftModel`` around it:
 
-1. ``get_peft_model(model, config)`` followed by ``PeftModel.from_pretrained(model, directory)``:
+    peft_model                      PeftModel (or PeftModelForCausalLM, ... by task_type): PEFT's methods
+    peft_model.base_model           LoraModel (compat_adapters.py): PEFT's model-wide adapter methods
+    peft_model.base_model.model     your model, with LoraLinear layers in it
+
+Why a wrapper, when minilora's own API has none: PEFT's scripts and tests reach through it
+(``model.base_model.model.<layer>``, ``model.get_base_model()``, ``isinstance(model, PeftModel)``),
+and its state-dict keys (``base_model.model.<layer>.lora_A.default.weight``) are what checkpoints
+of PEFT models hold. Attributes the wrapper does not have are looked up on ``base_model``, then on
+your model, as in PEFT, so ``peft_model.config`` and ``peft_model.generate`` work. The native API
+(``minilora.inject``) stays wrapper-free.
+
+**Better than PEFT, kept.** PEFT's two classic pitfalls:
+
+1. ``get_peft_model(model, config)`` followed by ``PeftModel.from_pretrained(that_model, directory)``:
    PEFT wraps the model a second time and gives the base model's outputs (with a "missing adapter
    keys" warning in recent releases). Here ``from_pretrained`` finds the LoRA layers already in the
-   model and loads the trained A and B into them.
+   model, loads the trained A and B into them and returns the same wrapper: the trained outputs.
 2. ``torch.save(model)`` (the whole model object) mixed up with loading weights: every loading
-   function here, and ``model.load_state_dict`` on a model from ``get_peft_model``, raises a
-   MiniLoraError that explains the two consistent save/load pairs.
+   function here, and ``peft_model.load_state_dict``, raises a MiniLoraError that explains the two
+   consistent save/load pairs.
+
+**PEFT's random numbers.** Every call here draws from torch's default generator exactly what the
+PEFT call it replaces draws (pitfall 1 included: PEFT's second wrap draws a fresh init, and so does
+minilora, before loading), so a script's later random numbers do not depend on the import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
-import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from . import adapters
-from .adapter_config import check_unsupported, read_adapter_config
+from . import adapters, multi
+from .adapter_config import ADAPTER_FIELDS, check_unsupported, read_adapter_config
+from .compat_adapters import LoraModel, write_model_card
+from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
+    resolve_adapter_source
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
-from .compat_adapters import ATTRIBUTES, MULTI_ADAPTER_METHODS, sync_attributes
-from .inject import inject, lora_layers, merge_and_unload, unload
-from .mixed import accept_adapter_names, generate_with_adapter_names, refuse_adapter_names
-from .params import count_parameters, print_trainable_parameters
+from .inject import inject, lora_layers, set_adapter_config
+from .mixed import mixed_batch
+from .params import count_parameters, trainable_parameters_line
 
 
 class TaskType(str, enum.Enum):
@@ -112,57 +130,77 @@ def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
 LoraConfig.__init__ = _init_naming_unknown_fields
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True) -> nn.Module:
-    """Inject LoRA into ``model`` in place and give it PEFT's methods; returns the same object.
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> "PeftModel":
+    """Inject LoRA into ``model`` in place and wrap it: a ``PeftModel``, or the task's subclass
+    (``PeftModelForCausalLM``, ...) chosen by ``peft_config.task_type``, as PEFT's.
 
     Same seed, same adapter as ``peft.get_peft_model`` (minilora draws A and B in PEFT's order).
-    Calling it again on the result raises MiniLoraError: the model already has LoRA layers (add
-    more adapters with ``model.add_adapter(name, config)``).
+    Calling it again on a model with LoRA layers raises MiniLoraError (PEFT warns and stacks a second
+    wrapper; add more adapters with ``peft_model.add_adapter(name, config)``).
 
     Args:
         adapter_name: the name of the first adapter ("default" in PEFT's files).
-        autocast_adapter_dtype: only True, PEFT's default (float16 / bfloat16 adapters are kept in float32).
+        mixed: PEFT's mixed adapter types (LoRA with LoHa, ...): not in minilora, only False.
+        autocast_adapter_dtype: True (PEFT's default) keeps float16 / bfloat16 adapters in float32.
+        revision: recorded in the config as the base model's revision, as PEFT does.
+        low_cpu_mem_usage: as in PEFT, building the adapter draws no random numbers (PEFT puts it on
+            the meta device, to be loaded later; minilora's is real, but not drawn from your seed).
     """
-    if not isinstance(peft_config, _MiniLoraConfig):
-        raise MiniLoraError(f"get_peft_model needs minilora.compat.LoraConfig, got "
-                            f"{type(peft_config).__module__}.{type(peft_config).__qualname__}. "
+    _check_config(peft_config, "get_peft_model")
+    if mixed is not False:
+        raise MiniLoraError("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, "
+                            "...); minilora has LoRA only. Leave mixed=False.")
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting "
+                          f"with revision {revision}", stacklevel=2)
+        peft_config.revision = revision
+    task = _task(peft_config)
+    return TASK_MODELS.get(task, PeftModel)(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                            low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def _check_config(config: Any, action: str) -> None:
+    if not isinstance(config, _MiniLoraConfig):
+        raise MiniLoraError(f"{action} needs minilora.compat.LoraConfig, got "
+                            f"{type(config).__module__}.{type(config).__qualname__}. "
                             "Import LoraConfig from minilora.compat as well.")
+
+
+def _task(config: Any) -> Optional[str]:
+    """The config's task type as a string (TaskType members are strings too)."""
+    task = getattr(config, "task_type", None)
+    return getattr(task, "value", task)
+
+
+def _dtype_option(autocast_adapter_dtype: bool) -> dict:
+    """(Until inject, add_adapter and load_adapter take autocast_adapter_dtype: helper hx is adding it.)"""
+    _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
     if autocast_adapter_dtype is not True:
-        raise MiniLoraError("minilora always keeps float16 / bfloat16 adapters in float32 (PEFT's "
+        raise MiniLoraError("minilora keeps float16 / bfloat16 adapters in float32 for now (PEFT's default, "
                             "autocast_adapter_dtype=True).")
-    add_task_head(model, peft_config)
-    inject(model, peft_config, adapter_name)
-    leave_new_layers_in_train_mode(model, adapter_name)
-    if getattr(peft_config, "inference_mode", False):
-        for param in model.parameters():
-            param.requires_grad_(False)
-    _add_peft_methods(model)
-    return model
+    return {}
 
 
-# The heads PEFT's task models (PeftModelForSequenceClassification, ...ForTokenClassification,
-# ...ForQuestionAnswering in peft/peft_model.py) add to modules_to_save: a new head is random, so it
-# must train in full and be saved with the adapter.
-TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
-              "QUESTION_ANS": ["qa_outputs"]}
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise MiniLoraError(f"{name} must be True or False (a bool), got {value!r}.")
 
 
-def add_task_head(model: nn.Module, config: LoraConfig) -> None:
-    """As PEFT does for SEQ_CLS, TOKEN_CLS and QUESTION_ANS: append the task's head names to the
-    config's ``modules_to_save`` (in place, as PEFT changes its config).
+def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: str) -> None:
+    """As PEFT's task models do (PeftModelForSequenceClassification: ``classifier`` / ``score``, ...):
+    append the task's head names to the config's ``modules_to_save`` (in place, as PEFT changes its
+    config), so that the new, random head trains in full and is saved with the adapter.
 
     Raises:
         MiniLoraError: when the model has no module of those names (e.g. T5ForSequenceClassification's
             ``classification_head``) and ``modules_to_save`` names none either: PEFT then leaves the
             random head frozen and unsaved, without a word.
     """
-    task = getattr(getattr(config, "task_type", None), "value", getattr(config, "task_type", None))
-    heads = TASK_HEADS.get(task)
-    if heads is None:
-        return
     names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    wanted = (config.modules_to_save or []) + heads
+    wanted = (config.modules_to_save or []) + [head for head in heads if head not in (config.modules_to_save or [])]
     if not any(name.endswith(head) for name in names for head in wanted):
         raise MiniLoraError(
             f"task_type={task}: PEFT trains and saves the task head by the names {heads}, but this "
@@ -173,195 +211,440 @@ def add_task_head(model: nn.Module, config: LoraConfig) -> None:
     config.modules_to_save = wanted
 
 
-class PeftModel:
-    """Only ``PeftModel.from_pretrained``: there are no wrapper objects in minilora."""
+class PeftModel(nn.Module):
+    """PEFT's ``PeftModel``: your model with LoRA injected, as ``self.base_model.model``.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise MiniLoraError("minilora has no PeftModel objects: use get_peft_model(model, config) or "
-                            "PeftModel.from_pretrained(model, directory); both return the model itself.")
+    ``PeftModel(model, config)`` injects, as ``get_peft_model`` does (which also picks the task's
+    subclass); ``PeftModel.from_pretrained(model, directory)`` loads a saved adapter. Methods and
+    arguments are PEFT's; ``__getattr__`` falls back to ``base_model`` (LoraModel), then to your model.
+    """
+
+    TASK_HEADS: list[str] = []  # the heads a task subclass trains in full (modules_to_save)
+    _is_prompt_learning = False  # minilora has LoRA only: no prompt tuning
+    special_peft_forward_args = frozenset({"adapter_names", "alora_offsets"})
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        super().__init__()
+        _check_config(peft_config, type(self).__name__)
+        _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+        _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+        if isinstance(model, PeftModel):
+            raise MiniLoraError(f"{type(self).__name__} got a PeftModel; wrapping it again would stack adapters. Add "
+                                "another adapter with peft_model.add_adapter(name, config) instead.")
+        if self.TASK_HEADS:
+            add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
+        with drawing_nothing(low_cpu_mem_usage):
+            inject(model, peft_config, adapter_name, **_dtype_option(autocast_adapter_dtype))
+        leave_new_layers_in_train_mode(model, adapter_name)
+        if getattr(peft_config, "inference_mode", False):
+            for param in model.parameters():
+                param.requires_grad_(False)
+        self._hold(model)
+
+    def _hold(self, model: nn.Module) -> None:
+        """Wrap ``model`` (injected already) and do what PEFT's constructor does to it besides injecting."""
+        self.base_model = LoraModel(model)
+        checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # (transformers 5's new name)
+        if getattr(model, "is_activation_checkpointing" if checkpointing else "is_gradient_checkpointing", True):
+            _inputs_require_grad(model)  # (PEFT's default, True, when the model does not say)
+        if hasattr(getattr(model, "config", None), "pretraining_tp"):
+            model.config.pretraining_tp = 1  # PEFT switches Llama's simulated tensor parallelism off
+
+    @classmethod
+    def _wrapping(cls, model: nn.Module) -> "PeftModel":
+        """A wrapper around a model that has its LoRA layers already (loaded, or injected natively)."""
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper._hold(model)
+        return wrapper
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (base_model)
+        except AttributeError:
+            if name == "base_model":  # not built yet (e.g. while unpickling): no recursion
+                raise
+            return getattr(self.base_model, name)
+
+    # ----------------------------------------------------------------------------------------
+    # What the wrapper holds
+    # ----------------------------------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """Your model (with the LoRA layers in it)."""
+        return self.base_model.model
+
+    @property
+    def peft_config(self) -> dict:
+        """{adapter name: its LoraConfig}."""
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active, as PEFT's LoraModel says)."""
+        return self.base_model.active_adapter
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def peft_type(self) -> Any:
+        return getattr(self.active_peft_config, "peft_type", "LORA")
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Every config's modules_to_save, together (None when there are none), as PEFT's."""
+        names = {name for config in self.peft_config.values() for name in (config.modules_to_save or [])}
+        return names or None
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return any(not layer.disabled for _, layer in lora_layers(self.get_base_model()))
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.base_model, "dtype", None)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's ``get_nb_trainable_parameters``."""
+        trainable, total = count_parameters(self)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: ... || all params: ... || trainable%: ...``, PEFT's line, same numbers."""
+        print(trainable_parameters_line(self))
+
+    def get_layer_status(self) -> list:
+        """The state of each LoRA layer, with PEFT's names: module type "lora.Linear", and each layer's
+        name as PEFT's LoraModel sees it (under ``model.``)."""
+        return multi.layer_status(self.base_model, module_type="lora.Linear")
+
+    def get_model_status(self):
+        """What PEFT's ``get_model_status`` reports for this model (adapter_model_type "LoraModel")."""
+        model = self.get_base_model()
+        status = multi.model_status(model, self.get_layer_status(), adapter_model_type="LoraModel")
+        return dataclasses.replace(status, base_model_type=type(model).__name__)
+
+    # ----------------------------------------------------------------------------------------
+    # Forward, with PEFT's mixed batches
+    # ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _peft_forward_args(self, kwargs: dict) -> Iterator[None]:
+        """Take PEFT's own arguments out of ``kwargs``; ``adapter_names=[...]`` runs a mixed batch
+        (one adapter per row, "__base__" for none; mixed.py) while the adapters are enabled."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if kwargs.pop("alora_offsets", None) is not None:
+            raise MiniLoraError("alora_offsets are for PEFT's activated LoRA (alora_invocation_tokens), which "
+                                "minilora does not have.")
+        if adapter_names is None or not self.has_active_enabled_adapter:
+            yield
+            return
+        if self.base_model.training:
+            raise MiniLoraError("Cannot pass `adapter_names` when the model is in training mode: call model.eval() "
+                                "first.")
+        with mixed_batch(self.get_base_model(), adapter_names):
+            yield
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Your model's ``generate``; with ``adapter_names=[...]`` every step runs the mixed batch (with
+        beam search each row's name is repeated once per beam, as PEFT does)."""
+        beams = kwargs.get("num_beams")
+        if kwargs.get("adapter_names") is not None and isinstance(beams, int) and beams > 1:
+            kwargs["adapter_names"] = [name for name in kwargs["adapter_names"] for _ in range(beams)]
+        with self._peft_forward_args(kwargs):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter():`` the base model's outputs inside the block, as PEFT's.
+
+        PEFT's details, kept: a merged layer is unmerged on the fly by its forward (so the block gives
+        the base outputs and the model is unmerged afterwards); leaving the block enables every layer
+        and makes the active adapters require grad, and it warns first if some layers were enabled
+        and some not.
+        """
+        status = self.get_model_status()
+        if status.enabled == "irregular":
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", stacklevel=3)
+        try:
+            self.base_model.disable_adapter_layers()
+            yield
+        finally:
+            if status.enabled is not False:
+                self.base_model.enable_adapter_layers()
+
+    # ----------------------------------------------------------------------------------------
+    # Several adapters
+    # ----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """A new adapter, inactive and frozen until ``set_adapter`` (same seed, same weights as PEFT)."""
+        _check_config(peft_config, "add_adapter")
+        _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+        if adapter_name in self.peft_config:
+            raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
+        model = self.get_base_model()
+        with drawing_nothing(low_cpu_mem_usage):
+            multi.add_adapter(model, adapter_name, peft_config, **_dtype_option(autocast_adapter_dtype))
+        for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat_loading.py)
+            if adapter_name in layer.lora_A:
+                for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                    table[adapter_name].train(True)
+                if list(layer.lora_A) == [adapter_name]:  # a layer built for this adapter
+                    layer.training = True
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    # ----------------------------------------------------------------------------------------
+    # Files
+    # ----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Any = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Every adapter (or ``selected_adapters``) in PEFT's layout, "default" at the root and the
+        others in sub-directories, plus the README.md model card PEFT writes.
+
+        ``state_dict`` and ``is_main_process`` are what ``transformers.Trainer`` passes at checkpoints
+        (a state dict of the wrapper's keys or of your model's).
+        """
+        if path_initial_model_for_weight_conversion is not None:
+            raise MiniLoraError("save_pretrained: path_initial_model_for_weight_conversion is for PiSSA / OLoRA / "
+                                "CorDA adapters, which minilora does not have.")
+        state_dict = kwargs.pop("state_dict", None)
+        if kwargs:
+            raise MiniLoraError(f"save_pretrained: minilora takes no {sorted(kwargs)} (pushing to a hub is out of "
+                                "scope: use huggingface_hub's upload_folder on the saved directory).")
+        if os.path.isfile(save_directory):
+            raise MiniLoraError(f"Provided path ({save_directory}) should be a directory, not a file")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        if any(name not in self.peft_config for name in names):
+            raise MiniLoraError(f"You passed an invalid `selected_adapters` arguments, current supported adapter "
+                                f"names are {list(self.peft_config)} - got {selected_adapters}.")
+        if state_dict is not None:  # your model's keys, as adapters.save_adapter reads them
+            state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
+        if not is_main_process:
+            return
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_model_card(self.get_base_model(), Path(save_directory))
+        for name in names:
+            adapters.save_adapter(self.get_base_model(), multi.adapter_directory(save_directory, name),
+                                  safe_serialization=safe_serialization, state_dict=state_dict, adapter_name=name)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Out of scope: save_pretrained, then upload the directory with huggingface_hub."""
+        raise MiniLoraError("minilora does not push to a hub: model.save_pretrained(directory), then "
+                            "huggingface_hub.upload_folder(repo_id=..., folder_path=directory).")
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        write_model_card(self.get_base_model(), Path(output_dir))
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        """PyTorch's ``load_state_dict``, after catching pitfall 2 (a whole model passed as a state dict)."""
+        adapters.reject_whole_module(state_dict, "load_state_dict")
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs: Any) -> nn.Module:
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
+                        **kwargs: Any) -> "PeftModel":
         """Load the adapter ``model_id`` (a directory saved by minilora or PEFT, or a Hugging Face hub id,
-        with PEFT's ``subfolder=`` and ``revision=``) into ``model``; returns it.
+        with PEFT's ``subfolder=`` and ``revision=``) into ``model``: a ``PeftModel`` (the task's
+        subclass by the adapter's task_type, as PEFT).
 
-        A base model is injected; a model that already has matching LoRA layers (e.g. from
-        ``get_peft_model``) gets the trained weights in those layers. As in PEFT, ``is_trainable=False``
-        freezes the adapter and puts the model in eval mode.
+        ``model`` may be a base model (injected with the adapter's config), or one that has matching
+        LoRA layers already, e.g. from ``get_peft_model``: its layers get the trained weights and the
+        same wrapper comes back (PEFT wraps it a second time and gives the base outputs: pitfall 1).
+        As in PEFT, ``is_trainable=False`` freezes the adapter and puts the model in eval mode, and
+        ``config=`` (a LoraConfig equal to the saved one) becomes the adapter's config object.
         """
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
-        directory = resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained")
-        had_layers = any(True for _ in lora_layers(model))
-        adapters.load_adapter(model, directory, is_trainable=is_trainable, adapter_name=adapter_name)
-        if had_layers:
-            draw_like_peft_rewrap(model, adapter_name, directory)
-        else:
-            leave_new_layers_in_train_mode(model, adapter_name)
+        _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
+        directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained"))
+        saved = read_adapter_config(directory)
+        if config is not None:
+            _check_given_config(config, saved, directory)
+        wrapper = model if isinstance(model, PeftModel) else None
+        inner = model.get_base_model() if wrapper is not None else model
+        had_layers = any(True for _ in lora_layers(inner))
+        with drawing_nothing(low_cpu_mem_usage):
+            adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
+                                  **_dtype_option(autocast_adapter_dtype))
+            if had_layers:
+                draw_like_peft_rewrap(inner, adapter_name, directory)
+        if not had_layers:
+            leave_new_layers_in_train_mode(inner, adapter_name)
+        if config is not None:
+            config.inference_mode = not is_trainable
+            set_adapter_config(inner, adapter_name, config)
+        if wrapper is None:
+            task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
+            wrapper = (task_class or cls)._wrapping(inner)
         if not is_trainable:
-            model.eval()
-        _add_peft_methods(model)
-        return model
+            wrapper.eval()
+        return wrapper
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict] = None, **kwargs: Any) -> _IncompatibleKeys:
+        """Read a saved adapter in as ``adapter_name`` (new: inactive; frozen unless ``is_trainable``).
+        As PEFT, ``is_trainable=False`` puts the model in eval mode. Loading is strict, so the
+        returned missing / unexpected keys are always empty."""
+        kwargs["torch_device"] = torch_device
+        _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
+        directory = resolve_adapter_source(model_id, kwargs, "load_adapter")
+        with drawing_nothing(low_cpu_mem_usage):
+            adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
+                                  adapter_name=adapter_name, **_dtype_option(autocast_adapter_dtype))
+        if not is_trainable:
+            self.eval()
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
-# --------------------------------------------------------------------------------------------
-# PEFT's methods, set on the model object itself
-# --------------------------------------------------------------------------------------------
-def _print_trainable_parameters(model: nn.Module) -> None:
-    """``trainable params: ... || all params: ... || trainable%: ...``, PEFT's line, same numbers."""
-    print_trainable_parameters(model)
+def _inputs_require_grad(model: nn.Module) -> None:
+    """PEFT's ``prepare_model_for_gradient_checkpointing``: with gradient checkpointing the frozen
+    embedding's output must require grad, or no gradient reaches the adapters."""
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
-def _get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts, as PEFT's ``get_nb_trainable_parameters``."""
-    trainable, total = count_parameters(model)
-    return trainable, total
+def _check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: object, low_cpu_mem_usage: object,
+                        key_mapping: object, kwargs: dict) -> None:
+    """PEFT's loading options: the flags are bools; ``torch_device`` and ``device_map`` name one device
+    (as in PEFT the model stays where it is: move it with ``.to()``); the rest is refused."""
+    _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+    _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+    if ephemeral_gpu_offload is not False:
+        raise MiniLoraError("ephemeral_gpu_offload is for models offloaded across devices (accelerate), which "
+                            "minilora does not support. Leave it False.")
+    if key_mapping:
+        raise MiniLoraError("key_mapping (renaming a checkpoint's keys) is not in minilora: the adapter's keys must "
+                            "name this model's layers.")
+    for name in ("torch_device", "device_map"):
+        value = kwargs.pop(name, None)
+        if isinstance(value, dict) and list(value) == [""]:
+            value = value[""]
+        try:
+            if value is not None:
+                torch.device(value)
+        except (RuntimeError, TypeError):
+            raise MiniLoraError(f"{name}={value!r}: minilora loads onto one device (None, 'cpu', 'cuda:0', ...); "
+                                "it does not dispatch a model across devices ('auto', 'balanced', several "
+                                "entries).") from None
 
 
-def _merge_and_unload(model: nn.Module, progressbar: bool = False, safe_merge: bool = False) -> nn.Module:
-    """Fold dW into W0, put the plain layers back and drop PEFT's methods: a plain model again."""
-    merge_and_unload(model, safe=safe_merge)
-    _remove_peft_methods(model)
-    return model
+def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
+    """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly."""
+    _check_config(config, "PeftModel.from_pretrained(config=...)")
+    different = [name for name in ADAPTER_FIELDS  # (init_lora_weights: how A and B start, overwritten by loading)
+                 if name != "init_lora_weights" and getattr(config, name) != getattr(saved, name)]
+    if different:
+        raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
+                            "weights were made with the saved config. Pass config=None, or the saved config.")
 
 
-def _unload(model: nn.Module) -> nn.Module:
-    """Put the plain layers back without merging and drop PEFT's methods: the base model again."""
-    unload(model)
-    _remove_peft_methods(model)
-    return model
+class PeftModelForCausalLM(PeftModel):
+    """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
 
-def _get_base_model(model: nn.Module) -> nn.Module:
-    """There is no wrapper: the base model is the model itself."""
-    return model
+class PeftModelForSequenceClassification(PeftModel):
+    """task_type SEQ_CLS: the head (``classifier`` or ``score``) trains in full and is saved."""
+
+    TASK_HEADS = ["classifier", "score"]
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
 
 
-def _load_state_dict(model: nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-    """PyTorch's ``load_state_dict``, after catching pitfall 2 (a whole model passed as a state dict)."""
-    adapters.reject_whole_module(state_dict, "load_state_dict")
-    return type(model).load_state_dict(model, state_dict, *args, **kwargs)
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """task_type TOKEN_CLS: as SEQ_CLS, the head trains in full and is saved."""
 
 
-PEFT_METHODS = {
-    "print_trainable_parameters": _print_trainable_parameters,
-    "get_nb_trainable_parameters": _get_nb_trainable_parameters,
-    "merge_and_unload": _merge_and_unload,
-    "unload": _unload,
-    "get_base_model": _get_base_model,
-    "load_state_dict": _load_state_dict,
-    **MULTI_ADAPTER_METHODS,  # save_pretrained, disable_adapter, add_adapter, set_adapter, ... (compat_adapters.py)
+class PeftModelForQuestionAnswering(PeftModel):
+    """task_type QUESTION_ANS: the head ``qa_outputs`` trains in full and is saved."""
+
+    TASK_HEADS = ["qa_outputs"]
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   start_positions=start_positions, end_positions=end_positions,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """task_type SEQ_2_SEQ_LM (T5, BART, ...): PEFT's forward arguments."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                   decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """task_type FEATURE_EXTRACTION: PEFT's forward arguments."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+# PEFT's MODEL_TYPE_TO_PEFT_MODEL_MAPPING: which wrapper get_peft_model and from_pretrained build.
+TASK_MODELS = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
 
-
-def _add_peft_methods(model: nn.Module) -> None:
-    """Set each of PEFT_METHODS on this one object (not its class), bound to it.
-
-    ``functools.partial`` rather than a bound method: it survives ``copy.deepcopy`` and
-    ``torch.save(model)`` pointing at the copy, where a pickled bound method would come back as
-    the class's own ``save_pretrained``.
-    """
-    for name, function in PEFT_METHODS.items():
-        object.__setattr__(model, name, functools.update_wrapper(functools.partial(function, model), function))
-    sync_attributes(model)  # peft_config, active_adapter, active_adapters
-    accept_adapter_names(model)  # model(..., adapter_names=[...]): a mixed batch (mixed.py)
-    if callable(getattr(type(model), "generate", None)):  # and model.generate(..., adapter_names=[...])
-        object.__setattr__(model, "generate", functools.partial(generate_with_adapter_names, model))
-
-
-def _remove_peft_methods(model: nn.Module) -> None:
-    for name in (*PEFT_METHODS, *ATTRIBUTES, "generate"):
-        model.__dict__.pop(name, None)
-    refuse_adapter_names(model)
-
-
-# --------------------------------------------------------------------------------------------
-# PEFT's side effects that a script's later numbers depend on
-# --------------------------------------------------------------------------------------------
-def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
-    """PEFT's new LoRA modules start in train mode even inside an eval() model (dropout on until the
-    next .eval()); minilora's own inject follows the model's mode instead (the safer choice,
-    README "Train and eval mode"). compat does what PEFT does, so a script that never calls
-    .train() / .eval() draws the same dropout masks, and prints the same numbers, as with PEFT."""
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            base_mode = layer.base_layer.training
-            layer.train(True)
-            layer.base_layer.train(base_mode)
-
-
-def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, directory: Path) -> None:
-    """``PeftModel.from_pretrained`` on a model that has its LoRA layers already (pitfall 1) makes
-    PEFT wrap it again: each layer's adapter is rebuilt, drawing A and B from the default random
-    generator, before the files are read. minilora loads into the layers instead, and draws the
-    same numbers here, so that every random number the script draws afterwards is PEFT's."""
-    config = read_adapter_config(directory)
-    for _, layer in lora_layers(model):
-        if adapter_name not in layer.lora_A:
-            continue
-        r = layer.r[adapter_name]
-        weight_A = nn.Linear(layer.in_features, r, bias=False).weight  # nn.Linear's own init: A, then B
-        nn.Linear(r, layer.out_features, bias=False)
-        with torch.no_grad():
-            if config.init_lora_weights is True:
-                nn.init.kaiming_uniform_(weight_A, a=math.sqrt(5))
-            elif config.init_lora_weights == "gaussian":
-                nn.init.normal_(weight_A, std=1 / r)
-
-
-# --------------------------------------------------------------------------------------------
-# Where an adapter is: a directory, or a Hugging Face hub id
-# --------------------------------------------------------------------------------------------
-HUB_OPTIONS = ("subfolder", "revision", "cache_dir", "token", "local_files_only")
-
-
-def resolve_adapter_source(model_id: str | os.PathLike, kwargs: dict, action: str) -> Path:
-    """The local directory of adapter ``model_id``: the directory itself (``/subfolder``), or, for a
-    hub id, the files in the Hugging Face cache, fetched by ``huggingface_hub`` as PEFT fetches them
-    (offline, ``HF_HUB_OFFLINE=1``, they must be in the cache already).
-
-    Raises:
-        MiniLoraError: for options minilora does not take, or an id that is neither a directory nor
-            (with network off) in the cache.
-    """
-    options = {name: kwargs.pop(name) for name in HUB_OPTIONS if name in kwargs}
-    if kwargs:
-        raise MiniLoraError(f"{action}: minilora takes no {sorted(kwargs)} (it knows {list(HUB_OPTIONS)}).")
-    if not isinstance(model_id, (str, os.PathLike)):
-        raise MiniLoraError(f"{action} needs an adapter directory or a hub id (a str or Path), got "
-                            f"{type(model_id).__name__}.")
-    subfolder = options.get("subfolder")
-    local = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if local.exists() or not isinstance(model_id, str) or model_id.startswith((".", "/", "~")):
-        return local  # a directory (load_adapter explains what is wrong with it, if anything)
-    return _from_hub(model_id, options, action)
-
-
-def _from_hub(repo_id: str, options: dict, action: str) -> Path:
-    """The cached directory that holds adapter_config.json and the weights of hub repository ``repo_id``."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import HFValidationError
-
-    download = dict(repo_id=repo_id, subfolder=options.get("subfolder"), revision=options.get("revision"),
-                    cache_dir=options.get("cache_dir"), token=options.get("token"),
-                    local_files_only=options.get("local_files_only", False))
-    try:
-        config_path = hf_hub_download(filename=adapters.CONFIG_NAME, **download)
-        try:
-            hf_hub_download(filename=adapters.WEIGHTS_NAME, **download)
-        except Exception:  # an older adapter: adapter_model.bin only
-            hf_hub_download(filename=adapters.LEGACY_WEIGHTS_NAME, **download)
-    except HFValidationError:
-        raise MiniLoraError(f"{action}: {repo_id!r} is not a directory, and not a valid hub id either. Pass the "
-                            "directory save_pretrained wrote, or a hub id such as 'user/adapter'.") from None
-    except Exception as error:  # offline and not cached, no such repository, no network, ...
-        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-        raise MiniLoraError(
-            f"{action}: {repo_id!r} is not a local directory, and its files could not be had from the Hugging Face "
-            f"hub{' cache (HF_HUB_OFFLINE is set)' if offline else ''} ({type(error).__name__}: {error}). Pass the "
-            "directory save_pretrained wrote, or download the adapter first (huggingface-cli download "
-            f"{repo_id})." ) from None
-    return Path(config_path).parent
-
-
-__all__ = ["LoraConfig", "PeftModel", "TaskType", "get_peft_model"]
+__all__ = ["LoraConfig", "LoraModel", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+           "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+           "PeftModelForTokenClassification", "TaskType", "get_peft_model"]

@@ -10,6 +10,8 @@ its update to that adapter's rows only:
 
 The rows of one adapter are gathered and computed together (one pair of small matmuls per adapter
 and layer, never a Python loop over rows), in PEFT's operations, so the outputs are bitwise PEFT's.
+``minilora.compat``'s PeftModel takes PEFT's calling form, ``model(x, adapter_names=[...])`` and
+``model.generate(..., adapter_names=[...])``, and runs it in this block.
 """
 
 from __future__ import annotations
@@ -89,51 +91,3 @@ class _MixedForward:
             sub_batch = x[rows].to(layer.lora_A[adapter].weight.dtype)  # (rows, ..., in), gathered
             result[rows] += layer.lora_update(sub_batch, adapter).to(result_dtype)
         return result
-
-
-# ------------------------------------------------------------------------------------------------
-# PEFT's calling form, model(..., adapter_names=[...]): hooks on the model (set by minilora.compat)
-# ------------------------------------------------------------------------------------------------
-def _pop_adapter_names(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: take ``adapter_names`` out of the call and enter ``mixed_batch`` for it."""
-    adapter_names = kwargs.pop("adapter_names", None)
-    if adapter_names is not None and any(not layer.disabled for _, layer in require_lora_layers(model, "forward")):
-        context = mixed_batch(model, adapter_names)
-        context.__enter__()
-        model.__dict__.setdefault("_minilora_mixed", []).append(context)
-    return args, kwargs
-
-
-def _leave_mixed_batch(model: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-    """Forward hook (run even if forward raised): leave the ``mixed_batch`` the pre-hook entered."""
-    contexts = model.__dict__.get("_minilora_mixed")
-    if contexts:
-        contexts.pop().__exit__(None, None, None)
-
-
-def accept_adapter_names(model: nn.Module) -> None:
-    """Let ``model(..., adapter_names=[...])`` run a mixed batch, as on a PEFT model."""
-    if _pop_adapter_names in [hook for hook in model._forward_pre_hooks.values()]:
-        return
-    model.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True)
-    model.register_forward_hook(_leave_mixed_batch, with_kwargs=True, always_call=True)
-
-
-def refuse_adapter_names(model: nn.Module) -> None:
-    """Undo ``accept_adapter_names``."""
-    for hooks, function in ((model._forward_pre_hooks, _pop_adapter_names), (model._forward_hooks, _leave_mixed_batch)):
-        for key in [key for key, hook in hooks.items() if hook is function]:
-            del hooks[key]
-
-
-def generate_with_adapter_names(model: nn.Module, *args, adapter_names: list[str] | None = None, **kwargs):
-    """``model.generate(..., adapter_names=[...])`` as PEFT's: every forward of the generation runs the
-    mixed batch (with beam search each row's name is repeated once per beam, as PEFT does)."""
-    generate = type(model).generate
-    if adapter_names is None:
-        return generate(model, *args, **kwargs)
-    beams = kwargs.get("num_beams")
-    if isinstance(beams, int) and beams > 1:
-        adapter_names = [name for name in adapter_names for _ in range(beams)]
-    with mixed_batch(model, adapter_names):
-        return generate(model, *args, **kwargs)

@@ -118,15 +118,27 @@ def test_gpt2_trainable_line_matches_peft(gpt2_pair):
     assert printed[1][0] == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364\n"
 
 
-def test_get_peft_model_returns_the_model_itself(tiny_gpt2):
-    plain = copy.deepcopy(tiny_gpt2)
-    minilora.inject(plain, minilora.LoraConfig(r=4, target_modules=["c_attn"]))
-    model = get_peft_model(tiny_gpt2, LoraConfig(r=4, target_modules=["c_attn"]))
-    assert model is tiny_gpt2 and type(model).__name__ == "GPT2LMHeadModel"
-    assert list(model.state_dict()) == list(plain.state_dict())  # no wrapper prefix in any key
+def test_get_peft_model_wraps_like_peft(tiny_gpt2):
+    """A PeftModel around a LoraModel around the model, as PEFT's: the same classes by task, the same
+    state-dict keys (base_model.model.<layer>.lora_A.default.weight), the model reachable the same ways."""
+    import peft
+
+    theirs = peft.get_peft_model(copy.deepcopy(tiny_gpt2), peft.LoraConfig(task_type="CAUSAL_LM", r=4,
+                                                                             target_modules=["c_attn"]))
+    model = get_peft_model(tiny_gpt2, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]))
+    assert type(model).__name__ == type(theirs).__name__ == "PeftModelForCausalLM"
+    assert isinstance(model, PeftModel) and type(model.base_model).__name__ == type(theirs.base_model).__name__
+    assert model.get_base_model() is model.base_model.model is tiny_gpt2
+    assert list(model.state_dict()) == list(theirs.state_dict())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in theirs.named_parameters() if p.requires_grad]
+    assert model.config is tiny_gpt2.config and model.prefix == theirs.prefix == "lora_"  # __getattr__ falls through
+    assert model.active_adapter == theirs.active_adapter == "default" and not model._is_prompt_learning
+    assert type(get_peft_model(make_tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))) is PeftModel
     with pytest.raises(MiniLoraError, match="already has minilora layers"):
-        get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"]))  # nothing to wrap twice
-    assert model.get_base_model() is model
+        get_peft_model(tiny_gpt2, LoraConfig(r=4, target_modules=["c_attn"]))  # PEFT stacks a second wrapper
+    with pytest.raises(MiniLoraError, match="wrapping it again"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"]))
 
 
 def test_peft_methods(tiny_gpt2, tmp_path):
@@ -181,9 +193,12 @@ def test_inference_mode_freezes(tiny_gpt2):
 @pytest.mark.parametrize("call, message", [
     (lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["c_attn"]), adapter_name="a.b"),
      "without dots"),
-    (lambda m: PeftModel(m), "no PeftModel objects"),
-    (lambda m: PeftModel.from_pretrained(m, "somewhere", torch_device="cuda"), "takes no"),
-], ids=["adapter-name", "constructor", "from-pretrained-kwargs"])
+    (lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["c_attn"]), mixed=True), "LoRA only"),
+    (lambda m: PeftModel(m, LoraConfig(r=4, target_modules=["c_attn"]), autocast_adapter_dtype="no"), "a bool"),
+    (lambda m: PeftModel.from_pretrained(m, "somewhere", device_map="auto"), "does not dispatch"),
+    (lambda m: PeftModel.from_pretrained(m, "somewhere", key_mapping={"a": "b"}), "key_mapping"),
+    (lambda m: PeftModel.from_pretrained(m, "somewhere", push_to_hub=True), "takes no"),
+], ids=["adapter-name", "mixed", "autocast-flag", "device-map", "key-mapping", "from-pretrained-kwargs"])
 def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
     check = unchanged(tiny_gpt2)
     with pytest.raises(MiniLoraError, match=message):

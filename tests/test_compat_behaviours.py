@@ -119,7 +119,7 @@ def test_new_layers_start_in_train_mode_as_peft():
     for lib in (peft, compat):
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
         wrapped = lib.get_peft_model(model, lib.LoraConfig(r=2, target_modules=["0"], lora_dropout=0.5))
-        layer = wrapped.get_submodule("base_model.model.0" if lib is peft else "0")
+        layer = wrapped.get_submodule("base_model.model.0")
         assert layer.training and layer.lora_dropout["default"].training, lib.__name__
         assert not layer.base_layer.training, lib.__name__
         wrapped.add_adapter("other", lib.LoraConfig(r=2, target_modules=["0", "1"], lora_dropout=0.5))
@@ -158,7 +158,7 @@ def test_disabling_adapters_that_train_biases_warns_as_peft():
 def test_leaving_disable_adapter_from_a_mixed_state_warns_as_peft():
     theirs, ours = _pair()
     theirs.base_model.model[0].enable_adapters(False)
-    ours[0].disabled = True
+    ours.base_model.model[0].disabled = True
     for model in (theirs, ours):
         with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
             with model.disable_adapter():

@@ -109,7 +109,7 @@ def test_pitfall_2_minilora_explains(load, whole_model_file, unchanged):
         load(model, loaded)
     check()
     message = str(error.value)
-    assert "got a whole model (GPT2LMHeadModel)" in message and "torch.save(model)" in message
+    assert f"got a whole model ({type(loaded).__name__})" in message and "torch.save(model)" in message
     assert "minilora.save_adapter(model, directory)    ->  minilora.load_adapter(base_model, directory)" in message
     assert "torch.save(model.state_dict(), path)       ->  model.load_state_dict(torch.load(path))" in message
 

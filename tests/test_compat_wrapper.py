@@ -1,0 +1,144 @@
+"""minilora.compat's PeftModel wrapper next to PEFT's: each test makes the same calls with both
+libraries on the same base and seed and compares what a script can see (attributes, keys, outputs,
+the random numbers drawn afterwards, errors)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from minilora import MiniLoraError, compat
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.relu, self.lin1 = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(self.relu(self.lin0(x)))
+
+
+X = torch.arange(12, dtype=torch.float32).reshape(2, 6) / 10
+
+
+def base() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def wrap(lib, **fields):
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False,
+                                                         **fields))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A directory PEFT saved, and the outputs of the model it came from."""
+    model = wrap(peft).eval()
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        return tmp_path, model(X)
+
+
+def test_the_wrapper_s_attributes_are_peft_s():
+    theirs, ours = wrap(peft), wrap(compat)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.get_base_model() is ours.base_model.model and type(ours.base_model.model) is MLP
+    for name in ("prefix", "active_adapter", "active_adapters", "_is_prompt_learning", "modules_to_save",
+                 "targeted_module_names", "has_active_enabled_adapter"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    assert ours.active_peft_config is ours.peft_config["default"]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():
+        assert torch.equal(ours(X), theirs(X))
+        assert torch.equal(ours.base_model(X), theirs.base_model(X))  # forward through LoraModel too
+    assert [s.name for s in ours.get_layer_status()] == [s.name for s in theirs.get_layer_status()]
+    deep = copy.deepcopy(ours)
+    assert type(deep) is type(ours) and list(deep.state_dict()) == list(ours.state_dict())
+
+
+def test_from_pretrained_options_as_peft(saved):
+    directory, expected = saved
+    for lib in (peft, compat):
+        torch.manual_seed(3)
+        model = lib.PeftModel.from_pretrained(base(), directory, torch_device="cpu", device_map={"": "cpu"})
+        after = torch.rand(2)
+        with torch.no_grad():
+            assert torch.equal(model(X), expected), lib.__name__
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        keys = model.load_adapter(directory, adapter_name="other")
+        assert keys.missing_keys == [] and keys.unexpected_keys == [], lib.__name__
+        if lib is peft:
+            peft_after = after
+    assert torch.equal(after, peft_after)  # the same random numbers drawn on the way
+
+
+def test_low_cpu_mem_usage_draws_nothing_as_peft(saved):
+    directory, expected = saved
+    draws = {}
+    for lib in (peft, compat):
+        torch.manual_seed(3)
+        model = lib.PeftModel.from_pretrained(base(), directory, low_cpu_mem_usage=True)
+        model.load_adapter(directory, adapter_name="other", low_cpu_mem_usage=True)
+        draws[lib.__name__] = torch.rand(2)
+        with torch.no_grad():
+            assert torch.equal(model(X), expected), lib.__name__
+    torch.manual_seed(3)
+    base()
+    nothing = torch.rand(2)
+    assert torch.equal(draws["peft"], nothing) and torch.equal(draws["minilora.compat"], nothing)
+
+
+def test_config_given_to_from_pretrained_becomes_the_adapter_s(saved):
+    directory, _ = saved
+    for lib in (peft, compat):
+        config = lib.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False)
+        model = lib.PeftModel.from_pretrained(base(), directory, config=config)
+        assert model.peft_config["default"] is config and config.inference_mode, lib.__name__
+    with pytest.raises(MiniLoraError, match=r"config= differs .* \['r'"):
+        compat.PeftModel.from_pretrained(base(), directory, config=compat.LoraConfig(target_modules=["lin0"], r=4))
+
+
+def test_task_types_choose_peft_s_classes(saved):
+    from peft.peft_model import PeftModelForFeatureExtraction
+
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING as peft_classes
+
+    assert {task: cls.__name__ for task, cls in compat.TASK_MODELS.items()} == \
+        {task: cls.__name__ for task, cls in peft_classes.items()}
+    theirs, ours = wrap(peft, task_type="FEATURE_EXTRACTION"), wrap(compat, task_type="FEATURE_EXTRACTION")
+    assert isinstance(theirs, PeftModelForFeatureExtraction) and type(ours) is compat.PeftModelForFeatureExtraction
+    directory, _ = saved
+    assert type(compat.PeftModel.from_pretrained(base(), directory)) is compat.PeftModel  # no task type saved
+
+
+def test_errors_name_what_peft_names():
+    ours = wrap(compat)
+    with pytest.raises(MiniLoraError, match="Adapter unknown does not exist"):  # PEFT's words
+        ours.delete_adapter("unknown")
+    with pytest.raises(MiniLoraError, match="Adapter with name 'default' already exists"):
+        ours.add_adapter("default", compat.LoraConfig(target_modules=["lin1"]))
+    with pytest.raises(MiniLoraError, match="does not push to a hub"):
+        ours.push_to_hub("user/repo")
+    with pytest.raises(MiniLoraError, match="training mode"):  # PEFT: a ValueError, before any forward
+        ours(X, adapter_names=["default", "__base__"])
+    with pytest.raises(MiniLoraError, match="activated LoRA"):
+        ours(X, alora_offsets=[1, 1])
+
+
+def test_mixed_batch_through_the_wrapper_is_peft_s():
+    theirs, ours = wrap(peft).eval(), wrap(compat).eval()
+    names = ["default", "__base__"]
+    with torch.no_grad():
+        assert torch.equal(ours(X, adapter_names=names), theirs(X, adapter_names=names))
+        assert torch.equal(ours.base_model.model(X), theirs.base_model.model(X))  # the block was left
