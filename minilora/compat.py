@@ -175,15 +175,6 @@ def _task(config: Any) -> Optional[str]:
     return getattr(task, "value", task)
 
 
-def _dtype_option(autocast_adapter_dtype: bool) -> dict:
-    """(Until inject, add_adapter and load_adapter take autocast_adapter_dtype: helper hx is adding it.)"""
-    _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
-    if autocast_adapter_dtype is not True:
-        raise MiniLoraError("minilora keeps float16 / bfloat16 adapters in float32 for now (PEFT's default, "
-                            "autocast_adapter_dtype=True).")
-    return {}
-
-
 def _check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise MiniLoraError(f"{name} must be True or False (a bool), got {value!r}.")
@@ -235,7 +226,7 @@ class PeftModel(nn.Module):
         if self.TASK_HEADS:
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         with drawing_nothing(low_cpu_mem_usage):
-            inject(model, peft_config, adapter_name, **_dtype_option(autocast_adapter_dtype))
+            inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         leave_new_layers_in_train_mode(model, adapter_name)
         if getattr(peft_config, "inference_mode", False):
             for param in model.parameters():
@@ -396,7 +387,7 @@ class PeftModel(nn.Module):
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
         with drawing_nothing(low_cpu_mem_usage):
-            multi.add_adapter(model, adapter_name, peft_config, **_dtype_option(autocast_adapter_dtype))
+            multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat_loading.py)
             if adapter_name in layer.lora_A:
                 for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
@@ -490,7 +481,7 @@ class PeftModel(nn.Module):
         had_layers = any(True for _ in lora_layers(inner))
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
-                                  **_dtype_option(autocast_adapter_dtype))
+                                  autocast_adapter_dtype=autocast_adapter_dtype)
             if had_layers:
                 draw_like_peft_rewrap(inner, adapter_name, directory)
         if not had_layers:
@@ -517,7 +508,7 @@ class PeftModel(nn.Module):
         directory = resolve_adapter_source(model_id, kwargs, "load_adapter")
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
-                                  adapter_name=adapter_name, **_dtype_option(autocast_adapter_dtype))
+                                  adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
