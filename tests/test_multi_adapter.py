@@ -165,7 +165,7 @@ def test_delete_refuses_a_merged_or_unknown_adapter():
     check = record_model(ours)
     with pytest.raises(MiniLoraError, match="while it is merged"):
         ours.delete_adapter("default")
-    with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
+    with pytest.raises(MiniLoraError, match="Adapter nope does not exist"):
         ours.delete_adapter("nope")
     check()
 
