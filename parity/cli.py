@@ -32,6 +32,7 @@ exit status: 0 when nothing FAILed; 1 when a check FAILed (and only then); 2 for
 (a bad option, a --model that cannot be loaded, a --json path that cannot be written), reported in one
 "error: ..." line before any check runs.
 across PEFT versions: python -m parity matrix --help
+PEFT's own test suite, with PEFT and with minilora.compat: python -m parity peft-tests --help
 """
 
 
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["matrix"]:
         from parity import matrix
         return matrix.main(argv[1:])
+    if argv[:1] == ["peft-tests"]:
+        from parity import peft_suite
+        return peft_suite.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.threads < 1:
         print("error: --steps and --threads must be at least 1", file=sys.stderr)

@@ -1,0 +1,188 @@
+"""A pytest plugin that runs PEFT's own tests with PEFT or with ``minilora.compat`` (``python -m parity peft-tests``).
+
+``parity.peft_suite`` starts pytest twice in a subprocess, with ``-p parity.peft_plugin`` and these
+environment variables:
+
+    PARITY_PEFT_MODE   "peft" (PEFT as installed: the oracle) or "minilora" (PEFT's LoRA entry points
+                       replaced by minilora.compat's before the tests are imported)
+    PARITY_PEFT_SCOPE  "linear-conv1d" (default: LoRA cases on models built of nn.Linear and transformers'
+                       Conv1D) or "all-lora" (every case parametrized with LoraConfig)
+    PARITY_PEFT_CASES  optional: only these cases (PEFT's ``test_name`` parameter), separated by "|"
+    PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (the first line gives the
+                       number of tests selected), so the runner can show progress and survive a crash
+
+Nothing here is PEFT's code: the tests are read from the user's PEFT checkout at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+MODE = os.environ.get("PARITY_PEFT_MODE", "peft")
+SCOPE = os.environ.get("PARITY_PEFT_SCOPE", "linear-conv1d")
+CASES = [case for case in os.environ.get("PARITY_PEFT_CASES", "").split("|") if case]
+OUT = os.environ.get("PARITY_PEFT_OUT")
+
+# PEFT's custom test models (tests/test_custom_models.py, MockTransformerWrapper.from_pretrained), by
+# what their LoRA targets are built of. minilora wraps nn.Linear and transformers' Conv1D; EmbConv1D
+# also has an Embedding, so its "emb" cases are refusals inside the default scope.
+LINEAR_CONV1D_MODELS = {"MLP", "MLP2", "MLP_LayerNorm", "EmbConv1D"}
+OTHER_MODELS = {"Conv1d", "Conv1dBigger", "Conv1dGroups", "Conv1dKernel1", "Conv2d", "Conv2d1x1", "Conv2d2",
+                "Conv2dGroups", "Conv2dGroups2", "Conv3d", "MHA", "MlpUsingParameters"}
+
+# PEFT's test helpers import these at module level for tests that LoRA cases never reach; where they
+# are not installed, an empty module lets the test files import (in this subprocess only).
+OPTIONAL_IMPORTS = {"diffusers": ["StableDiffusionPipeline"], "datasets": ["load_dataset"]}
+
+
+def _stub_missing_optional_imports() -> None:
+    for name, attributes in OPTIONAL_IMPORTS.items():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            stub = types.ModuleType(name)
+            for attribute in attributes:
+                setattr(stub, attribute, None)
+            sys.modules[name] = stub
+
+
+def _use_minilora() -> list[str]:
+    """Put minilora.compat's entry points where PEFT's tests import them from; the names replaced."""
+    import peft
+    import peft.tuners.lora as peft_lora
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import minilora.compat as compat
+    from minilora.layer import LoraLinear
+
+    replaced = []
+    for name in ("get_peft_model", "PeftModel", "LoraConfig"):
+        setattr(peft, name, getattr(compat, name))
+        replaced.append(f"peft.{name}")
+    peft_lora.LoraConfig = compat.LoraConfig  # `from peft.tuners import lora; lora.LoraConfig(...)`
+    replaced.append("peft.tuners.lora.LoraConfig")
+    # isinstance(module, LoraLayer / BaseTunerLayer) in PEFT's tests finds minilora's layers (both are ABCs)
+    peft_lora.LoraLayer.register(LoraLinear)
+    if not issubclass(LoraLinear, BaseTunerLayer):
+        BaseTunerLayer.register(LoraLinear)
+    return replaced
+
+
+_stub_missing_optional_imports()
+REPLACED = _use_minilora() if MODE == "minilora" else []
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing the LoRA cases
+# ------------------------------------------------------------------------------------------------
+def _is_lora_config(value: object) -> bool:
+    return (isinstance(value, type) and value.__name__ == "LoraConfig") or type(value).__name__ == "LoraConfig"
+
+
+def in_scope(params: dict, scope: str = SCOPE, cases: list[str] = CASES) -> bool:
+    """A test case is a LoRA case when one of its parameters is LoraConfig (the class or an instance)."""
+    if not any(_is_lora_config(value) for value in params.values()):
+        return False
+    if cases and params.get("test_name") not in cases:
+        return False
+    model_id = params.get("model_id")
+    return scope == "all-lora" or not (isinstance(model_id, str) and model_id in OTHER_MODELS)
+
+
+def _describe(params: dict) -> dict:
+    """The parameters that name a case, as JSON text."""
+    return {key: params[key] for key in ("test_name", "model_id") if isinstance(params.get(key), str)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    selected = [item for item in items
+                if getattr(item, "callspec", None) is not None and in_scope(item.callspec.params)]
+    chosen = set(selected)
+    deselected = [item for item in items if item not in chosen]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    items[:] = selected
+    _write({"selected": len(selected), "mode": MODE, "replaced": REPLACED})
+
+
+# ------------------------------------------------------------------------------------------------
+# recording outcomes
+# ------------------------------------------------------------------------------------------------
+_outcomes: dict[str, dict] = {}
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _minilora_refusal(error: BaseException) -> BaseException | None:
+    """The MiniLoraError (minilora refused, with a message) that raised or caused ``error``, if any."""
+    return next((link for link in _chain(error) if any(
+        cls.__name__ == "MiniLoraError" and cls.__module__.startswith("minilora") for cls in type(link).__mro__)),
+        None)
+
+
+def _where(excinfo: pytest.ExceptionInfo, tests_dir: Path) -> str:
+    """The last line of PEFT's test code in the traceback (file:line), where the test stopped."""
+    for entry in reversed(excinfo.traceback):
+        path = Path(str(entry.path))
+        if tests_dir in path.parents:
+            return f"{path.name}:{entry.lineno + 1}"
+    return ""
+
+
+def _error(excinfo: pytest.ExceptionInfo, tests_dir: Path) -> dict:
+    refusal = _minilora_refusal(excinfo.value)
+    shown = excinfo.value if refusal is None else refusal
+    lines = str(shown).strip().splitlines()
+    if not lines and excinfo.traceback:  # a bare assert outside a test module (no rewriting): show its line
+        lines = [str(excinfo.traceback[-1].statement).strip().splitlines()[0]]
+    return {"type": type(shown).__name__, "message": (lines[0] if lines else "")[:600],
+            "refusal": refusal is not None, "where": _where(excinfo, tests_dir)}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = (yield).get_result()
+    outcome = _outcomes.setdefault(item.nodeid, {
+        "id": item.nodeid, "function": _function(item), **_describe(item.callspec.params), "outcome": "passed"})
+    if report.skipped and outcome["outcome"] == "passed":
+        xfail = hasattr(report, "wasxfail")
+        outcome["outcome"] = "xfailed" if xfail else "skipped"
+        reason = report.wasxfail if xfail else (report.longrepr[2] if isinstance(report.longrepr, tuple) else "")
+        outcome["reason"] = str(reason).removeprefix("Skipped: ")[:300]
+    elif report.failed and outcome["outcome"] in ("passed", "skipped"):
+        outcome["outcome"] = "failed" if report.when == "call" else "error"
+        if call.excinfo is not None:
+            outcome["error"] = _error(call.excinfo, Path(str(item.path)).parent)
+        else:  # no exception: e.g. "[XPASS(strict)]", a test that should have failed
+            lines = str(report.longrepr or "").strip().splitlines()
+            outcome["error"] = {"type": "", "message": (lines[0] if lines else "")[:600], "refusal": False, "where": ""}
+
+
+def _function(item: pytest.Item) -> str:
+    """``Class::test_function`` (or ``test_function``): what the parametrized copies have in common."""
+    name = getattr(item, "originalname", item.name)
+    return f"{item.cls.__name__}::{name}" if getattr(item, "cls", None) is not None else name
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    if nodeid in _outcomes:
+        _write(_outcomes.pop(nodeid))
+
+
+def _write(record: dict) -> None:
+    if OUT:
+        with open(OUT, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")

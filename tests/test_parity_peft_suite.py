@@ -1,0 +1,230 @@
+"""``python -m parity peft-tests`` (parity/peft_suite.py) on a small fake PEFT tests folder written here.
+
+The fake folder holds parametrized tests in PEFT's style (``from peft import get_peft_model, LoraConfig``):
+one that both libraries pass, one planted to pass with PEFT and fail with minilora.compat (it must be a
+"differ" and make the exit status 1), a DoRA case that minilora refuses, a test PEFT skips, and a case on
+a Conv2d model (outside the default scope). Each run starts two pytest subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from parity import peft_plugin, peft_suite
+from parity.peft_suite import AGREE, DIFFER, NA, REFUSED, classify, out_of_scope_feature
+
+FAKE_TESTS = '''
+import pytest
+from torch import nn
+
+from peft import LoraConfig, get_peft_model
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = nn.Linear(6, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.lin1(self.lin0(x).relu())
+
+
+class ConvModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(1, 2, 3)
+
+
+MODELS = {"MLP": MLP, "Conv2d": ConvModel}
+CASES = [
+    ("MLP lin0", "MLP", LoraConfig, {"target_modules": ["lin0"]}),
+    ("MLP DoRA", "MLP", LoraConfig, {"target_modules": ["lin0"], "use_dora": True}),
+    ("Conv2d", "Conv2d", LoraConfig, {"target_modules": ["conv2d"]}),
+]
+
+
+@pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", CASES)
+def test_trainable_names(test_name, model_id, config_cls, config_kwargs):
+    model = get_peft_model(MODELS[model_id](), config_cls(**config_kwargs))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+@pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", CASES)
+def test_planted_peft_class(test_name, model_id, config_cls, config_kwargs):
+    model = get_peft_model(MODELS[model_id](), config_cls(**config_kwargs))
+    assert type(model).__module__.startswith("peft."), "planted: only PEFT's own class passes"
+
+
+@pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", CASES)
+def test_needs_gpu(test_name, model_id, config_cls, config_kwargs):
+    pytest.skip("planted: needs a GPU")
+
+
+def test_not_a_lora_case():
+    pass
+'''
+
+
+@pytest.fixture(scope="module")
+def peft_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft-src")
+    (root / "tests").mkdir()
+    (root / "tests" / "__init__.py").write_text("")
+    (root / "tests" / "test_custom_models.py").write_text(textwrap.dedent(FAKE_TESTS))
+    return root
+
+
+def verdicts(path) -> dict[str, tuple[str, str]]:
+    rows = json.loads(path.read_text())["tests"]
+    return {f"{row['function']}[{row['case']}]": (row["verdict"], row["detail"]) for row in rows}
+
+
+def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    code = peft_suite.main(["--peft-src", str(peft_src), "--json", str(out), "--markdown", str(tmp_path / "out.md"),
+                            "--quiet"])
+    printed = capsys.readouterr().out
+    got = verdicts(out)
+    assert code == 1, printed
+    assert {name: verdict for name, (verdict, _) in got.items()} == {
+        "test_trainable_names[MLP lin0]": AGREE,
+        "test_trainable_names[MLP DoRA]": REFUSED,
+        "test_planted_peft_class[MLP lin0]": DIFFER,
+        "test_planted_peft_class[MLP DoRA]": REFUSED,
+        "test_needs_gpu[MLP lin0]": NA,
+        "test_needs_gpu[MLP DoRA]": NA,
+    }  # the Conv2d model is outside the default scope; test_not_a_lora_case is no LoRA case
+    assert got["test_planted_peft_class[MLP lin0]"][1].startswith("AssertionError: planted: only PEFT's own class")
+    assert got["test_trainable_names[MLP DoRA]"][1].startswith("DoRA: ")
+    assert "skipped with PEFT: planted: needs a GPU" == got["test_needs_gpu[MLP lin0]"][1]
+    assert "6 tests: 1 agree, 1 differ, 2 refused (out of scope), 2 N/A" in printed
+    assert "AssertionError: planted" in printed and "refused (out of scope): DoRA 2" in printed
+    page = (tmp_path / "out.md").read_text()
+    assert "| test_planted_peft_class | 2 | 0 | 1 | 1 | 0 |" in page and "planted: only PEFT's own class" in page
+    assert not list(peft_src.rglob("__pycache__")), "the user's checkout must not be written to"
+
+
+def test_nothing_differs_exits_0(peft_src, tmp_path, monkeypatch, capsys):
+    """The exit status comes from the comparison: two runs that agree (or refuse) give 0 (no subprocess here)."""
+    record = {"id": "tests/test_custom_models.py::test_a[x]", "function": "test_a", "test_name": "x", "outcome": "passed"}
+    refused = {**record, "id": record["id"].replace("[x]", "[y]"), "test_name": "y"}
+    runs = {"peft": peft_suite.ModeRun("peft", selected=2, records={r["id"]: r for r in (record, refused)}),
+            "minilora": peft_suite.ModeRun("minilora", selected=2, records={
+                record["id"]: record, refused["id"]: {**refused, **failed("minilora cannot honour use_dora=True", True)}})}
+    monkeypatch.setattr(peft_suite, "run_mode", lambda mode, *args, **kwargs: runs[mode])
+    assert peft_suite.main(["--peft-src", str(peft_src), "--quiet"]) == 0
+    assert "2 tests: 1 agree, 0 differ, 1 refused (out of scope), 0 N/A" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--peft-src", "/no/such/peft"], "no such directory"),
+    (["--peft-src", "EMPTY"], "no tests found"),
+    (["--peft-src", "SRC", "--file", "test_missing.py"], "--file test_missing.py: not found"),
+    (["--peft-src", "SRC", "--json", "A_FILE/x.json"], "--json"),
+])
+def test_usage_errors_exit_2_with_one_line(argv, message, peft_src, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    argv = [str(peft_src) if a == "SRC" else str(tmp_path) if a == "EMPTY" else a.replace("A_FILE", str(tmp_path / "a-file"))
+            for a in argv]
+    assert peft_suite.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_mentions_the_verdicts(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        peft_suite.main(["--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(word in printed for word in ("agree", "differ", "refused", "N/A", "exit status"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the classification, record by record
+# ------------------------------------------------------------------------------------------------
+PASSED = {"outcome": "passed"}
+
+
+def failed(message: str, refusal: bool, type_: str = "MiniLoraError") -> dict:
+    return {"outcome": "failed", "error": {"type": type_, "message": message, "refusal": refusal, "where": ""}}
+
+
+@pytest.mark.parametrize("message, feature", [
+    ("LoraConfig: minilora cannot honour use_dora=True (DoRA (weight-decomposed LoRA)).", "DoRA"),
+    ("target 'emb' is a Embedding; LoRA here wraps nn.Linear or Conv1D only.", "Embedding"),
+    ("target 'conv1d' is a Conv1d; LoRA here wraps nn.Linear or Conv1D only.", "Conv1d/Conv2d/Conv3d"),
+    ("target 'mha' is a MultiheadAttention; LoRA here wraps nn.Linear or Conv1D only.", "MultiheadAttention"),
+    ("LoraConfig got fields minilora does not know: ['velora_config'].", "VeLoRA"),
+    ("init_lora_weights must be True, False or 'gaussian', got 'mica'.", "init_lora_weights (MiCA, PiSSA, ...)"),
+    ("minilora cannot honour lora_bias=True (a trainable bias in lora_B).", "lora_bias"),
+    ("minilora cannot honour target_parameters=['lin0.weight'].", "target_parameters"),
+    ("minilora cannot honour trainable_token_indices={'emb': [0]}.", "trainable tokens"),
+    ("delete_adapter: no adapter named 'x'; the model has ['default'].", None),
+    ("LoraConfig got fields minilora does not know: ['layers_pattern'].", None),
+    ("target 'lin0' is a Conv1D", None),  # transformers' Conv1D is in scope
+])
+def test_out_of_scope_feature(message, feature):
+    assert out_of_scope_feature(message) == feature
+
+
+def test_every_peft_feature_minilora_lacks_is_out_of_scope():
+    from minilora import MiniLoraError
+    from minilora.adapter_config import UNSUPPORTED_FIELDS, check_unsupported
+
+    for name in UNSUPPORTED_FIELDS:
+        with pytest.raises(MiniLoraError) as refused:
+            check_unsupported({name: True}, "LoraConfig")
+        assert out_of_scope_feature(str(refused.value)), name
+        # a later sentence that lists every field names no feature
+        assert out_of_scope_feature(f"LoraConfig got fields minilora does not know: ['{name}']. Its fields: ['r'].")
+    assert out_of_scope_feature("got fields minilora does not know: ['layers_pattern']. Its fields: ['use_dora'].") is None
+
+
+@pytest.mark.parametrize("peft, minilora, verdict", [
+    (PASSED, PASSED, AGREE),
+    (PASSED, failed("minilora cannot honour use_dora=True", refusal=True), REFUSED),
+    (PASSED, failed("delete_adapter: no adapter named 'x'", refusal=True), DIFFER),  # a refusal of something in scope
+    (PASSED, failed("use_dora is not what PEFT computed", refusal=False, type_="AssertionError"), DIFFER),
+    (PASSED, {"outcome": "skipped", "reason": "why"}, DIFFER),
+    (PASSED, None, DIFFER),
+    ({"outcome": "skipped", "reason": "no GPU"}, failed("x", refusal=False), NA),
+    (failed("broken", refusal=False, type_="ImportError"), PASSED, NA),
+    (None, PASSED, NA),
+])
+def test_classify(peft, minilora, verdict):
+    assert classify(peft, minilora)[0] == verdict
+
+
+def test_default_scope_is_lora_on_linear_and_conv1d_models():
+    class LoraConfig:  # the plugin recognises PEFT's and minilora.compat's class by name
+        pass
+
+    def case(model_id, config_cls=LoraConfig):
+        return {"test_name": "x", "model_id": model_id, "config_cls": config_cls, "config_kwargs": {}}
+
+    assert peft_plugin.in_scope(case("MLP"), "linear-conv1d", [])
+    assert peft_plugin.in_scope(case("EmbConv1D"), "linear-conv1d", [])
+    assert not peft_plugin.in_scope(case("Conv2d"), "linear-conv1d", [])
+    assert peft_plugin.in_scope(case("Conv2d"), "all-lora", [])
+    assert not peft_plugin.in_scope(case("MLP", config_cls=type("IA3Config", (), {})), "all-lora", [])
+    assert not peft_plugin.in_scope(case("MLP"), "linear-conv1d", ["another case"])
+
+
+def test_markdown_keeps_the_notes_block(tmp_path):
+    from parity import peft_suite_report
+
+    rows = [{"id": "t.py::test_a[c]", "file": "t.py", "function": "test_a", "case": "c", "model_id": "MLP",
+             "verdict": AGREE, "detail": "", "peft": PASSED, "minilora": PASSED}]
+    meta = {"command": "python -m parity peft-tests --peft-src x", "files": ["t.py"], "tests_from": "git v0.0",
+            "installed": {"peft": "0", "torch": "0", "transformers": "0", "minilora": "git 0"}, "scope": "linear-conv1d",
+            "replaced": ["peft.LoraConfig"], "seconds": {"peft": 1, "minilora": 1}, "timed_out": [],
+            "counts": peft_suite.counts(rows)}
+    page = tmp_path / "page.md"
+    peft_suite_report.write_markdown(rows, meta, page)
+    page.write_text(page.read_text().replace("(What the differences mean", "A person's note. (What"))
+    peft_suite_report.write_markdown(rows, meta, page)
+    assert "A person's note." in page.read_text() and "1 tests: 1 agree, 0 differ" in page.read_text()
