@@ -85,7 +85,8 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
         lora.update({f"{layer}.base_layer.bias": f"{layer}.base_layer.bias" for layer, _ in lora_layers(model)
                      if f"{layer}.base_layer.bias" in state})
     tensors = {PEFT_PREFIX + key: state[name] for name, key in lora.items()}
-    tensors.update({PEFT_PREFIX + key: value for key, value in saved_state(model, state).items()})  # modules_to_save
+    saved = saved_state(model, state, adapter_name)  # modules_to_save: this adapter's copies
+    tensors.update({PEFT_PREFIX + key: value for key, value in saved.items()})
     return tensors
 
 
@@ -296,7 +297,7 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None,
     else:
         sizes = {name: (*_in_out(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
                  for name in find_targets(model, config)}
-    shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes)))  # modules_to_save
+    shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes), adapter), adapter)
     for name, (fan_in, fan_out, r) in sizes.items():
         shapes[f"{name}.lora_A.{adapter}.weight"] = (r, fan_in)
         shapes[f"{name}.lora_B.{adapter}.weight"] = (fan_out, r)
@@ -318,11 +319,13 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return (module.in_features, module.out_features) if isinstance(module, LoraLinear) else in_out_features(module)
 
 
-def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets: list[str]) -> list[str]:
-    """The modules_to_save of this adapter: the model's wrapped ones, or those the config selects."""
-    wrapped = [name for name, _ in saved_modules(model)]
-    if wrapped or any(True for _ in lora_layers(model)):
-        return wrapped
+def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets: list[str],
+                       adapter_name: str = DEFAULT_ADAPTER) -> list[str]:
+    """The modules_to_save of adapter ``adapter_name``: the modules holding its copies if the model has
+    the adapter already, else those its config selects (wrapped by another adapter or not yet)."""
+    holding = [name for name, wrapper in saved_modules(model) if adapter_name in wrapper.modules_to_save]
+    if holding or any(adapter_name in layer.lora_A for _, layer in lora_layers(model)):
+        return holding
     return find_modules_to_save(model, getattr(config, "modules_to_save", None), lora_targets)
 
 
@@ -374,8 +377,9 @@ def held_dtype(model: nn.Module, key: str, autocast_adapter_dtype: bool = True) 
     state = model.state_dict(keep_vars=True)
     if key in state:
         return state[key].dtype
-    if is_saved_module_key(key):  # the copy of a module not wrapped yet: the module's own dtype
-        return state[original_key(key)].dtype
+    if is_saved_module_key(key):  # a copy not made yet: the module's own dtype (wrapped by another adapter or not)
+        plain = original_key(key)
+        return state[plain if plain in state else original_key(key, wrapped=True)].dtype
     module, _, _ = key.partition(".lora_") if ".lora_" in key else key.rpartition(".base_layer.bias")
     name = f"{module}.weight" if ".lora_" in key else f"{module}.bias"
     dtype = state[name if name in state else f"{module}.base_layer.weight"].dtype  # (a LoRA layer already)
@@ -464,8 +468,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     if len(renamed) != len(tensors):
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
     try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
-        renamed = to_model_keys(renamed, saved_module_names(model, config, [name for name, _ in layers] or
-                                                            find_targets(model, config)))
+        lora_targets = [name for name, _ in layers] or find_targets(model, config)
+        renamed = to_model_keys(renamed, saved_module_names(model, config, lora_targets, adapter_name), adapter_name)
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
     if not isinstance(source, Mapping):

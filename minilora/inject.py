@@ -116,7 +116,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADA
     for name, layer in new_layers.items():
         _replace_module(model, name, layer)
     mark_only_lora_as_trainable(model, config.bias)
-    wrap_modules_to_save(model, to_save)  # after freezing, as PEFT: the copies train, the originals do not
+    wrap_modules_to_save(model, to_save, adapter_name)  # after freezing, as PEFT: the copies train, the originals do not
     setattr(model, CONFIGS_ATTRIBUTE, {adapter_name: config})
     return model
 

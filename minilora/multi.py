@@ -32,7 +32,8 @@ from .config import LoraConfig, MiniLoraError
 from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
                      check_adapter_name, require_lora_layers, set_adapter_config)
 from .layer import LoraLinear, check_autocast_adapter_dtype
-from .saved_modules import saved_modules
+from .saved_modules import (delete_saved_copies, find_modules_to_save, saved_modules, set_saved_modules_adapter,
+                            wrap_modules_to_save)
 from .targets import find_targets
 
 BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
@@ -55,14 +56,18 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str], inference_mode
     """Make ``adapter_names`` (one name or a list) the active adapters of every LoRA layer.
 
     As PEFT: their A and B require grad (unless ``inference_mode``), every other adapter's do not;
-    a merged layer is unmerged first, with PEFT's warning.
+    a merged layer is unmerged first, with PEFT's warning. Each module in modules_to_save runs the copy
+    of the one named adapter that has one (or its original).
 
     Raises:
-        MiniLoraError: before changing anything, if a name is not an adapter of the model.
+        MiniLoraError: before changing anything, if a name is not an adapter of the model, or two named
+            adapters have copies of the same module in modules_to_save (as PEFT).
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     _check_known(model, names, "set_adapter")
-    for _, layer in require_lora_layers(model, "set_adapter"):
+    layers = require_lora_layers(model, "set_adapter")
+    set_saved_modules_adapter(model, names, inference_mode)  # (first: it refuses two active copies of one module)
+    for _, layer in layers:
         if layer.merged:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
             layer.unmerge()
@@ -80,7 +85,8 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
         layer.enable_adapters(enabled)
     for _, wrapper in saved_modules(model):
         wrapper.disabled = not enabled
-        wrapper.trained.requires_grad_(enabled)
+        if wrapper.trained is not None:
+            wrapper.trained.requires_grad_(enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,9 +102,6 @@ def check_can_add(model: nn.Module, adapter_name: str, config: LoraConfig) -> No
         raise MiniLoraError(f"The model has an adapter named {adapter_name!r} already ({adapter_names(model)}). "
                             "Pick another name, or minilora.delete_adapter it first.")
     config.validate()
-    if getattr(config, "modules_to_save", None) or any(True for _ in saved_modules(model)):
-        raise MiniLoraError("minilora keeps modules_to_save for one adapter only: add adapters to a model without "
-                            "modules_to_save, with configs that have none.")
     if config.bias != "none":
         raise MiniLoraError(f"bias={config.bias!r}: minilora trains biases for the first adapter only. Add this "
                             "adapter with bias='none'.")
@@ -123,12 +126,14 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
     check_can_add(model, adapter_name, config)
     check_autocast_adapter_dtype(autocast_adapter_dtype)
     names = find_targets(model, config)
+    to_save = find_modules_to_save(model, config.modules_to_save, names)  # one more copy each (saved_modules.py)
     active = active_adapters(model)
     new_layers = build_adapter(model, config, adapter_name, names, autocast_adapter_dtype)
     for name, layer in new_layers.items():
         layer.set_adapter(active)  # the model's active adapters, which this layer does not hold: frozen
         layer.base_layer.requires_grad_(False)
         _replace_module(model, name, layer)
+    wrap_modules_to_save(model, to_save, adapter_name, active=False)  # frozen copies, used once set_adapter picks them
     set_adapter_config(model, adapter_name, config)
     return model
 
@@ -150,6 +155,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                             "W0 holds its dW. Call minilora.unmerge(model) first.")
     for _, layer in layers:
         layer.delete_adapter(adapter_name)
+    delete_saved_copies(model, adapter_name, list(layers[0][1].active_adapters))
     getattr(model, CONFIGS_ATTRIBUTE).pop(adapter_name)
 
 
@@ -242,10 +248,10 @@ def layer_status(model: nn.Module, module_type: str = "LoraLinear") -> list[Laye
                                     {k: _agree([p.requires_grad for p in v]) for k, v in tables.items()},
                                     sorted(tables), {k: sorted({p.device.type for p in v}) for k, v in tables.items()}))
         elif type(module).__name__ == "ModulesToSave":
-            params = {DEFAULT_ADAPTER: list(module.trained.parameters())}
-            rows.append(LayerStatus(name, "ModulesToSaveWrapper", not module.disabled, [DEFAULT_ADAPTER], [],
-                                    {k: _agree([p.requires_grad for p in v]) for k, v in params.items()},
-                                    [DEFAULT_ADAPTER], {k: sorted({p.device.type for p in v}) for k, v in params.items()}))
+            params = {adapter: list(copy.parameters()) for adapter, copy in module.modules_to_save.items()}
+            rows.append(LayerStatus(name, "ModulesToSaveWrapper", not module.disabled, list(module.active_adapters),
+                                    [], {k: _agree([p.requires_grad for p in v]) for k, v in params.items()},
+                                    sorted(params), {k: sorted({p.device.type for p in v}) for k, v in params.items()}))
     if not rows:
         raise MiniLoraError("layer_status: this model has no minilora layers. Call minilora.inject(model, config) "
                             "first.")

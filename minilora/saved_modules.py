@@ -8,6 +8,8 @@ low-rank update: it must be trained in full, and saved with the adapter. PEFT's
                                            disabled and given back by ``unload``
     classifier.modules_to_save.default     a deep copy that trains, is saved, and is what
                                            ``merge_and_unload`` leaves in the model
+    classifier.modules_to_save.<other>     with several adapters, one copy each (of the original);
+                                           the active adapter's copy runs and trains
 
 The in-memory names are PEFT's, so trainable names and counts are PEFT's. In the adapter file the
 copy is stored under the module's own name (``base_model.model.classifier.weight``), as PEFT stores it.
@@ -20,42 +22,108 @@ matches ``"classifier"`` and ``"bert.classifier"``).
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterator, Optional
 
+import torch
 from torch import nn
 
 from .config import MiniLoraError
 
-ADAPTER_NAME = "default"
+BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
 
 
 class ModulesToSave(nn.Module):
-    """``module`` kept as ``original_module`` (frozen) plus a trainable copy in ``modules_to_save["default"]``.
+    """``module`` kept as ``original_module`` (frozen) plus one trainable copy per adapter in
+    ``modules_to_save[adapter]``.
 
-    Forward runs the copy, or the original while ``disabled``. Attributes the wrapper does not have
-    (``weight``, ``out_features``, ...) are read from the module that runs, as in PEFT.
+    At most one copy is active (``active_adapters`` holds its name, or nothing): forward runs it, or
+    the original while ``disabled`` or when no adapter with a copy here is active, as PEFT's
+    ``ModulesToSaveWrapper`` does. Attributes the wrapper does not have (``weight``,
+    ``out_features``, ...) are read from the module that runs, as in PEFT.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, adapter_name: str, active: bool = True) -> None:
         super().__init__()
         self.original_module = module
-        self.modules_to_save = nn.ModuleDict({ADAPTER_NAME: copy.deepcopy(module)})
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
         self.disabled = False
         self.original_module.requires_grad_(False)
-        self.trained.requires_grad_(True)
+        self.add(adapter_name)
+        self.set_adapter([adapter_name] if active else [])
+
+    def add(self, adapter_name: str) -> None:
+        """A new copy of the *original* module for ``adapter_name`` (PEFT's ``update``), frozen until
+        ``set_adapter`` makes it the active one."""
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(False)
+
+    def set_adapter(self, adapter_names: list[str], inference_mode: bool = False) -> None:
+        """Of ``adapter_names``, the one with a copy here becomes active and trains (unless
+        ``inference_mode``); the other copies are frozen. None of them: the original runs.
+
+        Raises:
+            MiniLoraError: if two of them have a copy here (PEFT: only one can be active at a time).
+        """
+        here = self.copies_among(adapter_names)
+        for module in self.modules_to_save.values():
+            module.requires_grad_(False)
+        if here:
+            self.modules_to_save[here[0]].requires_grad_(not inference_mode)
+        self.active_adapters = here
+
+    def copies_among(self, adapter_names: list[str]) -> list[str]:
+        """The names among ``adapter_names`` that have a copy here; MiniLoraError if more than one."""
+        here = [name for name in adapter_names if name in self.modules_to_save]
+        if len(here) > 1:
+            raise MiniLoraError(f"Adapters {here} each have their own copy of a module in modules_to_save; only one "
+                                "of them can be active at a time (as in PEFT), since forward runs one copy. "
+                                "Activate one of them, or adapters whose modules_to_save do not overlap.")
+        return here
+
+    def delete(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s copy (if it was the active one, the original runs now)."""
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     @property
-    def trained(self) -> nn.Module:
-        """The copy that trains and is saved."""
-        return self.modules_to_save[ADAPTER_NAME]
+    def trained(self) -> nn.Module | None:
+        """The active copy (the one that trains and that ``merge_and_unload`` leaves), or None."""
+        return self.modules_to_save[self.active_adapters[0]] if self.active_adapters else None
 
     @property
     def active(self) -> nn.Module:
-        """The module forward runs: the original while disabled, else the trained copy."""
-        return self.original_module if self.disabled else self.trained
+        """The module forward runs: the original while disabled or without an active copy, else the active copy."""
+        return self.original_module if self.disabled or self.trained is None else self.trained
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.mixed_rows is not None and not self.disabled:
+            return self.forward_rows(self.mixed_rows, *args, **kwargs)
         return self.active(*args, **kwargs)
+
+    # In a mixed batch (minilora/mixed.py) {adapter: its rows}: each row runs its adapter's copy, "__base__"
+    # rows the original (PEFT's ``AuxiliaryTrainingWrapper._mixed_batch_forward``). None: one module for all.
+    mixed_rows: dict[str, list[int]] | None = None
+    MIXED_BATCH_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # PEFT's SUPPORTED_MODULES
+
+    def forward_rows(self, rows: dict[str, list[int]], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row i of ``x`` through the copy of the adapter whose rows hold i, or the original for "__base__"."""
+        if not isinstance(self.original_module, self.MIXED_BATCH_TYPES):
+            raise MiniLoraError(f"A mixed batch cannot pass through modules_to_save module "
+                                f"{type(self.original_module).__name__}: as in PEFT, only "
+                                f"{', '.join(t.__name__ for t in self.MIXED_BATCH_TYPES)} can.")
+        missing = sorted(name for name in rows if name != BASE and name not in self.modules_to_save)
+        if missing:
+            raise MiniLoraError(f"Adapters {missing} have no copy of this modules_to_save module (it has "
+                                f"{sorted(self.modules_to_save)}), so their rows have no module to run.")
+        outputs = {name: (self.original_module if name == BASE else self.modules_to_save[name])(
+            x[index], *args, **kwargs) for name, index in rows.items()}  # (rows of name, ...) each
+        first = next(iter(outputs.values()))
+        result = first.new_empty((sum(len(index) for index in rows.values()), *first.shape[1:]))
+        for name, index in rows.items():
+            result[index] = outputs[name]
+        return result
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -108,71 +176,105 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
     return chosen
 
 
-def wrap_modules_to_save(model: nn.Module, names: list[str]) -> None:
-    """Replace each named module by a ModulesToSave around it (copy trainable, original frozen)."""
+def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, active: bool = True) -> None:
+    """Give ``adapter_name`` a trainable copy of each named module: a module wrapped already (by another
+    adapter) gets one more copy, a plain one is replaced by a ModulesToSave around it. ``active``: the
+    new copies run now (inject); otherwise they wait for ``set_adapter`` (add_adapter, as PEFT's)."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = ModulesToSave(getattr(parent, child))
+        module = getattr(parent, child)
+        if isinstance(module, ModulesToSave):
+            module.add(adapter_name)
+            continue
+        wrapper = ModulesToSave(module, adapter_name, active)
         wrapper.train(wrapper.original_module.training)
         setattr(parent, child, wrapper)
 
 
+def set_saved_modules_adapter(model: nn.Module, adapter_names: list[str], inference_mode: bool = False) -> None:
+    """Every ModulesToSave runs the copy of the one adapter among ``adapter_names`` it has (or its
+    original); checked on every wrapper before any changes."""
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    for wrapper in wrappers:
+        wrapper.copies_among(adapter_names)
+    for wrapper in wrappers:
+        wrapper.set_adapter(adapter_names, inference_mode)
+
+
 def mark_saved_modules_trainable(model: nn.Module) -> None:
-    """Trainable copies, frozen originals (after the rest of the model was frozen)."""
+    """Trainable active copies, frozen originals and other copies (after the rest of the model was frozen)."""
     for _, wrapper in saved_modules(model):
-        wrapper.original_module.requires_grad_(False)
-        wrapper.trained.requires_grad_(True)
+        wrapper.set_adapter(wrapper.active_adapters)
+
+
+def delete_saved_copies(model: nn.Module, adapter_name: str, new_active: list[str]) -> None:
+    """Drop ``adapter_name``'s copies; each wrapper then runs the copy of ``new_active`` (the adapters the
+    LoRA layers kept active) if it has one, else its original. A wrapper left without copies stays, as
+    PEFT's does (so the model's keys stay PEFT's)."""
+    for _, wrapper in saved_modules(model):
+        wrapper.delete(adapter_name)
+        wrapper.set_adapter([adapter for adapter in new_active if adapter in wrapper.modules_to_save][:1])
 
 
 def unwrap_saved_modules(model: nn.Module, keep: str) -> None:
-    """Put plain modules back: ``keep="trained"`` (merge_and_unload, as PEFT) or ``"original"`` (unload:
-    the base model again; PEFT's ``unload`` keeps the trained copy here, though its docstring promises
-    "the base model")."""
+    """Put plain modules back: ``keep="trained"`` (merge_and_unload, as PEFT: the active copy, or the
+    original where no copy is active) or ``"original"`` (unload: the base model again; PEFT's ``unload``
+    keeps the trained copy here, though its docstring promises "the base model")."""
     for name, wrapper in list(saved_modules(model)):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrapper.trained if keep == "trained" else wrapper.original_module)
+        kept = wrapper.trained if keep == "trained" and wrapper.trained is not None else wrapper.original_module
+        setattr(parent, child, kept)
 
 
 # --------------------------------------------------------------------------------------------
-# File keys: PEFT stores the copy under the module's own name
+# File keys: PEFT stores an adapter's copy under the module's own name
 # --------------------------------------------------------------------------------------------
-COPY_PART = f".modules_to_save.{ADAPTER_NAME}."
+def copy_part(adapter_name: str) -> str:
+    """The part of a key that says "adapter_name's copy": ``classifier.modules_to_save.<adapter>.weight``."""
+    return f".modules_to_save.{adapter_name}."
 
 
-def saved_state(model: nn.Module, state: dict) -> dict:
-    """{file key (without base_model.model.): tensor} for every trained copy, e.g. ``classifier.weight``."""
-    names = [name for name, _ in saved_modules(model)]
-    return {key.replace(COPY_PART, ".", 1): value for key, value in state.items()
-            if any(key.startswith(f"{name}{COPY_PART}") for name in names)}
+def saved_state(model: nn.Module, state: dict, adapter_name: str) -> dict:
+    """{file key (without base_model.model.): tensor} for each of ``adapter_name``'s copies, e.g.
+    ``classifier.weight``."""
+    part = copy_part(adapter_name)
+    names = [name for name, wrapper in saved_modules(model) if adapter_name in wrapper.modules_to_save]
+    return {key.replace(part, ".", 1): value for key, value in state.items()
+            if any(key.startswith(f"{name}{part}") for name in names)}
 
 
-def to_model_keys(tensors: dict, names: list[str]) -> dict:
-    """File keys -> the model's keys once wrapped: ``classifier.weight`` -> ``classifier.modules_to_save.default.weight``."""
+def to_model_keys(tensors: dict, names: list[str], adapter_name: str) -> dict:
+    """File keys -> the model's keys once wrapped: ``classifier.weight`` ->
+    ``classifier.modules_to_save.<adapter>.weight``."""
     renamed = {}
     for key, value in tensors.items():
         owner = next((name for name in names if key.startswith(f"{name}.")), None)
-        renamed[key if owner is None else f"{owner}{COPY_PART}{key[len(owner) + 1:]}"] = value
+        renamed[key if owner is None else f"{owner}{copy_part(adapter_name)}{key[len(owner) + 1:]}"] = value
     return renamed
 
 
-def expected_saved_shapes(model: nn.Module, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """{model key of the copy: shape} for each saved module, wrapped or not yet."""
+def expected_saved_shapes(model: nn.Module, names: list[str], adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """{model key of ``adapter_name``'s copy: shape} for each saved module, wrapped or not yet."""
     shapes = {}
     for name in names:
         module = model.get_submodule(name)
-        module = module.trained if isinstance(module, ModulesToSave) else module
+        module = module.original_module if isinstance(module, ModulesToSave) else module  # (copies have its shapes)
         for key, value in module.state_dict().items():
-            shapes[f"{name}{COPY_PART}{key}"] = tuple(value.shape)
+            shapes[f"{name}{copy_part(adapter_name)}{key}"] = tuple(value.shape)
     return shapes
 
 
+SAVED_MODULE_PART = re.compile(r"\.(modules_to_save\.[^.]+|original_module)\.")
+
+
 def is_saved_module_key(key: str) -> bool:
-    """True for a state-dict key inside a ModulesToSave (its original or its copy)."""
-    return COPY_PART in f".{key}" or ".original_module." in f".{key}"
+    """True for a state-dict key inside a ModulesToSave (its original or a copy)."""
+    return SAVED_MODULE_PART.search(f".{key}") is not None
 
 
-def original_key(key: str) -> str:
-    """``classifier.modules_to_save.default.weight`` -> ``classifier.weight`` (the unwrapped module's key)."""
-    return key.replace(COPY_PART, ".", 1).replace(".original_module.", ".", 1)
+def original_key(key: str, wrapped: bool = False) -> str:
+    """``classifier.modules_to_save.<adapter>.weight`` -> ``classifier.weight`` (the unwrapped module's key),
+    or with ``wrapped`` ``classifier.original_module.weight`` (the original's key inside the wrapper)."""
+    return SAVED_MODULE_PART.sub(".original_module." if wrapped else ".", f".{key}", count=1)[1:]
