@@ -1,9 +1,11 @@
 """``python -m parity peft-tests`` (parity/peft_suite.py) on a small fake PEFT tests folder written here.
 
 The fake folder holds parametrized tests in PEFT's style (``from peft import get_peft_model, LoraConfig``):
-one that both libraries pass, one planted to pass with PEFT and fail with minilora.compat (it must be a
-"differ" and make the exit status 1), a DoRA case that minilora refuses, a test PEFT skips, and a case on
-a Conv2d model (outside the default scope). Each run starts two pytest subprocesses.
+one that both libraries pass, one that checks the names swapped in minilora mode (peft.tuners.lora's
+LoraConfig, isinstance of LoraLayer / BaseTunerLayer), one planted to pass with PEFT and fail with
+minilora.compat (it must be a "differ" and make the exit status 1), a DoRA case that minilora refuses,
+a test PEFT skips, and a case on a Conv2d model (outside the default scope). The run starts two pytest
+subprocesses; the rest of the file tests the classification and the report without any.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def test_trainable_names(test_name, model_id, config_cls, config_kwargs):
 
 
 @pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", CASES)
+def test_peft_names(test_name, model_id, config_cls, config_kwargs):
+    from peft.tuners import lora
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert lora.LoraConfig is config_cls
+    model = get_peft_model(MODELS[model_id](), config_cls(**config_kwargs))
+    assert any(isinstance(module, lora.LoraLayer) and isinstance(module, BaseTunerLayer) for module in model.modules())
+
+
+@pytest.mark.parametrize("test_name, model_id, config_cls, config_kwargs", CASES)
 def test_planted_peft_class(test_name, model_id, config_cls, config_kwargs):
     model = get_peft_model(MODELS[model_id](), config_cls(**config_kwargs))
     assert type(model).__module__.startswith("peft."), "planted: only PEFT's own class passes"
@@ -93,6 +105,8 @@ def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
     assert {name: verdict for name, (verdict, _) in got.items()} == {
         "test_trainable_names[MLP lin0]": AGREE,
         "test_trainable_names[MLP DoRA]": REFUSED,
+        "test_peft_names[MLP lin0]": AGREE,  # peft.tuners.lora.LoraConfig and LoraLayer are minilora's there
+        "test_peft_names[MLP DoRA]": REFUSED,
         "test_planted_peft_class[MLP lin0]": DIFFER,
         "test_planted_peft_class[MLP DoRA]": REFUSED,
         "test_needs_gpu[MLP lin0]": NA,
@@ -101,8 +115,8 @@ def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
     assert got["test_planted_peft_class[MLP lin0]"][1].startswith("AssertionError: planted: only PEFT's own class")
     assert got["test_trainable_names[MLP DoRA]"][1].startswith("DoRA: ")
     assert "skipped with PEFT: planted: needs a GPU" == got["test_needs_gpu[MLP lin0]"][1]
-    assert "6 tests: 1 agree, 1 differ, 2 refused (out of scope), 2 N/A" in printed
-    assert "AssertionError: planted" in printed and "refused (out of scope): DoRA 2" in printed
+    assert "8 tests: 2 agree, 1 differ, 3 refused (out of scope), 2 N/A" in printed
+    assert "AssertionError: planted" in printed and "refused (out of scope): DoRA 3" in printed
     page = (tmp_path / "out.md").read_text()
     assert "| test_planted_peft_class | 2 | 0 | 1 | 1 | 0 |" in page and "planted: only PEFT's own class" in page
     assert not list(peft_src.rglob("__pycache__")), "the user's checkout must not be written to"
