@@ -8,8 +8,9 @@ environment variables:
     PARITY_PEFT_SCOPE  "linear-conv1d" (default: LoRA cases on models built of nn.Linear and transformers'
                        Conv1D) or "all-lora" (every case parametrized with LoraConfig)
     PARITY_PEFT_CASES  optional: only these cases (PEFT's ``test_name`` parameter), separated by "|"
-    PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (the first line gives the
-                       number of tests selected), so the runner can show progress and survive a crash
+    PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (and one for the number of
+                       tests selected, one per file that cannot be collected), so the runner can show
+                       progress and survive a crash
 
 Nothing here is PEFT's code: the tests are read from the user's PEFT checkout at run time.
 """
@@ -110,6 +111,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=deselected)
     items[:] = selected
     _write({"selected": len(selected), "mode": MODE, "replaced": REPLACED})
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A test file that cannot be imported (or collected) is recorded, with the last line of its error."""
+    if report.failed:
+        lines = str(report.longrepr).strip().splitlines()
+        _write({"collect_error": report.nodeid, "message": (lines[-1] if lines else "")[:600]})
 
 
 # ------------------------------------------------------------------------------------------------

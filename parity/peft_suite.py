@@ -134,6 +134,7 @@ class ModeRun:
     mode: str
     selected: int | None = None  # None: pytest stopped before choosing the tests (an import or collection error)
     replaced: list[str] = field(default_factory=list)
+    collect_errors: list[str] = field(default_factory=list)  # "file: last line of the error"
     records: dict[str, dict] = field(default_factory=dict)
     returncode: int | None = None
     timed_out: bool = False
@@ -179,6 +180,8 @@ def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", cases: 
                     record = json.loads(line)
                     if "selected" in record:
                         run.selected, run.replaced = record["selected"], record["replaced"]
+                    elif "collect_error" in record:
+                        run.collect_errors.append(f"{record['collect_error']}: {record['message']}")
                     else:
                         run.records[record["id"]] = record
                     on_record(record)
@@ -240,8 +243,8 @@ def classify(peft: dict | None, minilora: dict | None, missing: str = "") -> tup
 
 def compare(peft: ModeRun, minilora: ModeRun) -> list[dict]:
     """A row per test (PEFT's order, then any only minilora ran): function, case, verdict, detail, both records."""
-    why = "its run timed out" if minilora.timed_out else (
-        "pytest stopped before running it" if minilora.selected is None else "")
+    why = "its run timed out" if minilora.timed_out else f"cannot collect {minilora.collect_errors[0]}" \
+        if minilora.collect_errors else "pytest stopped before running it" if minilora.selected is None else ""
     rows = []
     for test_id in [*peft.records, *(i for i in minilora.records if i not in peft.records)]:
         a, b = peft.records.get(test_id), minilora.records.get(test_id)
@@ -375,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     peft_progress = Progress("peft", args.quiet)
     peft = run_mode("peft", files, on_record=peft_progress, **options)
     peft_progress.say(f"peft: {len(peft.records)} tests in {peft.seconds:.0f}s")
+    if peft.collect_errors:
+        print(f"error: with PEFT, pytest cannot collect {peft.collect_errors[0]}", file=sys.stderr)
+        return 2
     if peft.selected is None:
         print(f"error: pytest could not collect {', '.join(f.name for f in files)} with PEFT (exit status "
               f"{peft.returncode}); its last lines:\n{peft.log_tail}", file=sys.stderr)
@@ -386,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     minilora_progress = Progress("minilora", args.quiet, peft)
     minilora = run_mode("minilora", files, on_record=minilora_progress, **options)
     minilora_progress.say(minilora_progress.line())
+    for error in minilora.collect_errors:
+        print(f"minilora mode: pytest cannot collect {error}", file=sys.stderr)
     if minilora.selected is None:
         print(f"minilora mode: pytest stopped before running the tests (exit status {minilora.returncode}); "
               f"its last lines:\n{minilora.log_tail}", file=sys.stderr)

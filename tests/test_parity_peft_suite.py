@@ -87,6 +87,7 @@ def peft_src(tmp_path_factory):
     (root / "tests").mkdir()
     (root / "tests" / "__init__.py").write_text("")
     (root / "tests" / "test_custom_models.py").write_text(textwrap.dedent(FAKE_TESTS))
+    (root / "tests" / "test_broken.py").write_text("def test_x(:\n")  # a syntax error: pytest cannot collect it
     return root
 
 
@@ -139,12 +140,13 @@ def test_nothing_differs_exits_0(peft_src, tmp_path, monkeypatch, capsys):
     (["--peft-src", "EMPTY"], "no tests found"),
     (["--peft-src", "SRC", "--file", "test_missing.py"], "--file test_missing.py: not found"),
     (["--peft-src", "SRC", "--json", "A_FILE/x.json"], "--json"),
+    (["--peft-src", "SRC", "--file", "test_broken.py"], "with PEFT, pytest cannot collect tests/test_broken.py: "),
 ])
 def test_usage_errors_exit_2_with_one_line(argv, message, peft_src, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     argv = [str(peft_src) if a == "SRC" else str(tmp_path) if a == "EMPTY" else a.replace("A_FILE", str(tmp_path / "a-file"))
             for a in argv]
-    assert peft_suite.main(argv) == 2
+    assert peft_suite.main(argv + ["--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
