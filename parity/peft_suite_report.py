@@ -18,21 +18,23 @@ from parity.peft_suite import AGREE, DIFFER, NA, REFUSED, VERDICTS
 WHERE = re.compile(r" \([\w.]+\.py:\d+\)$")  # "(test_custom_models.py:123)": where in PEFT's tests it stopped
 
 
-def by_function(rows: list[dict]) -> list[list[str]]:
+def by_function(rows: list[dict], heading=lambda owner: owner) -> list[list[str]]:
     """A header, a row per test function (first-seen order) with its counts, and a total row.
 
-    A prefix all the names share (the file when there is one, a test class) is said once, in the header."""
-    names = [row["function"] if len({r["file"] for r in rows}) == 1 else f"{row['file']}::{row['function']}"
-             for row in rows]
-    prefixes = {name.rsplit("::", 1)[0] + "::" if "::" in name else "" for name in names}
-    prefix = prefixes.pop() if len(prefixes) == 1 else ""
+    Functions of one test class (or file) follow a row that names it, ``heading(owner)``, once."""
+    several_files = len({row["file"] for row in rows}) > 1
     table: dict[str, Counter] = defaultdict(Counter)
-    for name, row in zip(names, rows):
-        table[name.removeprefix(prefix)][row["verdict"]] += 1
+    for row in rows:
+        table[f"{row['file']}::{row['function']}" if several_files else row["function"]][row["verdict"]] += 1
+    body, owner = [], None
+    for name, c in table.items():
+        name_owner, _, function = name.rpartition("::")
+        if name_owner and name_owner != owner:
+            body.append([heading(name_owner), *[""] * (1 + len(VERDICTS))])
+        owner = name_owner
+        body.append([f"  {function}" if name_owner else function, str(sum(c.values())), *(str(c[v]) for v in VERDICTS)])
     total = Counter(row["verdict"] for row in rows)
-    body = [[name, str(sum(c.values())), *(str(c[v]) for v in VERDICTS)] for name, c in table.items()]
-    return [[f"test function ({prefix})" if prefix else "test function", "tests", *VERDICTS], *body,
-            ["total", str(len(rows)), *(str(total[v]) for v in VERDICTS)]]
+    return [["test function", "tests", *VERDICTS], *body, ["total", str(len(rows)), *(str(total[v]) for v in VERDICTS)]]
 
 
 def by_case(rows: list[dict]) -> list[list[str]]:
@@ -83,9 +85,9 @@ def summary_line(meta: dict) -> str:
 
 def _text_table(table: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
              for row in table]
-    rule = "-" * len(lines[0])
+    rule = "-" * max(map(len, lines))
     return "\n".join([lines[0], rule, *lines[1:-1], rule, lines[-1]])
 
 
@@ -159,7 +161,7 @@ Rebuild it with the same command (`python -m parity peft-tests --help`); the not
 
 ## By test function
 
-{markdown_table(by_function(rows)) if rows else "(no tests ran)"}
+{markdown_table(by_function(rows, heading=lambda owner: f"**{owner}**")) if rows else "(no tests ran)"}
 
 ## By case
 
