@@ -80,12 +80,14 @@ class TaskType(str, enum.Enum):
 
 @dataclass
 class LoraConfig(_MiniLoraConfig):
-    """``minilora.LoraConfig`` plus the PEFT fields that articles pass.
+    """``minilora.LoraConfig`` plus the other fields of PEFT's (peft 0.21.2), so that any PEFT script's
+    config builds.
 
     ``task_type``, ``inference_mode``, ``base_model_name_or_path`` and ``revision`` are recorded (and
-    ``inference_mode=True`` freezes the adapter, as in PEFT). The other fields are PEFT features
-    minilora does not have: their defaults mean "not used", and using one is a MiniLoraError rather
-    than an adapter that silently computes something else.
+    ``inference_mode=True`` freezes the adapter, as in PEFT). The fields after them are PEFT features
+    minilora does not have (DoRA, VeLoRA, LoRA on bare parameters, ...): their defaults mean "not
+    used", and using one is a MiniLoraError that names the feature, rather than an adapter that
+    silently computes something else (adapter_config.UNSUPPORTED_FIELDS).
     """
 
     task_type: Optional[str] = None
@@ -94,9 +96,35 @@ class LoraConfig(_MiniLoraConfig):
     revision: Optional[str] = None
     use_dora: bool = False
     lora_bias: bool = False
+    layer_replication: Optional[list] = None
+    target_parameters: Optional[list] = None
+    trainable_token_indices: Optional[Any] = None
+    loftq_config: dict = dataclasses.field(default_factory=dict)
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"  # (which module megatron_config's layers come from)
+    use_qalora: bool = False
+    qalora_group_size: int = 16  # (used with use_qalora only)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    alora_invocation_tokens: Optional[list] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    monteclora_config: Optional[Any] = None
+    use_bdlora: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
 
     def validate(self) -> None:
         """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""
+        init = self.init_lora_weights
+        if isinstance(init, str) and init != "gaussian":  # PEFT's other initialisations: "pissa", "olora", ...
+            raise MiniLoraError(f"init_lora_weights={init!r} is one of PEFT's data- or SVD-based initialisations, "
+                                "which minilora does not have: it has True (PEFT's default: kaiming-uniform A, "
+                                "zero B), 'gaussian' and False.")
+        if self.ensure_weight_tying is not False:
+            raise MiniLoraError("ensure_weight_tying=True (adapters shared between tied layers) is not in minilora; "
+                                "leave it False.")
         super().validate()
         if not isinstance(self.inference_mode, bool):
             raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")

@@ -212,7 +212,14 @@ def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
     ({"lora_bias": True}, r"cannot honour lora_bias=True"),
     ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is not one of PEFT's task types"),
     ({"r": 0}, r"r must be a positive int"),
-], ids=["dora", "modules_to_save", "lora_bias", "task_type", "r"])
+    ({"target_parameters": ["lin0.weight"]}, r"cannot honour target_parameters=\['lin0.weight'\] \(LoRA on bare"),
+    ({"velora_config": {"mode": "random"}}, r"cannot honour velora_config=.* \(VeLoRA\)"),
+    ({"trainable_token_indices": [1, 2]}, r"cannot honour trainable_token_indices"),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is one of PEFT's"),
+    ({"init_lora_weights": "mica"}, r"init_lora_weights='mica' is one of PEFT's"),
+    ({"ensure_weight_tying": True}, r"ensure_weight_tying=True"),
+], ids=["dora", "modules_to_save", "lora_bias", "task_type", "r", "target_parameters", "velora", "trainable_tokens",
+        "pissa", "mica", "weight_tying"])
 def test_config_errors(fields, message):
     with pytest.raises(MiniLoraError, match=message):
         LoraConfig(**fields)
