@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -264,11 +265,23 @@ class PeftModel(nn.Module):
     def _hold(self, model: nn.Module) -> None:
         """Wrap ``model`` (injected already) and do what PEFT's constructor does to it besides injecting."""
         self.base_model = LoraModel(model)
+        self._show_model_signature(model)
         checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # (transformers 5's new name)
         if getattr(model, "is_activation_checkpointing" if checkpointing else "is_gradient_checkpointing", True):
             _inputs_require_grad(model)  # (PEFT's default, True, when the model does not say)
         if hasattr(getattr(model, "config", None), "pretraining_tp"):
             model.config.pretraining_tp = 1  # PEFT switches Llama's simulated tensor parallelism off
+
+    def _show_model_signature(self, model: nn.Module) -> None:
+        """transformers.Trainer keeps only the batch columns that the forward's signature names; for
+        PEFT's wrappers it reads your model's signature. This wrapper's forward (an instance attribute,
+        so that copies and pickles call their own) shows your model's signature for the same result."""
+        forward = functools.partial(type(self).forward, self)
+        try:
+            forward.__signature__ = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # a forward without an introspectable signature: keep ours
+            return
+        self.__dict__["forward"] = forward
 
     @classmethod
     def _wrapping(cls, model: nn.Module) -> "PeftModel":

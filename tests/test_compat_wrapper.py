@@ -142,3 +142,29 @@ def test_mixed_batch_through_the_wrapper_is_peft_s():
     with torch.no_grad():
         assert torch.equal(ours(X, adapter_names=names), theirs(X, adapter_names=names))
         assert torch.equal(ours.base_model.model(X), theirs.base_model.model(X))  # the block was left
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_trainer_sees_the_model_s_columns_as_with_peft(tmp_path, task_type):
+    """transformers.Trainer keeps the batch columns the forward's signature names (your model's, for
+    PEFT's wrappers): with or without a task type, both libraries train on the same batches."""
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import make_tiny_gpt2
+
+    tokens = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": ids, "labels": ids, "position_ids": torch.arange(12)} for ids in tokens]
+    losses = {}
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(make_tiny_gpt2(), lib.LoraConfig(task_type=task_type, r=4,
+                                                                        target_modules=["c_attn"]))
+            args = TrainingArguments(output_dir=str(tmp_path / lib.__name__), per_device_train_batch_size=4,
+                                     max_steps=2, learning_rate=1e-2, logging_steps=1, report_to="none",
+                                     save_strategy="no", disable_tqdm=True, seed=0)
+            trainer = Trainer(model=model, args=args, train_dataset=dataset)
+            trainer.train()
+        losses[lib.__name__] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["peft"]) == 2 and losses["minilora.compat"] == losses["peft"]
