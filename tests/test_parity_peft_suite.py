@@ -87,6 +87,8 @@ def peft_src(tmp_path_factory):
     (root / "tests").mkdir()
     (root / "tests" / "__init__.py").write_text("")
     (root / "tests" / "test_custom_models.py").write_text(textwrap.dedent(FAKE_TESTS))
+    (root / "src" / "peft").mkdir(parents=True)
+    (root / "src" / "peft" / "__init__.py").write_text('__version__ = "9.9.9.dev0"\n')
     (root / "tests" / "test_broken.py").write_text("def test_x(:\n")  # a syntax error: pytest cannot collect it
     return root
 
@@ -121,6 +123,7 @@ def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
     page = (tmp_path / "out.md").read_text()
     assert "| test_planted_peft_class | 2 | 0 | 1 | 1 | 0 |" in page and "planted: only PEFT's own class" in page
     assert not list(peft_src.rglob("__pycache__")), "the user's checkout must not be written to"
+    assert json.loads(out.read_text())["tests_from"] == "peft 9.9.9.dev0 (src/peft/__init__.py)"
 
 
 def test_nothing_differs_exits_0(peft_src, tmp_path, monkeypatch, capsys):
