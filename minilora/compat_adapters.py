@@ -86,7 +86,9 @@ class LoraModel(nn.Module):
                     layer.lora_A[name].requires_grad_(requires_grad)
                     layer.lora_B[name].requires_grad_(requires_grad)
         for _, wrapper in saved_modules(self.model):
-            wrapper.trained.requires_grad_(requires_grad)
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter (not while it is merged); if it was the active one, PEFT's choice of the next."""

@@ -25,13 +25,16 @@ from torch import nn
 from .config import MiniLoraError
 from .inject import require_lora_layers
 from .layer import LoraLinear
+from .saved_modules import saved_modules
 
 BASE = "__base__"  # the rows that get no adapter (PEFT's name)
 
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
-    """Inside the block, row i of every batch the model sees uses adapter ``adapter_names[i]``.
+    """Inside the block, row i of every batch the model sees uses adapter ``adapter_names[i]``: in
+    each LoRA layer, and in each modules_to_save module (that adapter's copy; the original for
+    "__base__"), as PEFT.
 
     Raises:
         MiniLoraError: before changing anything, if the model is in training mode, a name is no
@@ -54,13 +57,18 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
                             "`unmerge_adapter` first.")
     rows = row_groups(list(adapter_names))
     previous = [layer.forward_override for layer in layers]
+    wrappers = [wrapper for _, wrapper in saved_modules(model)]  # modules_to_save: each row its adapter's copy
     for layer in layers:
         layer.forward_override = _MixedForward(rows, len(adapter_names), layer.forward_override)
+    for wrapper in wrappers:
+        wrapper.mixed_rows = rows
     try:
         yield model
     finally:
         for layer, override in zip(layers, previous):
             layer.forward_override = override
+        for wrapper in wrappers:
+            wrapper.mixed_rows = None
 
 
 def row_groups(adapter_names: list[str]) -> dict[str, list[int]]:

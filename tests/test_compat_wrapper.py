@@ -168,3 +168,40 @@ def test_trainer_sees_the_model_s_columns_as_with_peft(tmp_path, task_type):
             trainer.train()
         losses[lib.__name__] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses["peft"]) == 2 and losses["minilora.compat"] == losses["peft"]
+
+
+def test_mixed_batch_runs_each_row_s_modules_to_save_copy_as_peft():
+    """modules_to_save in a mixed batch: each row goes through its adapter's copy ("__base__": the
+    original module), as PEFT's _mixed_batch_forward; the copies differ, so a shared one would show."""
+    models = []
+    for lib in (peft, compat):
+        torch.manual_seed(1)
+        model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], r=2,
+                                                          init_lora_weights=False))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], r=2,
+                                                  init_lora_weights=False))
+        with torch.no_grad():
+            for name in ("default", "other"):
+                model.base_model.model.lin1.modules_to_save[name].weight.mul_(2 if name == "default" else -1)
+        models.append(model.eval())
+    names = ["other", "__base__", "default"]
+    x = torch.cat([X, X[:1]])
+    with torch.no_grad():
+        theirs, ours = models[0](x, adapter_names=names), models[1](x, adapter_names=names)
+        assert torch.equal(ours, theirs)
+        assert not torch.equal(ours[0], ours[2]) and not torch.equal(ours[1], ours[2])
+        assert torch.equal(models[1](x), models[0](x))  # the block was left: one copy for all rows again
+
+
+def test_set_requires_grad_as_peft():
+    models = []
+    for lib in (peft, compat):
+        torch.manual_seed(1)
+        model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], r=2))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], r=2))
+        model.set_requires_grad("other")
+        model.set_requires_grad(["default"], requires_grad=False)
+        models.append(sorted(n for n, p in model.named_parameters() if p.requires_grad))
+    assert models[1] == models[0] and any(".modules_to_save.other." in n for n in models[0])
+    with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
+        wrap(compat).set_requires_grad("nope")  # PEFT ignores an unknown name
