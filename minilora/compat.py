@@ -59,6 +59,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import adapters, multi
 from .adapter_config import ADAPTER_FIELDS, check_unsupported, read_adapter_config
 from .compat_adapters import LoraModel, write_model_card
+from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
+                                set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
     resolve_adapter_source
 from .config import LoraConfig as _MiniLoraConfig
@@ -463,6 +465,9 @@ class PeftModel(nn.Module):
             raise MiniLoraError("save_pretrained: path_initial_model_for_weight_conversion is for PiSSA / OLoRA / "
                                 "CorDA adapters, which minilora does not have.")
         state_dict = kwargs.pop("state_dict", None)
+        if save_embedding_layers is True:
+            raise MiniLoraError("save_embedding_layers=True saves resized or trained embedding layers with the "
+                                "adapter; minilora adapts linear layers only and does not save embeddings.")
         if kwargs:
             raise MiniLoraError(f"save_pretrained: minilora takes no {sorted(kwargs)} (pushing to a hub is out of "
                                 "scope: use huggingface_hub's upload_folder on the saved directory).")
@@ -677,6 +682,7 @@ TASK_MODELS = {
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
 
-__all__ = ["LoraConfig", "LoraModel", "PeftModel", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
+__all__ = ["LoraConfig", "LoraModel", "PeftModel", "get_base_model_state_dict", "get_peft_model_state_dict",
+           "inject_adapter_in_model", "set_base_model_state_dict", "set_peft_model_state_dict", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
            "PeftModelForTokenClassification", "TaskType", "get_peft_model"]

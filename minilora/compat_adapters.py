@@ -139,11 +139,9 @@ class LoraModel(nn.Module):
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """Fold dW into W0 and put the plain layers back: returns your model, without LoRA."""
-        if adapter_names is not None:
-            raise MiniLoraError("merge_and_unload(adapter_names=...): minilora merges the active adapters. Call "
-                                "set_adapter(adapter_names) first, then merge_and_unload().")
-        return merge_and_unload(self.model, safe=safe_merge)
+        """Fold dW (of the active adapters, or ``adapter_names``) into W0 and put the plain layers back:
+        returns your model, without LoRA."""
+        return merge_and_unload(self.model, safe=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Put the plain layers back without merging: returns your model as it was before LoRA."""

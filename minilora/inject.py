@@ -241,18 +241,25 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
     """Fold each adapter into its base layer and put the plain base layers back.
 
     The result has the original module types (nn.Linear / Conv1D) with ``W0 + dW`` and gives the
     adapted model's outputs without any LoRA code. Returns the same model object.
+
+    Args:
+        adapter_names: which adapters to fold in (PEFT's argument); None means the active ones.
     """
     layers = require_lora_layers(model, "merge_and_unload")
+    unknown = [name for name in adapter_names or [] if name not in adapter_configs(model)]
+    if isinstance(adapter_names, str) or unknown:
+        raise MiniLoraError(f"merge_and_unload: adapter_names must be a list of the model's adapters "
+                            f"{list(adapter_configs(model))}, got {adapter_names!r}.")
     if safe:
-        _check_merged_weights_are_finite(layers)
+        _check_merged_weights_are_finite(layers, adapter_names)
     for name, layer in layers:
-        if _unmerged_active(layer):
-            layer.merge(safe=safe)
+        if _unmerged_active(layer, adapter_names):
+            layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
         _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)
     _keep_untied(model, [name for name, layer in layers if layer.untied_weight is not None])

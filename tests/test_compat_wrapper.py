@@ -205,3 +205,19 @@ def test_set_requires_grad_as_peft():
     assert models[1] == models[0] and any(".modules_to_save.other." in n for n in models[0])
     with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
         wrap(compat).set_requires_grad("nope")  # PEFT ignores an unknown name
+
+
+@pytest.mark.parametrize("adapter_names", [["other"], ["default", "other"], None])
+def test_merge_and_unload_of_named_adapters_as_peft(adapter_names):
+    """merge_and_unload(adapter_names=[...]) folds in those adapters only (active or not), as PEFT."""
+    merged = []
+    for lib in (peft, compat):
+        model = wrap(lib)
+        torch.manual_seed(2)
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin0", "lin1"], r=2, init_lora_weights=False))
+        merged.append(model.merge_and_unload(adapter_names=adapter_names))
+    with torch.no_grad():
+        assert torch.equal(merged[1](X), merged[0](X))
+    assert merged[1].state_dict().keys() == merged[0].state_dict().keys()
+    with pytest.raises(MiniLoraError, match="adapter_names must be a list of the model's adapters"):
+        wrap(compat).merge_and_unload(adapter_names=["nope"])

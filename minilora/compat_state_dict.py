@@ -1,0 +1,121 @@
+"""PEFT's functions on state dicts and bare models, for scripts that use them instead of the wrapper:
+
+    from minilora.compat import (get_peft_model_state_dict, set_peft_model_state_dict,
+                                 inject_adapter_in_model, get_base_model_state_dict, set_base_model_state_dict)
+
+    state = get_peft_model_state_dict(peft_model)       # the adapter's tensors, PEFT's file keys
+    set_peft_model_state_dict(peft_model, state)        # and back (strictly: every key must fit)
+    model = inject_adapter_in_model(config, model)      # LoRA layers in place, no wrapper
+    base = get_base_model_state_dict(peft_model)        # your model's own keys, without the adapters
+
+Each takes a compat ``PeftModel``, its ``base_model``, or a model with minilora layers in it, and
+does its work with adapters.py / inject.py; keys and values are PEFT's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from . import adapters
+from .compat_loading import drawing_nothing, leave_new_layers_in_train_mode
+from .config import LoraConfig, MiniLoraError
+from .inject import inject, is_lora_parameter
+
+WRAPPER_PREFIX = "base_model.model."  # what PEFT's wrappers put in front of your model's keys
+
+
+def model_inside(model: nn.Module) -> nn.Module:
+    """Your model, from a PeftModel (``base_model.model``), a LoraModel (``model``) or itself."""
+    if hasattr(model, "get_base_model") and hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+        return model.get_base_model()
+    if type(model).__name__ == "LoraModel" and isinstance(getattr(model, "model", None), nn.Module):
+        return model.model
+    return model
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name`` under PEFT's file keys (``base_model.model.<layer>.lora_A.weight``:
+    no adapter name), as ``save_pretrained`` writes them. ``state_dict`` (the wrapper's keys or your
+    model's) supplies the values, as with DeepSpeed or FSDP."""
+    if save_embedding_layers is True:
+        raise MiniLoraError("save_embedding_layers=True saves resized or trained embedding layers with the adapter; "
+                            "minilora adapts linear layers only and does not save embeddings.")
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if state_dict is not None:
+        state_dict = {key.removeprefix(WRAPPER_PREFIX): value for key, value in state_dict.items()}
+    return adapters.adapter_state_dict(model_inside(model), state_dict, adapter_name)
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> _IncompatibleKeys:
+    """Load an adapter's tensors (PEFT's keys, as ``get_peft_model_state_dict`` gives them) into the
+    existing adapter ``adapter_name``. Strict: every key must fit, or MiniLoraError before anything
+    changes, so the returned missing / unexpected keys are empty. requires_grad stays as it was."""
+    if ignore_mismatched_sizes:
+        raise MiniLoraError("ignore_mismatched_sizes=True would leave tensors of another shape unloaded; minilora "
+                            "loads strictly. Load an adapter made for this model.")
+    inner = model_inside(model)
+    trainable = {param: param.requires_grad for param in inner.parameters()}
+    adapters.load_adapter(inner, dict(peft_model_state_dict), adapter_name=adapter_name)
+    for param, flag in trainable.items():
+        param.requires_grad_(flag)
+    return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[Mapping] = None) -> nn.Module:
+    """LoRA layers injected into ``model`` in place, without a wrapper (PEFT's ``inject_adapter_in_model``:
+    same seed, same adapter, new layers in train mode). With ``low_cpu_mem_usage`` nothing is drawn
+    from the random generator, as PEFT's meta-device adapters draw nothing; minilora's are real
+    tensors (PEFT's must be loaded before use)."""
+    if not isinstance(peft_config, LoraConfig):
+        raise MiniLoraError(f"inject_adapter_in_model needs minilora.compat.LoraConfig, got "
+                            f"{type(peft_config).__module__}.{type(peft_config).__qualname__}.")
+    if state_dict is not None:
+        raise MiniLoraError("inject_adapter_in_model(state_dict=...) finds targets from a checkpoint's keys; "
+                            "minilora finds them from peft_config.target_modules. Leave state_dict=None.")
+    with drawing_nothing(low_cpu_mem_usage):
+        inject(model, peft_config, adapter_name)
+    leave_new_layers_in_train_mode(model, adapter_name)
+    if getattr(peft_config, "inference_mode", False):
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return model
+
+
+def original_key(key: str) -> Optional[str]:
+    """Your model's key before LoRA (``lin0.base_layer.weight`` -> ``lin0.weight``, ``lin1.original_module.bias``
+    -> ``lin1.bias``), or None for a key of the adapters (A, B, merged flags, modules_to_save copies)."""
+    dotted = f".{key}"
+    if is_lora_parameter(key) or ".lora_merged." in dotted or ".modules_to_save." in dotted:
+        return None
+    return dotted.replace(".base_layer.", ".").replace(".original_module.", ".")[1:]
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Your model's state dict under its own keys, without the adapters (PEFT's ``get_base_model_state_dict``)."""
+    state = model_inside(model).state_dict()
+    return {original_key(key): value for key, value in state.items() if original_key(key) is not None}
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                              strict: bool = True) -> _IncompatibleKeys:
+    """Load a state dict of your model's own keys into the model inside the wrapper (PEFT's
+    ``set_base_model_state_dict``); the adapters are left as they are."""
+    inner = model_inside(model)
+    keys = {original_key(key): key for key in inner.state_dict() if original_key(key) is not None}
+    unexpected = [key for key in state_dict if key not in keys]
+    missing = [key for key in keys if key not in state_dict]
+    if strict and (missing or unexpected):
+        raise MiniLoraError(f"set_base_model_state_dict: missing keys {missing[:5]}, unexpected keys "
+                            f"{unexpected[:5]}. Pass strict=False to load the keys that fit.")
+    inner.load_state_dict({keys[key]: value for key, value in state_dict.items() if key in keys}, strict=False)
+    return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
