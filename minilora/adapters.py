@@ -495,11 +495,14 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     with torch.no_grad():
         for key, value in renamed.items():
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
-    if adding:  # the other adapters keep their state; the new one trains only if asked to
+    if adding:  # the other adapters keep their state; the new one (A, B, its modules_to_save copies) trains if asked
         for _, layer in lora_layers(model):
             if adapter_name in layer.lora_A:
                 for module in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
                     module.requires_grad_(is_trainable)
+        for _, wrapper in saved_modules(model):
+            if adapter_name in wrapper.modules_to_save:
+                wrapper.modules_to_save[adapter_name].requires_grad_(is_trainable)
     elif is_trainable:
         mark_only_lora_as_trainable(model, config.bias if config is not None else "none")
     else:

@@ -43,6 +43,10 @@ class ModulesToSave(nn.Module):
     ``out_features``, ...) are read from the module that runs, as in PEFT.
     """
 
+    # PEFT's names for the per-adapter tables (its code walks them, e.g. to check requires_grad)
+    adapter_layer_names = ("modules_to_save",)
+    other_param_names = ()
+
     def __init__(self, module: nn.Module, adapter_name: str, active: bool = True) -> None:
         super().__init__()
         self.original_module = module
@@ -76,9 +80,10 @@ class ModulesToSave(nn.Module):
         """The names among ``adapter_names`` that have a copy here; MiniLoraError if more than one."""
         here = [name for name in adapter_names if name in self.modules_to_save]
         if len(here) > 1:
-            raise MiniLoraError(f"Adapters {here} each have their own copy of a module in modules_to_save; only one "
-                                "of them can be active at a time (as in PEFT), since forward runs one copy. "
-                                "Activate one of them, or adapters whose modules_to_save do not overlap.")
+            raise MiniLoraError(f"Only one adapter can be set at a time for ModulesToSaveWrapper (PEFT's words): "
+                                f"adapters {here} each have their own copy of this module in modules_to_save, and "
+                                "forward runs one copy. Activate one of them, or adapters whose modules_to_save do "
+                                "not overlap.")
         return here
 
     def delete(self, adapter_name: str) -> None:

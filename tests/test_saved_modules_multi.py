@@ -116,10 +116,11 @@ def test_two_active_copies_of_one_module_are_refused_as_peft():
     """Both adapters copy ``head``: forward could run only one of them, so PEFT raises; so does minilora,
     before anything changes."""
     theirs, ours = pair()
-    with pytest.raises(ValueError):
+    message = "Only one adapter can be set at a time for ModulesToSaveWrapper"  # PEFT's words (its tests match them)
+    with pytest.raises(ValueError, match=message):
         theirs.base_model.set_adapter(["default", "other"])
     check = record_model(ours)
-    with pytest.raises(MiniLoraError, match="only one"):
+    with pytest.raises(MiniLoraError, match=message):
         minilora.set_adapter(ours, ["default", "other"])
     check()
 
@@ -244,3 +245,31 @@ def test_copy_is_deep_and_independent_of_the_original():
     assert len({id(module.weight) for module in copies}) == 3
     assert all(torch.equal(module.weight, copies[0].weight) for module in copies)
     assert copy.deepcopy(ours.head).active_adapters == ["default"]
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+@pytest.mark.parametrize("first_trainable", [False, True])
+def test_loaded_adapter_trains_its_copies_as_peft(tmp_path, first_trainable, is_trainable):
+    """load_adapter of a new adapter: its A, B and modules_to_save copies train iff ``is_trainable`` (PEFT
+    0.21.2; it is not active, so it changes no output), the adapters already there keep their state."""
+    _, ours = pair()
+    minilora.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(), tmp_path, is_trainable=first_trainable)
+    theirs.load_adapter(tmp_path, adapter_name="other", is_trainable=is_trainable)
+    ours = minilora.load_adapter(base(), tmp_path, is_trainable=first_trainable)
+    minilora.load_adapter(ours, tmp_path, adapter_name="other", is_trainable=is_trainable)
+    assert trainable(theirs) == trainable(ours)
+    assert ("head.modules_to_save.other.weight" in trainable(ours)) == is_trainable
+
+
+def test_peft_walks_the_wrapper_tables_by_peft_s_names():
+    """PEFT's code (and tests) read ``adapter_layer_names`` to find each adapter's copy and its requires_grad."""
+    theirs, ours = pair()
+    for wrapper, peft_wrapper in ((ours.head, theirs.base_model.model.head), (ours.norm, theirs.base_model.model.norm)):
+        assert wrapper.adapter_layer_names == peft_wrapper.adapter_layer_names
+        for table in wrapper.adapter_layer_names:
+            assert grads(getattr(wrapper, table)) == grads(getattr(peft_wrapper, table))
+
+
+def grads(modules: nn.ModuleDict) -> dict[str, list[bool]]:
+    return {name: [param.requires_grad for param in module.parameters()] for name, module in modules.items()}
