@@ -64,6 +64,7 @@ class Plan:
     max_seconds: float = 70.0                    # per measurement, main case
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
+    bracket: bool = True                         # one-call workloads: the reference around every variant
     memory: bool = True
     profile: bool = True
     seed: int = 0

@@ -98,7 +98,7 @@ def _interval(c: dict) -> str:
     return f"{c['low']:.3f}-{c['high']:.3f}"
 
 
-HEADER = ["variant", "{0} ms", "ratio ({0})", "95% interval", "ratio (wall)", "wall interval",
+HEADER = ["variant", "{0} ms", "ratio ({0})", "95% interval", "min ratio ({0})", "ratio (wall)", "wall interval",
           "floor MACs", "floor bytes", "max rel diff vs reference"]
 
 
@@ -115,7 +115,8 @@ def rows(measurements: list[dict]) -> list[list[str]]:
         first, wall = m["clocks"][m["clock"]], m["clocks"]["wall"]
         tokens = [f"{m['tokens'] / first['median_s']:.0f}"] if "tokens" in m else []
         out.append([m["variant"], f"{first['median_s'] * 1000:.1f}"] + tokens + [
-            f"{first['ratio']:.3f}", _interval(first), f"{wall['ratio']:.3f}", _interval(wall),
+            f"{first['ratio']:.3f}", _interval(first), f"{first['min_ratio']:.3f}" if "min_ratio" in first else "-",
+            f"{wall['ratio']:.3f}", _interval(wall),
             f"+{m['floor']['macs'] * 100:.2f}%", f"+{m['floor']['bytes'] * 100:.2f}%",
             _diff(m["validation_max_rel_diff"])])
     return out
@@ -148,13 +149,18 @@ def terminal(results: dict) -> str:
 
 
 def pair_ratio(section: list[dict], variant: str, versus: str, clock: str | None = None) -> tuple | None:
-    """(median, low, high) of the per-round ratios variant / versus within one section (one clock)."""
+    """(median, low, high) of the per-round ratios variant / versus within one section (one clock).
+
+    Each round's ratio is the quotient of the two variants' ratios to the section's reference in that
+    round (each to the reference calls around it, when bracketed), so drift cancels here too.
+    """
     found = {m["variant"]: m for m in section}
     if variant not in found or versus not in found:
         return None
     clock = clock or found[variant]["clock"]
-    return median_interval(per_round_ratios(found[variant]["clocks"][clock]["samples_s"],
-                                            found[versus]["clocks"][clock]["samples_s"]))
+    ours, theirs = found[variant]["clocks"][clock], found[versus]["clocks"][clock]
+    relative = lambda c: per_round_ratios(c["samples_s"], c["paired_s"]) if "paired_s" in c else c["samples_s"]
+    return median_interval(per_round_ratios(relative(ours), relative(theirs)))
 
 
 def main_sections(results: dict) -> dict[str, list[dict]]:
@@ -202,9 +208,15 @@ METHOD = (
     "before it is timed. Rounds time every variant once, in a rotation of table order on even rounds and "
     "that rotation reversed on odd ones; each variant's ratio is taken to the reference variant (base; PEFT for training) of the same "
     "round, on two clocks: **{clock} time** (the process's CPU time on a CPU: time spent waiting for a core "
-    "does not count; CUDA events on a GPU) and wall time. The figure is the median of the per-round ratios "
+    "does not count; CUDA events on a GPU) and wall time. Workloads made of steps run in lockstep (decode: "
+    "token k of every variant, then token k + 1; a training step: every forward, then every backward), so "
+    "that each variant's round is spread over the same seconds; a workload of one call (prefill, generate) "
+    "is bracketed: the reference runs before, between and after the others (R a R b R), and each ratio is "
+    "to the mean of the two reference calls around it. The figure is the median of the per-round ratios "
     "with its 95% bootstrap interval; rounds continue until every interval on the first clock is within "
-    "+-{res:.0f}% of its median, or a cap is hit (then the section says so). The ratio tables run with "
+    "+-{res:.0f}% of its median, or a cap is hit (then the section says so). *min ratio* (the variant's "
+    "fastest round over the fastest reference it was compared with) is a secondary figure, robust to "
+    "rounds slowed by noise but without an interval: verdicts never use it. The ratio tables run with "
     "{threads} torch thread(s); the all-cores table is separate. The A/A control (an identical copy of the "
     "base model, or of PEFT for training) shows what the method finds for two equal models. The floor "
     "columns are the LoRA branch's extra multiply-adds and elements moved, as % of the base model's "

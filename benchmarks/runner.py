@@ -235,7 +235,7 @@ class Runner:
         plan = self.plan
         self.log(f"{label}: timing {', '.join(functions)}")
         timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds, seconds,
-                            plan.resolution, on_round=lambda k, width: self.log(
+                            plan.resolution, bracket=plan.bracket, on_round=lambda k, width: self.log(
                                 f"{label}: round {k}, widest interval +-{width * 100:.1f}%") if k % 10 == 0 else None)
         summary = summarize(timed, ratio_to)
         for name, clocks in summary.items():
@@ -243,6 +243,7 @@ class Runner:
             self.results["measurements"].append({
                 **fields, "threads": self.threads, "variant": name, "ratio_to": ratio_to,
                 "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
+                "bracketed": timed["bracketed"],
                 "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
                 "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,
                 **({"tokens": tokens} if tokens else {}),

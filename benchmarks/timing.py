@@ -1,7 +1,7 @@
 """Interleaved timing: rounds in alternating order, two clocks, and rounds until the ratios are resolved.
 
-A shared machine slows whatever runs while the noise lasts. Three things keep that out of the
-ratios:
+A shared machine slows whatever runs while the noise lasts, and even a quiet VM's speed drifts by
+10-30% over tens of seconds (its host's other tenants). Four things keep that out of the ratios:
 
 - **CPU time.** On a CPU every call is timed by the process's CPU time (``time.process_time``:
   the seconds the process's threads ran) as well as by wall time. Time spent waiting for a core
@@ -10,8 +10,14 @@ ratios:
   clock is a pair of CUDA events (the GPU's time), the second the host's wall time.
 - **Ratios within a round.** Each round times every variant once; each variant's ratio is taken
   against the reference variant *of the same round*, so slow drifts cancel.
-- **Alternating order.** Even rounds run the variants in a rotation of table order, odd rounds
-  the same rotation reversed (A B C, C B A, B C A, A C B, ...): a linear drift over two rounds
+- **Finer interleaving.** A workload made of steps (``Steps``: decode is one forward per token)
+  runs in lockstep: step j of every variant, then step j + 1 of every variant, so each variant's
+  round total is spread over the same seconds as the others'. A workload of one call (prefill, a
+  training step) is *bracketed*: the reference runs before, between and after the other variants
+  (R a R b R c R), and each variant's ratio is to the mean of the two reference calls around it,
+  which cancels a drift that is linear over those three calls.
+- **Alternating order.** Rounds (and lockstep steps) run the variants in a rotation of table order,
+  then that rotation reversed (A B C, C B A, B C A, A C B, ...): a linear drift over two rounds
   cancels, and no variant always runs first after the between-round pause.
 
 Rounds continue until the bootstrap 95% interval of every variant's median ratio (on the first
@@ -67,41 +73,93 @@ def round_order(names: list[str], k: int) -> list[str]:
     return rotated if k % 2 == 0 else rotated[::-1]
 
 
+class Steps:
+    """A variant's work in one round as a list of steps (``start()`` returns the round's step
+    functions, which may share state, e.g. a KV cache). The steps of all variants are timed in
+    lockstep, and the variant's time for the round is their sum."""
+
+    def __init__(self, start: Callable[[], list[Callable[[], object]]]):
+        self.start = start
+
+
+def _round_steps(function) -> list[Callable[[], object]]:
+    return function.start() if isinstance(function, Steps) else [function]
+
+
+def run_once(function: Callable[[], object] | Steps) -> None:
+    """One round's worth of ``function``, untimed (all its steps, in order)."""
+    for step in _round_steps(function):
+        step()
+
+
 def per_round_ratios(samples: list[float], reference: list[float]) -> list[float]:
     return [t / r for t, r in zip(samples, reference, strict=True)]
 
 
-def widest_half_width(samples: dict[str, list[float]], reference: str) -> float:
-    """The widest interval half-width (ratio units) over the variants' median per-round ratios."""
+def widest_half_width(samples: dict[str, list[float]], paired: dict[str, list[float]], reference: str) -> float:
+    """The widest interval half-width (ratio units) over the variants' median per-round ratios;
+    ``paired[name]``: the reference's time each round's ratio of ``name`` is taken to."""
     widest = 0.0
     for name, times in samples.items():
         if name != reference:
-            widest = max(widest, half_width(*median_interval(per_round_ratios(times, samples[reference]))))
+            widest = max(widest, half_width(*median_interval(per_round_ratios(times, paired[name]))))
     return widest
 
 
-def interleaved(functions: dict[str, Callable[[], object]], device: str, reference: str, min_rounds: int,
+def one_round(functions: dict, reference: str, k: int, measure, bracket: bool) -> tuple[dict, dict]:
+    """Run round ``k``: ({name: (clock one, clock two) totals}, {name: the reference's (one, two) that
+    name's ratio is taken to}). Workloads of several steps run in lockstep; a single-call round is
+    bracketed by the reference when ``bracket`` (see the module docstring)."""
+    names = list(functions)
+    steps = {name: _round_steps(functions[name]) for name in names}
+    totals = {name: [0.0, 0.0] for name in names}
+    single = all(len(s) == 1 for s in steps.values())
+    if bracket and single and len(names) > 1:
+        others = round_order([n for n in names if n != reference], k)
+        around = [measure(steps[reference][0])]                    # R a R b R ... R
+        for name in others:
+            totals[name] = list(measure(steps[name][0]))
+            around.append(measure(steps[reference][0]))
+        paired = {name: [(around[i][c] + around[i + 1][c]) / 2 for c in (0, 1)] for i, name in enumerate(others)}
+        totals[reference] = [sum(t[c] for t in around) / len(around) for c in (0, 1)]
+        paired[reference] = totals[reference]
+        return totals, paired
+    for j in range(max(len(s) for s in steps.values())):
+        for name in round_order(names, k * max(len(s) for s in steps.values()) + j):
+            if j < len(steps[name]):
+                one, two = measure(steps[name][j])
+                totals[name][0] += one
+                totals[name][1] += two
+    return totals, {name: totals[reference] for name in names}
+
+
+def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str, reference: str, min_rounds: int,
                 max_rounds: int, max_seconds: float, resolution: float = RESOLUTION,
-                on_round: Callable[[int, float], None] = lambda k, width: None, timer=None) -> dict:
+                on_round: Callable[[int, float], None] = lambda k, width: None, timer=None,
+                bracket: bool = True) -> dict:
     """Time every function in rounds until the ratios to ``reference`` are resolved or a cap is hit.
 
-    Returns ``{"clocks": (first, second), "samples": {clock: {name: [seconds per round]}},
-    "rounds": n, "stopped": "resolved" | "max_rounds" | "max_seconds", "half_width": widest}``.
-    The first clock decides when to stop; ``on_round(k, widest)`` is called after each round from
-    ``min_rounds`` on (for progress lines). ``timer``: (clock names, measure) in place of
-    ``clocks(device)`` (the tests plant one).
+    ``functions``: a callable (one call per round) or ``Steps`` per variant. Returns
+    ``{"clocks": (first, second), "samples": {clock: {name: [seconds per round]}}, "paired": {clock:
+    {name: [the reference's seconds each ratio is taken to]}}, "rounds": n, "stopped": "resolved" |
+    "max_rounds" | "max_seconds", "half_width": widest, "bracketed": bool}``. The first clock decides
+    when to stop; ``on_round(k, widest)`` is called after each round from ``min_rounds`` on (for
+    progress lines). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
     """
     (first, second), measure = timer or clocks(device)
     names = list(functions)
     samples = {first: {n: [] for n in names}, second: {n: [] for n in names}}
+    paired = {first: {n: [] for n in names}, second: {n: [] for n in names}}
+    bracketed = bracket and len(names) > 1 and not any(isinstance(f, Steps) for f in functions.values())
     started, stopped, widest, k = time.perf_counter(), "max_rounds", float("inf"), 0
     for k in range(max_rounds):
-        for name in round_order(names, k):
-            one, two = measure(functions[name])
-            samples[first][name].append(one)
-            samples[second][name].append(two)
+        totals, compared_to = one_round(functions, reference, k, measure, bracketed)
+        for name in names:
+            for c, clock in enumerate((first, second)):
+                samples[clock][name].append(totals[name][c])
+                paired[clock][name].append(compared_to[name][c])
         if k + 1 >= min_rounds:
-            widest = widest_half_width(samples[first], reference)
+            widest = widest_half_width(samples[first], paired[first], reference)
             on_round(k + 1, widest)
             if widest <= resolution and k + 1 >= MIN_ROUNDS:  # fewer rounds: no 95% interval exists
                 stopped = "resolved"
@@ -109,19 +167,24 @@ def interleaved(functions: dict[str, Callable[[], object]], device: str, referen
             if k + 1 < max_rounds and time.perf_counter() - started >= max_seconds:
                 stopped = "max_seconds"
                 break
-    return {"clocks": (first, second), "samples": samples, "rounds": k + 1 if names else 0,
-            "stopped": stopped, "half_width": widest}
+    return {"clocks": (first, second), "samples": samples, "paired": paired, "rounds": k + 1 if names else 0,
+            "stopped": stopped, "half_width": widest, "bracketed": bracketed}
 
 
 def summarize(timed: dict, reference: str) -> dict[str, dict]:
-    """Per variant and clock: median seconds, and the median per-round ratio with its 95% interval."""
+    """Per variant and clock: median seconds, and the median per-round ratio with its 95% interval.
+
+    Also ``min_ratio``, the variant's fastest round over the reference's fastest: a secondary
+    figure, robust to rounds slowed by noise but with no interval (verdicts never use it).
+    """
     summary = {}
     for name in timed["samples"][timed["clocks"][0]]:
         entry = {}
         for clock in timed["clocks"]:
-            times, base = timed["samples"][clock][name], timed["samples"][clock][reference]
-            ratio, low, high = median_interval(per_round_ratios(times, base))
-            entry[clock] = {"median_s": statistics.median(times), "samples_s": times,
-                            "ratio": ratio, "low": low, "high": high}
+            times = timed["samples"][clock][name]
+            compared_to = timed.get("paired", timed["samples"])[clock][name]
+            ratio, low, high = median_interval(per_round_ratios(times, compared_to))
+            entry[clock] = {"median_s": statistics.median(times), "samples_s": times, "paired_s": compared_to,
+                            "ratio": ratio, "low": low, "high": high, "min_ratio": min(times) / min(compared_to)}
         summary[name] = entry
     return summary

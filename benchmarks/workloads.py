@@ -1,7 +1,9 @@
 """The things timed: prefill, decode (a per-token loop, and ``generate``), and a training step.
 
-Each workload is a small class: ``prepare(model)`` returns the function that is timed (it holds
-whatever state the workload needs, e.g. an optimizer), ``check(model)`` returns what validation
+Each workload is a small class: ``prepare(model)`` returns what is timed: one function (one call per
+round), or ``Steps`` (the round's steps, timed in lockstep with the other variants': decode's
+forwards, a training step's forward and backward), holding whatever state the workload needs
+(a KV cache, an optimizer). ``check(model)`` returns what validation
 compares between variants, and ``forwards()`` lists its forward calls as (batch, new tokens,
 context) for the analytical floor (benchmarks/floor.py).
 """
@@ -12,6 +14,8 @@ import inspect
 
 import torch
 from torch import nn
+
+from .timing import Steps
 
 
 def token_ids(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -79,8 +83,23 @@ class Decode:
     def check(self, model: nn.Module) -> list[torch.Tensor]:
         return self._generate(model)
 
-    def prepare(self, model: nn.Module):
-        return lambda: self._generate(model)
+    def prepare(self, model: nn.Module) -> Steps:
+        """The prompt's forward, then one forward per token: the steps _generate runs, one by one."""
+        from transformers import DynamicCache
+
+        keyword = _cache_keyword(model)
+
+        def start():
+            state = {keyword: DynamicCache()}
+
+            def forward(ids):
+                with torch.no_grad():
+                    state["logits"] = model(input_ids=ids, use_cache=True, **state).logits[:, -1]
+
+            def next_token():
+                forward(state.pop("logits").argmax(-1, keepdim=True))                  # (1, 1)
+            return [lambda: forward(self.ids)] + [next_token] * self.tokens
+        return Steps(start)
 
 
 class Generate:
@@ -140,12 +159,20 @@ class TrainStep:
         model.zero_grad(set_to_none=True)
         return [loss.detach()] + grads
 
-    def prepare(self, model: nn.Module):
+    def prepare(self, model: nn.Module) -> Steps:
+        """Two steps: the forward (the loss), then backward and the optimizer step."""
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def run():
-            self._loss(model).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return run
+        def start():
+            state = {}
+
+            def forward():
+                state["loss"] = self._loss(model)
+
+            def backward_and_step():
+                state.pop("loss").backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return [forward, backward_and_step]
+        return Steps(start)

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.floor import linear_layers, lora_floor
 from benchmarks.stats import MIN_ROUNDS, Target, half_width, median_interval, resolved, verdict
-from benchmarks.timing import interleaved, round_order, summarize
+from benchmarks.timing import Steps, interleaved, round_order, summarize
 from benchmarks.variants import load_base, lora_config
 
 AT_MOST = Target("t", "at most", 1.01)
@@ -129,8 +129,63 @@ def test_rounds_alternate_their_order():
     assert sorted(order[0] for order in orders) == ["a", "a", "b", "b", "c", "c"]  # each first equally often
     calls = []
     functions, timer = planted({"a": [1.0], "b": [1.0], "c": [1.0]}, calls)
-    interleaved(functions, "cpu", "a", min_rounds=2, max_rounds=2, max_seconds=60, timer=timer)
+    interleaved(functions, "cpu", "a", min_rounds=2, max_rounds=2, max_seconds=60, timer=timer, bracket=False)
     assert calls == ["a", "b", "c", "c", "b", "a"]
+
+
+def test_bracketed_rounds_run_the_reference_around_every_variant():
+    calls = []
+    functions, timer = planted({"a": [1.0], "b": [1.0], "c": [1.0]}, calls)
+    timed = interleaved(functions, "cpu", "a", min_rounds=2, max_rounds=2, max_seconds=60, timer=timer)
+    assert timed["bracketed"]
+    assert calls == ["a", "b", "a", "c", "a", "a", "c", "a", "b", "a"]
+
+
+def drifting(costs: dict[str, float], slope: float, calls: list[str]):
+    """Functions whose time is their cost times a machine speed that drifts linearly with every call."""
+    def function(name):
+        def run():
+            calls.append(name)
+            return costs[name] * (1 + slope * len(calls))
+        return run
+
+    def measure(fn):
+        t = fn()
+        return t, t
+    return {name: function(name) for name in costs}, (("cpu", "wall"), measure)
+
+
+def test_bracketing_cancels_a_linear_drift_that_plain_rounds_do_not():
+    costs = {"base": 1.0, "same": 1.0, "x": 1.05}
+    functions, timer = drifting(costs, 0.02, [])
+    plain = summarize(interleaved(functions, "cpu", "base", min_rounds=8, max_rounds=8, max_seconds=60,
+                                  timer=timer, bracket=False), "base")
+    functions, timer = drifting(costs, 0.02, [])
+    bracketed = summarize(interleaved(functions, "cpu", "base", min_rounds=8, max_rounds=8, max_seconds=60,
+                                      timer=timer), "base")
+    assert bracketed["same"]["cpu"]["ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert bracketed["x"]["cpu"]["ratio"] == pytest.approx(1.05, abs=1e-12)
+    assert bracketed["x"]["cpu"]["high"] - bracketed["x"]["cpu"]["low"] == pytest.approx(0.0, abs=1e-12)
+    plain_same = plain["same"]["cpu"]
+    assert half_width(plain_same["ratio"], plain_same["low"], plain_same["high"]) > 0.01  # drift leaks into plain rounds
+
+
+def test_steps_run_in_lockstep_and_a_round_is_their_sum():
+    calls = []
+
+    def stepped(name, times):
+        def start():
+            return [(lambda t=t, i=i: calls.append(f"{name}{i}") or t) for i, t in enumerate(times)]
+        return Steps(start)
+
+    functions = {"base": stepped("base", [1.0, 2.0, 2.0]), "x": stepped("x", [1.0, 2.2, 2.2])}
+    timed = interleaved(functions, "cpu", "base", min_rounds=2, max_rounds=2, max_seconds=60,
+                        timer=(("cpu", "wall"), lambda fn: (fn(),) * 2))
+    assert not timed["bracketed"]  # steps share state: the reference cannot run twice in a round
+    assert calls[:6] == ["base0", "x0", "x1", "base1", "x2", "base2"]  # step j of each, order alternating
+    x = summarize(timed, "base")["x"]["cpu"]
+    assert x["samples_s"] == pytest.approx([5.4, 5.4]) and x["ratio"] == pytest.approx(5.4 / 5.0)
+    assert x["min_ratio"] == pytest.approx(5.4 / 5.0)
 
 
 def test_rounds_stop_once_resolved_but_not_before_six():
@@ -154,11 +209,13 @@ def test_noisy_rounds_stop_at_the_cap_and_say_so():
 
 def test_ratios_are_medians_of_per_round_ratios():
     functions, timer = planted({"base": [1.0, 2.0, 1.0], "x": [1.1, 2.0, 1.3]}, [])
-    timed = interleaved(functions, "cpu", "base", min_rounds=3, max_rounds=3, max_seconds=60, timer=timer)
+    timed = interleaved(functions, "cpu", "base", min_rounds=3, max_rounds=3, max_seconds=60, timer=timer,
+                        bracket=False)
     x = summarize(timed, "base")["x"]["cpu"]
     assert x["ratio"] == pytest.approx(1.1)          # median of 1.1, 1.0, 1.3 (not 1.3 / 1.0)
     assert x["median_s"] == pytest.approx(1.3)
     assert (x["low"], x["high"]) == pytest.approx((1.0, 1.3))  # below six rounds: min and max
+    assert x["min_ratio"] == pytest.approx(1.1 / 1.0)  # the secondary figure: fastest over fastest
 
 
 # ---- the floor, counted by hand ------------------------------------------------------------------------

@@ -200,3 +200,31 @@ def test_cli_help_and_bad_device(capsys):
     assert "--quick" in out and "--no-mixed" in out and "--no-all-cores" in out
     assert main(["--device", "tpu-ish"]) == 2
     assert "not a torch device" in capsys.readouterr().err
+
+
+def test_timed_steps_do_what_was_validated():
+    """Decode's lockstep steps feed the model the validated loop's tokens; a timed training step trains."""
+    from benchmarks.timing import Steps, run_once
+    from benchmarks.workloads import TrainStep
+
+    base = load_base("tiny", "cpu")
+    config = lora_config(ALL_LINEAR, 4, 0.0, 2.0)
+    model = build_variant("fused", base, config, adapter_weights(base, config, seed=0))
+    fed = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].tolist()),
+                                           with_kwargs=True)
+    workload = Decode(3, 4, base.config.vocab_size, "cpu")
+    workload.check(model)
+    validated, fed[:] = list(fed), []
+    prepared = workload.prepare(model)
+    assert isinstance(prepared, Steps) and len(prepared.start()) == 1 + 4  # the prompt, then one per token
+    run_once(prepared)
+    run_once(prepared)  # every round starts from a fresh cache
+    hook.remove()
+    assert fed == validated + validated and len(validated) == 5
+
+    train = TrainStep(2, 8, base.config.vocab_size, "cpu", 0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    run_once(train.prepare(model))
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(after[n], value) and after[n].grad is None for n, value in before.items())

@@ -195,8 +195,12 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     with torch.no_grad():
         layer.lora_A["default"].weight.data = layer.lora_A["default"].weight.data * -1.0  # A replaced: rebuilt from the new A
     _check_fused_equals_fresh_reference(fused, ids, "after replacing A")
-    buffer = _concatenated_weight(layer)[0]
+    buffer = _concatenated_weight(layer).buffer
     assert split_concatenated(layer, buffer)[1].data_ptr() == layer.lora_A["default"].weight.data_ptr()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.data = layer.lora_B["default"].weight.data * 2.0  # B replaced (own layout)
+    _check_fused_equals_fresh_reference(fused, ids, "after replacing B")
+    assert layer.lora_B["default"].weight.T.is_contiguous()  # stored as B^T's rows again by the rebuild
 
     adapter = {k: v.clone() * 2 for k, v in fused.state_dict().items() if ".lora_" in k}
     fused.load_state_dict(adapter, strict=False)
@@ -229,7 +233,7 @@ def test_rebuilt_under_inference_mode_still_trains():
 def test_leaving_fused_gives_w0_its_own_storage_back():
     fused = lora_model(tiny_gpt2(), "fused")
     layers = [layer for _, layer in minilora.lora_layers(fused)]
-    buffer, _ = _concatenated_weight(layers[0])  # Conv1D: (in, out + r) = [W0 | A^T], W0 and A views of it
+    buffer = _concatenated_weight(layers[0]).buffer  # Conv1D: (in, out + r) = [W0 | A^T], W0 and A views of it
     assert buffer.shape == (layers[0].in_features, layers[0].out_features + 4)
     assert layers[0].base_layer.weight.data_ptr() == buffer.data_ptr()
     assert torch.equal(buffer[:, layers[0].out_features:].T, layers[0].lora_A["default"].weight)
