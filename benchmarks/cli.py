@@ -11,6 +11,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"            # the commi
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "benchmarks"  # ignored by git
 
 
+from .plan import INFERENCE_VARIANTS
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -41,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the separate table of the main case with every core")
     parser.add_argument("--no-mixed", action="store_true",
                         help="skip the mixed batches (several adapters in one batch)")
+    parser.add_argument("--no-generate", action="store_true",
+                        help="skip the generate() table (decode is still timed as a per-token forward loop)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated inference variants to time, in table order (default: all of "
+                             f"{','.join(INFERENCE_VARIANTS)}); base and reference (what the others are checked against) always are")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -82,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     plan.all_cores = plan.all_cores and not args.no_all_cores
     if args.no_mixed:
         plan.mixed_adapters = ()
+    if args.no_generate:
+        plan.generate = False
+    if args.variants is not None:
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in INFERENCE_VARIANTS]
+        if unknown:
+            print(f"error: unknown variant(s) {', '.join(unknown)} in --variants; choose from "
+                  f"{', '.join(INFERENCE_VARIANTS)}.", file=sys.stderr)
+            return 2
+        plan.inference_variants = tuple(v for v in INFERENCE_VARIANTS if v in ("base", "reference") or v in chosen)
     if args.no_compiled:
         plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")

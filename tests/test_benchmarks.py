@@ -192,14 +192,17 @@ def test_memory_child_body_reports_a_peak():
     assert result["peak_mib"] is not None and result["held_mib"] > 0
 
 
-def test_cli_help_and_bad_device(capsys):
+def test_cli_help_and_bad_device(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--quick" in out and "--no-mixed" in out and "--no-all-cores" in out
+    assert "--no-generate" in out and "--variants" in out
     assert main(["--device", "tpu-ish"]) == 2
     assert "not a torch device" in capsys.readouterr().err
+    assert main(["--variants", "base-copy,fusd", "--out", str(tmp_path)]) == 2
+    assert "unknown variant(s) fusd" in capsys.readouterr().err
 
 
 def test_timed_steps_do_what_was_validated():
