@@ -23,7 +23,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import adapters
 from .compat_loading import drawing_nothing, leave_new_layers_in_train_mode
 from .config import LoraConfig, MiniLoraError
-from .inject import inject, is_lora_parameter
+from .inject import inject, is_lora_parameter, lora_layers
 
 WRAPPER_PREFIX = "base_model.model."  # what PEFT's wrappers put in front of your model's keys
 
@@ -63,19 +63,39 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
         raise MiniLoraError("ignore_mismatched_sizes=True would leave tensors of another shape unloaded; minilora "
                             "loads strictly. Load an adapter made for this model.")
     inner = model_inside(model)
-    trainable = {param: param.requires_grad for param in inner.parameters()}
-    adapters.load_adapter(inner, dict(peft_model_state_dict), adapter_name=adapter_name)
-    for param, flag in trainable.items():
-        param.requires_grad_(flag)
+    trainable = {name: param.requires_grad for name, param in inner.named_parameters()}  # by name: to_empty
+    # below makes new Parameter objects
+    placeholders = _meta_adapter(inner, adapter_name)  # from inject_adapter_in_model(..., low_cpu_mem_usage=True)
+    for matrix, device in placeholders:
+        matrix.to_empty(device=device)  # real memory for load_adapter to fill (every key, or it raises)
+    try:
+        adapters.load_adapter(inner, dict(peft_model_state_dict), adapter_name=adapter_name)
+    except MiniLoraError:
+        for matrix, _ in placeholders:
+            matrix.to("meta")  # placeholders again, as before the call
+        raise
+    for name, param in inner.named_parameters():
+        param.requires_grad_(trainable[name])
     return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _meta_adapter(model: nn.Module, adapter_name: str) -> list[tuple[nn.Module, torch.device]]:
+    """(A or B, the base layer's device) for each of the adapter's matrices that is a meta-device placeholder."""
+    found = []
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            for matrix in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                if matrix.weight.is_meta:
+                    found.append((matrix, layer.base_layer.weight.device))
+    return found
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, state_dict: Optional[Mapping] = None) -> nn.Module:
     """LoRA layers injected into ``model`` in place, without a wrapper (PEFT's ``inject_adapter_in_model``:
-    same seed, same adapter, new layers in train mode). With ``low_cpu_mem_usage`` nothing is drawn
-    from the random generator, as PEFT's meta-device adapters draw nothing; minilora's are real
-    tensors (PEFT's must be loaded before use)."""
+    same seed, same adapter, new layers in train mode). With ``low_cpu_mem_usage``, as in PEFT, A and
+    B are placeholders on the meta device (nothing drawn from the random generator, no memory) until
+    ``set_peft_model_state_dict`` loads them; forward fails before that."""
     if not isinstance(peft_config, LoraConfig):
         raise MiniLoraError(f"inject_adapter_in_model needs minilora.compat.LoraConfig, got "
                             f"{type(peft_config).__module__}.{type(peft_config).__qualname__}.")
@@ -85,6 +105,10 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     with drawing_nothing(low_cpu_mem_usage):
         inject(model, peft_config, adapter_name)
     leave_new_layers_in_train_mode(model, adapter_name)
+    if low_cpu_mem_usage:
+        for _, layer in lora_layers(model):
+            layer.lora_A[adapter_name].to("meta")
+            layer.lora_B[adapter_name].to("meta")
     if getattr(peft_config, "inference_mode", False):
         for param in model.parameters():
             param.requires_grad_(False)

@@ -71,8 +71,22 @@ def test_inject_adapter_in_model_as_peft(low_cpu_mem_usage):
     assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == \
         [(n, p.requires_grad) for n, p in theirs.named_parameters()]
     assert ours.lin0.training == theirs.lin0.training
-    if not low_cpu_mem_usage:  # PEFT's adapters are on the meta device then
+    assert [(n, p.device.type) for n, p in ours.named_parameters()] == \
+        [(n, p.device.type) for n, p in theirs.named_parameters()]  # meta placeholders with low_cpu_mem_usage
+    if not low_cpu_mem_usage:
         assert same(ours.state_dict(), theirs.state_dict())
+        return
+    state = peft.get_peft_model_state_dict(twins()[0])  # now load the placeholders, as PEFT's docs say
+    with pytest.raises(MiniLoraError):  # a missing key: refused, and the placeholders stay placeholders
+        compat.set_peft_model_state_dict(ours, dict(list(state.items())[:1]), low_cpu_mem_usage=True)
+    assert ours.lin0.lora_A["default"].weight.is_meta
+    peft.set_peft_model_state_dict(theirs, state, low_cpu_mem_usage=True)
+    compat.set_peft_model_state_dict(ours, state, low_cpu_mem_usage=True)
+    assert same(ours.state_dict(), theirs.state_dict())
+    assert [(n, p.requires_grad) for n, p in ours.named_parameters()] == \
+        [(n, p.requires_grad) for n, p in theirs.named_parameters()]
+    with torch.no_grad():
+        assert torch.equal(ours(X), theirs(X))
 
 
 def test_base_model_state_dict_as_peft():
