@@ -175,6 +175,11 @@ def read_config_fields(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
                             "as minilora.save_adapter and PEFT's save_pretrained write them.")
+    return read_json_fields(path)
+
+
+def read_json_fields(path: Path) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (MiniLoraError if it cannot be read or is not an object)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:

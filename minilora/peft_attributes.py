@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,17 @@ class PeftConfigAttributes:
                         **kwargs: Any):
         """The config in ``directory[/subfolder]/adapter_config.json`` (written by PEFT or minilora).
 
-        Fields this class does not have (a newer PEFT's, or metadata such as ``peft_version``) are
-        left out with one warning; a PEFT feature minilora does not have is a MiniLoraError (see
-        adapter_config.py). Keyword arguments set fields after loading, as PEFT's do.
+        Keys this class has no field for are left out with PEFT's one warning ("Unexpected keyword
+        arguments [...] for class LoraConfig, these are ignored"), except those that only say where the
+        file came from (``peft_version``, ``auto_mapping``, ...) and PEFT features left unused. A used PEFT
+        feature minilora does not have is a MiniLoraError (see adapter_config.py). Keyword arguments set
+        fields after loading.
 
         Raises:
             MiniLoraError: for a missing or broken file, another PEFT method, a used unsupported feature,
                 a bad value, or an unknown keyword.
         """
-        from .adapter_config import config_from_fields, read_config_fields
+        from .adapter_config import METADATA_FIELDS, UNSUPPORTED_FIELDS, config_from_fields, read_config_fields
         from .config import MiniLoraError
 
         directory = Path(pretrained_model_name_or_path).expanduser() / (subfolder or "")
@@ -99,13 +102,26 @@ class PeftConfigAttributes:
                                 "configs from local directories; for a hub adapter use PeftModel.from_pretrained, "
                                 "which resolves hub ids.")
         fields = read_config_fields(directory)
-        config_from_fields(fields, str(directory / CONFIG_FILE))  # checks: LoRA, features, values (warns unknown)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (its own "fields minilora does not know"; PEFT's words below)
+            config_from_fields(fields, str(directory / CONFIG_FILE))  # checks: LoRA, features, values
         known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise MiniLoraError(f"LoraConfig.from_pretrained got {unknown}, which are not LoraConfig fields.")
+        wrong = sorted(set(kwargs) - known)
+        if wrong:
+            raise MiniLoraError(f"LoraConfig.from_pretrained got {wrong}, which are not LoraConfig fields.")
+        ignored = sorted(set(fields) - known - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))  # (those: unused)
+        if ignored:
+            warnings.warn(f"Unexpected keyword arguments {ignored} for class {cls.__name__}, these are ignored. This "
+                          "probably means that the configuration file was saved by a newer PEFT.", stacklevel=2)
         values = {name: value for name, value in fields.items() if name in known}
         return cls(**{**values, **kwargs})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The fields in the JSON file ``path_json_file``, as a dict (PEFT's ``from_json_file``)."""
+        from .adapter_config import read_json_fields
+
+        return read_json_fields(Path(path_json_file))
 
 
 def _json_value(value: Any) -> Any:

@@ -75,7 +75,8 @@ def test_config_files_round_trip_with_peft_both_ways(tmp_path, config_cls):
         ours = getattr(read_by_us, name)
         assert {name: set(ours) if name == "target_modules" else ours} == as_read, name
     text = (tmp_path / "ours" / "adapter_config.json").read_text()
-    assert json.loads(text)["peft_type"] == "LORA" and text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    assert json.loads(text)["peft_type"] == "LORA"
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"  # PEFT's layout
     assert config_cls.from_pretrained(tmp_path, subfolder="ours") == config_cls(**fields)
     assert config_cls.from_pretrained(tmp_path / "ours", r=2).r == 2  # keywords set fields, as in PEFT
 
@@ -188,7 +189,8 @@ def test_peft_names_change_nothing_when_read():
     model = minilora.inject(make_mlp(), LoraConfig(target_modules=["0"]))
     check = record_model(model)
     layer = model[0]
-    _ = (layer.disable_adapters, layer.use_dora, layer.lora_bias, layer.get_base_layer(), layer.get_delta_weight("default"))
+    _ = (layer.disable_adapters, layer.use_dora, layer.lora_bias, layer.get_base_layer(),
+         layer.get_delta_weight("default"))
     with pytest.raises(TypeError):
         layer.use_dora["default"] = True  # read-only: nothing switches DoRA on through it
     assert layer.use_dora == {"default": False}
@@ -211,3 +213,28 @@ def test_feature_flags_follow_the_adapters_like_peft():
     minilora.delete_adapter(ours, "first")
     theirs.delete_adapter("first")
     assert all(view == peft_layer.use_dora == {"second": False} and "first" not in view for view in views)
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
+def test_unknown_file_keys_warn_once_in_peft_s_words(tmp_path, config_cls):
+    """A newer PEFT's keys are left out with PEFT's one warning; PEFT's own metadata (peft_version) is silent."""
+    import peft
+
+    peft_lora_config(target_modules=["q"], r=4).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    assert "peft_version" in fields
+    path.write_text(json.dumps({**fields, "foobar": "baz", "spam": 123}))
+    words = "Unexpected keyword arguments ['foobar', 'spam'] for class LoraConfig, these are ignored."
+    with pytest.warns(UserWarning) as theirs:
+        peft.LoraConfig.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning) as ours:
+        loaded = config_cls.from_pretrained(tmp_path)
+    assert len(ours) == len(theirs) == 1
+    assert str(ours[0].message).startswith(words) and str(theirs[0].message).startswith(words)
+    assert (loaded.r, loaded.target_modules) == (4, ["q"])
+    assert config_cls.from_json_file(path) == peft.LoraConfig.from_json_file(str(path)) == {**fields, "foobar": "baz",
+                                                                                            "spam": 123}
+    with pytest.raises(MiniLoraError, match="not valid JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        config_cls.from_json_file(tmp_path / "bad.json")
