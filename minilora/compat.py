@@ -511,8 +511,9 @@ class PeftModel(nn.Module):
         subclass by the adapter's task_type, as PEFT).
 
         ``model`` may be a base model (injected with the adapter's config), or one that has matching
-        LoRA layers already, e.g. from ``get_peft_model``: its layers get the trained weights and the
-        same wrapper comes back (PEFT wraps it a second time and gives the base outputs: pitfall 1).
+        LoRA layers already, e.g. from ``get_peft_model``: its layers get the trained weights (a new
+        ``adapter_name`` is added), the loaded adapter becomes the active one, and the same wrapper
+        comes back (PEFT wraps it a second time and gives the base outputs: pitfall 1).
         As in PEFT, ``is_trainable=False`` freezes the adapter and puts the model in eval mode, and
         ``config=`` (a LoraConfig equal to the saved one) becomes the adapter's config object.
         """
@@ -530,7 +531,9 @@ class PeftModel(nn.Module):
                                   autocast_adapter_dtype=autocast_adapter_dtype)
             if had_layers:
                 draw_like_peft_rewrap(inner, adapter_name, directory)
-        if not had_layers:
+        if had_layers:  # the loaded adapter is the one that runs, as after PEFT's own from_pretrained
+            multi.set_adapter(inner, adapter_name, inference_mode=not is_trainable)
+        else:
             leave_new_layers_in_train_mode(inner, adapter_name)
         if config is not None:
             config.inference_mode = not is_trainable

@@ -221,3 +221,24 @@ def test_merge_and_unload_of_named_adapters_as_peft(adapter_names):
     assert merged[1].state_dict().keys() == merged[0].state_dict().keys()
     with pytest.raises(MiniLoraError, match="adapter_names must be a list of the model's adapters"):
         wrap(compat).merge_and_unload(adapter_names=["nope"])
+
+
+def test_from_pretrained_into_a_wrapper_runs_the_loaded_adapter(saved):
+    """Pitfall 1 under another adapter name: PEFT wraps twice and (its keys not found) does not run
+    the saved adapter; compat adds it to the same wrapper and runs it."""
+    directory, expected = saved
+    outputs = {}
+    for lib in (peft, compat):
+        model = wrap(lib)
+        with torch.no_grad():
+            model.base_model.model.lin0.lora_B["default"].weight.add_(1)  # "default" is not the saved adapter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = lib.PeftModel.from_pretrained(model, directory, adapter_name="other")
+        with torch.no_grad():
+            outputs[lib.__name__] = loaded(X)
+        if lib is compat:
+            assert loaded is model and model.active_adapters == ["other"] and not model.training
+            assert not any(p.requires_grad for p in model.parameters())
+    assert torch.equal(outputs["minilora.compat"], expected)
+    assert not torch.equal(outputs["peft"], expected)
