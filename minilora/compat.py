@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 import functools
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -57,108 +55,18 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters, multi
-from .adapter_config import ADAPTER_FIELDS, check_unsupported, read_adapter_config
+from .adapter_config import ADAPTER_FIELDS, read_adapter_config
 from .compat_adapters import LoraModel, write_model_card
-from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
-                                set_base_model_state_dict, set_peft_model_state_dict)
+from .compat_config import LoraConfig, TaskType
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
     resolve_adapter_source
+from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
+                                set_base_model_state_dict, set_peft_model_state_dict)
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .inject import inject, lora_layers, set_adapter_config
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
-
-
-class TaskType(str, enum.Enum):
-    """PEFT's task types (the same strings). minilora records the task in adapter_config.json only."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-
-@dataclass
-class LoraConfig(_MiniLoraConfig):
-    """``minilora.LoraConfig`` plus the other fields of PEFT's (peft 0.21.2), so that any PEFT script's
-    config builds.
-
-    ``task_type``, ``inference_mode``, ``base_model_name_or_path`` and ``revision`` are recorded (and
-    ``inference_mode=True`` freezes the adapter, as in PEFT). The fields after them are PEFT features
-    minilora does not have (DoRA, VeLoRA, LoRA on bare parameters, ...): their defaults mean "not
-    used", and using one is a MiniLoraError that names the feature, rather than an adapter that
-    silently computes something else (adapter_config.UNSUPPORTED_FIELDS).
-    """
-
-    task_type: Optional[str] = None
-    inference_mode: bool = False
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    use_dora: bool = False
-    lora_bias: bool = False
-    layer_replication: Optional[list] = None
-    target_parameters: Optional[list] = None
-    trainable_token_indices: Optional[Any] = None
-    loftq_config: dict = dataclasses.field(default_factory=dict)
-    megatron_config: Optional[dict] = None
-    megatron_core: Optional[str] = "megatron.core"  # (which module megatron_config's layers come from)
-    use_qalora: bool = False
-    qalora_group_size: int = 16  # (used with use_qalora only)
-    eva_config: Optional[Any] = None
-    corda_config: Optional[Any] = None
-    alora_invocation_tokens: Optional[list] = None
-    arrow_config: Optional[Any] = None
-    kasa_config: Optional[Any] = None
-    lora_ga_config: Optional[Any] = None
-    monteclora_config: Optional[Any] = None
-    use_bdlora: Optional[Any] = None
-    velora_config: Optional[Any] = None
-    ensure_weight_tying: bool = False
-
-    def validate(self) -> None:
-        """minilora's checks, then PEFT's task types, then "no PEFT feature minilora lacks is used"."""
-        init = self.init_lora_weights
-        if isinstance(init, str) and init != "gaussian":  # PEFT's other initialisations: "pissa", "olora", ...
-            raise MiniLoraError(f"init_lora_weights={init!r} is one of PEFT's data- or SVD-based initialisations, "
-                                "which minilora does not have: it has True (PEFT's default: kaiming-uniform A, "
-                                "zero B), 'gaussian' and False.")
-        if self.ensure_weight_tying is not False:
-            raise MiniLoraError("ensure_weight_tying=True (adapters shared between tied layers) is not in minilora; "
-                                "leave it False.")
-        super().validate()
-        if not isinstance(self.inference_mode, bool):
-            raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")
-        for name in ("base_model_name_or_path", "revision"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise MiniLoraError(f"{name} must be None or a string, got {getattr(self, name)!r}.")
-        if self.task_type is not None and self.task_type not in TaskType.__members__:
-            raise MiniLoraError(f"task_type={self.task_type!r} is not one of PEFT's task types: "
-                                f"{list(TaskType.__members__)}.")
-        if self.task_type is not None:
-            self.task_type = TaskType(self.task_type)
-        check_unsupported(vars(self), "LoraConfig")
-
-
-_dataclass_init = LoraConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
-    """The dataclass __init__, after naming any field it does not know (a newer PEFT's, or a typo)
-    in a MiniLoraError instead of Python's bare TypeError."""
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise MiniLoraError(f"LoraConfig got fields minilora does not know: {unknown}. They are probably from a newer "
-                            "PEFT (or misspelt); minilora cannot honour them, so it stops rather than train something "
-                            f"else. Its fields: {sorted(known)}.")
-    _dataclass_init(self, *args, **kwargs)
-
-
-LoraConfig.__init__ = _init_naming_unknown_fields
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
