@@ -7,10 +7,10 @@ inject.py (putting it into a model), saved_modules.py (modules trained in full),
 weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and
 adapter_config.py (adapter files in PEFT's format; files.py writes them crash-safely,
 bounded_regex.py matches their regexes with a time bound), compat.py (PEFT's API: the PeftModel
-wrapper; compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py what loading does around it,
-compat_state_dict.py PEFT's state-dict functions;
-peft_attributes.py holds the names PEFT's own code reads on a config and a layer), fused.py (faster
-forward paths), cli.py (the `minilora` command).
+wrapper; compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py
+what loading does around it, compat_state_dict.py PEFT's state-dict functions; peft_attributes.py
+holds the names PEFT's own code reads on a config and a layer), fused.py (faster forward paths),
+cli.py (the `minilora` command).
 """
 
 from .adapters import load_adapter, save_adapter

@@ -57,7 +57,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import adapters, multi
 from .adapter_config import ADAPTER_FIELDS, read_adapter_config
 from .compat_adapters import LoraModel, write_model_card
-from .compat_config import LoraConfig, TaskType
+from .compat_config import LoraConfig, TaskType, resolved_targets
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
     resolve_adapter_source
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
@@ -164,8 +164,10 @@ class PeftModel(nn.Module):
                                 "another adapter with peft_model.add_adapter(name, config) instead.")
         if self.TASK_HEADS:
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
+        resolved = resolved_targets(model, peft_config)
         with drawing_nothing(low_cpu_mem_usage):
             inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_config.target_modules = resolved
         leave_new_layers_in_train_mode(model, adapter_name)
         if getattr(peft_config, "inference_mode", False):
             for param in model.parameters():
@@ -337,8 +339,10 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
+        resolved = resolved_targets(model, peft_config)
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_config.target_modules = resolved
         for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat_loading.py)
             if adapter_name in layer.lora_A:
                 for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
@@ -508,8 +512,11 @@ def _check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: o
 def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
     """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly."""
     _check_config(config, "PeftModel.from_pretrained(config=...)")
+    def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
+        return sorted(value) if isinstance(value, (set, list)) else value
+
     different = [name for name in ADAPTER_FIELDS  # (init_lora_weights: how A and B start, overwritten by loading)
-                 if name != "init_lora_weights" and getattr(config, name) != getattr(saved, name)]
+                 if name != "init_lora_weights" and comparable(getattr(config, name)) != comparable(getattr(saved, name))]
     if different:
         raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
                             "weights were made with the saved config. Pass config=None, or the saved config.")

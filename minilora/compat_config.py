@@ -14,9 +14,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from torch import nn
+
 from .adapter_config import check_unsupported
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
+from .targets import is_all_linear, resolve_target_modules
 
 
 class TaskType(str, enum.Enum):
@@ -89,6 +92,9 @@ class LoraConfig(_MiniLoraConfig):
         if self.task_type is not None:
             self.task_type = TaskType(self.task_type)
         check_unsupported(vars(self), "LoraConfig")
+        for name in ("target_modules", "exclude_modules"):  # PEFT keeps a list of names as a set
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, set(getattr(self, name)))
 
 
 _dataclass_init = LoraConfig.__init__
@@ -108,3 +114,12 @@ def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
 
 
 LoraConfig.__init__ = _init_naming_unknown_fields
+
+
+def resolved_targets(model: nn.Module, config: LoraConfig) -> Any:
+    """What PEFT writes into the config when it injects: for ``target_modules=None`` (the
+    architecture's default) and ``"all-linear"``, the set of names they stand for on this model;
+    otherwise the config's own value."""
+    if config.target_modules is None or is_all_linear(config.target_modules):
+        return set(resolve_target_modules(model, config))
+    return config.target_modules

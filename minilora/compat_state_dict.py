@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters
+from .compat_config import resolved_targets
 from .compat_loading import drawing_nothing, leave_new_layers_in_train_mode
 from .config import LoraConfig, MiniLoraError
 from .inject import inject, is_lora_parameter, lora_layers
@@ -102,8 +103,10 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     if state_dict is not None:
         raise MiniLoraError("inject_adapter_in_model(state_dict=...) finds targets from a checkpoint's keys; "
                             "minilora finds them from peft_config.target_modules. Leave state_dict=None.")
+    resolved = resolved_targets(model, peft_config)
     with drawing_nothing(low_cpu_mem_usage):
         inject(model, peft_config, adapter_name)
+    peft_config.target_modules = resolved  # as PEFT: the default / "all-linear" names, written into the config
     leave_new_layers_in_train_mode(model, adapter_name)
     if low_cpu_mem_usage:
         for _, layer in lora_layers(model):

@@ -242,3 +242,26 @@ def test_from_pretrained_into_a_wrapper_runs_the_loaded_adapter(saved):
             assert not any(p.requires_grad for p in model.parameters())
     assert torch.equal(outputs["minilora.compat"], expected)
     assert not torch.equal(outputs["peft"], expected)
+
+
+@pytest.mark.parametrize("target_modules", [None, "all-linear", ["c_attn"], ["c_attn", "c_fc"]])
+def test_config_target_modules_after_injection_as_peft(tmp_path, target_modules):
+    """PEFT keeps a list of target names as a set, and writes the names that None (the architecture's
+    default) and "all-linear" stand for into the config when it injects; the file lists them too."""
+    import json
+
+    from conftest import make_tiny_gpt2
+
+    seen = {}
+    for lib in (peft, compat):
+        config = lib.LoraConfig(target_modules=copy.copy(target_modules), r=2)
+        created = config.target_modules
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(make_tiny_gpt2(), config)
+            model.add_adapter("other", lib.LoraConfig(target_modules=copy.copy(target_modules), r=2))
+            model.save_pretrained(tmp_path / lib.__name__)
+        saved = json.loads((tmp_path / lib.__name__ / "adapter_config.json").read_text())["target_modules"]
+        seen[lib.__name__] = (created, config.target_modules, model.peft_config["other"].target_modules,
+                              sorted(saved) if isinstance(saved, list) else saved)
+    assert seen["minilora.compat"] == seen["peft"]
