@@ -4,7 +4,7 @@ PEFT writes every field of its ``LoraConfig`` (about forty in peft 0.21.2). mini
 
 - the fields it uses (``r``, ``lora_alpha``, ``target_modules``, ...), with PEFT's names and meanings;
 - fields that say where the adapter came from (``task_type``, ``base_model_name_or_path``, ...): ignored;
-- PEFT features minilora does not have (DoRA, ``target_parameters``, ``lora_bias``, ...): fine while
+- PEFT features minilora does not have (DoRA, ``target_parameters``, ...): fine while
   unused, an error when used, since loading without them would compute something else.
 
 Any other field (written by a newer PEFT) is ignored with one warning, as PEFT itself does.
@@ -29,11 +29,12 @@ CONFIG_NAME = "adapter_config.json"
 # The fields minilora uses, ...
 HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
                    "init_lora_weights", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
-                   "alpha_pattern", "modules_to_save")
+                   "alpha_pattern", "modules_to_save", "lora_bias")
 # (of which these belong to the adapter itself; lora_dropout is a training setting, and fan_in_fan_out
 # is read from each layer's type)
 ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "init_lora_weights", "exclude_modules",
-                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save")
+                  "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save",
+                  "lora_bias")
 # The weights file records a digest of these (minilora/files.py): a config that is not the one the
 # weights were saved with is refused.
 DIGESTED_FIELDS = HONOURED_FIELDS
@@ -52,7 +53,6 @@ METADATA_TYPES = {
 # a used one would change what the adapter computes, so it is an error rather than a wrong answer.
 UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
-    "lora_bias": "a trainable bias in lora_B",
     "layer_replication": "replicated layers",
     "target_parameters": "LoRA on bare parameters",
     "trainable_token_indices": "trainable token embeddings",
@@ -107,6 +107,8 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         fields["use_rslora"] = True
     if config.exclude_modules is not None:  # added in PEFT 0.14: written only when used, for the same reason
         fields["exclude_modules"] = config.exclude_modules
+    if config.lora_bias:  # added in PEFT 0.14 too
+        fields["lora_bias"] = True
     return fields
 
 

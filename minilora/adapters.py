@@ -80,7 +80,8 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     lora = {name: file_key(name, adapter) for name in state if is_lora_parameter(name) and f".{adapter}." in name}
     if config.bias == "all":  # (the biases of modules_to_save are in their copies, below)
         lora.update({name: name for name in state
-                     if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)})
+                     if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)
+                     and not is_lora_parameter(name)})  # (lora_B's own bias is in ``lora`` already)
     elif config.bias == "lora_only":
         lora.update({f"{layer}.base_layer.bias": f"{layer}.base_layer.bias" for layer, _ in lora_layers(model)
                      if f"{layer}.base_layer.bias" in state})
@@ -279,7 +280,7 @@ def minilora_key(key: str, adapter: str = "default") -> str:
     ``base_model.model.h.0.attn.c_attn.lora_A.weight`` -> ``h.0.attn.c_attn.lora_A.default.weight``.
     """
     key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-    return re.sub(r"\.(lora_[AB])(\.[^.]+)?\.weight$", rf".\1.{adapter}.weight", key)
+    return re.sub(r"\.(lora_[AB])(\.[^.]+)?\.(weight|bias)$", rf".\1.{adapter}.\3", key)  # (bias: lora_bias)
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig | None,
@@ -298,9 +299,12 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None,
         sizes = {name: (*_in_out(model.get_submodule(name)), layer_rank_and_alpha(name, config)[0])
                  for name in find_targets(model, config)}
     shapes = expected_saved_shapes(model, saved_module_names(model, config, list(sizes), adapter), adapter)
+    lora_bias = layers[next(iter(layers))].lora_bias[adapter] if layers else getattr(config, "lora_bias", False)
     for name, (fan_in, fan_out, r) in sizes.items():
         shapes[f"{name}.lora_A.{adapter}.weight"] = (r, fan_in)
         shapes[f"{name}.lora_B.{adapter}.weight"] = (fan_out, r)
+        if lora_bias:
+            shapes[f"{name}.lora_B.{adapter}.bias"] = (fan_out,)
     bias = config.bias if config is not None else "none"
     if bias != "none":
         for key, value in model.state_dict().items():

@@ -63,6 +63,10 @@ class LoraConfig(PeftConfigAttributes):
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``
             for a new classification head): every module whose full name ends with an entry. See
             minilora/saved_modules.py.
+        lora_bias: give ``B`` a trainable bias ``b`` too: the update becomes ``scaling * (B A x + b)``,
+            and merging adds ``scaling * b`` to the base layer's bias (which it must have). ``b``
+            starts at zero (random with ``init_lora_weights=False``); as in PEFT, it works with
+            ``init_lora_weights`` True or False only.
 
     Raises:
         MiniLoraError: for any value outside the ranges above.
@@ -82,6 +86,7 @@ class LoraConfig(PeftConfigAttributes):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     modules_to_save: Optional[list[str]] = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +119,11 @@ class LoraConfig(PeftConfigAttributes):
             raise MiniLoraError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}."
             )
+        if not isinstance(self.lora_bias, bool):
+            raise MiniLoraError(f"lora_bias must be True or False (a bool), got lora_bias={self.lora_bias!r}.")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise MiniLoraError(f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got "
+                                f"init_lora_weights={self.init_lora_weights!r}.")
         targets = self.target_modules
         if isinstance(targets, (set, tuple)):
             self.target_modules = targets = sorted(targets)

@@ -82,6 +82,8 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             if path == "compiled" else ""
         raise MiniLoraError(f"Unknown forward path {path!r}; choose one of {FORWARD_PATHS}.{hint}")
     layers = [layer for _, layer in require_lora_layers(model, "set_forward_path")]
+    if path == "fused" and any(any(layer.lora_bias.values()) for layer in layers):
+        raise MiniLoraError(_LORA_BIAS_REFUSAL)
     if path == "fused" and concatenate and _sharded(layers):
         raise MiniLoraError(
             "The model is sharded (FSDP2's fully_shard: its parameters are DTensors). The concatenated weight "
@@ -103,6 +105,11 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             store_B(layer, transposed=True)
             layer.forward_override = fused_forward
     return model
+
+
+# The fused paths add s * B A x only; B's bias (lora_bias) would be left out.
+_LORA_BIAS_REFUSAL = ("The fused forward path does not add lora_B's bias (lora_bias=True): it would give other outputs "
+                      "than the reference path. Use set_forward_path(model, 'reference') (or 'merged').")
 
 
 def _sharded(layers: list[LoraLinear]) -> bool:
@@ -268,6 +275,8 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     """
     if layer.merged or layer.disabled:
         return layer.base_layer(x)
+    if any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):  # added after set_forward_path
+        raise MiniLoraError(_LORA_BIAS_REFUSAL)
     if getattr(layer, "fused_concatenate", True) and not _needs_grad(layer, x) and not (layer.training and _dropout_active(layer)):
         built = _concatenated_weight(layer)
         if built is not None:

@@ -133,7 +133,8 @@ def build_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, names
         module = model.get_submodule(name)
         r, lora_alpha = layer_rank_and_alpha(name, config)  # rank_pattern / alpha_pattern, else r / lora_alpha
         options = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                       init_lora_weights=config.init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype)
+                       init_lora_weights=config.init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype,
+                       lora_bias=config.lora_bias)
         if isinstance(module, LoraLinear):  # a layer that holds other adapters already
             module.add_adapter(adapter_name, r, lora_alpha, **options)
             continue
@@ -227,8 +228,7 @@ def merge(model: nn.Module, safe: bool = False, adapter_names: list[str] | None 
         adapter_names: which adapters to fold in; None means the active ones.
     """
     layers = require_lora_layers(model, "merge")
-    if safe:
-        _check_merged_weights_are_finite(layers, adapter_names)
+    _check_mergeable(layers, adapter_names, safe)
     for _, layer in layers:
         if _unmerged_active(layer, adapter_names):
             layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
@@ -255,8 +255,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, adapter_names: list[s
     if isinstance(adapter_names, str) or unknown:
         raise MiniLoraError(f"merge_and_unload: adapter_names must be a list of the model's adapters "
                             f"{list(adapter_configs(model))}, got {adapter_names!r}.")
-    if safe:
-        _check_merged_weights_are_finite(layers, adapter_names)
+    _check_mergeable(layers, adapter_names, safe)
     for name, layer in layers:
         if _unmerged_active(layer, adapter_names):
             layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
@@ -358,13 +357,20 @@ def _unmerged_active(layer: LoraLinear, adapter_names: list[str] | None = None) 
     return [name for name in names if name in layer.lora_A and name not in layer.merged_adapters]
 
 
-def _check_merged_weights_are_finite(layers: list[tuple[str, LoraLinear]], adapter_names: list[str] | None = None) -> None:
-    """Raise before anything changes if any layer's W0 + dW (of the adapters to merge) would hold NaN or inf."""
+def _check_mergeable(layers: list[tuple[str, LoraLinear]], adapter_names: list[str] | None = None,
+                     safe: bool = False) -> None:
+    """Raise before anything changes if an adapter to merge has lora_bias on a layer without a bias, or
+    (``safe``) if any layer's W0 + dW or bias b0 + s b (of the adapters to merge) would hold NaN or inf."""
     for name, layer in layers:
-        weight = layer.base_layer.weight
         todo = _unmerged_active(layer, adapter_names)
+        layer.check_bias_mergeable(todo)
+        if not safe:
+            continue
+        weight, bias = layer.base_layer.weight, layer.base_layer.bias
         merged = weight + sum(layer.delta_weight(adapter).to(weight.dtype) for adapter in todo)
-        if not bool(merged.isfinite().all()):
+        biases = [layer.lora_B[adapter].bias * layer.scaling[adapter] for adapter in todo if layer.lora_bias[adapter]]
+        merged_bias = bias + sum(biases) if biases else None
+        if not bool(merged.isfinite().all()) or (merged_bias is not None and not bool(merged_bias.isfinite().all())):
             raise MiniLoraError(
                 f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken (check the loss during "
                 "training). Nothing was merged."

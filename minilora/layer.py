@@ -66,6 +66,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         init_lora_weights: True (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B),
             or False (both keep nn.Linear's random init: a non-zero update, for tests).
         adapter_name: the name this first adapter is kept under.
+        lora_bias: give B a bias b: the update is ``scaling * (B A x + b)`` (PEFT's ``lora_bias``).
         autocast_adapter_dtype: for a float16 / bfloat16 base layer, keep A and B in float32 (True,
             PEFT's default: the small update trains in full precision) or in the base dtype (False).
 
@@ -74,6 +75,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         lora_B: nn.ModuleDict of nn.Linear(r, out, bias=False), weight (out, r).
         lora_dropout: nn.ModuleDict of nn.Dropout or nn.Identity.
         r, lora_alpha, scaling: dicts of numbers; ``scaling[name]`` is the float in front of ``B A``.
+        lora_bias: dict of bools: True where lora_B has a bias.
         active_adapters: the names whose update forward adds, in this order.
         merged_adapters: the names whose ``dW`` W0 holds now; ``merged`` is True if there is any.
         fan_in_fan_out: True for Conv1D (weight stored (in, out)).
@@ -99,6 +101,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         init_lora_weights: bool | str = True,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -108,6 +111,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.active_adapters: list[str] = [adapter_name]
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -116,7 +120,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         self.tied_to: list[str] = []
         self.untied_weight: nn.Parameter | None = None
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         autocast_adapter_dtype)
+                         autocast_adapter_dtype, lora_bias)
         # A state dict taken while merged records it, so that loading it gives the same model (below).
         self._register_state_dict_hook(_record_merged_adapters)
         self._register_load_state_dict_pre_hook(_restore_merged_adapters, with_module=True)
@@ -151,7 +155,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
             raise
 
     def lora_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """One adapter's term of h: scaling * B A dropout(x), (..., in) -> (..., r) -> (..., out)."""
+        """One adapter's term of h: scaling * B A dropout(x), (..., in) -> (..., r) -> (..., out)
+        (with lora_bias, lora_B adds its bias b before the scaling: scaling * (B A dropout(x) + b))."""
         lora_A, lora_B, dropout = self.lora_A[adapter], self.lora_B[adapter], self.lora_dropout[adapter]
         return lora_B(lora_A(dropout(x))) * self.scaling[adapter]
 
@@ -167,6 +172,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         autocast_adapter_dtype: bool = True,
+        lora_bias: bool = False,
     ) -> None:
         """Build adapter ``adapter_name``: A and B drawn as PEFT's ``update_layer`` draws them.
 
@@ -178,6 +184,10 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         if init_lora_weights not in (True, False, "gaussian"):
             raise MiniLoraError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
         check_autocast_adapter_dtype(autocast_adapter_dtype)
+        if lora_bias and getattr(self.base_layer, "bias", None) is None:
+            kind = type(self.base_layer).__name__
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias. This means "
+                          "that merging LoRA weights won't be possible.", stacklevel=3)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -186,7 +196,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         # nn.Linear's own init from the RNG (A first, then B); we draw the same numbers so that the
         # same seed gives the same adapter as peft.get_peft_model.
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)   # weight (r, in)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)  # weight (out, r)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)  # weight (out, r), bias (out,)
+        self.lora_bias[adapter_name] = lora_bias
         self._init_adapter_weights(adapter_name, init_lora_weights)
         self._match_base_device_and_dtype(adapter_name, autocast_adapter_dtype)
         for module in (self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_dropout[adapter_name]):
@@ -206,6 +217,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         else:  # "gaussian"
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])
         nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_bias[adapter_name]:
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def _match_base_device_and_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Put A and B on the base layer's device, in its dtype, as PEFT does.
@@ -256,7 +269,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's A, B, dropout and numbers. If it was active, the others stay active,
         or (none left) the first remaining name in sorted order becomes active, as in PEFT."""
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling):
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
+                      self.lora_bias):
             if adapter_name in table:
                 del table[adapter_name]
         if adapter_name in self.active_adapters:
@@ -310,6 +324,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         Merging what is already merged warns (PEFT's words) and skips it.
         """
         names = list(self.active_adapters if adapter_names is None else adapter_names)
+        self.check_bias_mergeable(names)
         if self.merged:
             names = [name for name in names if name not in self.merged_adapters]
             if names:
@@ -325,7 +340,9 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                 if safe:
                     merged_weight = weight.data.clone()
                     merged_weight += self.delta_weight(adapter).to(weight.dtype)  # as PEFT's safe_merge
-                    if not torch.isfinite(merged_weight).all():
+                    merged_bias = self._merged_bias(adapter)
+                    if not torch.isfinite(merged_weight).all() or (
+                            merged_bias is not None and not torch.isfinite(merged_bias).all()):
                         if not self.merged and self.untied_weight is not None:  # as it was: tied
                             self.base_layer.weight, self.untied_weight = self.untied_weight, None
                         raise MiniLoraError(
@@ -333,9 +350,26 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                             "loss during training). W0 was left unchanged."
                         )
                     weight.data = merged_weight
+                    if merged_bias is not None:
+                        self.base_layer.bias.data = merged_bias.to(weight.dtype)
                 else:
                     weight.data += self.delta_weight(adapter)
+                    if self.lora_bias.get(adapter):
+                        self.base_layer.bias.data += self.lora_B[adapter].bias * self.scaling[adapter]  # b0 + s b
             self.merged_adapters.append(adapter)
+
+    def _merged_bias(self, adapter: str) -> torch.Tensor | None:
+        """b0 + scaling * b for an adapter with lora_bias (PEFT's safe_merge order), else None."""
+        if not self.lora_bias.get(adapter):
+            return None
+        return self.base_layer.bias + self.lora_B[adapter].bias * self.scaling[adapter]
+
+    def check_bias_mergeable(self, adapter_names: list[str]) -> None:
+        """Raise if one of ``adapter_names`` has lora_bias but the base layer has no bias to fold ``s * b`` into."""
+        with_bias = [name for name in adapter_names if self.lora_bias.get(name)]
+        if with_bias and getattr(self.base_layer, "bias", None) is None:
+            raise MiniLoraError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+                                f"(adapters {with_bias}): keep them unmerged, or train them with lora_bias=False.")
 
     def unmerge(self) -> None:
         """W0 <- W0 - dW for every merged adapter, last merged first: the inverse of ``merge`` up to
@@ -351,6 +385,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
             adapter = self.merged_adapters.pop()
             with torch.no_grad():
                 weight.data -= self.delta_weight(adapter).to(weight.dtype)
+                if self.lora_bias.get(adapter):
+                    self.base_layer.bias.data -= self.lora_B[adapter].bias * self.scaling[adapter]
         if self.untied_weight is not None:  # tie it again: the shared weight was never changed
             self.base_layer.weight, self.untied_weight = self.untied_weight, None
 

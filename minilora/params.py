@@ -33,8 +33,8 @@ class LayerCount(NamedTuple):
     in_features: int
     out_features: int
     r: int
-    theory: int        # r * (in + out)
-    counted: int       # numel of lora_A + lora_B
+    theory: int        # r * (in + out), + out for B's bias with lora_bias
+    counted: int       # numel of lora_A + lora_B (its bias included)
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -76,8 +76,9 @@ def layer_counts(model: nn.Module) -> list[LayerCount]:
                 in_features=layer.in_features,
                 out_features=layer.out_features,
                 r=layer.r[adapter],
-                theory=layer.r[adapter] * (layer.in_features + layer.out_features),
-                counted=layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel(),
+                theory=layer.r[adapter] * (layer.in_features + layer.out_features)
+                + (layer.out_features if layer.lora_bias[adapter] else 0),
+                counted=sum(p.numel() for m in (layer.lora_A[adapter], layer.lora_B[adapter]) for p in m.parameters()),
             ))
     return rows
 

@@ -6,8 +6,8 @@ objects. Nothing here changes what LoRA computes; the math is in layer.py.
   ``to_dict``, ``save_pretrained`` and ``from_pretrained`` from ``PeftConfigAttributes``
   (peft 0.21.2, ``peft/config.py``: ``PeftConfigMixin``).
 - ``LoraLinear`` (layer.py) gets ``disable_adapters``, ``get_base_layer``, ``get_delta_weight``, the
-  per-adapter feature flags ``use_dora`` / ``lora_bias`` (always False: minilora has neither) and the
-  lists of per-adapter tables PEFT walks, from ``PeftLayerAttributes``
+  per-adapter feature flag ``use_dora`` (always False: minilora has no DoRA) and the lists of
+  per-adapter tables PEFT walks, from ``PeftLayerAttributes``
   (``peft/tuners/tuners_utils.py``: ``BaseTunerLayer``; ``peft/tuners/lora/layer.py``: ``LoraLayer``).
 """
 
@@ -139,7 +139,7 @@ class PeftLayerAttributes:
     # The per-adapter tables, by attribute name: PEFT walks these to delete an adapter, report
     # requires_grad and devices (get_layer_status), or check what an adapter left behind.
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
     @property
     def disable_adapters(self) -> bool:
@@ -161,11 +161,6 @@ class PeftLayerAttributes:
     @property
     def use_dora(self) -> Mapping[str, bool]:
         """{adapter: False}: minilora has no DoRA (a config asking for it is refused)."""
-        return AllFalse(self.lora_A)
-
-    @property
-    def lora_bias(self) -> Mapping[str, bool]:
-        """{adapter: False}: lora_B has no bias in minilora."""
         return AllFalse(self.lora_A)
 
     @property

@@ -80,7 +80,7 @@ BAD_DIRECTORIES = [
     ("rank_pattern-other-r", lambda d: edit_config(d, rank_pattern={"c_attn": 8}), r"has shape"),
     ("rank_pattern-zero", lambda d: edit_config(d, rank_pattern={"c_attn": 0}), r"rank_pattern\['c_attn'\] must be"),
     ("alpha_pattern-string", lambda d: edit_config(d, alpha_pattern={"c_attn": "8"}), r"alpha_pattern\['c_attn'\]"),
-    ("lora_bias", lambda d: edit_config(d, lora_bias=True), r"cannot honour lora_bias"),
+    ("lora_bias-without-tensors", lambda d: edit_config(d, lora_bias=True), r"missing keys \[.*lora_B\.default\.bias"),
     ("pissa", lambda d: edit_config(d, init_lora_weights="pissa"), r"init_lora_weights='pissa'.*change the base"),
     ("negative-r", lambda d: edit_config(d, r=-1), r"adapter_config\.json: r must be a positive int"),
     ("string-alpha", lambda d: edit_config(d, lora_alpha="8"), r"lora_alpha must be a positive number"),
