@@ -64,7 +64,7 @@ from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
-from .inject import inject, lora_layers, set_adapter_config
+from .inject import adapter_configs, inject, lora_layers, set_adapter_config
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
 
@@ -438,10 +438,11 @@ class PeftModel(nn.Module):
         wrapper = model if isinstance(model, PeftModel) else None
         inner = model.get_base_model() if wrapper is not None else model
         had_layers = any(True for _ in lora_layers(inner))
+        existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
                                   autocast_adapter_dtype=autocast_adapter_dtype)
-            if had_layers:
+            if existed:
                 draw_like_peft_rewrap(inner, adapter_name, directory)
         if had_layers:  # the loaded adapter is the one that runs, as after PEFT's own from_pretrained
             multi.set_adapter(inner, adapter_name, inference_mode=not is_trainable)

@@ -234,7 +234,9 @@ def test_from_pretrained_into_a_wrapper_runs_the_loaded_adapter(saved):
             model.base_model.model.lin0.lora_B["default"].weight.add_(1)  # "default" is not the saved adapter
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            torch.manual_seed(4)
             loaded = lib.PeftModel.from_pretrained(model, directory, adapter_name="other")
+            outputs[f"{lib.__name__} draws"] = torch.rand(3)  # the same random numbers drawn on the way
         with torch.no_grad():
             outputs[lib.__name__] = loaded(X)
         if lib is compat:
@@ -242,6 +244,7 @@ def test_from_pretrained_into_a_wrapper_runs_the_loaded_adapter(saved):
             assert not any(p.requires_grad for p in model.parameters())
     assert torch.equal(outputs["minilora.compat"], expected)
     assert not torch.equal(outputs["peft"], expected)
+    assert torch.equal(outputs["minilora.compat draws"], outputs["peft draws"])
 
 
 @pytest.mark.parametrize("target_modules", [None, "all-linear", ["c_attn"], ["c_attn", "c_fc"]])
