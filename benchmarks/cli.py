@@ -34,9 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="cap on the seconds of rounds per measurement of the main case (default 80; other "
+                        help="cap on the seconds of rounds per measurement of the main case (default 70; other "
                              "cases and the all-cores table get 0.3 of it). Rounds stop earlier once every 95%% "
                              "interval is within +-1%%")
+    parser.add_argument("--train-seconds", type=float, default=None,
+                        help="cap on the seconds of rounds per training measurement of the main case (default: "
+                             "--seconds)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the ratio tables (default 1: with one thread the process's CPU "
                              "time is the work done, whatever else runs on the machine)")
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.profile = plan.profile and not args.no_profile
     if args.seconds is not None:
         plan.max_seconds, plan.other_max_seconds = args.seconds, 0.3 * args.seconds
+    if args.train_seconds is not None:
+        plan.train_max_seconds = args.train_seconds
 
     print(f"benchmarks on {args.device}: {len(plan.cases())} cases; progress below", file=sys.stderr)
     results = Runner(plan, str(device), progress=lambda line: print(line, file=sys.stderr, flush=True)).run()

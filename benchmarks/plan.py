@@ -60,8 +60,9 @@ class Plan:
     mixed_tokens: int = 4
     mixed_min_rounds: int = 6                   # the fewest that give a 95% interval (stats.MIN_ROUNDS)
     min_rounds: int = 10
-    max_rounds: int = 80
+    max_rounds: int = 400
     max_seconds: float = 70.0                    # per measurement, main case
+    train_max_seconds: float | None = None       # per training measurement, main case (None: max_seconds)
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
     bracket: bool = True                         # one-call workloads: the reference around every variant

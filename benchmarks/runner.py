@@ -226,8 +226,17 @@ class Runner:
         main = self.is_main(targets, r) and table == "one thread"
         self.time_and_record(functions, checked, label, ratio_to, lora, {
             "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
-            "r": r, "dropout": dropout}, self.plan.max_seconds if main else self.plan.other_max_seconds)
+            "r": r, "dropout": dropout}, self.seconds_for(workload.name, main))
         return checked
+
+    def seconds_for(self, workload: str, main: bool) -> float:
+        """The cap on seconds of rounds for one measurement."""
+        plan = self.plan
+        if not main:
+            return plan.other_max_seconds
+        if workload == "train" and plan.train_max_seconds is not None:
+            return plan.train_max_seconds
+        return plan.max_seconds
 
     def time_and_record(self, functions: dict, checked: dict, label: str, ratio_to: str, lora: dict,
                         fields: dict, seconds: float, tokens: int | None = None, min_rounds: int | None = None) -> None:

@@ -231,3 +231,13 @@ def test_timed_steps_do_what_was_validated():
     run_once(train.prepare(model))
     after = dict(model.named_parameters())
     assert all(not torch.equal(after[n], value) and after[n].grad is None for n, value in before.items())
+
+
+def test_training_measurements_have_their_own_cap():
+    plan = tiny_plan()
+    plan.max_seconds, plan.train_max_seconds, plan.other_max_seconds = 5.0, 2.0, 1.0
+    runner = Runner(plan, "cpu")
+    assert (runner.seconds_for("prefill", True), runner.seconds_for("train", True)) == (5.0, 2.0)
+    assert runner.seconds_for("train", False) == 1.0 == runner.seconds_for("decode", False)
+    plan.train_max_seconds = None
+    assert runner.seconds_for("train", True) == 5.0
