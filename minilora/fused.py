@@ -275,7 +275,7 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     """
     if layer.merged or layer.disabled:
         return layer.base_layer(x)
-    if any(layer.lora_bias.get(adapter) for adapter in layer.active_adapters):  # added after set_forward_path
+    if True in layer.lora_bias.values():  # an adapter with lora_bias added after set_forward_path (~0.1 us)
         raise MiniLoraError(_LORA_BIAS_REFUSAL)
     if getattr(layer, "fused_concatenate", True) and not _needs_grad(layer, x) and not (layer.training and _dropout_active(layer)):
         built = _concatenated_weight(layer)
