@@ -448,8 +448,10 @@ class PeftModel(nn.Module):
             multi.set_adapter(inner, adapter_name, inference_mode=not is_trainable)
         else:
             leave_new_layers_in_train_mode(inner, adapter_name)
-        if config is not None:
+        if config is not None:  # the given object is the adapter's config, with its lora_dropout, as in PEFT
             config.inference_mode = not is_trainable
+            if config.lora_dropout != saved.lora_dropout:
+                adapters._adopt_adapter_config(inner, config, adapter_name)  # its dropout on the layers
             set_adapter_config(inner, adapter_name, config)
         if wrapper is None:
             task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
@@ -511,13 +513,15 @@ def _check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: o
 
 
 def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
-    """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly."""
+    """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly. (Its
+    init_lora_weights must agree too: PEFT builds the adapter with it before loading, and that draws
+    from the random generator.) Training settings such as lora_dropout may differ: the config's hold."""
     _check_config(config, "PeftModel.from_pretrained(config=...)")
+
     def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
         return sorted(value) if isinstance(value, (set, list)) else value
 
-    different = [name for name in ADAPTER_FIELDS  # (init_lora_weights: how A and B start, overwritten by loading)
-                 if name != "init_lora_weights" and comparable(getattr(config, name)) != comparable(getattr(saved, name))]
+    different = [name for name in ADAPTER_FIELDS if comparable(getattr(config, name)) != comparable(getattr(saved, name))]
     if different:
         raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
                             "weights were made with the saved config. Pass config=None, or the saved config.")

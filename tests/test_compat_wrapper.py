@@ -102,11 +102,14 @@ def test_low_cpu_mem_usage_draws_nothing_as_peft(saved):
 def test_config_given_to_from_pretrained_becomes_the_adapter_s(saved):
     directory, _ = saved
     for lib in (peft, compat):
-        config = lib.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False)
+        config = lib.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False, lora_dropout=0.25)
         model = lib.PeftModel.from_pretrained(base(), directory, config=config)
         assert model.peft_config["default"] is config and config.inference_mode, lib.__name__
+        assert model.base_model.model.lin0.lora_dropout["default"].p == 0.25, lib.__name__  # the config's dropout
     with pytest.raises(MiniLoraError, match=r"config= differs .* \['r'"):
         compat.PeftModel.from_pretrained(base(), directory, config=compat.LoraConfig(target_modules=["lin0"], r=4))
+    with pytest.raises(MiniLoraError, match=r"config= differs .* \['init_lora_weights'\]"):  # (PEFT's draws)
+        compat.PeftModel.from_pretrained(base(), directory, config=compat.LoraConfig(target_modules=["lin0"], r=2))
 
 
 def test_task_types_choose_peft_s_classes(saved):
