@@ -44,8 +44,9 @@ from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter,
                      mark_only_lora_as_trainable, set_adapter_config)
 from .layer import HALF_DTYPES, LoraLinear, check_autocast_adapter_dtype, in_out_features
 from .multi import add_adapter, check_can_add
-from .saved_modules import (expected_saved_shapes, find_modules_to_save, is_saved_module_key, original_key,
-                            saved_modules, saved_state, to_model_keys)
+from .saved_modules import (BIAS_ALL_COPY, BIAS_ALL_ORIGINAL, bias_all_keys, copy_part, expected_saved_shapes,
+                            find_modules_to_save, is_saved_module_key, original_key, saved_modules, saved_state,
+                            to_model_keys)
 from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_target_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,6 +83,11 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
         lora.update({name: name for name in state
                      if (name == "bias" or name.endswith(".bias")) and not is_saved_module_key(name)
                      and not is_lora_parameter(name)})  # (lora_B's own bias is in ``lora`` already)
+        holding = [name for name, wrapper in saved_modules(model) if adapter in wrapper.modules_to_save]
+        for key in bias_all_keys(model, holding):  # PEFT's extra keys (saved_modules.py)
+            module = key.removesuffix(f".{BIAS_ALL_ORIGINAL}")
+            lora[key] = key
+            lora[f"{module}{copy_part(adapter)}bias"] = f"{module}.{BIAS_ALL_COPY}"
     elif config.bias == "lora_only":
         lora.update({f"{layer}.base_layer.bias": f"{layer}.base_layer.bias" for layer, _ in lora_layers(model)
                      if f"{layer}.base_layer.bias" in state})
@@ -307,9 +313,13 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None,
             shapes[f"{name}.lora_B.{adapter}.bias"] = (fan_out,)
     bias = config.bias if config is not None else "none"
     if bias != "none":
+        saved_names = saved_module_names(model, config, list(sizes), adapter)
+        state = model.state_dict()
+        for key in bias_all_keys(model, saved_names) if bias == "all" else []:  # PEFT's extra keys (saved_modules.py)
+            shapes[key] = tuple(state[key if key in state else original_key(key)].shape)  # (wrapped or not yet)
         for key, value in model.state_dict().items():
             module_name, _, last = key.rpartition(".")
-            if last != "bias" or is_saved_module_key(key):
+            if last != "bias" or is_saved_module_key(key) or module_name in saved_names:
                 continue
             if module_name in sizes and not layers:
                 key = f"{module_name}.base_layer.bias"  # where the bias will be once the layer is wrapped
@@ -473,7 +483,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
     try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
         lora_targets = [name for name, _ in layers] or find_targets(model, config)
-        renamed = to_model_keys(renamed, saved_module_names(model, config, lora_targets, adapter_name), adapter_name)
+        saved_names = saved_module_names(model, config, lora_targets, adapter_name)
+        extra = bias_all_keys(model, saved_names) if config.bias == "all" else []  # PEFT's (saved_modules.py)
+        originals = {key: renamed.pop(key) for key in extra if key in renamed}
+        for key in extra:  # the copy's bias a second time, which PEFT's loading ignores too
+            renamed.pop(key.replace(BIAS_ALL_ORIGINAL, BIAS_ALL_COPY), None)
+        renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
     if not isinstance(source, Mapping):

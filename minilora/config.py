@@ -151,11 +151,6 @@ class LoraConfig(PeftConfigAttributes):
         if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
             raise MiniLoraError(f"modules_to_save must be None or a list of module names, got {saved!r}. "
                                 "Try modules_to_save=['classifier'].")
-        if saved and self.bias == "all":
-            raise MiniLoraError(
-                "bias='all' with modules_to_save: PEFT then also saves the frozen original modules' biases, "
-                "under keys of its own wrapper (classifier.original_module.bias), a layout minilora does not "
-                "reproduce. Use bias='none' or 'lora_only' (the saved modules' biases train anyway).")
         layers = self.layers_to_transform
         if isinstance(layers, tuple):
             self.layers_to_transform = layers = list(layers)

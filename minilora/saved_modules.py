@@ -210,6 +210,7 @@ def set_saved_modules_adapter(model: nn.Module, adapter_names: list[str], infere
 def mark_saved_modules_trainable(model: nn.Module) -> None:
     """Trainable active copies, frozen originals and other copies (after the rest of the model was frozen)."""
     for _, wrapper in saved_modules(model):
+        wrapper.original_module.requires_grad_(False)  # (bias="all" switched its bias on with every other bias)
         wrapper.set_adapter(wrapper.active_adapters)
 
 
@@ -283,3 +284,21 @@ def original_key(key: str, wrapped: bool = False) -> str:
     """``classifier.modules_to_save.<adapter>.weight`` -> ``classifier.weight`` (the unwrapped module's key),
     or with ``wrapped`` ``classifier.original_module.weight`` (the original's key inside the wrapper)."""
     return SAVED_MODULE_PART.sub(".original_module." if wrapped else ".", f".{key}", count=1)[1:]
+
+
+# With bias="all" PEFT's files also hold, for each saved module with a bias, the frozen original's
+# bias and the copy's bias a second time, under these keys (the adapter's name left out, as PEFT does):
+#     classifier.original_module.bias     (loaded into the original, as PEFT loads it)
+#     classifier.modules_to_save.bias     (the copy's bias again; PEFT's loading ignores it, so does ours)
+BIAS_ALL_ORIGINAL, BIAS_ALL_COPY = "original_module.bias", "modules_to_save.bias"
+
+
+def bias_all_keys(model: nn.Module, names: list[str]) -> list[str]:
+    """The ``<module>.original_module.bias`` keys bias="all" adds for these saved modules (those with a bias)."""
+    keys = []
+    for name in names:
+        module = model.get_submodule(name)
+        module = module.original_module if isinstance(module, ModulesToSave) else module
+        if getattr(module, "bias", None) is not None:
+            keys.append(f"{name}.{BIAS_ALL_ORIGINAL}")
+    return keys

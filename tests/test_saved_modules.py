@@ -33,6 +33,7 @@ CASES = [
     ("bert-qa", "bert", "BertForQuestionAnswering", "QUESTION_ANS", {"modules_to_save": ["pooler"]}),
     ("llama-lm-head", "llama", "LlamaForCausalLM", "CAUSAL_LM", {"modules_to_save": ["lm_head"]}),
     ("bert-seq-cls-bias-lora-only", "bert", "BertForSequenceClassification", "SEQ_CLS", {"bias": "lora_only"}),
+    ("bert-seq-cls-bias-all", "bert", "BertForSequenceClassification", "SEQ_CLS", {"bias": "all"}),
 ]
 IDS = [case[0] for case in CASES]
 
@@ -105,7 +106,8 @@ def test_same_trainable_modules_init_and_outputs_as_peft(name, arch, class_name,
             assert torch.equal(disabled, out(base, batch))  # the original modules, untouched
 
 
-@pytest.mark.parametrize("name, arch, class_name, task, fields", CASES[:2] + CASES[4:5], ids=IDS[:2] + IDS[4:5])
+@pytest.mark.parametrize("name, arch, class_name, task, fields", CASES[:2] + CASES[4:5] + CASES[-1:],
+                         ids=IDS[:2] + IDS[4:5] + IDS[-1:])
 def test_training_steps_equal_peft(name, arch, class_name, task, fields):
     _, mini, twin = twins(arch, class_name, task, fields)
     perturb_equally(mini, twin)
@@ -212,7 +214,6 @@ def test_plain_api_modules_to_save():
     (dict(target_modules=["query", "dense"], modules_to_save=["ooler.dense"]), "both a LoRA target"),
     (dict(target_modules=["dense"], modules_to_save=["encoder.layer"]), "a ModuleList"),
     (dict(target_modules=["query"], modules_to_save=["pooler", "pooler.dense"]), "inside 'bert.pooler'"),
-    (dict(target_modules=["query"], modules_to_save=["classifier"], bias="all"), "bias='all' with modules_to_save"),
 ])
 def test_modules_to_save_errors_leave_the_model_unchanged(fields, message):
     model = build("bert", "BertForSequenceClassification")
@@ -232,9 +233,3 @@ def test_task_without_a_head_of_peft_names_is_refused():
     compat.get_peft_model(model, config)
     assert any(isinstance(m, ModulesToSave) for m in model.modules())
 
-
-def test_task_head_with_bias_all_is_refused_before_any_change():
-    model = build("bert", "BertForSequenceClassification")
-    with pytest.raises(MiniLoraError, match="bias='all' with modules_to_save"):
-        compat.get_peft_model(model, compat.LoraConfig(task_type="SEQ_CLS", bias="all"))
-    assert not any(isinstance(m, (ModulesToSave, minilora.LoraLinear)) for m in model.modules())
