@@ -605,7 +605,14 @@ TASK_MODELS = {
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
 
-__all__ = ["LoraConfig", "LoraModel", "PeftModel", "get_base_model_state_dict", "get_peft_model_state_dict",
+__all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+           "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+           "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftModel", "get_base_model_state_dict", "get_peft_model_state_dict",
            "inject_adapter_in_model", "set_base_model_state_dict", "set_peft_model_state_dict", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
            "PeftModelForTokenClassification", "TaskType", "get_peft_model"]
+
+# PEFT's AutoPeftModel classes (compat_auto.py builds on the wrappers above).
+from .compat_auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402
+                          AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                          AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
