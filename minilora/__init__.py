@@ -9,9 +9,8 @@ adapter_config.py (adapter files in PEFT's format; files.py writes them crash-sa
 bounded_regex.py matches their regexes with a time bound), compat.py (PEFT's API: the PeftModel
 wrapper; compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py
 what loading does around it, compat_state_dict.py PEFT's state-dict functions, compat_auto.py its
-AutoPeftModel classes; peft_attributes.py
-holds the names PEFT's own code reads on a config and a layer), fused.py (faster forward paths),
-cli.py (the `minilora` command).
+AutoPeftModel classes; peft_attributes.py holds the names PEFT's own code reads on a config and a
+layer), fused.py (faster forward paths), cli.py (the `minilora` command).
 """
 
 from .adapters import load_adapter, save_adapter

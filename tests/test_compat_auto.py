@@ -72,3 +72,25 @@ def test_auto_peft_model_refusals_are_peft_s(tmp_path, base_dir):
     (plain / "adapter_config.json").write_text(json.dumps(fields))
     with pytest.raises(MiniLoraError, match="names no base_model_name_or_path"):
         compat.AutoPeftModel.from_pretrained(plain)
+
+
+def test_a_larger_saved_tokenizer_grows_the_embedding_as_peft(tmp_path, base_dir):
+    """A tokenizer saved next to the adapter with more tokens than the base has embedding rows: both
+    libraries grow the embedding (resize_token_embeddings, drawing the new rows) before loading."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    adapter = trained_adapter(tmp_path / "adapter", base_dir, "CAUSAL_LM")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(70)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(adapter)
+    outputs = {}
+    for lib in (peft, compat):
+        torch.manual_seed(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.AutoPeftModelForCausalLM.from_pretrained(adapter)
+        assert model.get_input_embeddings().weight.shape[0] == 70, lib.__name__  # (the base has 64)
+        with torch.no_grad():
+            outputs[lib.__name__] = model(torch.tensor([[68, 69, 3]])).logits
+    assert torch.equal(outputs["minilora.compat"], outputs["peft"])
