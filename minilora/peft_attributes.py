@@ -101,7 +101,7 @@ class PeftConfigAttributes:
             raise MiniLoraError(f"LoraConfig.from_pretrained: {str(directory)!r} is not a directory. minilora reads "
                                 "configs from local directories; for a hub adapter use PeftModel.from_pretrained, "
                                 "which resolves hub ids.")
-        fields = read_config_fields(directory)
+        fields = _without_runtime_config(read_config_fields(directory))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (its own "fields minilora does not know"; PEFT's words below)
             config_from_fields(fields, str(directory / CONFIG_FILE))  # checks: LoRA, features, values
@@ -121,7 +121,16 @@ class PeftConfigAttributes:
         """The fields in the JSON file ``path_json_file``, as a dict (PEFT's ``from_json_file``)."""
         from .adapter_config import read_json_fields
 
-        return read_json_fields(Path(path_json_file))
+        return _without_runtime_config(read_json_fields(Path(path_json_file)))
+
+
+def _without_runtime_config(fields: dict[str, Any]) -> dict[str, Any]:
+    """PEFT's runtime-only settings (``runtime_config``) do not belong in a file: left out with PEFT's warning."""
+    if "runtime_config" in fields:
+        warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                      "configurations are only valid at runtime.", stacklevel=3)
+        fields = {name: value for name, value in fields.items() if name != "runtime_config"}
+    return fields
 
 
 def _json_value(value: Any) -> Any:

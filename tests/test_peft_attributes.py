@@ -238,3 +238,18 @@ def test_unknown_file_keys_warn_once_in_peft_s_words(tmp_path, config_cls):
     with pytest.raises(MiniLoraError, match="not valid JSON"):
         (tmp_path / "bad.json").write_text("{")
         config_cls.from_json_file(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
+def test_runtime_config_in_a_file_is_left_out_as_peft(tmp_path, config_cls):
+    import peft
+
+    peft_lora_config(target_modules=["q"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "runtime_config": {"ephemeral_gpu_offload": True}}))
+    words = "The configuration file contains a `runtime_config` key. This is ignored."
+    for read in (peft.LoraConfig.from_json_file, config_cls.from_json_file):
+        with pytest.warns(UserWarning, match=words):
+            assert "runtime_config" not in read(str(path))
+    with pytest.warns(UserWarning, match=words):
+        assert config_cls.from_pretrained(tmp_path).target_modules in (["q"], {"q"})
