@@ -7,6 +7,8 @@ environment variables:
                        replaced by minilora.compat's before the tests are imported)
     PARITY_PEFT_SCOPE  "linear-conv1d" (default: LoRA cases on models built of nn.Linear and transformers'
                        Conv1D) or "all-lora" (every case parametrized with LoraConfig)
+    PARITY_PEFT_SELECT "cases" (default: tests parametrized with LoraConfig) or "uses-lora" (also tests
+                       parametrized with no PEFT config whose code names LoraConfig: PEFT's other test files)
     PARITY_PEFT_CASES  optional: only these cases (PEFT's ``test_name`` parameter), separated by "|"
     PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (and one for the number of
                        tests selected, one per file that cannot be collected), so the runner can show
@@ -18,8 +20,10 @@ Nothing here is PEFT's code: the tests are read from the user's PEFT checkout at
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -29,6 +33,7 @@ import pytest
 MODE = os.environ.get("PARITY_PEFT_MODE", "peft")
 SCOPE = os.environ.get("PARITY_PEFT_SCOPE", "linear-conv1d")
 CASES = [case for case in os.environ.get("PARITY_PEFT_CASES", "").split("|") if case]
+SELECT = os.environ.get("PARITY_PEFT_SELECT", "cases")
 OUT = os.environ.get("PARITY_PEFT_OUT")
 
 # PEFT's custom test models (tests/test_custom_models.py, MockTransformerWrapper.from_pretrained), by
@@ -55,20 +60,26 @@ def _stub_missing_optional_imports() -> None:
 
 
 def _use_minilora() -> list[str]:
-    """Put minilora.compat's entry points where PEFT's tests import them from; the names replaced."""
+    """Put minilora.compat's API where PEFT's tests import it from; the names replaced.
+
+    Every name minilora.compat exports (get_peft_model, PeftModel, LoraConfig, the state-dict functions,
+    ...) replaces PEFT's in the modules the tests import from: ``peft``, ``peft.utils`` and
+    ``peft.tuners.lora``, wherever PEFT has that name. PEFT's own modules keep what they bound at import.
+    """
     import peft
     import peft.tuners.lora as peft_lora
+    import peft.utils as peft_utils
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     import minilora.compat as compat
     from minilora.layer import LoraLinear
 
     replaced = []
-    for name in ("get_peft_model", "PeftModel", "LoraConfig"):
-        setattr(peft, name, getattr(compat, name))
-        replaced.append(f"peft.{name}")
-    peft_lora.LoraConfig = compat.LoraConfig  # `from peft.tuners import lora; lora.LoraConfig(...)`
-    replaced.append("peft.tuners.lora.LoraConfig")
+    for module in (peft, peft_utils, peft_lora):
+        for name in compat.__all__:
+            if hasattr(module, name) and name != "TaskType":  # constants: PEFT's str enum serves both
+                setattr(module, name, getattr(compat, name))
+                replaced.append(f"{module.__name__}.{name}")
     # isinstance(module, LoraLayer / BaseTunerLayer) in PEFT's tests finds minilora's layers (both are ABCs)
     peft_lora.LoraLayer.register(LoraLinear)
     if not issubclass(LoraLinear, BaseTunerLayer):
@@ -87,14 +98,34 @@ def _is_lora_config(value: object) -> bool:
     return (isinstance(value, type) and value.__name__ == "LoraConfig") or type(value).__name__ == "LoraConfig"
 
 
-def in_scope(params: dict, scope: str = SCOPE, cases: list[str] = CASES) -> bool:
-    """A test case is a LoRA case when one of its parameters is LoraConfig (the class or an instance)."""
-    if not any(_is_lora_config(value) for value in params.values()):
+def _is_config(value: object) -> bool:
+    cls = value if isinstance(value, type) else type(value)
+    return cls.__name__.endswith("Config") and cls.__module__.startswith(("peft", "minilora"))
+
+
+def _names_lora_config(function: object) -> bool:
+    try:
+        return re.search(r"\bLoraConfig\b", inspect.getsource(function)) is not None
+    except (OSError, TypeError):
         return False
+
+
+def in_scope(params: dict, scope: str = SCOPE, cases: list[str] = CASES, select: str = SELECT,
+             function: object = None) -> bool:
+    """A LoRA case: one of its parameters is LoraConfig (the class or an instance). With select
+    "uses-lora", also a test parametrized with no PEFT config whose code names LoraConfig."""
+    if not any(_is_lora_config(value) for value in params.values()):
+        return (select == "uses-lora" and not cases and not any(_is_config(value) for value in params.values())
+                and _names_lora_config(function))
     if cases and params.get("test_name") not in cases:
         return False
     model_id = params.get("model_id")
     return scope == "all-lora" or not (isinstance(model_id, str) and model_id in OTHER_MODELS)
+
+
+def _params(item: pytest.Item) -> dict:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params if callspec is not None else {}
 
 
 def _describe(params: dict) -> dict:
@@ -103,8 +134,7 @@ def _describe(params: dict) -> dict:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    selected = [item for item in items
-                if getattr(item, "callspec", None) is not None and in_scope(item.callspec.params)]
+    selected = [item for item in items if in_scope(_params(item), function=getattr(item, "function", None))]
     chosen = set(selected)
     deselected = [item for item in items if item not in chosen]
     if deselected:
@@ -164,7 +194,7 @@ def _error(excinfo: pytest.ExceptionInfo, tests_dir: Path) -> dict:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = (yield).get_result()
     outcome = _outcomes.setdefault(item.nodeid, {
-        "id": item.nodeid, "function": _function(item), **_describe(item.callspec.params), "outcome": "passed"})
+        "id": item.nodeid, "function": _function(item), **_describe(_params(item)), "outcome": "passed"})
     if report.skipped and outcome["outcome"] == "passed":
         xfail = hasattr(report, "wasxfail")
         outcome["outcome"] = "xfailed" if xfail else "skipped"

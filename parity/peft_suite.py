@@ -142,9 +142,9 @@ class ModeRun:
     seconds: float = 0.0
 
 
-def _subprocess_env(mode: str, scope: str, cases: list[str], out: Path, threads: int) -> dict[str, str]:
+def _subprocess_env(mode: str, scope: str, select: str, cases: list[str], out: Path, threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PARITY_PEFT_MODE=mode, PARITY_PEFT_SCOPE=scope, PARITY_PEFT_CASES="|".join(cases),
+    env.update(PARITY_PEFT_MODE=mode, PARITY_PEFT_SCOPE=scope, PARITY_PEFT_SELECT=select, PARITY_PEFT_CASES="|".join(cases),
                PARITY_PEFT_OUT=str(out), HF_HUB_OFFLINE="1",
                PYTHONDONTWRITEBYTECODE="1")  # write no __pycache__ into the user's checkout
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -152,7 +152,7 @@ def _subprocess_env(mode: str, scope: str, cases: list[str], out: Path, threads:
     return env
 
 
-def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", cases: list[str] = (),
+def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", select: str = "cases", cases: list[str] = (),
              keyword: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1,
              on_record: Callable[[dict], None] = lambda record: None) -> ModeRun:
     """Run pytest on ``files`` with parity.peft_plugin in ``mode``; ``on_record`` sees each test as it ends."""
@@ -188,7 +188,7 @@ def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", cases: 
 
         with open(log, "w") as log_file:  # cwd: the scratch folder, so tests that write files write there
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=scratch,
-                                       env=_subprocess_env(mode, scope, list(cases), out, threads))
+                                       env=_subprocess_env(mode, scope, select, list(cases), out, threads))
             while run.returncode is None:
                 try:
                     run.returncode = process.wait(timeout=1.0)
@@ -283,9 +283,12 @@ outcomes, test by test:
 scope: by default the LoRA cases (tests parametrized with LoraConfig) on PEFT's test models built of
 nn.Linear and transformers' Conv1D (MLP, MLP2, MLP_LayerNorm, EmbConv1D); --all-lora adds the other
 models (Conv1d/2d/3d, MHA, bare parameters), whose cases minilora refuses. Tests parametrized with a
-LoraConfig but no model_id (PEFT's multi-adapter, mixed-batch, requires-grad classes) are in both. In "minilora" mode
-peft.get_peft_model, peft.PeftModel, peft.LoraConfig and peft.tuners.lora.LoraConfig are minilora.compat's,
-and minilora's LoRA layer counts as peft's LoraLayer / BaseTunerLayer in isinstance checks. Optional
+LoraConfig but no model_id (PEFT's multi-adapter, mixed-batch, requires-grad classes) are in both.
+--select uses-lora also takes tests with no PEFT config parameter whose code names LoraConfig (PEFT's
+other files, e.g. test_initialization.py). In "minilora" mode every name minilora.compat exports
+(get_peft_model, PeftModel and PeftModelFor*, LoraConfig, LoraModel, the state-dict functions, ...)
+replaces PEFT's in peft, peft.utils and peft.tuners.lora, and minilora's LoRA layer counts as
+peft's LoraLayer / BaseTunerLayer in isinstance checks. Optional
 imports of PEFT's test helpers that are not installed (diffusers, datasets) are empty stubs, in the
 subprocess only. The checkout's pytest settings are not used; its files are not written to.
 
@@ -309,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a test file of that folder (default: {DEFAULT_FILE}); repeat for several")
     parser.add_argument("--all-lora", action="store_true",
                         help="every LoraConfig case, not only those on nn.Linear / Conv1D models")
+    parser.add_argument("--select", choices=("cases", "uses-lora"), default="cases",
+                        help="which tests: 'cases' (default), those parametrized with LoraConfig (PEFT's test cases); "
+                             "'uses-lora', also tests with no PEFT config parameter whose code names LoraConfig "
+                             "(for PEFT's other test files, e.g. test_initialization.py, test_tuners_utils.py)")
     parser.add_argument("--case", action="append", metavar="TEST_NAME",
                         help="only this case (PEFT's test_name, e.g. 'Vanilla MLP 1 LoRA'); repeat for several")
     parser.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest's -k expression, passed to both runs")
@@ -372,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     scope = "all-lora" if args.all_lora else "linear-conv1d"
-    options = dict(scope=scope, cases=args.case or [], keyword=args.keyword, timeout_s=args.timeout,
+    options = dict(scope=scope, select=args.select, cases=args.case or [], keyword=args.keyword, timeout_s=args.timeout,
                    threads=args.threads)
 
     peft_progress = Progress("peft", args.quiet)
@@ -400,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = compare(peft, minilora)
     meta = {"command": "python -m parity peft-tests " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "tests_dir": str(tests_dir), "files": [f.name for f in files], "scope": scope,
+            "tests_dir": str(tests_dir), "files": [f.name for f in files], "scope": scope, "select": args.select,
             "tests_from": args.label or source_version(tests_dir), "installed": installed_versions(),
             "replaced": minilora.replaced, "seconds": {"peft": round(peft.seconds), "minilora": round(minilora.seconds)},
             "timed_out": [run.mode for run in (peft, minilora) if run.timed_out], "counts": counts(rows)}

@@ -146,7 +146,8 @@ Rebuild it with the same command (`python -m parity peft-tests --help`); the not
   torch {installed['torch']}, transformers {installed['transformers']}; minilora {installed['minilora']}.
 - Scope: {"every LoRA case (`--all-lora`)" if meta['scope'] == 'all-lora' else
           "the LoRA cases on PEFT's test models built of nn.Linear and transformers' Conv1D (MLP, MLP2, MLP_LayerNorm, "
-          "EmbConv1D), and the tests parametrized with a LoraConfig but no model_id (several adapters, mixed batches, ...)"}.
+          "EmbConv1D), and the tests parametrized with a LoraConfig but no model_id (several adapters, mixed batches, ...)"}{
+          "; with `--select uses-lora`, also the tests whose code names LoraConfig" if meta.get('select') == 'uses-lora' else ""}.
   In minilora mode, {', '.join(f'`{name}`' for name in meta['replaced']) or '(nothing: that run stopped early)'}
   are minilora.compat's, and minilora's layer counts as PEFT's `LoraLayer` / `BaseTunerLayer` in isinstance checks.
 - Time: {meta['seconds']['peft']} s with PEFT, {meta['seconds']['minilora']} s with minilora.

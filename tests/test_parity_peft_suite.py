@@ -233,6 +233,27 @@ def test_default_scope_is_lora_on_linear_and_conv1d_models():
     assert not peft_plugin.in_scope(case("MLP"), "linear-conv1d", ["another case"])
 
 
+def _uses_lora():
+    return "LoraConfig(r=8)"  # the plugin reads this function's source
+
+
+def _uses_nothing():
+    return "IA3"
+
+
+def test_select_uses_lora_adds_tests_whose_code_names_lora_config():
+    class IA3Config:
+        __module__ = "peft.tuners.ia3.config"
+
+    def chosen(params, function, select):
+        return peft_plugin.in_scope(params, "linear-conv1d", [], select, function)
+
+    assert chosen({}, _uses_lora, "uses-lora") and not chosen({}, _uses_lora, "cases")
+    assert not chosen({}, _uses_nothing, "uses-lora")
+    assert not chosen({"config_cls": IA3Config}, _uses_lora, "uses-lora")  # parametrized with another method
+    assert chosen({"dtype": "float16"}, _uses_lora, "uses-lora")
+
+
 def test_markdown_keeps_the_notes_block(tmp_path):
     from parity import peft_suite_report
 
