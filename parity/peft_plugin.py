@@ -10,6 +10,7 @@ environment variables:
     PARITY_PEFT_SELECT "cases" (default: tests parametrized with LoraConfig) or "uses-lora" (also tests
                        parametrized with no PEFT config whose code names LoraConfig: PEFT's other test files)
     PARITY_PEFT_CASES  optional: only these cases (PEFT's ``test_name`` parameter), separated by "|"
+    PARITY_PEFT_NETWORK "1" lets the tests reach other machines (by default every connection fails at once)
     PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (and one for the number of
                        tests selected, one per file that cannot be collected), so the runner can show
                        progress and survive a crash
@@ -54,6 +55,7 @@ def _stub_missing_optional_imports() -> None:
             importlib.import_module(name)
         except ImportError:
             stub = types.ModuleType(name)
+            stub.__version__ = "0.0.0"  # some tests compare versions at import
             for attribute in attributes:
                 setattr(stub, attribute, None)
             sys.modules[name] = stub
@@ -87,7 +89,56 @@ def _use_minilora() -> list[str]:
     return replaced
 
 
+def _no_network() -> None:
+    """Connections to other machines fail at once. The runs are offline (HF_HUB_OFFLINE=1), but PEFT's
+    ``hub_online_once`` turns the hub back on for a model's first use, and without a network each such
+    test would wait for timeouts (about 45 s). Models in the local Hugging Face cache still load."""
+    import socket
+
+    connect = socket.socket.connect
+
+    def refuse_remote(sock: socket.socket, address: object) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"parity.peft_plugin: no network in these runs (connect to {address[0]!r})")
+        connect(sock, address)
+
+    socket.socket.connect = refuse_remote
+    socket.getaddrinfo = _refuse_lookup(socket.getaddrinfo)
+    # huggingface_hub retries a failed request 5 times, sleeping 1, 2, 4, 8, 8 s: its retries need no wait here
+    try:
+        from huggingface_hub.utils import _http
+    except ImportError:
+        return
+    if isinstance(getattr(_http, "time", None), types.ModuleType):
+        _http.time = _TimeWithoutSleep(_http.time)
+
+
+class _TimeWithoutSleep(types.ModuleType):
+    """The ``time`` module, but ``sleep`` returns at once."""
+
+    def __init__(self, time_module: types.ModuleType):
+        super().__init__("time")
+        self._time = time_module
+
+    def __getattr__(self, name: str):
+        return getattr(self._time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+
+def _refuse_lookup(getaddrinfo):
+    def lookup(host, *args, **kwargs):
+        if host not in (None, "127.0.0.1", "::1", "localhost"):
+            raise OSError(f"parity.peft_plugin: no network in these runs (look-up of {host!r})")
+        return getaddrinfo(host, *args, **kwargs)
+    return lookup
+
+
 _stub_missing_optional_imports()
+if os.environ.get("PARITY_PEFT_NETWORK") != "1":
+    _no_network()
 REPLACED = _use_minilora() if MODE == "minilora" else []
 
 

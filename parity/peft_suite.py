@@ -189,14 +189,19 @@ def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", select:
         with open(log, "w") as log_file:  # cwd: the scratch folder, so tests that write files write there
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=scratch,
                                        env=_subprocess_env(mode, scope, select, list(cases), out, threads))
-            while run.returncode is None:
-                try:
-                    run.returncode = process.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() - start > timeout_s:
-                        process.kill()
-                        run.returncode, run.timed_out = process.wait(), True
-                take_new_lines()
+            try:
+                while run.returncode is None:
+                    try:
+                        run.returncode = process.wait(timeout=1.0)
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() - start > timeout_s:
+                            process.kill()
+                            run.returncode, run.timed_out = process.wait(), True
+                    take_new_lines()
+            finally:  # Ctrl-C or an error here: the tests stop too
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
         take_new_lines()
         run.seconds = time.monotonic() - start
         run.log_tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-15:])
@@ -386,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     peft = run_mode("peft", files, on_record=peft_progress, **options)
     peft_progress.say(f"peft: {len(peft.records)} tests in {peft.seconds:.0f}s")
     if peft.collect_errors:
-        print(f"error: with PEFT, pytest cannot collect {peft.collect_errors[0]}", file=sys.stderr)
+        hint = (" (install the package that provides it, e.g. PEFT's test extras: pip install -e '.[test]' in "
+                "the checkout)") if "ModuleNotFoundError" in peft.collect_errors[0] else ""
+        print(f"error: with PEFT, pytest cannot collect {peft.collect_errors[0]}{hint}", file=sys.stderr)
         return 2
     if peft.selected is None:
         print(f"error: pytest could not collect {', '.join(f.name for f in files)} with PEFT (exit status "

@@ -4,7 +4,8 @@ The fake folder holds parametrized tests in PEFT's style (``from peft import get
 one that both libraries pass, one that checks the names swapped in minilora mode (peft.tuners.lora's
 LoraConfig, isinstance of LoraLayer / BaseTunerLayer), one planted to pass with PEFT and fail with
 minilora.compat (it must be a "differ" and make the exit status 1), a DoRA case that minilora refuses,
-a test PEFT skips, and a case on a Conv2d model (outside the default scope). The run starts two pytest
+a test PEFT skips, one that reaches for the network (which the runs do not have), and a case on a
+Conv2d model (outside the default scope). The run starts two pytest
 subprocesses; the rest of the file tests the classification and the report without any.
 """
 
@@ -76,6 +77,13 @@ def test_needs_gpu(test_name, model_id, config_cls, config_kwargs):
     pytest.skip("planted: needs a GPU")
 
 
+@pytest.mark.parametrize("config_cls", [LoraConfig])
+def test_reaches_the_network(config_cls):
+    import socket
+
+    socket.create_connection(("10.255.255.1", 80), timeout=60)
+
+
 def test_not_a_lora_case():
     pass
 '''
@@ -114,11 +122,13 @@ def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
         "test_planted_peft_class[MLP DoRA]": REFUSED,
         "test_needs_gpu[MLP lin0]": NA,
         "test_needs_gpu[MLP DoRA]": NA,
+        "test_reaches_the_network[LoraConfig]": NA,  # fails with PEFT: no network in the runs
     }  # the Conv2d model is outside the default scope; test_not_a_lora_case is no LoRA case
     assert got["test_planted_peft_class[MLP lin0]"][1].startswith("AssertionError: planted: only PEFT's own class")
     assert got["test_trainable_names[MLP DoRA]"][1].startswith("DoRA: ")
     assert "skipped with PEFT: planted: needs a GPU" == got["test_needs_gpu[MLP lin0]"][1]
-    assert "8 tests: 2 agree, 1 differ, 3 refused (out of scope), 2 N/A" in printed
+    assert "no network in these runs" in got["test_reaches_the_network[LoraConfig]"][1]
+    assert "9 tests: 2 agree, 1 differ, 3 refused (out of scope), 3 N/A" in printed
     assert "AssertionError: planted" in printed and "refused (out of scope): DoRA 3" in printed
     page = (tmp_path / "out.md").read_text()
     assert "| test_planted_peft_class | 2 | 0 | 1 | 1 | 0 |" in page and "planted: only PEFT's own class" in page
