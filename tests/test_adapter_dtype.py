@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import minilora
-from conftest import make_tiny_gpt2, record_model
+from conftest import DEVICES, make_tiny_gpt2, record_model
 from minilora import LoraConfig, MiniLoraError
 from parity.twins import adapter_state, copy_adapters_to_peft, max_abs_diff, peft_config, peft_key, randomize_adapters
 
@@ -39,12 +39,12 @@ MODELS = {
 }
 
 
-def twins(model_name: str, dtype: torch.dtype, autocast: bool, seed: int = 0):
-    """(minilora model, PEFT model), both ``dtype``, each given LoRA from the same seed."""
+def twins(model_name: str, dtype: torch.dtype, autocast: bool, seed: int = 0, device: str = "cpu"):
+    """(minilora model, PEFT model), both ``dtype`` on ``device``, each given LoRA from the same seed."""
     import peft
 
     make, targets, _ = MODELS[model_name]
-    base = make().to(dtype)
+    base = make().to(device, dtype)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     mini, twin = copy.deepcopy(base), copy.deepcopy(base)
     torch.manual_seed(seed)
@@ -56,9 +56,9 @@ def twins(model_name: str, dtype: torch.dtype, autocast: bool, seed: int = 0):
     return mini, twin
 
 
-def inputs(model_name: str, dtype: torch.dtype) -> torch.Tensor:
+def inputs(model_name: str, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
     x = MODELS[model_name][2]()
-    return x.to(dtype) if x.is_floating_point() else x
+    return (x.to(dtype) if x.is_floating_point() else x).to(device)
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -78,12 +78,13 @@ def peft_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [True, False])
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_ids)
 @pytest.mark.parametrize("model_name", MODELS)
-def test_same_seed_adapter_dtype_and_values_equal_peft(model_name, dtype, autocast):
+def test_same_seed_adapter_dtype_and_values_equal_peft(model_name, dtype, autocast, device):
     """True: float32 A and B (the init rounded through the base dtype first); False: A and B in the base dtype."""
-    mini, twin = twins(model_name, dtype, autocast)
+    mini, twin = twins(model_name, dtype, autocast, device=device)
     assert_equal_to_peft(adapter_state(mini), peft_adapter_state(twin), torch.float32 if autocast else dtype)
     for _, layer in minilora.lora_layers(mini):
         assert layer.base_layer.weight.dtype == dtype
@@ -96,15 +97,17 @@ def test_float32_base_ignores_autocast(model_name):
     assert_equal_to_peft(adapter_state(mini), peft_adapter_state(twin), torch.float32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [True, False])
 @pytest.mark.parametrize("dtype", HALF, ids=dtype_ids)
 @pytest.mark.parametrize("model_name", MODELS)
-def test_half_outputs_gradients_and_merge_equal_peft(model_name, dtype, autocast):
-    """Equal non-zero adapters: eval outputs, LoRA gradients, merged W0 and merged outputs bitwise equal."""
-    mini, twin = twins(model_name, dtype, autocast)
+def test_half_outputs_gradients_and_merge_equal_peft(model_name, dtype, autocast, device):
+    """Equal non-zero adapters: eval outputs, LoRA gradients, merged W0 and merged outputs bitwise equal
+    (the same operations in the same order on either device; PEFT multiplies half B A in float32 on the CPU only)."""
+    mini, twin = twins(model_name, dtype, autocast, device=device)
     randomize_adapters(mini, seed=1)  # copies in float64 -> rounded to the adapter dtype
     copy_adapters_to_peft(mini, twin)
-    x = inputs(model_name, dtype)
+    x = inputs(model_name, dtype, device)
     with torch.no_grad():
         ours, theirs = logits(mini, x), logits(twin, x)
         with minilora.disabled(mini):
