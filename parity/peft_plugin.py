@@ -136,10 +136,14 @@ def _refuse_lookup(getaddrinfo):
     return lookup
 
 
-_stub_missing_optional_imports()
-if os.environ.get("PARITY_PEFT_NETWORK") != "1":
-    _no_network()
-REPLACED = _use_minilora() if MODE == "minilora" else []
+# Only in the pytest subprocess that peft_suite starts (it sets PARITY_PEFT_MODE): importing this
+# module anywhere else (the tests do) must not stub modules, cut the network or swap names there.
+RUNNING = "PARITY_PEFT_MODE" in os.environ
+if RUNNING:
+    _stub_missing_optional_imports()
+    if os.environ.get("PARITY_PEFT_NETWORK") != "1":
+        _no_network()
+REPLACED = _use_minilora() if RUNNING and MODE == "minilora" else []
 
 
 # ------------------------------------------------------------------------------------------------
