@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-compiled", action="store_true", help="leave out the torch.compile variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-process peak-memory runs")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
+    parser.add_argument("--no-layer-call", action="store_true",
+                        help="skip timing one tiny layer's call each way (the per-call overhead; ~15 s)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="cap on the seconds of rounds per measurement of the main case (default 70; other "
                              "cases and the all-cores table get 0.3 of it). Rounds stop earlier once every 95%% "
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")
     plan.memory = plan.memory and not args.no_memory
     plan.profile = plan.profile and not args.no_profile
+    plan.layer_call = plan.layer_call and not args.no_layer_call
     if args.seconds is not None:
         plan.max_seconds, plan.other_max_seconds = args.seconds, 0.3 * args.seconds
     if args.train_seconds is not None:

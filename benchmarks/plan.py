@@ -68,6 +68,7 @@ class Plan:
     bracket: bool = True                         # one-call workloads: the reference around every variant
     memory: bool = True
     profile: bool = True
+    layer_call: bool = True                      # one tiny layer's call, each way: the per-call overhead
     seed: int = 0
     notes: list = field(default_factory=lambda: [COMPILED_NOTE])
 
@@ -91,7 +92,7 @@ def quick_plan() -> Plan:
                 mixed_adapters=(4,), mixed_batch=4, mixed_seq=8, mixed_tokens=2, mixed_min_rounds=3,
                 inference_variants=("base", "base-copy", "peft", "reference", "merged", "fused"),
                 training_variants=("peft", "peft-copy", "reference", "fused"), all_cores=False,
-                min_rounds=3, max_rounds=3, max_seconds=0.0, memory=False, profile=False)
+                min_rounds=3, max_rounds=3, max_seconds=0.0, memory=False, profile=False, layer_call=False)
 
 
 def tiny_plan() -> Plan:
@@ -102,4 +103,4 @@ def tiny_plan() -> Plan:
                 inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
                 training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
                 min_rounds=2, max_rounds=2, max_seconds=0.0, other_max_seconds=0.0, all_cores=True,
-                memory=False, profile=False)
+                memory=False, profile=False, layer_call=False)

@@ -93,6 +93,13 @@ class Runner:
                         self.training_case(targets, r, dropout)
             for n in plan.mixed_adapters:
                 self.mixed_case(n)
+            if plan.layer_call:
+                from .profile import layer_call_overhead
+                self.log("timing one tiny layer call each way (the per-call overhead)")
+                try:
+                    self.results["layer_call"] = layer_call_overhead(self.device)
+                except Exception as error:  # e.g. a way that gives another output: reported, not timed
+                    self.fail("layer call", "-", error)
             if plan.memory:
                 self.memory_runs()
             if plan.profile:

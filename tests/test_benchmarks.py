@@ -241,3 +241,25 @@ def test_training_measurements_have_their_own_cap():
     assert runner.seconds_for("train", False) == 1.0 == runner.seconds_for("decode", False)
     plan.train_max_seconds = None
     assert runner.seconds_for("train", True) == 5.0
+
+
+def test_layer_call_overhead_checks_every_way_then_times_it(monkeypatch):
+    from benchmarks import profile
+
+    result = profile.layer_call_overhead("cpu", calls=3, min_rounds=2, max_rounds=2, max_seconds=0.0)
+    assert set(result["variants"]) == set(profile.CALL_VARIANTS) and result["rounds"] == 2
+    for variant in result["variants"].values():
+        low, high = variant["extra_us"][1:]
+        assert variant["us"] > 0 and low <= variant["extra_us"][0] <= high
+    assert "## What one layer call costs" in "\n".join(report.layer_call_markdown(result))
+
+    built = profile.layer_call_models
+
+    def broken():  # the fused layer's B changed: caught before anything is timed
+        models = built()
+        with torch.no_grad():
+            next(p for n, p in models["fused"].named_parameters() if "lora_B" in n).add_(1.0)
+        return models
+    monkeypatch.setattr(profile, "layer_call_models", broken)
+    with pytest.raises(AssertionError, match="layer call fused"):
+        profile.layer_call_overhead("cpu", calls=1, min_rounds=1, max_rounds=1)
