@@ -53,6 +53,7 @@ OUT_OF_SCOPE = {
     "other LoRA variants (LoftQ, EVA, CorDA, QA-LoRA, aLoRA, Arrow, KaSA, LoRA-GA, ...)":
         r"layer_replication|loftq_config|megatron_config|use_qalora|eva_config|corda_config|alora_invocation_tokens"
         r"|arrow_config|kasa_config|lora_ga_config",
+    "PeftMixedModel (LoRA mixed with other PEFT methods)": r"mixed=True|PeftMixedModel",
     "Embedding": r"\bEmbedding\b",
     "Conv1d/Conv2d/Conv3d": r"\bConv[123]d\b",
     "MultiheadAttention": r"MultiheadAttention",
@@ -282,7 +283,7 @@ outcomes, test by test:
             minilora skips it or never runs it
   refused   it passes with PEFT, and minilora raises a MiniLoraError naming a feature outside its scope
             (DoRA, Conv1d/2d/3d, Embedding, MultiheadAttention, target_parameters, VeLoRA, MonteCLoRA,
-            BD-LoRA, MiCA and the other init_lora_weights methods, lora_bias, trainable tokens, ...)
+            BD-LoRA, MiCA and the other init_lora_weights methods, lora_bias, trainable tokens, mixed=True, ...)
   N/A       PEFT skips it (or fails it): there is no oracle answer
 
 scope: by default the LoRA cases (tests parametrized with LoraConfig) on PEFT's test models built of

@@ -192,6 +192,8 @@ def failed(message: str, refusal: bool, type_: str = "MiniLoraError") -> dict:
     ("minilora cannot honour lora_bias=True (a trainable bias in lora_B).", "lora_bias"),
     ("minilora cannot honour target_parameters=['lin0.weight'].", "target_parameters"),
     ("minilora cannot honour trainable_token_indices={'emb': [0]}.", "trainable tokens"),
+    ("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, ...); minilora has LoRA "
+     "only.", "PeftMixedModel (LoRA mixed with other PEFT methods)"),
     ("delete_adapter: no adapter named 'x'; the model has ['default'].", None),
     ("LoraConfig got fields minilora does not know: ['layers_pattern'].", None),
     ("target 'lin0' is a Conv1D", None),  # transformers' Conv1D is in scope
