@@ -418,7 +418,9 @@ def summary_markdown(results: dict) -> str:
             m = by_variant.get(key)
             row.append(cell(m["clocks"][m["clock"]]) if m and m["variant"] != m["ratio_to"] else "-")
         body.append(row)
-    lines = [markdown_table([""] + [SUMMARY_NAMES.get(v, v) for v in SUMMARY_COLUMNS], body)]
+    shown = [i for i, _ in enumerate(SUMMARY_COLUMNS) if any(row[i + 1] != "-" for row in body)]  # measured columns
+    body = [[row[0]] + [row[i + 1] for i in shown] for row in body]
+    lines = [markdown_table([""] + [SUMMARY_NAMES.get(SUMMARY_COLUMNS[i], SUMMARY_COLUMNS[i]) for i in shown], body)]
     mixed = [(key, ms) for key, ms in sections(results).items() if key[0].startswith("mixed")]
     if mixed:
         variants = list(dict.fromkeys(m["variant"] for _, ms in mixed for m in ms))
@@ -435,7 +437,25 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_block(results: dict, page: str) -> str:
+    """What the README shows of a run: when and how quiet, the summary table, and the targets' verdicts."""
+    machine = results["machine"]
+    load = lambda key: " ".join(machine.get(key, ["?"]))
+    rounds = sorted({m["rounds"] for ms in main_sections(results).values() for m in ms})
+    lines = [f"[{page}]({page}): {results.get('total_s', 0) / 60:.1f} min, load average (1, 5, 15 min) "
+             f"{load('load_average_at_start')} at the start, {load('load_average_at_end')} at the end; "
+             f"{rounds[0]}{'' if rounds[0] == rounds[-1] else f'-{rounds[-1]}'} rounds per section. Median per-round ratio on CPU time (95% interval):", "",
+             summary_markdown(results), ""]
+    verdicts = targets_check(results)
+    by_verdict = {decided: [row for row in verdicts if row[4] == decided] for decided in ("met", "missed", "not resolved")}
+    for decided, found in by_verdict.items():
+        if found:
+            lines.append(f"- **{decided}**: " + "; ".join(f"{row[0]} {row[2]} ({row[3]}, limit {row[1]})" for row in found))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 
-    print(summary_markdown(json.loads(Path(sys.argv[1]).read_text())))
+    loaded = json.loads(Path(sys.argv[1]).read_text())
+    print(readme_block(loaded, sys.argv[1]) if "--readme" in sys.argv else summary_markdown(loaded))

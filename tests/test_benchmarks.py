@@ -94,6 +94,8 @@ def test_outputs_are_written(tiny_results, tmp_path):
     assert "fused" in table and "targets" in table and "A/A control" in table
     summary = report.summary_markdown(results)  # the README's form
     assert summary.count("| prefill batch") == 1 and "| A/A control |" in summary and "tok/s" in summary
+    block = report.readme_block(results, "page.md")
+    assert block.startswith("[page.md](page.md)") and summary in block and "- **not resolved**: A/A control" in block
     # two rounds decide nothing: every target is "not resolved", saying why
     verdicts = report.targets_check(results)
     timed = [row for row in verdicts if "memory" not in row[0]]
