@@ -230,6 +230,20 @@ def test_classify(peft, minilora, verdict):
     assert classify(peft, minilora)[0] == verdict
 
 
+def test_importing_the_plugin_outside_its_subprocess_changes_nothing():
+    """The tests import parity.peft_plugin: that must not stub modules, cut the network or swap PEFT's names."""
+    import socket
+    import sys
+
+    import peft
+
+    assert not peft_plugin.RUNNING and peft_plugin.REPLACED == []
+    assert socket.getaddrinfo.__module__ == "socket" and socket.socket.connect.__qualname__ == "socket.connect"
+    assert peft.get_peft_model.__module__.startswith("peft.")
+    assert all(getattr(sys.modules[name], "__file__", None) for name in peft_plugin.OPTIONAL_IMPORTS
+               if name in sys.modules)  # a stub has no file
+
+
 def test_default_scope_is_lora_on_linear_and_conv1d_models():
     class LoraConfig:  # the plugin recognises PEFT's and minilora.compat's class by name
         pass
