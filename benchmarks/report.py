@@ -88,6 +88,15 @@ def stopping(m: dict) -> str:
             f"(widest interval +-{m['half_width'] * 100:.1f}%)")
 
 
+def interleaving(m: dict) -> str:
+    """How the section's rounds were interleaved (older results record neither)."""
+    if m.get("lockstep"):
+        return " (steps in lockstep across the variants)"
+    if m.get("bracketed"):
+        return f" (bracketed: {m['ratio_to']} before, between and after the others)"
+    return ""
+
+
 def _diff(value) -> str:
     if value is None:
         return "-"
@@ -253,7 +262,8 @@ def markdown(results: dict, title: str = "minilora benchmarks") -> str:
         lines += [f"## Timings: {table} ({threads} torch thread{'s' if threads != 1 else ''})", ""]
         for key, ms in sections(results).items():
             if key[0] == table:
-                lines += [f"### {section_title(key)}", "", f"Ratio to {ms[0]['ratio_to']}; {stopping(ms[0])}.", "",
+                lines += [f"### {section_title(key)}", "", f"Ratio to {ms[0]['ratio_to']}{interleaving(ms[0])}; "
+                          f"{stopping(ms[0])}.", "",
                           markdown_table(header(ms), rows(ms)), ""]
     if results["memory"]:
         lines += ["## Peak memory", "", "Each variant in its own process; the peak of one call beyond the "

@@ -259,7 +259,7 @@ class Runner:
             self.results["measurements"].append({
                 **fields, "threads": self.threads, "variant": name, "ratio_to": ratio_to,
                 "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
-                "bracketed": timed["bracketed"],
+                "bracketed": timed["bracketed"], "lockstep": timed["lockstep"],
                 "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
                 "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,
                 **({"tokens": tokens} if tokens else {}),

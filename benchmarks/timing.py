@@ -142,7 +142,7 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     ``functions``: a callable (one call per round) or ``Steps`` per variant. Returns
     ``{"clocks": (first, second), "samples": {clock: {name: [seconds per round]}}, "paired": {clock:
     {name: [the reference's seconds each ratio is taken to]}}, "rounds": n, "stopped": "resolved" |
-    "max_rounds" | "max_seconds", "half_width": widest, "bracketed": bool}``. The first clock decides
+    "max_rounds" | "max_seconds", "half_width": widest, "bracketed": bool, "lockstep": bool}``. The first clock decides
     when to stop; ``on_round(k, widest)`` is called after each round from ``min_rounds`` on (for
     progress lines). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
     """
@@ -168,7 +168,8 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
                 stopped = "max_seconds"
                 break
     return {"clocks": (first, second), "samples": samples, "paired": paired, "rounds": k + 1 if names else 0,
-            "stopped": stopped, "half_width": widest, "bracketed": bracketed}
+            "stopped": stopped, "half_width": widest, "bracketed": bracketed,
+            "lockstep": any(isinstance(f, Steps) for f in functions.values())}
 
 
 def summarize(timed: dict, reference: str) -> dict[str, dict]:

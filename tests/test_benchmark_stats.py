@@ -182,6 +182,7 @@ def test_steps_run_in_lockstep_and_a_round_is_their_sum():
     timed = interleaved(functions, "cpu", "base", min_rounds=2, max_rounds=2, max_seconds=60,
                         timer=(("cpu", "wall"), lambda fn: (fn(),) * 2))
     assert not timed["bracketed"]  # steps share state: the reference cannot run twice in a round
+    assert timed["lockstep"]
     assert calls[:6] == ["base0", "x0", "x1", "base1", "x2", "base2"]  # step j of each, order alternating
     x = summarize(timed, "base")["x"]["cpu"]
     assert x["samples_s"] == pytest.approx([5.4, 5.4]) and x["ratio"] == pytest.approx(5.4 / 5.0)

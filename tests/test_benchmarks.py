@@ -89,6 +89,7 @@ def test_outputs_are_written(tiny_results, tmp_path):
     page = paths["markdown"].read_text()
     assert "## Targets" in page and "torch " + torch.__version__ in page and "Load average" in page
     assert page.count("### ") == len(report.sections(results))
+    assert "(steps in lockstep across the variants)" in page and "(bracketed: base before, between and after" in page
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.terminal(results)
     assert "fused" in table and "targets" in table and "A/A control" in table
