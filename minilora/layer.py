@@ -17,6 +17,9 @@ do; the *active* ones each add their own update:
 
     h = W0 x + sum over active adapters a of  (alpha_a / r_a) * B_a A_a x
 
+An adapter built with ``lora_bias`` (PEFT's option) gives B a trainable bias b as well; its term is
+then ``(alpha / r) * (B A x + b)``, and merging adds ``(alpha / r) * b`` to the base layer's bias.
+
 Their A, B and dropout live in ``nn.ModuleDict``s keyed by adapter name, so a parameter is called
 ``<layer>.lora_A.default.weight``: PEFT's in-memory name, which makes trainable-parameter names
 and state dicts line up with PEFT's (files on disk drop the name of the default adapter, as PEFT's do).
@@ -147,7 +150,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                 if adapter not in self.lora_A:
                     continue  # active on other layers only (PEFT skips it too)
                 if x.dtype != self.lora_A[adapter].weight.dtype:
-                    x = x.to(self.lora_A[adapter].weight.dtype)  # half base, float32 adapter
+                    x = x.to(self.lora_A[adapter].weight.dtype)  # e.g. half base, float32 A (PEFT's _cast_input_dtype)
                 result = result + self.lora_update(x, adapter)
             return result.to(result_dtype)
         except RuntimeError:
