@@ -71,7 +71,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             docstring). Leaving ``"merged"`` unmerges.
         concatenate: fused path only: without gradients, one matmul over the concatenated
             weight ``[W0; A]``. False: the base matmul, ``x A^T`` and ``addmm_`` as in training
-            (no buffer). Which is faster where: benchmarks/results/latest.md.
+            (no buffer). Which is faster where: the pages in benchmarks/results/ (README: benchmarks).
 
     Raises:
         MiniLoraError: before changing anything, if ``path`` is unknown or the model has no
