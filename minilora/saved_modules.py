@@ -33,6 +33,10 @@ from .config import MiniLoraError
 BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
 
 
+class MixedBatchTypeError(MiniLoraError, TypeError):
+    """A module a mixed batch cannot split by rows (PEFT raises a TypeError here, so this is one too)."""
+
+
 class ModulesToSave(nn.Module):
     """``module`` kept as ``original_module`` (frozen) plus one trainable copy per adapter in
     ``modules_to_save[adapter]``.
@@ -115,9 +119,10 @@ class ModulesToSave(nn.Module):
     def forward_rows(self, rows: dict[str, list[int]], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Row i of ``x`` through the copy of the adapter whose rows hold i, or the original for "__base__"."""
         if not isinstance(self.original_module, self.MIXED_BATCH_TYPES):
-            raise MiniLoraError(f"A mixed batch cannot pass through modules_to_save module "
-                                f"{type(self.original_module).__name__}: as in PEFT, only "
-                                f"{', '.join(t.__name__ for t in self.MIXED_BATCH_TYPES)} can.")
+            names = ", ".join(kind.__name__ for kind in self.MIXED_BATCH_TYPES)
+            raise MixedBatchTypeError(f"Mixed batching is only supported for the following modules: {names}. "
+                                      f"This modules_to_save module is a {type(self.original_module).__name__} "
+                                      "(PEFT's rule and words): run the rows of each adapter as separate batches.")
         missing = sorted(name for name in rows if name != BASE and name not in self.modules_to_save)
         if missing:
             raise MiniLoraError(f"Adapters {missing} have no copy of this modules_to_save module (it has "
