@@ -62,11 +62,13 @@ from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_la
     resolve_adapter_source
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
+from .compat_tying import check_saved_tying, check_tied_modules
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .inject import adapter_configs, inject, lora_layers, set_adapter_config
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
+from .saved_modules import ModulesToSave as ModulesToSaveWrapper  # PEFT's name, for isinstance checks
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
@@ -164,6 +166,7 @@ class PeftModel(nn.Module):
                                 "another adapter with peft_model.add_adapter(name, config) instead.")
         if self.TASK_HEADS:
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
+        check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
         with drawing_nothing(low_cpu_mem_usage):
             inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -339,6 +342,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
+        check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -437,6 +441,7 @@ class PeftModel(nn.Module):
             _check_given_config(config, saved, directory)
         wrapper = model if isinstance(model, PeftModel) else None
         inner = model.get_base_model() if wrapper is not None else model
+        check_saved_tying(inner, directory)
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         with drawing_nothing(low_cpu_mem_usage):
@@ -470,6 +475,7 @@ class PeftModel(nn.Module):
         kwargs["torch_device"] = torch_device
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = resolve_adapter_source(model_id, kwargs, "load_adapter")
+        check_saved_tying(self.get_base_model(), adapters._adapter_directory(directory))
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
                                   adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -610,7 +616,7 @@ __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeature
            "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftModel", "get_base_model_state_dict", "get_peft_model_state_dict",
            "inject_adapter_in_model", "set_base_model_state_dict", "set_peft_model_state_dict", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
-           "PeftModelForTokenClassification", "TaskType", "get_peft_model"]
+           "PeftModelForTokenClassification", "TaskType", "get_peft_model", "ModulesToSaveWrapper"]
 
 # PEFT's AutoPeftModel classes (compat_auto.py builds on the wrappers above).
 from .compat_auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402

@@ -77,9 +77,8 @@ class LoraConfig(_MiniLoraConfig):
             raise MiniLoraError(f"init_lora_weights={init!r} is one of PEFT's data- or SVD-based initialisations, "
                                 "which minilora does not have: it has True (PEFT's default: kaiming-uniform A, "
                                 "zero B), 'gaussian' and False.")
-        if self.ensure_weight_tying is not False:
-            raise MiniLoraError("ensure_weight_tying=True (adapters shared between tied layers) is not in minilora; "
-                                "leave it False.")
+        if not isinstance(self.ensure_weight_tying, bool):  # (what it does: compat_tying.py, at injection)
+            raise MiniLoraError(f"ensure_weight_tying must be True or False (a bool), got {self.ensure_weight_tying!r}.")
         super().validate()
         if not isinstance(self.inference_mode, bool):
             raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")

@@ -23,6 +23,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from . import adapters
 from .compat_config import resolved_targets
 from .compat_loading import drawing_nothing, leave_new_layers_in_train_mode
+from .compat_tying import check_tied_modules
 from .config import LoraConfig, MiniLoraError
 from .inject import inject, is_lora_parameter, lora_layers
 
@@ -103,6 +104,7 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     if state_dict is not None:
         raise MiniLoraError("inject_adapter_in_model(state_dict=...) finds targets from a checkpoint's keys; "
                             "minilora finds them from peft_config.target_modules. Leave state_dict=None.")
+    check_tied_modules(model, peft_config)
     resolved = resolved_targets(model, peft_config)
     with drawing_nothing(low_cpu_mem_usage):
         inject(model, peft_config, adapter_name)

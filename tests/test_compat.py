@@ -217,7 +217,7 @@ def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
     ({"trainable_token_indices": [1, 2]}, r"cannot honour trainable_token_indices"),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is one of PEFT's"),
     ({"init_lora_weights": "mica"}, r"init_lora_weights='mica' is one of PEFT's"),
-    ({"ensure_weight_tying": True}, r"ensure_weight_tying=True"),
+    ({"ensure_weight_tying": 1}, r"ensure_weight_tying must be True or False"),  # True: test_compat_tying.py
 ], ids=["dora", "modules_to_save", "lora_bias", "task_type", "r", "target_parameters", "velora", "trainable_tokens",
         "pissa", "mica", "weight_tying"])
 def test_config_errors(fields, message):
