@@ -65,19 +65,21 @@ def _use_minilora() -> list[str]:
     """Put minilora.compat's API where PEFT's tests import it from; the names replaced.
 
     Every name minilora.compat exports (get_peft_model, PeftModel, LoraConfig, the state-dict functions,
-    ...) replaces PEFT's in the modules the tests import from: ``peft``, ``peft.utils`` and
-    ``peft.tuners.lora``, wherever PEFT has that name. PEFT's own modules keep what they bound at import.
+    ...) replaces PEFT's in the modules the tests import from: ``peft``, ``peft.utils``,
+    ``peft.utils.other`` (ModulesToSaveWrapper) and ``peft.tuners.lora``, wherever PEFT has that name.
+    PEFT's own modules keep what they bound at import.
     """
     import peft
     import peft.tuners.lora as peft_lora
     import peft.utils as peft_utils
+    import peft.utils.other as peft_utils_other
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     import minilora.compat as compat
     from minilora.layer import LoraLinear
 
     replaced = []
-    for module in (peft, peft_utils, peft_lora):
+    for module in (peft, peft_utils, peft_utils_other, peft_lora):
         for name in compat.__all__:
             if hasattr(module, name) and name != "TaskType":  # constants: PEFT's str enum serves both
                 setattr(module, name, getattr(compat, name))

@@ -293,7 +293,7 @@ LoraConfig but no model_id (PEFT's multi-adapter, mixed-batch, requires-grad cla
 --select uses-lora also takes tests with no PEFT config parameter whose code names LoraConfig (PEFT's
 other files, e.g. test_initialization.py). In "minilora" mode every name minilora.compat exports
 (get_peft_model, PeftModel and PeftModelFor*, LoraConfig, LoraModel, the state-dict functions, ...)
-replaces PEFT's in peft, peft.utils and peft.tuners.lora, and minilora's LoRA layer counts as
+replaces PEFT's in peft, peft.utils, peft.utils.other and peft.tuners.lora, and minilora's LoRA layer counts as
 peft's LoraLayer / BaseTunerLayer in isinstance checks. Optional
 imports of PEFT's test helpers that are not installed (diffusers, datasets) are empty stubs, in the
 subprocess only. The checkout's pytest settings are not used; its files are not written to.
