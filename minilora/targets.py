@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Optional
 
 from torch import nn
@@ -289,6 +290,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         )
     if not names:
         raise MiniLoraError(_no_match_message(model, targets, config))
+    exclude = getattr(config, "exclude_modules", None)
+    saved = getattr(config, "modules_to_save", None)  # (PEFT counts modules_to_save's modules as excluded too)
+    if exclude and not any(matches(name, exclude) or is_saved_module(name, saved)
+                           for name, _ in model.named_modules() if name):
+        warnings.warn(f"You have passed exclude_modules={exclude} but no modules were excluded. "  # PEFT's words
+                      "Please check that exclude_modules was set correctly.", stacklevel=3)
     modules = dict(model.named_modules())
     for name in names:
         if not isinstance(modules[name], (*LINEAR_TYPES, LoraLinear)):
@@ -300,16 +307,41 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _no_match_message(model: nn.Module, targets: list[str] | str, config: LoraConfig) -> str:
-    """Why nothing matched, in the terms of the selector that removed everything."""
-    plain = [name for name, _ in model.named_modules() if name and matches(name, targets)]
+    """Why nothing matched: PEFT 0.21.2's sentence first (``BaseTuner.inject_adapter``, so a script or
+    test that matches PEFT's words still does), then in the terms of the selector that removed everything.
+
+    PEFT sorts the model's modules into *excluded* (by ``exclude_modules``, or inside a module of
+    ``modules_to_save``) and *unmatched* (the rest): only excluded ones -> "All modules were excluded",
+    only unmatched ones -> "Target modules ... not found", both -> "No modules were targeted"."""
+    names = [name for name, _ in model.named_modules() if name]
+    exclude = getattr(config, "exclude_modules", None)
+    excluded = [name for name in names if (exclude and matches(name, exclude))
+                or is_saved_module(name, getattr(config, "modules_to_save", None))]
+    unmatched = len(names) > len(excluded)
+    plain = [name for name in names if matches(name, targets)]
     shown = config.target_modules if is_all_linear(config.target_modules) else targets
+    layers = getattr(config, "layers_to_transform", None)
+    pattern = getattr(config, "layers_pattern", None)
+    notes = (f" Note: You specified 'layers_to_transform': {layers}." if layers is not None else "") + \
+        (f" You also specified 'layers_pattern': {pattern}." if pattern is not None else "")
+    if excluded and not unmatched:
+        peft_words = ("All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                      "`exclude_modules` and `modules_to_save` configuration.")
+    elif not excluded:
+        peft_words = (f"Target modules {shown} not found in the base model. Please check the target modules and "
+                      f"try again.{notes}")
+    else:
+        peft_words = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                      "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                      "configuration. You may also have only targeted modules that are marked to be saved "
+                      f"(`modules_to_save`).{notes}")
     if not plain:
-        return (f"target_modules={shown!r} matches no module of this {type(model).__name__}. "
+        return (f"{peft_words} target_modules={shown!r} matches no module of this {type(model).__name__}. "
                 f"Linear layers it has: {suggest_targets(model)[:12]}.")
-    return (f"target_modules={shown!r} matches {len(plain)} modules (e.g. {plain[0]!r}), but "
-            f"exclude_modules={getattr(config, 'exclude_modules', None)!r}, "
-            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} "
-            f"(layers_pattern={getattr(config, 'layers_pattern', None)!r}) and "
+    return (f"{peft_words} target_modules={shown!r} matches {len(plain)} modules (e.g. {plain[0]!r}), but "
+            f"exclude_modules={exclude!r}, "
+            f"layers_to_transform={layers!r} "
+            f"(layers_pattern={pattern!r}) and "
             f"modules_to_save={getattr(config, 'modules_to_save', None)!r} leave none. Loosen one of them.")
 
 

@@ -87,7 +87,7 @@ BAD_DIRECTORIES = [
     ("huge-alpha", lambda d: edit_config(d, lora_alpha=10**400), r"adapter_config\.json: "),
     ("bad-bias", lambda d: edit_config(d, bias="some"), r"bias must be one of"),
     ("targets-absent", lambda d: edit_config(d, target_modules=["q_proj", "v_proj"]),
-     r"adapter_config\.json: target_modules=\['q_proj', 'v_proj'\] matches no module"),
+     r"adapter_config\.json: .*target_modules=\['q_proj', 'v_proj'\] matches no module"),
     ("targets-not-linear", lambda d: edit_config(d, target_modules=["ln_1"]), r"is a LayerNorm"),
     ("r-differs-from-tensors", lambda d: edit_config(d, r=8), r"adapter_config\.json says r=8 but "
                                                              r".*lora_[AB]\.default\.weight has shape \(\d+, \d+\), i\.e\. r=4"),
