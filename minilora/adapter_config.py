@@ -117,6 +117,10 @@ def config_text(fields: Mapping[str, Any]) -> str:
     return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
 
+class MissingKeysError(MiniLoraError, TypeError):
+    """A config file without ``peft_type`` (PEFT raises a TypeError for it, so this is one too)."""
+
+
 def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
     """A minilora LoraConfig from PEFT's config fields (adapter_config.json or a peft.LoraConfig).
 
@@ -126,6 +130,10 @@ def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
     Raises:
         MiniLoraError: naming ``source``, for another PEFT method, a used unsupported feature, or a bad value.
     """
+    if "peft_type" not in fields:  # not a PEFT config at all (PEFT raises a TypeError here, in these words)
+        raise MissingKeysError(f"{source}: The LoraConfig config that is trying to be loaded is missing required "
+                               "keys: {'peft_type'}. It is not a PEFT adapter config (PEFT's files say "
+                               "\"peft_type\": \"LORA\").")
     peft_type = getattr(fields.get("peft_type"), "value", fields.get("peft_type"))
     if peft_type != "LORA":
         raise MiniLoraError(f"{source}: peft_type is {peft_type!r}; minilora reads LoRA adapters only "

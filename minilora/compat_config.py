@@ -86,8 +86,9 @@ class LoraConfig(_MiniLoraConfig):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise MiniLoraError(f"{name} must be None or a string, got {getattr(self, name)!r}.")
         if self.task_type is not None and self.task_type not in TaskType.__members__:
-            raise MiniLoraError(f"task_type={self.task_type!r} is not one of PEFT's task types: "
-                                f"{list(TaskType.__members__)}.")
+            raise MiniLoraError(f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                                f"{', '.join(TaskType)}. (task_type={self.task_type!r} is not one of PEFT's task "
+                                "types.)")
         if self.task_type is not None:
             self.task_type = TaskType(self.task_type)
         check_unsupported(vars(self), "LoraConfig")
@@ -104,6 +105,9 @@ def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
     """The dataclass __init__, after naming any field it does not know (a newer PEFT's, or a typo)
     in a MiniLoraError instead of Python's bare TypeError."""
     known = {f.name for f in dataclasses.fields(LoraConfig)}
+    # PEFT's LoraConfig takes peft_type too, and sets it to LORA whatever it was (its __post_init__);
+    # here peft_type is always "LORA" (a property, peft_attributes.py), so the keyword is dropped likewise.
+    kwargs.pop("peft_type", None)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise MiniLoraError(f"LoraConfig got fields minilora does not know: {unknown}. They are probably from a newer "

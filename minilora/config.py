@@ -163,12 +163,15 @@ class LoraConfig(PeftConfigAttributes):
                 not isinstance(pattern, list) or not all(isinstance(p, str) for p in pattern)):
             raise MiniLoraError(f"layers_pattern must be None, a name part such as 'layers', or a list of them, got "
                                 f"{pattern!r}.")
-        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
-            raise MiniLoraError("layers_to_transform and layers_pattern work with a list of target_modules only (as "
-                                f"in PEFT), not with the string {self.target_modules!r}. Put the layer index in the "
-                                "regex instead, or pass a list of names.")
+        for name, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):  # (PEFT's words first)
+            if isinstance(self.target_modules, str) and value is not None:
+                raise MiniLoraError(f"`{name}` cannot be used when `target_modules` is a str. layers_to_transform and "
+                                    "layers_pattern work with a list of target_modules only (as in PEFT), not with "
+                                    f"the string {self.target_modules!r}. Put the layer index in the regex instead, "
+                                    "or pass a list of names.")
         if pattern and layers is None:
-            raise MiniLoraError(f"layers_pattern={pattern!r} needs layers_to_transform (the indices to keep), as in "
+            raise MiniLoraError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                                f"layers_pattern={pattern!r} needs layers_to_transform (the indices to keep), as in "
                                 "PEFT.")
         for name, patterns, check, what in (("rank_pattern", self.rank_pattern, _is_rank, "a positive int"),
                                             ("alpha_pattern", self.alpha_pattern, _is_alpha, "a positive number")):

@@ -68,3 +68,33 @@ def test_unused_exclude_modules_warns_as_peft(fields, warns):
     ours, our_warnings = outcome(compat, **fields)
     assert theirs is None and ours is None
     assert our_warnings == their_warnings and bool(their_warnings) == warns
+
+
+@pytest.mark.parametrize("fields", [
+    dict(task_type="invalid-task-type"),
+    dict(target_modules=".*foo", layers_to_transform=[0]),
+    dict(target_modules=".*foo", layers_pattern=["bar"]),
+    dict(target_modules=["foo"], layers_pattern="model.layers"),
+], ids=["task_type", "regex-layers_to_transform", "regex-layers_pattern", "pattern-without-indices"])
+def test_config_errors_start_with_pefts_words(fields):
+    with pytest.raises(ValueError) as theirs:
+        peft.LoraConfig(**fields)
+    with pytest.raises(MiniLoraError) as ours:
+        compat.LoraConfig(**fields)
+    assert str(ours.value).startswith(str(theirs.value).strip()), (str(ours.value), str(theirs.value))
+
+
+def test_peft_type_keyword_is_accepted_and_set_to_lora_as_in_peft(tmp_path):
+    theirs, ours = peft.LoraConfig(peft_type="test"), compat.LoraConfig(peft_type="test")
+    assert ours.peft_type == theirs.peft_type == "LORA"
+    ours.save_pretrained(tmp_path)
+    assert compat.LoraConfig.from_pretrained(tmp_path).peft_type == "LORA"
+
+
+def test_a_json_without_peft_type_is_refused_as_peft_refuses_it(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"foo": "bar", "baz": 123}')
+    with pytest.raises(TypeError) as theirs:
+        peft.LoraConfig.from_pretrained(tmp_path)
+    with pytest.raises(MiniLoraError) as ours:
+        compat.LoraConfig.from_pretrained(tmp_path)
+    assert isinstance(ours.value, TypeError) and str(theirs.value) in str(ours.value)
