@@ -93,6 +93,13 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if mixed is not False:
         raise MiniLoraError("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, "
                             "...); minilora has LoRA only. Leave mixed=False.")
+    # As PEFT's get_peft_model: the config records the model's own name (transformers' name_or_path), with a
+    # warning if that replaces a name the config had.
+    old_name, new_name = peft_config.base_model_name_or_path, model.__dict__.get("name_or_path", None) or None
+    peft_config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+                      "Please ensure that the correct base model is loaded when loading this checkpoint.", stacklevel=2)
     if revision is not None:
         if peft_config.revision is not None and peft_config.revision != revision:
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting "

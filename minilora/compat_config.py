@@ -79,6 +79,7 @@ class LoraConfig(_MiniLoraConfig):
                                 "zero B), 'gaussian' and False.")
         if not isinstance(self.ensure_weight_tying, bool):  # (what it does: compat_tying.py, at injection)
             raise MiniLoraError(f"ensure_weight_tying must be True or False (a bool), got {self.ensure_weight_tying!r}.")
+        check_unsupported(vars(self), "LoraConfig")  # first: a used PEFT feature is named before any other complaint
         super().validate()
         if not isinstance(self.inference_mode, bool):
             raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")

@@ -98,3 +98,20 @@ def test_a_json_without_peft_type_is_refused_as_peft_refuses_it(tmp_path):
     with pytest.raises(MiniLoraError) as ours:
         compat.LoraConfig.from_pretrained(tmp_path)
     assert isinstance(ours.value, TypeError) and str(theirs.value) in str(ours.value)
+
+
+@pytest.mark.parametrize("own_name", [None, "foobar"])
+@pytest.mark.parametrize("given", [None, "custom_name", "foobar"])
+def test_get_peft_model_records_the_models_name_and_warns_on_a_rename_as_peft(own_name, given):
+    results = []
+    for api in (peft, compat):
+        model = MLP()
+        if own_name is not None:
+            model.name_or_path = own_name
+        config = api.LoraConfig(target_modules=["lin0"], base_model_name_or_path=given)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            api.get_peft_model(model, config)
+        results.append((config.base_model_name_or_path, [str(w.message) for w in caught if "renamed" in str(w.message)]))
+    assert results[1] == results[0]
+    assert bool(results[0][1]) == (given is not None and given != own_name)
