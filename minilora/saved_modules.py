@@ -33,6 +33,10 @@ from .config import MiniLoraError
 BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
 
 
+class SavedModuleTypeError(MiniLoraError, TypeError):
+    """modules_to_save on a module it cannot wrap (PEFT raises a TypeError here, so this is one too)."""
+
+
 class MixedBatchTypeError(MiniLoraError, TypeError):
     """A module a mixed batch cannot split by rows (PEFT raises a TypeError here, so this is one too)."""
 
@@ -181,8 +185,9 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
             raise MiniLoraError(f"modules_to_save selects {key!r} inside {outer[0]!r}, which it also selects; name "
                                 "only the outer module.")
         if isinstance(modules[key], (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
-            raise MiniLoraError(f"modules_to_save selects {key!r}, a {type(modules[key]).__name__} (a container "
-                                "with no forward of its own), as PEFT refuses too. Name the modules inside it.")
+            raise SavedModuleTypeError(f"modules_to_save cannot be applied to modules of type {type(modules[key])}: "
+                                       f"modules_to_save selects {key!r}, a {type(modules[key]).__name__} (a container "
+                                       "with no forward of its own), as PEFT refuses too. Name the modules inside it.")
     return chosen
 
 

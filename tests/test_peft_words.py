@@ -115,3 +115,20 @@ def test_get_peft_model_records_the_models_name_and_warns_on_a_rename_as_peft(ow
         results.append((config.base_model_name_or_path, [str(w.message) for w in caught if "renamed" in str(w.message)]))
     assert results[1] == results[0]
     assert bool(results[0][1]) == (given is not None and given != own_name)
+
+
+@pytest.mark.parametrize("container", [nn.ModuleDict({"a": nn.Linear(2, 2)}), nn.ModuleList([nn.Linear(2, 2)]),
+                                       nn.ParameterDict({"a": nn.Parameter(torch.zeros(2))}),
+                                       nn.ParameterList([nn.Parameter(torch.zeros(2))])],
+                         ids=["ModuleDict", "ModuleList", "ParameterDict", "ParameterList"])
+def test_modules_to_save_on_a_container_is_pefts_type_error(container):
+    messages = []
+    for api in (peft, compat):
+        model = MLP()
+        model.box = container
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(TypeError) as raised:
+            api.get_peft_model(model, api.LoraConfig(target_modules=["lin0"], modules_to_save=["box"]))
+        messages.append(str(raised.value))
+    assert isinstance(raised.value, MiniLoraError) and messages[1].startswith(messages[0])
+    assert type(model.lin0) is nn.Linear and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
