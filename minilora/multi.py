@@ -102,7 +102,10 @@ def check_can_add(model: nn.Module, adapter_name: str, config: LoraConfig) -> No
         raise MiniLoraError(f"The model has an adapter named {adapter_name!r} already ({adapter_names(model)}). "
                             "Pick another name, or minilora.delete_adapter it first.")
     config.validate()
-    if config.bias != "none":
+    if config.bias != "none" and any(other.bias != "none" for other in adapter_configs(model).values()):
+        raise MiniLoraError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to "
+                            f"'none' for all adapters. (PEFT's words; this adapter has bias={config.bias!r}.)")
+    if config.bias != "none":  # (PEFT allows it when the other adapters train no bias; minilora does not yet)
         raise MiniLoraError(f"bias={config.bias!r}: minilora trains biases for the first adapter only. Add this "
                             "adapter with bias='none'.")
 

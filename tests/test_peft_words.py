@@ -132,3 +132,15 @@ def test_modules_to_save_on_a_container_is_pefts_type_error(container):
         messages.append(str(raised.value))
     assert isinstance(raised.value, MiniLoraError) and messages[1].startswith(messages[0])
     assert type(model.lin0) is nn.Linear and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_second_adapter_with_bias_is_refused_in_pefts_words():
+    messages = []
+    for api in (peft, compat):
+        model = api.get_peft_model(MLP(), api.LoraConfig(target_modules=["lin0"], bias="all"))
+        with pytest.raises(ValueError) as raised:
+            model.add_adapter("other", api.LoraConfig(target_modules=["lin0"], bias="lora_only"))
+        messages.append(str(raised.value))
+        assert list(model.peft_config) == ["default"]
+        model.add_adapter("plain", api.LoraConfig(target_modules=["lin0"]))  # bias="none" is fine
+    assert messages[1].startswith(messages[0])
