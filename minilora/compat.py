@@ -465,6 +465,8 @@ class PeftModel(nn.Module):
             if config.lora_dropout != saved.lora_dropout:
                 adapters._adopt_adapter_config(inner, config, adapter_name)  # its dropout on the layers
             set_adapter_config(inner, adapter_name, config)
+        else:
+            _keep_pefts_config(inner, adapter_name, directory, is_trainable)
         if wrapper is None:
             task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
             wrapper = (task_class or cls)._wrapping(inner)
@@ -486,9 +488,22 @@ class PeftModel(nn.Module):
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
                                   adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        _keep_pefts_config(self.get_base_model(), adapter_name, adapters._adapter_directory(directory), is_trainable)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _keep_pefts_config(model: nn.Module, adapter_name: str, directory: Path, is_trainable: bool) -> None:
+    """After loading, the adapter's config is a compat ``LoraConfig`` read from the same file (every
+    PEFT field: task_type, base_model_name_or_path, use_dora, ...), as PEFT's ``peft_config[name]`` is,
+    with ``inference_mode = not is_trainable`` as PEFT sets it; minilora's loader recorded its own
+    LoRA-only config."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the loader has warned about the file's fields already)
+        config = LoraConfig.from_pretrained(directory)
+    config.inference_mode = not is_trainable
+    set_adapter_config(model, adapter_name, config)
 
 
 def _inputs_require_grad(model: nn.Module) -> None:

@@ -144,3 +144,21 @@ def test_a_second_adapter_with_bias_is_refused_in_pefts_words():
         assert list(model.peft_config) == ["default"]
         model.add_adapter("plain", api.LoraConfig(target_modules=["lin0"]))  # bias="none" is fine
     assert messages[1].startswith(messages[0])
+
+
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_loaded_adapters_config_is_pefts_full_config(tmp_path, is_trainable):
+    """After from_pretrained / load_adapter, peft_config[name] holds every PEFT field, as PEFT's does."""
+    torch.manual_seed(0)
+    peft.get_peft_model(MLP(), peft.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"], r=2,
+                                               revision="v1")).save_pretrained(tmp_path)
+    configs = []
+    for api in (peft, compat):
+        model = api.PeftModel.from_pretrained(MLP(), tmp_path, is_trainable=is_trainable)
+        model.load_adapter(tmp_path, "other", is_trainable=is_trainable)
+        configs.append({name: config.to_dict() for name, config in model.peft_config.items()})
+    for theirs, ours in zip(configs[0].values(), configs[1].values()):
+        for where_from in ("peft_version", "auto_mapping"):  # (minilora records neither in the config object)
+            theirs.pop(where_from, None), ours.pop(where_from, None)
+        assert ours == theirs
+        assert ours["inference_mode"] is (not is_trainable) and ours["revision"] == "v1" and "use_dora" in ours
