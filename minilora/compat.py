@@ -111,6 +111,11 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 
 def _check_config(config: Any, action: str) -> None:
+    peft_type = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+    if not isinstance(config, _MiniLoraConfig) and isinstance(peft_type, str) and peft_type != "LORA":
+        raise MiniLoraError(f"{action} got a {type(config).__name__}: {peft_type} is another PEFT method, and "
+                            "minilora has LoRA only. Use minilora.compat.LoraConfig, or PEFT itself for "
+                            f"{peft_type}.")
     if not isinstance(config, _MiniLoraConfig):
         raise MiniLoraError(f"{action} needs minilora.compat.LoraConfig, got "
                             f"{type(config).__module__}.{type(config).__qualname__}. "

@@ -162,3 +162,12 @@ def test_loaded_adapters_config_is_pefts_full_config(tmp_path, is_trainable):
             theirs.pop(where_from, None), ours.pop(where_from, None)
         assert ours == theirs
         assert ours["inference_mode"] is (not is_trainable) and ours["revision"] == "v1" and "use_dora" in ours
+
+
+def test_another_peft_methods_config_is_refused_by_name_before_any_change():
+    model = MLP()
+    with pytest.raises(MiniLoraError, match="IA3 is another PEFT method, and minilora has LoRA only"):
+        compat.get_peft_model(model, peft.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    assert type(model.lin0) is nn.Linear
+    with pytest.raises(MiniLoraError, match=r"needs minilora\.compat\.LoraConfig"):  # PEFT's own LoraConfig
+        compat.get_peft_model(model, peft.LoraConfig(target_modules=["lin0"]))
