@@ -24,6 +24,10 @@ of PEFT models hold. Attributes the wrapper does not have are looked up on ``bas
 your model, as in PEFT, so ``peft_model.config`` and ``peft_model.generate`` work. The native API
 (``minilora.inject``) stays wrapper-free.
 
+Also here, from their own files: ``LoraConfig`` and ``TaskType`` (compat_config.py), PEFT's
+state-dict functions (``get_peft_model_state_dict``, ``inject_adapter_in_model``, ...;
+compat_state_dict.py) and the ``AutoPeftModel`` classes (compat_auto.py).
+
 **Better than PEFT, kept.** PEFT's two classic pitfalls:
 
 1. ``get_peft_model(model, config)`` followed by ``PeftModel.from_pretrained(that_model, directory)``:
