@@ -271,3 +271,46 @@ def test_config_target_modules_after_injection_as_peft(tmp_path, target_modules)
         seen[lib.__name__] = (created, config.target_modules, model.peft_config["other"].target_modules,
                               sorted(saved) if isinstance(saved, list) else saved)
     assert seen["minilora.compat"] == seen["peft"]
+
+
+class DeepMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0, self.lin1, self.lin2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.lin1(self.lin0(x).relu()))
+
+
+def many_calls(lib, directory) -> list[float]:
+    """A script of wrapper calls, recording a random number after each: it shows what each call drew."""
+    drawn = []
+    torch.manual_seed(0)
+    model = lib.get_peft_model(DeepMLP(), lib.LoraConfig(target_modules=["lin0"], r=2, lora_dropout=0.2,
+                                                         modules_to_save=["lin2"]))
+    calls = [
+        lambda: model.add_adapter("g", lib.LoraConfig(target_modules=["lin0", "lin1"], r=2, init_lora_weights="gaussian")),
+        lambda: model.add_adapter("f", lib.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False)),
+        lambda: model(torch.ones(2, 6)),  # train mode: dropout draws
+        lambda: model.set_adapter("g"),
+        lambda: model.save_pretrained(directory),
+        lambda: model.load_adapter(directory / "f", adapter_name="f2"),
+        lambda: model.add_weighted_adapter(["g", "f"], [0.5, 0.5], "cat", combination_type="cat"),
+        lambda: model.add_weighted_adapter(["g", "f"], [0.5, 0.5], "svd", combination_type="svd"),
+        lambda: model.delete_adapter("svd"),
+        lambda: model.merge_adapter(),
+        lambda: model.unmerge_adapter(),
+        lambda: lib.PeftModel.from_pretrained(DeepMLP(), directory),
+        lambda: model.merge_and_unload(),
+    ]
+    drawn.append(torch.rand(1).item())
+    for call in calls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call()
+        drawn.append(torch.rand(1).item())
+    return drawn
+
+
+def test_every_wrapper_call_draws_peft_s_random_numbers(tmp_path):
+    assert many_calls(compat, tmp_path / "ours") == many_calls(peft, tmp_path / "peft")
