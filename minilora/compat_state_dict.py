@@ -52,7 +52,16 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[Mapping[str
         model = getattr(model, "_orig_mod", model)
     if state_dict is not None:
         state_dict = {key.removeprefix(WRAPPER_PREFIX): value for key, value in state_dict.items()}
-    return adapters.adapter_state_dict(model_inside(model), state_dict, adapter_name)
+    tensors = adapters.adapter_state_dict(model_inside(model), state_dict, adapter_name)
+    return {_key_prefix(model) + key.removeprefix(WRAPPER_PREFIX): value for key, value in tensors.items()}
+
+
+def _key_prefix(model: nn.Module) -> str:
+    """PEFT's keys are those of the object passed: ``base_model.model.<layer>`` for a PeftModel,
+    ``model.<layer>`` for a LoraModel, ``<layer>`` for your own model (after inject_adapter_in_model)."""
+    if model_inside(model) is model:
+        return ""
+    return "model." if type(model).__name__ == "LoraModel" else WRAPPER_PREFIX
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],
@@ -70,8 +79,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
     placeholders = _meta_adapter(inner, adapter_name)  # from inject_adapter_in_model(..., low_cpu_mem_usage=True)
     for matrix, device in placeholders:
         matrix.to_empty(device=device)  # real memory for load_adapter to fill (every key, or it raises)
+    prefix = _key_prefix(model)  # (the keys get_peft_model_state_dict gives for this object)
+    tensors = {(key.removeprefix(prefix) if prefix == "model." else key): value
+               for key, value in peft_model_state_dict.items()}
     try:
-        adapters.load_adapter(inner, dict(peft_model_state_dict), adapter_name=adapter_name)
+        adapters.load_adapter(inner, tensors, adapter_name=adapter_name)
     except MiniLoraError:
         for matrix, _ in placeholders:
             matrix.to("meta")  # placeholders again, as before the call
