@@ -129,3 +129,10 @@ def test_modules_to_save_wrapper_is_pefts_name_for_isinstance():
     model = compat.get_peft_model(tiny_lm(tied=False), compat.LoraConfig(target_modules=["linear"],
                                                                          modules_to_save=["lm_head"]))
     assert isinstance(model.base_model.model.lm_head, compat.ModulesToSaveWrapper)
+
+
+def test_an_invalid_regex_target_still_gets_the_targets_message():
+    model = tiny_lm()
+    with pytest.raises(MiniLoraError, match="not a valid one"):
+        compat.get_peft_model(model, compat.LoraConfig(target_modules="(", ensure_weight_tying=True))
+    assert isinstance(model.lm_head, nn.Linear) and type(model.model.linear) is nn.Linear
