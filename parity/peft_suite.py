@@ -11,7 +11,7 @@ PEFT's tests are the oracle's own idea of correct behaviour. This runs a test fi
     agree     both pass
     differ    PEFT passes, minilora fails (the first line of its error is shown) or does not run it
     refused   PEFT passes, minilora raises a MiniLoraError for a feature outside its scope (DoRA,
-              Conv2d/3d, Embedding, target_parameters, VeLoRA, MiCA, lora_bias, trainable tokens, ...)
+              Conv2d/3d, Embedding, target_parameters, VeLoRA, MiCA, trainable tokens, ...)
     N/A       PEFT skips the test, or fails it itself: no oracle to compare with
 
 The tests are read from the checkout at run time; none of PEFT's test code is part of minilora.
@@ -43,13 +43,12 @@ VERDICTS = (AGREE, DIFFER, REFUSED, NA)
 # that names one of these is a refusal; any other failure, MiniLoraError or not, is a difference.
 OUT_OF_SCOPE = {
     "DoRA": r"use_dora|\bDoRA\b",
-    "lora_bias": r"lora_bias",
     "target_parameters": r"target_parameters",
     "trainable tokens": r"trainable_token",
     "VeLoRA": r"(?i)velora",
     "MonteCLoRA": r"(?i)monteclora",
     "BD-LoRA": r"use_bdlora|BD-LoRA",
-    "init_lora_weights (MiCA, PiSSA, ...)": r"init_lora_weights",
+    "init_lora_weights (MiCA, PiSSA, ...)": r"init_lora_weights(=\S+)? (must be|is one of PEFT's)|minilora knows True, False",
     "other LoRA variants (LoftQ, EVA, CorDA, QA-LoRA, aLoRA, Arrow, KaSA, LoRA-GA, ...)":
         r"layer_replication|loftq_config|megatron_config|use_qalora|eva_config|corda_config|alora_invocation_tokens"
         r"|arrow_config|kasa_config|lora_ga_config",
@@ -283,7 +282,7 @@ outcomes, test by test:
             minilora skips it or never runs it
   refused   it passes with PEFT, and minilora raises a MiniLoraError naming a feature outside its scope
             (DoRA, Conv1d/2d/3d, Embedding, MultiheadAttention, target_parameters, VeLoRA, MonteCLoRA,
-            BD-LoRA, MiCA and the other init_lora_weights methods, lora_bias, trainable tokens, mixed=True, ...)
+            BD-LoRA, MiCA and the other init_lora_weights methods, trainable tokens, mixed=True, ...)
   N/A       PEFT skips it (or fails it): there is no oracle answer
 
 scope: by default the LoRA cases (tests parametrized with LoraConfig) on PEFT's test models built of
