@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(scope=scope, select=args.select, cases=args.case or [], keyword=args.keyword, timeout_s=args.timeout,
                    threads=args.threads)
 
+    installed = installed_versions()  # before the runs: the minilora commit they test
     peft_progress = Progress("peft", args.quiet)
     peft = run_mode("peft", files, on_record=peft_progress, **options)
     peft_progress.say(f"peft: {len(peft.records)} tests in {peft.seconds:.0f}s")
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(peft, minilora)
     meta = {"command": "python -m parity peft-tests " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "tests_dir": str(tests_dir), "files": [f.name for f in files], "scope": scope, "select": args.select,
-            "tests_from": args.label or source_version(tests_dir), "installed": installed_versions(),
+            "tests_from": args.label or source_version(tests_dir), "installed": installed,
             "replaced": minilora.replaced, "seconds": {"peft": round(peft.seconds), "minilora": round(minilora.seconds)},
             "timed_out": [run.mode for run in (peft, minilora) if run.timed_out], "counts": counts(rows)}
     print(report.terminal_report(rows, meta))
