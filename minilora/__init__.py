@@ -2,15 +2,25 @@
 
     h = W0 x + (lora_alpha / r) * B A x
 
-Read in this order: config.py (what to adapt), layer.py (the math), targets.py (which layers),
-inject.py (putting it into a model), saved_modules.py (modules trained in full), multi.py,
-weighted.py and mixed.py (several adapters), params.py (counting), adapters.py and
-adapter_config.py (adapter files in PEFT's format; files.py writes them crash-safely,
-bounded_regex.py matches their regexes with a time bound), compat.py (PEFT's API: the PeftModel
-wrapper; compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py
-what loading does around it, compat_state_dict.py PEFT's state-dict functions, compat_auto.py its
-AutoPeftModel classes; peft_attributes.py holds the names PEFT's own code reads on a config and a
-layer), fused.py (faster forward paths), cli.py (the `minilora` command).
+Read in this order. The lesson (LoRA itself, one adapter):
+    config.py   what to adapt: r, lora_alpha, target_modules, dropout
+    layer.py    the math: LoraLinear wraps nn.Linear / Conv1D; forward, delta_weight, merge, unmerge
+    targets.py  which layers a config selects (PEFT's defaults, "all-linear", patterns)
+    inject.py   putting the layers into a model, freezing, merge_and_unload, unload, disabled
+    params.py   counting trainable parameters
+    adapters.py and adapter_config.py   adapter files in PEFT's format
+
+Beyond the lesson, each in its own file:
+    saved_modules.py (modules trained in full), multi.py, weighted.py and mixed.py (several adapters),
+    files.py (crash-safe writes), bounded_regex.py (regexes from files, with a time bound),
+    fused.py (faster forward paths), cli.py (the `minilora` command), models.py (the embedded GPT-2),
+    text.py (an offline text and tokenizer), spectrum.py, demo.py.
+
+PEFT's API as a drop-in (minilora.compat; read compat.py first): compat.py is the PeftModel wrapper,
+compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py what
+loading does around it, compat_state_dict.py PEFT's state-dict functions, compat_auto.py its
+AutoPeftModel classes, compat_tying.py ensure_weight_tying; peft_attributes.py holds the names PEFT's
+own code reads on a config and a layer.
 """
 
 from .adapters import load_adapter, save_adapter
