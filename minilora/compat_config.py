@@ -122,8 +122,9 @@ LoraConfig.__init__ = _init_naming_unknown_fields
 
 def resolved_targets(model: nn.Module, config: LoraConfig) -> Any:
     """What PEFT writes into the config when it injects: for ``target_modules=None`` (the
-    architecture's default) and ``"all-linear"``, the set of names they stand for on this model;
-    otherwise the config's own value."""
+    architecture's default) and ``"all-linear"``, the set of names they stand for on this model (a
+    default that is one regex string stays that string, as in PEFT); otherwise the config's own value."""
     if config.target_modules is None or is_all_linear(config.target_modules):
-        return set(resolve_target_modules(model, config))
+        resolved = resolve_target_modules(model, config)
+        return resolved if isinstance(resolved, str) else set(resolved)
     return config.target_modules

@@ -84,6 +84,13 @@ def _use_minilora() -> list[str]:
             if hasattr(module, name) and name != "TaskType":  # constants: PEFT's str enum serves both
                 setattr(module, name, getattr(compat, name))
                 replaced.append(f"{module.__name__}.{name}")
+    # PEFT's tests register a default for a new model type by monkeypatching PEFT's own table; minilora
+    # keeps an equal copy (tests/test_targets.py compares them key by key), so it reads PEFT's object here.
+    from peft.tuners.lora.model import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    import minilora.targets
+
+    minilora.targets.DEFAULT_TARGET_MODULES = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    replaced.append("minilora.targets.DEFAULT_TARGET_MODULES (PEFT's table object)")
     # isinstance(module, LoraLayer / BaseTunerLayer) in PEFT's tests finds minilora's layers (both are ABCs)
     peft_lora.LoraLayer.register(LoraLinear)
     if not issubclass(LoraLinear, BaseTunerLayer):

@@ -273,6 +273,26 @@ def test_config_target_modules_after_injection_as_peft(tmp_path, target_modules)
     assert seen["minilora.compat"] == seen["peft"]
 
 
+@pytest.mark.parametrize("default", [["lin0"], "lin0"])
+def test_registered_default_targets_written_as_peft(monkeypatch, default):
+    """A default registered for a new model type in both tables: PEFT writes a list default into the
+    config as a set and keeps a one-regex default as that string (not the set of its characters)."""
+    from peft.tuners.lora.model import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    import minilora.targets
+
+    monkeypatch.setitem(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "toy-mlp", default)
+    monkeypatch.setitem(minilora.targets.DEFAULT_TARGET_MODULES, "toy-mlp", default)
+    seen = {}
+    for lib in (peft, compat):
+        model = base()
+        model.config = {"model_type": "toy-mlp"}
+        wrapped = lib.get_peft_model(model, lib.LoraConfig(r=2))
+        seen[lib.__name__] = (wrapped.peft_config["default"].target_modules, wrapped.targeted_module_names)
+    assert seen["minilora.compat"] == seen["peft"]
+    assert seen["peft"][0] == ({"lin0"} if isinstance(default, list) else "lin0")
+
+
 class DeepMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
