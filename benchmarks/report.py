@@ -468,4 +468,5 @@ if __name__ == "__main__":
     import sys
 
     loaded = json.loads(Path(sys.argv[1]).read_text())
-    print(readme_block(loaded, sys.argv[1]) if "--readme" in sys.argv else summary_markdown(loaded))
+    page = sys.argv[1].removesuffix(".json") + ".md"  # the README links the page
+    print(readme_block(loaded, page) if "--readme" in sys.argv else summary_markdown(loaded))
