@@ -564,15 +564,20 @@ def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
                             "weights were made with the saved config. Pass config=None, or the saved config.")
 
 
+def _forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                         output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                         **kwargs: Any) -> Any:
+    """PEFT's forward arguments for CAUSAL_LM and SEQ_CLS (transformers.Trainer reads ``labels`` here)."""
+    with self._peft_forward_args(kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
 class PeftModelForCausalLM(PeftModel):
     """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        with self._peft_forward_args(kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+    forward = _forward_with_labels
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -580,12 +585,7 @@ class PeftModelForSequenceClassification(PeftModel):
 
     TASK_HEADS = ["classifier", "score"]
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        with self._peft_forward_args(kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   labels=labels, output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+    forward = _forward_with_labels
 
 
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
