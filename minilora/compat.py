@@ -488,19 +488,44 @@ class PeftModel(nn.Module):
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
                      key_mapping: Optional[dict] = None, **kwargs: Any) -> _IncompatibleKeys:
         """Read a saved adapter in as ``adapter_name`` (new: inactive; frozen unless ``is_trainable``).
-        As PEFT, ``is_trainable=False`` puts the model in eval mode. Loading is strict, so the
-        returned missing / unexpected keys are always empty."""
+        An adapter of that name the model has already gets the saved A and B, and keeps its config and
+        which parameters train, as in PEFT (``transformers.Trainer`` does this to resume from a
+        checkpoint and to reload the best one). As PEFT, ``is_trainable=False`` puts the model in eval
+        mode. Loading is strict, so the returned missing / unexpected keys are always empty."""
         kwargs["torch_device"] = torch_device
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
-        directory = resolve_adapter_source(model_id, kwargs, "load_adapter")
-        check_saved_tying(self.get_base_model(), adapters._adapter_directory(directory))
-        with drawing_nothing(low_cpu_mem_usage):
-            adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
-                                  adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        _keep_pefts_config(self.get_base_model(), adapter_name, adapters._adapter_directory(directory), is_trainable)
+        directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "load_adapter"))
+        if adapter_name in self.peft_config:
+            _load_into_existing_adapter(self.get_base_model(), directory, adapter_name)
+        else:
+            check_saved_tying(self.get_base_model(), directory)
+            with drawing_nothing(low_cpu_mem_usage):
+                adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
+                                      adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            _keep_pefts_config(self.get_base_model(), adapter_name, directory, is_trainable)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name: str) -> None:
+    """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
+    ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.
+
+    Raises:
+        MiniLoraError: when the saved config would compute something else (another lora_alpha, other
+            targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
+    """
+    different = _differing_fields(adapter_configs(model)[adapter_name], read_adapter_config(directory))
+    if different:
+        raise MiniLoraError(f"{directory}/adapter_config.json differs from adapter {adapter_name!r} in the model in "
+                            f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
+                            "under a new adapter_name, or into a model made with the saved config.")
+    _, tensors, _ = adapters.read_adapter_weights(directory, adapters._device_of(model))
+    trains = {param: param.requires_grad for param in model.parameters()}
+    adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
+    for param, requires_grad in trains.items():
+        param.requires_grad_(requires_grad)
 
 
 def _keep_pefts_config(model: nn.Module, adapter_name: str, directory: Path, is_trainable: bool) -> None:
@@ -554,14 +579,18 @@ def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
     init_lora_weights must agree too: PEFT builds the adapter with it before loading, and that draws
     from the random generator.) Training settings such as lora_dropout may differ: the config's hold."""
     _check_config(config, "PeftModel.from_pretrained(config=...)")
-
-    def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
-        return sorted(value) if isinstance(value, (set, list)) else value
-
-    different = [name for name in ADAPTER_FIELDS if comparable(getattr(config, name)) != comparable(getattr(saved, name))]
+    different = _differing_fields(config, saved)
     if different:
         raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
                             "weights were made with the saved config. Pass config=None, or the saved config.")
+
+
+def _differing_fields(config: Any, saved: Any) -> list[str]:
+    """The fields that shape the adapter's numbers (ADAPTER_FIELDS) in which two configs differ."""
+    def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
+        return sorted(value) if isinstance(value, (set, list)) else value
+
+    return [name for name in ADAPTER_FIELDS if comparable(getattr(config, name)) != comparable(getattr(saved, name))]
 
 
 def _forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,

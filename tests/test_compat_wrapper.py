@@ -83,6 +83,38 @@ def test_from_pretrained_options_as_peft(saved):
     assert torch.equal(after, peft_after)  # the same random numbers drawn on the way
 
 
+@pytest.mark.parametrize("is_trainable", [False, True])
+def test_load_adapter_into_an_existing_name_as_peft(saved, is_trainable):
+    """load_adapter(directory, "default") on a model that has "default" (what transformers.Trainer does to
+    resume and to reload the best checkpoint): the saved weights; the config object, requires_grad and
+    the random generator as they were; eval mode unless is_trainable, as PEFT."""
+    directory, expected = saved
+    seen = {}
+    for lib in (peft, compat):
+        model = wrap(lib, lora_dropout=0.1).train()
+        config = model.peft_config["default"]
+        model.base_model.model.lin1.requires_grad_(True)  # a parameter the script chose to train
+        torch.manual_seed(3)
+        model.load_adapter(directory, "default", is_trainable=is_trainable)
+        with torch.no_grad():
+            outputs = model.eval()(X) if is_trainable else model(X)
+        seen[lib.__name__] = (torch.rand(2), model.training, {n: p.requires_grad for n, p in model.named_parameters()},
+                              model.peft_config["default"] is config, config.inference_mode)
+        assert torch.equal(outputs, expected), lib.__name__
+    assert torch.equal(seen["minilora.compat"][0], seen["peft"][0])
+    assert seen["minilora.compat"][1:] == seen["peft"][1:]
+
+
+def test_load_adapter_into_an_existing_name_with_another_config_is_refused(saved, unchanged):
+    """PEFT loads A and B and keeps the model's lora_alpha (another scaling than the saved adapter's)."""
+    directory, _ = saved
+    model = wrap(compat, lora_alpha=16)
+    check = unchanged(model)
+    with pytest.raises(MiniLoraError, match=r"differs from adapter 'default' in the model in \['lora_alpha'\]"):
+        model.load_adapter(directory, "default")
+    check()
+
+
 def test_low_cpu_mem_usage_draws_nothing_as_peft(saved):
     directory, expected = saved
     draws = {}
