@@ -19,8 +19,9 @@ Beyond the lesson, each in its own file:
 PEFT's API as a drop-in (minilora.compat; read compat.py first): compat.py is the PeftModel wrapper,
 compat_config.py PEFT's config fields, compat_adapters.py its base_model, compat_loading.py what
 loading does around it, compat_state_dict.py PEFT's state-dict functions, compat_auto.py its
-AutoPeftModel classes, compat_tying.py ensure_weight_tying; peft_attributes.py holds the names PEFT's
-own code reads on a config and a layer.
+AutoPeftModel classes, compat_tying.py ensure_weight_tying, compat_trainer.py how transformers.Trainer
+comes to treat the wrapper as PEFT's; peft_attributes.py holds the names PEFT's own code reads on a
+config and a layer.
 """
 
 from .adapters import load_adapter, save_adapter

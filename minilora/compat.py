@@ -26,7 +26,9 @@ your model, as in PEFT, so ``peft_model.config`` and ``peft_model.generate`` wor
 
 Also here, from their own files: ``LoraConfig`` and ``TaskType`` (compat_config.py), PEFT's
 state-dict functions (``get_peft_model_state_dict``, ``inject_adapter_in_model``, ...;
-compat_state_dict.py) and the ``AutoPeftModel`` classes (compat_auto.py).
+compat_state_dict.py) and the ``AutoPeftModel`` classes (compat_auto.py). ``transformers.Trainer``
+handles the wrapper as it handles PEFT's (adapter-only checkpoints, resume, best-model reload,
+eval_loss without a task_type): compat_trainer.py.
 
 **Better than PEFT, kept.** PEFT's two classic pitfalls:
 
@@ -66,6 +68,7 @@ from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_la
     resolve_adapter_source
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
+from .compat_trainer import recognise_compat_models
 from .compat_tying import check_saved_tying, check_tied_modules
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
@@ -195,6 +198,7 @@ class PeftModel(nn.Module):
 
     def _hold(self, model: nn.Module) -> None:
         """Wrap ``model`` (injected already) and do what PEFT's constructor does to it besides injecting."""
+        recognise_compat_models(PeftModel)  # transformers.Trainer handles it as a PEFT model (compat_trainer.py)
         self.base_model = LoraModel(model)
         self._show_model_signature(model)
         checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # (transformers 5's new name)
