@@ -38,7 +38,9 @@ ADAPTER_FIELDS = ("r", "lora_alpha", "target_modules", "bias", "use_rslora", "in
 # The weights file records a digest of these (minilora/files.py): a config that is not the one the
 # weights were saved with is refused.
 DIGESTED_FIELDS = HONOURED_FIELDS
-# ... the fields that say where the adapter came from, not what it computes (read and ignored), ...
+# ... the fields that say where the adapter came from, not what it computes (read and ignored; but
+# ensure_weight_tying, which changes nothing minilora computes, gets PEFT's warnings or a refusal where
+# the adapter would tie layers: compat_tying.py, called by adapters.load_adapter), ...
 METADATA_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
                    "auto_mapping", "peft_version", "megatron_core", "qalora_group_size", "ensure_weight_tying")
 # Their types, checked even though minilora ignores their values: a file with "inference_mode": "false"

@@ -37,6 +37,7 @@ from torch import nn
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
 from .bounded_regex import time_bound
+from .compat_tying import check_saved_tying
 from .config import LoraConfig, MiniLoraError
 from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
                     write_atomically)
@@ -424,6 +425,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     - A model without minilora layers is injected with the adapter's config, then given its weights.
     - A model whose minilora layers match the adapter (same layers, same shapes) gets the weights, and the
       adapter's ``scaling``, in those layers: parameters stay the same objects (an optimizer keeps working).
+    - A saved ``ensure_weight_tying`` (PEFT's field) is honoured as PEFT's loading does (compat_tying.py):
+      the same warnings about layers tied to the input embedding, and a MiniLoraError where PEFT would
+      put LoRA on the embedding or share one trained copy between tied layers.
 
     Args:
         model: the base model (or one that already has matching minilora layers).
@@ -474,6 +478,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         config = config_from_fields(fields, config_origin)
         path, tensors, digest = read_adapter_weights(directory, device)
         origin = str(path)
+        if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
+            check_saved_tying(model, fields)
     if adding:
         check_can_add(model, adapter_name, config)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):

@@ -61,7 +61,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters, multi
-from .adapter_config import ADAPTER_FIELDS, read_adapter_config
+from .adapter_config import ADAPTER_FIELDS, read_adapter_config, read_config_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, resolved_targets
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
@@ -461,9 +461,10 @@ class PeftModel(nn.Module):
             _check_given_config(config, saved, directory)
         wrapper = model if isinstance(model, PeftModel) else None
         inner = model.get_base_model() if wrapper is not None else model
-        check_saved_tying(inner, directory)
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
+        if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
+            check_saved_tying(inner, read_config_fields(directory))
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
                                   autocast_adapter_dtype=autocast_adapter_dtype)
@@ -502,7 +503,6 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             _load_into_existing_adapter(self.get_base_model(), directory, adapter_name)
         else:
-            check_saved_tying(self.get_base_model(), directory)
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

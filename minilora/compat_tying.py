@@ -29,13 +29,11 @@ from __future__ import annotations
 import re
 import types
 import warnings
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from . import bounded_regex
-from .adapter_config import read_config_fields
 from .config import MiniLoraError
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
@@ -127,10 +125,11 @@ def check_tied_modules(model: nn.Module, config: Any) -> None:
         warnings.warn(NONE_ADDED, stacklevel=3)
 
 
-def check_saved_tying(model: nn.Module, directory: Path) -> None:
-    """``check_tied_modules`` for an adapter being loaded: PEFT runs the same check with the saved
-    config (its ``ensure_weight_tying``, ``modules_to_save`` and ``target_modules``)."""
-    fields = read_config_fields(Path(directory))
+def check_saved_tying(model: nn.Module, fields: dict[str, Any]) -> None:
+    """``check_tied_modules`` for an adapter being loaded (``minilora.load_adapter`` and so compat's
+    loading): PEFT runs the same check with the saved config's ``ensure_weight_tying``,
+    ``modules_to_save`` and ``target_modules`` (``fields``: adapter_config.json as read) when it builds
+    the adapter to load into."""
     check_tied_modules(model, types.SimpleNamespace(
         ensure_weight_tying=fields.get("ensure_weight_tying", False),
         modules_to_save=fields.get("modules_to_save"), target_modules=fields.get("target_modules")))

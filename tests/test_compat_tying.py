@@ -3,6 +3,7 @@ injected adapter where PEFT does not tie, and a MiniLoraError, before any change
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import peft
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import minilora
 import minilora.compat as compat
 from minilora import MiniLoraError
 from minilora.compat_tying import tied_module_names
@@ -136,3 +138,54 @@ def test_an_invalid_regex_target_still_gets_the_targets_message():
     with pytest.raises(MiniLoraError, match="not a valid one"):
         compat.get_peft_model(model, compat.LoraConfig(target_modules="(", ensure_weight_tying=True))
     assert isinstance(model.lm_head, nn.Linear) and type(model.model.linear) is nn.Linear
+
+
+def load(loader) -> tuple:
+    """(the loaded model or the error, the tying warnings' texts) of ``loader()``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = loader()
+        except (ValueError, MiniLoraError) as error:
+            result = error
+    return result, [str(w.message) for w in caught if "tie" in str(w.message)]
+
+
+@pytest.mark.parametrize("options,fields", CASES[:-1])
+def test_native_load_adapter_honours_a_saved_ensure_weight_tying_as_peft(options, fields, tmp_path):
+    """An adapter PEFT saved (adapter_config.json has ensure_weight_tying), loaded by PEFT's
+    from_pretrained and by minilora.load_adapter: the same warnings, the same outputs. (CASES[-1]
+    saves lm_head among its targets: see the next test.)"""
+    saved, _ = run(peft, tiny_lm(**options), **fields)
+    saved.save_pretrained(tmp_path, save_embedding_layers=False)  # (the tied weights are the base model's)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["ensure_weight_tying"] is \
+        fields.get("ensure_weight_tying", False)
+    theirs, their_warnings = load(lambda: peft.PeftModel.from_pretrained(tiny_lm(**options), tmp_path))
+    ours, our_warnings = load(lambda: minilora.load_adapter(tiny_lm(**options), tmp_path))
+    assert not isinstance(theirs, Exception) and not isinstance(ours, Exception), (theirs, ours)
+    assert their_warnings and [w for w in our_warnings if "merged outputs equal" not in w] == their_warnings
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids), theirs(ids))
+
+
+@pytest.mark.parametrize("options,fields,names", [
+    ({}, dict(target_modules=["linear", "lm_head"]), "Embedding"),
+    ({}, dict(target_modules=["linear"], modules_to_save=["lm_head"]), "modules_to_save"),
+    # PEFT's "all-linear" takes lm_head here (after warning that nothing tied is adapted) and saves
+    # ["lm_head", "model.linear"]; its from_pretrained then puts LoRA on embed_tokens instead, with a
+    # "missing adapter keys" warning
+    ({"dict_keys": True}, dict(target_modules="all-linear"), "Embedding"),
+])
+def test_native_load_adapter_refuses_pefts_tied_adapters_before_any_change(options, fields, names, tmp_path,
+                                                                           unchanged):
+    """An adapter PEFT saved with ensure_weight_tying=True and a tied layer in it (PEFT loads it as LoRA
+    on the embedding, or one shared trained copy): minilora.load_adapter says it cannot, as compat's
+    get_peft_model does, and leaves the model alone."""
+    saved, _ = run(peft, tiny_lm(**options), ensure_weight_tying=True, **fields)
+    saved.save_pretrained(tmp_path, save_embedding_layers=False)
+    model = tiny_lm(**options)
+    check = unchanged(model)
+    with pytest.raises(MiniLoraError, match=names):
+        minilora.load_adapter(model, tmp_path)
+    check()
