@@ -198,7 +198,7 @@ class PeftModel(nn.Module):
 
     def _hold(self, model: nn.Module) -> None:
         """Wrap ``model`` (injected already) and do what PEFT's constructor does to it besides injecting."""
-        recognise_compat_models(PeftModel)  # transformers.Trainer handles it as a PEFT model (compat_trainer.py)
+        recognise_compat_models(PeftModel, self)  # transformers.Trainer handles it as a PEFT model (compat_trainer.py)
         self.base_model = LoraModel(model)
         self._show_model_signature(model)
         checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # (transformers 5's new name)

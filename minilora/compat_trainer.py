@@ -37,20 +37,28 @@ Why this way, and not another:
 When: the first time a compat wrapper is built (``PeftModel.__init__`` and ``from_pretrained``), if
 transformers is installed: it imports ``transformers.trainer`` (as ``transformers.Trainer`` would on
 first use), so that a Trainer made later, in any order of imports, sees the new names. A wrapper is the
-only thing these names must recognise, so nothing happens before there is one.
+only thing these names must recognise, so nothing happens before there is one. Then it asks Trainer's
+own ``_is_peft_model`` about that wrapper: a transformers whose Trainer looks elsewhere is left as it
+was, with a warning that says what that means, rather than half changed.
 
 Not covered: FSDP (accelerate's ``is_peft_model`` and its adapter-only state dicts call peft's own
-functions); tests/test_compat_trainer.py checks the rest against PEFT, with and without peft installed.
+functions), and trainers built on Trainer that keep their own ``isinstance`` checks (TRL's).
+tests/test_compat_trainer.py checks the rest against PEFT, with and without peft installed.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import types
+import warnings
 from typing import Any
 
 _recognised = False
+NOT_RECOGNISED = ("transformers {version}{without}: its Trainer could not be made to treat minilora.compat's PeftModel "
+                  "as a PEFT model (minilora/compat_trainer.py was written for transformers 5.24), so its checkpoints "
+                  "would hold the whole state dict rather than the adapter, and resume_from_checkpoint / "
+                  "load_best_model_at_end would not load the adapter. Train with save_strategy='no' and save with "
+                  "model.save_pretrained(...).")
 
 
 def _peft_api_available() -> bool:
@@ -60,26 +68,48 @@ def _peft_api_available() -> bool:
 
 
 def _widened(old: Any, compat_class: type) -> tuple:
-    """``old`` (a class, a tuple of classes, or None when peft is not installed) with ``compat_class``."""
-    if old is None:
-        return (compat_class,)
+    """``old`` (a class or a tuple of classes) with ``compat_class``."""
     old = old if isinstance(old, tuple) else (old,)
     return old if compat_class in old else (*old, compat_class)
 
 
-def recognise_compat_models(compat_class: type) -> None:
-    """Make ``transformers.Trainer`` handle ``compat_class`` instances as PEFT models (see above).
-    Once per process; nothing when transformers is not installed."""
+def recognise_compat_models(compat_class: type, wrapper: Any) -> None:
+    """Make ``transformers.Trainer`` handle ``compat_class`` (compat's PeftModel) as a PEFT model, and
+    check that it does with ``wrapper``, an instance. Once per process; nothing without transformers
+    (or without what its Trainer needs). A Trainer this does not fit (another layout of these
+    modules: transformers 4 without peft asks for peft's version) is left as it was, with a warning."""
     global _recognised
     if _recognised or importlib.util.find_spec("transformers") is None:
         return
-    modules: list[types.ModuleType] = [importlib.import_module("transformers.trainer_utils"),
-                                       importlib.import_module("transformers.trainer")]
-    for module in modules:
-        peft_installed = hasattr(module, "PeftModel")  # (both modules import it only when peft is installed)
-        module.PeftModel = _widened(getattr(module, "PeftModel", None), compat_class)
-        if not peft_installed:
-            module.is_peft_available = _peft_api_available
-            if module.__name__.endswith("trainer_utils"):
-                module.PeftMixedModel = ()
     _recognised = True
+    try:
+        modules = [importlib.import_module("transformers.trainer_utils"),
+                   importlib.import_module("transformers.trainer")]
+    except ImportError:  # (Trainer's own dependencies, e.g. accelerate, are missing: there is no Trainer)
+        return
+    names = ("PeftModel", "PeftMixedModel", "is_peft_available")
+    before = [{name: vars(module)[name] for name in names if name in vars(module)} for module in modules]
+    peft_installed = hasattr(modules[1], "PeftModel")  # (both modules import it only when peft is installed)
+    for module in modules:
+        if peft_installed and hasattr(module, "PeftModel"):
+            module.PeftModel = _widened(module.PeftModel, compat_class)
+        elif not peft_installed:
+            module.PeftModel, module.PeftMixedModel = (compat_class,), ()
+            module.is_peft_available = _peft_api_available
+    checks = [module._is_peft_model for module in modules if hasattr(module, "_is_peft_model")]
+    try:
+        recognised = bool(checks) and all(check(wrapper) for check in checks) and \
+            isinstance(wrapper, modules[1].PeftModel)  # (what Trainer._save asks)
+    except Exception:  # e.g. transformers 4's _is_peft_model, without peft: importlib.metadata.version("peft")
+        recognised = False
+    if not recognised:
+        for module, saved in zip(modules, before):
+            for name in names:
+                if name in saved:
+                    setattr(module, name, saved[name])
+                elif hasattr(module, name):
+                    delattr(module, name)
+        from transformers import __version__
+
+        warnings.warn(NOT_RECOGNISED.format(version=__version__, without="" if peft_installed else " without peft"),
+                      stacklevel=4)

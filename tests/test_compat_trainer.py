@@ -168,13 +168,15 @@ def test_resume_from_checkpoint_as_peft(runs, tmp_path):
     assert_same_checkpoint(tmp_path / "minilora.compat" / "checkpoint-4", tmp_path / "peft" / "checkpoint-4")
 
 
-def test_gradient_checkpointing_as_peft(tmp_path):
-    """gradient_checkpointing=True: the frozen embedding's output must require grad (PEFT's wrapper
-    and compat's both see to it), or no gradient reaches the adapters."""
+@pytest.mark.parametrize("arguments", [dict(gradient_checkpointing=True), dict(neftune_noise_alpha=5.0)])
+def test_gradient_checkpointing_and_neftune_as_peft(tmp_path, arguments):
+    """gradient_checkpointing: the frozen embedding's output must require grad (PEFT's wrapper and
+    compat's both see to it), or no gradient reaches the adapters. NEFTune: Trainer puts its noise
+    hook on your model's embedding, found through the PEFT wrapper."""
     trained = {}
     for name in LIBRARIES:
-        trained[name] = trainer_for(importlib.import_module(name), tmp_path / name, task_type="CAUSAL_LM",
-                                    gradient_checkpointing=True, max_steps=2, save_strategy="no", eval_strategy="no")
+        trained[name] = trainer_for(importlib.import_module(name), tmp_path / name, task_type="CAUSAL_LM", max_steps=2,
+                                    save_strategy="no", eval_strategy="no", **arguments)
         quietly(trained[name].train)
     ours, theirs = trained["minilora.compat"], trained["peft"]
     assert logs(ours) == logs(theirs) and all(entry["grad_norm"] > 0 for entry in logs(theirs) if "loss" in entry)
@@ -187,6 +189,24 @@ def test_real_peft_models_are_still_recognised(runs):
         assert _is_peft_model(trainer.model)
         assert unwrap_peft_model(trainer.model) is trainer.model.get_base_model()
     assert not _is_peft_model(make_tiny_gpt2())
+
+
+def test_a_trainer_that_looks_elsewhere_is_left_as_it_was_with_a_warning(monkeypatch):
+    """When Trainer's own _is_peft_model does not recognise the wrapper after the change (a transformers
+    laid out otherwise), its names are put back and a warning says what Trainer will do instead."""
+    import transformers.trainer as trainer_module
+    import transformers.trainer_utils as utils_module
+
+    from minilora import compat_trainer
+
+    monkeypatch.setattr(compat_trainer, "_recognised", False)
+    for module in (trainer_module, utils_module):
+        monkeypatch.setattr(module, "PeftModel", module.PeftModel)  # (put back after the test)
+        monkeypatch.setattr(module, "_is_peft_model", lambda model: False)  # a check that reads other names
+    before = (trainer_module.PeftModel, utils_module.PeftModel)
+    with pytest.warns(UserWarning, match="could not be made to treat minilora.compat's PeftModel"):
+        compat.get_peft_model(make_tiny_gpt2(**TINY), compat.LoraConfig(r=4, target_modules=["c_attn"]))
+    assert (trainer_module.PeftModel, utils_module.PeftModel) == before
 
 
 WITHOUT_PEFT = """
