@@ -51,6 +51,8 @@ METADATA_TYPES = {
     "megatron_core": (str, type(None)), "fan_in_fan_out": (bool, type(None)),
     "qalora_group_size": (int, type(None)), "ensure_weight_tying": (bool,),
 }
+# PEFT's task types (peft.TaskType): any other task_type is an error in PEFT, so it is one here too.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # ... and PEFT features minilora does not have. Each is fine while unused (None, False, {} or []);
 # a used one would change what the adapter computes, so it is an error rather than a wrong answer.
 UNSUPPORTED_FIELDS = {
@@ -147,6 +149,10 @@ def config_from_fields(fields: Mapping[str, Any], source: str) -> LoraConfig:
                                  "dict": "an object", "int": "an integer"}[t.__name__] for t in types)
             raise MiniLoraError(f"{source}: {name} must be {wanted}, got {fields[name]!r}. The file is not one "
                                 "PEFT or minilora wrote: save the adapter again.")
+    task_type = getattr(fields.get("task_type"), "value", fields.get("task_type"))
+    if task_type is not None and task_type not in TASK_TYPES:  # (PEFT's ValueError, in its words)
+        raise MiniLoraError(f"{source}: Invalid task type: {task_type!r}. Must be one of the following task types: "
+                            f"{', '.join(TASK_TYPES)}. Fix task_type in the file, or set it to null.")
     unknown = sorted(set(fields) - set(HONOURED_FIELDS) - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))
     if unknown:
         warnings.warn(f"{source}: ignoring fields minilora does not know: {unknown}. They were probably written "
@@ -184,10 +190,21 @@ def read_adapter_config(directory: Path) -> LoraConfig:
 def read_config_fields(directory: Path) -> dict[str, Any]:
     """The fields of ``directory/adapter_config.json``, as JSON gives them (checked by config_from_fields)."""
     path = directory / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
                             "as minilora.save_adapter and PEFT's save_pretrained write them.")
+    check_regular_file(path)
     return read_json_fields(path)
+
+
+def check_regular_file(path: Path) -> None:
+    """Raise MiniLoraError unless ``path`` (followed if a symlink) is a regular file: a directory, a
+    device such as /dev/zero or a FIFO in its place would fail later in an obscure way, or never end."""
+    if path.is_dir():
+        raise MiniLoraError(f"{path} is a directory, not a file. Save the adapter again.")
+    if not path.is_file():
+        raise MiniLoraError(f"{path} is not a regular file (a device, a FIFO or a socket), so it is not one an "
+                            "adapter save wrote. Save the adapter again.")
 
 
 def read_json_fields(path: Path) -> dict[str, Any]:
@@ -208,7 +225,9 @@ def read_json_fields(path: Path) -> dict[str, Any]:
         raise MiniLoraError(f"{path} nests JSON values too deeply to read: it is not an adapter config. "
                             "Save the adapter again.") from None
     if not isinstance(fields, dict):
-        raise MiniLoraError(f"{path} holds a JSON {type(fields).__name__}, not an object of config fields: "
+        kind = {"NoneType": "null", "str": "string", "int": "number", "float": "number", "bool": "true/false"}.get(
+            type(fields).__name__, type(fields).__name__)
+        raise MiniLoraError(f"{path} holds a JSON {kind}, not an object of config fields: "
                             "the file is corrupt. Save the adapter again.")
     return fields
 

@@ -21,6 +21,7 @@ before the model is touched, and any failure raises MiniLoraError with the model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -34,13 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
-                             config_text, read_config_fields)
+from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, check_regular_file, config_fields,
+                             config_from_fields, config_text, read_config_fields)
 from .bounded_regex import time_bound
 from .compat_tying import check_saved_tying
 from .config import LoraConfig, MiniLoraError
-from .files import (DIGEST_KEY, config_digest, remove_abandoned_temporaries, remove_atomically,
-                    write_atomically)
+from .files import (commit, config_for_weights, discard, remove_abandoned_temporaries, remove_atomically, stage,
+                    weights_metadata, write_error_hint)
 from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter, lora_layers,
                      mark_only_lora_as_trainable, set_adapter_config)
 from .layer import HALF_DTYPES, LoraLinear, check_autocast_adapter_dtype, in_out_features
@@ -135,30 +136,51 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
     fields = config_fields(model, config)
-    digest = config_digest(fields, DIGESTED_FIELDS)  # binds the weights to this config (minilora/files.py)
+    text = config_text(fields)
+    # Binds the weights to this config, and says which config they replace (minilora/files.py)
+    metadata = weights_metadata(fields, text, _config_in(directory), DIGESTED_FIELDS)
     if safe_serialization:
         from safetensors.torch import save
-        data = save(tensors, metadata={"format": "pt", DIGEST_KEY: digest})
+        data = save(tensors, metadata={"format": "pt", **metadata})
     else:
         ordered = OrderedDict(tensors)
-        ordered._metadata = {DIGEST_KEY: digest}  # type: ignore[attr-defined]  # torch.load keeps it
+        ordered._metadata = metadata  # type: ignore[attr-defined]  # torch.load keeps it
         buffer = io.BytesIO()
         torch.save(ordered, buffer)
         data = buffer.getvalue()
+    staged, created = [], not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(directory)
-        # Weights first, config second; readers prefer safetensors, so a stale one goes before a .bin
-        # is written, and a stale .bin after a safetensors file is.
+        # Both files are written out first (a full disk changes nothing), then renamed: weights first,
+        # config second (files.py). Readers prefer safetensors: a .bin is in place before the old
+        # safetensors file goes (until then readers find the old pair), a safetensors file before the old .bin goes.
+        weights = directory / (WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME)
+        staged.append(stage(weights, data))
+        staged.append(stage(directory / CONFIG_NAME, text.encode("utf-8")))
+        commit(staged[0], weights)
         if not safe_serialization:
             remove_atomically(directory / WEIGHTS_NAME)
-        write_atomically(directory / (WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME), data)
-        write_atomically(directory / CONFIG_NAME, config_text(fields).encode("utf-8"))
+        commit(staged[1], directory / CONFIG_NAME)
         if safe_serialization:
             remove_atomically(directory / LEGACY_WEIGHTS_NAME)
-    except OSError as error:
-        raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. Pass a directory you can "
-                            "write to.") from error
+    except BaseException as error:
+        discard(staged)
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # (only if still empty)
+        if isinstance(error, OSError):
+            raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. {write_error_hint(error)}") \
+                from error
+        raise
+
+
+def _config_in(directory: Path) -> dict | None:
+    """The config fields in ``directory/adapter_config.json`` now, or None (none there, or unreadable)."""
+    try:
+        return read_config_fields(directory) if directory.is_dir() else None
+    except MiniLoraError:
+        return None
 
 
 def check_not_sharded(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -230,15 +252,10 @@ def _selected_layers(model: nn.Module, config: LoraConfig, layer_names: list[str
 # --------------------------------------------------------------------------------------------
 # Reading and checking (nothing here changes a model)
 # --------------------------------------------------------------------------------------------
-def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor], str | None]:
-    """(path, tensors, config digest or None) from ``adapter_model.safetensors``, or else the older
-    ``adapter_model.bin``. The file is read once, so its tensors and digest are from one version of it."""
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        path = directory / LEGACY_WEIGHTS_NAME
-    if not path.is_file():
-        raise MiniLoraError(f"{directory} has no {WEIGHTS_NAME} (nor the older {LEGACY_WEIGHTS_NAME}): the "
-                            "adapter's weights are missing. Save the adapter again.")
+def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor], dict | None]:
+    """(path, tensors, metadata or None) from ``adapter_model.safetensors``, or else the older
+    ``adapter_model.bin``. The file is read once, so its tensors and metadata are from one version of it."""
+    path = _weights_path(directory)
     try:
         data = path.read_bytes()
         if path.name == WEIGHTS_NAME:
@@ -256,8 +273,53 @@ def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, d
     if not isinstance(tensors, dict):
         raise MiniLoraError(f"{path} does not hold a dict of named tensors ({type(tensors).__name__}). "
                             f"{PAIRS_HINT}")
-    digest = metadata.get(DIGEST_KEY) if isinstance(metadata, dict) else None
-    return path, tensors, digest if isinstance(digest, str) else None
+    return path, tensors, metadata if isinstance(metadata, dict) else None
+
+
+def _weights_path(directory: Path) -> Path:
+    """``adapter_model.safetensors`` if there is one, else ``adapter_model.bin`` (as PEFT prefers them)."""
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        path = directory / LEGACY_WEIGHTS_NAME
+    if not path.exists():
+        raise MiniLoraError(f"{directory} has no {WEIGHTS_NAME} (nor the older {LEGACY_WEIGHTS_NAME}): the "
+                            "adapter's weights are missing. Save the adapter again.")
+    check_regular_file(path)
+    return path
+
+
+def paired_config_fields(directory: Path, file_fields: dict, weights_path: Path,
+                         metadata: dict | None) -> tuple[dict, str, bool]:
+    """(the config fields to read the weights with, where they are from, whether they are the weights'
+    own): adapter_config.json's, or, where a save stopped between writing the weights and the config,
+    the config the weights carry (minilora/files.py). Not the weights' own: ``load_adapter`` refuses."""
+    fields = config_for_weights(file_fields, metadata, DIGESTED_FIELDS)
+    if fields is None:
+        return file_fields, str(directory / CONFIG_NAME), False
+    if fields is file_fields:
+        return fields, str(directory / CONFIG_NAME), True
+    return fields, (f"{weights_path} (the config saved in it: the save that wrote it had not yet replaced "
+                    f"{CONFIG_NAME})"), True
+
+
+def read_saved_config_fields(directory: Path) -> tuple[dict, str]:
+    """(fields, where they are from): the config ``load_adapter`` reads the adapter in ``directory`` with
+    (see ``paired_config_fields``), for readers that need the config before loading (minilora.compat).
+    Reads the weights' metadata only where it can (a safetensors header)."""
+    file_fields = read_config_fields(directory)
+    path = _weights_path(directory)
+    if path.name == WEIGHTS_NAME:
+        try:
+            from safetensors import safe_open
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata()
+        except Exception as error:
+            raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                                "or corrupt: save the adapter again.") from None
+    else:
+        metadata = read_adapter_weights(directory, torch.device("cpu"))[2]
+    fields, origin, _ = paired_config_fields(directory, file_fields, path, metadata)
+    return fields, origin
 
 
 def _safetensors_metadata(data: bytes) -> dict | None:
@@ -267,17 +329,16 @@ def _safetensors_metadata(data: bytes) -> dict | None:
     return metadata if isinstance(metadata, dict) else None
 
 
-def check_config_digest(fields: Mapping[str, object], digest: str | None, config_path: Path,
-                        weights_path: Path) -> None:
-    """The weights were saved with this config (minilora/files.py), or carry no digest (PEFT's files)."""
-    if digest is not None and digest != config_digest(fields, DIGESTED_FIELDS):
-        raise MiniLoraError(
-            f"{config_path} is not the config {weights_path.name} was saved with (its fields "
-            f"{', '.join(DIGESTED_FIELDS)} differ): the two files come from different saves, e.g. a save "
-            "interrupted by a crash or two processes saving into one directory at once. Nothing was loaded. "
-            "Save the adapter again (a config edited by hand: load the weights with the original config, "
-            "change the model, and save it again)."
-        )
+def refuse_unpaired_config(config_path: Path, weights_path: Path) -> None:
+    """The weights carry a digest (minilora wrote them) that is neither the config file's nor that of the
+    config their save replaced (minilora/files.py)."""
+    raise MiniLoraError(
+        f"{config_path} is not the config {weights_path.name} was saved with (its fields "
+        f"{', '.join(DIGESTED_FIELDS)} differ): the two files come from different saves, e.g. two processes "
+        "saving into one directory at once, or the config was edited by hand. Nothing was loaded. "
+        "Save the adapter again (a config edited by hand: load the weights with the original config, "
+        "change the model, and save it again)."
+    )
 
 
 def minilora_key(key: str, adapter: str = "default") -> str:
@@ -288,6 +349,30 @@ def minilora_key(key: str, adapter: str = "default") -> str:
     """
     key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
     return re.sub(r"\.(lora_[AB])(\.[^.]+)?\.(weight|bias)$", rf".\1.{adapter}.\3", key)  # (bias: lora_bias)
+
+
+def check_file_keys(tensors: Mapping[str, torch.Tensor], adapter_name: str, origin: str, from_file: bool) -> None:
+    """Keys that PEFT would not load into adapter ``adapter_name``, refused rather than loaded differently:
+
+    - in a file, a key without ``base_model.model.`` (PEFT's files have it on every key; PEFT reports
+      the others as unexpected and leaves the adapter's layers as they were initialised);
+    - a key that names another adapter, ``<layer>.lora_A.other.weight``: PEFT's loader inserts the name
+      only into keys without one, so it ignores the key, or writes it into the adapter ``other``.
+    """
+    if from_file:
+        bare = [key for key in tensors if not key.startswith(PEFT_PREFIX)]
+        if bare:
+            raise MiniLoraError(f"{origin}: keys {_few(sorted(bare))} do not start with {PEFT_PREFIX!r}, as every key "
+                                "in PEFT's adapter files does (PEFT would not load them). The file was not written "
+                                "by PEFT's save_pretrained or minilora.save_adapter: save the adapter again.")
+    for key in tensors:
+        named = re.search(r"\.lora_[AB]\.([^.]+)\.(weight|bias)$", key)
+        if named and named.group(1) != adapter_name:
+            raise MiniLoraError(f"{origin}: key {key!r} names the adapter {named.group(1)!r}, but it is being loaded "
+                                f"as {adapter_name!r}; PEFT would not load it into {adapter_name!r}. Adapter files "
+                                "hold no adapter name (<layer>.lora_A.weight): save the adapter again with "
+                                "save_adapter / save_pretrained, or load it with adapter_name="
+                                f"{named.group(1)!r}.")
 
 
 def expected_shapes(model: nn.Module, config: LoraConfig | None,
@@ -342,6 +427,19 @@ def saved_module_names(model: nn.Module, config: LoraConfig | None, lora_targets
     if holding or any(adapter_name in layer.lora_A for _, layer in lora_layers(model)):
         return holding
     return find_modules_to_save(model, getattr(config, "modules_to_save", None), lora_targets)
+
+
+def check_config_selects_the_layers(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Loading into existing layers: the file's config becomes the model's, so it must select exactly
+    the layers that hold the adapter (else the model would carry a config that does not describe it, and
+    a file saved from it would not load back)."""
+    holding = [name for name, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    selected = find_targets(model, config)  # (a LoRA layer is a target as the layer it wraps)
+    if selected != holding:
+        raise MiniLoraError(f"its targets (target_modules={config.target_modules!r}, layers_to_transform="
+                            f"{config.layers_to_transform!r}, ...) select {_few(selected)} in this model, but the "
+                            f"layers that hold adapter {adapter_name!r} are {_few(holding)}. Load the adapter into a "
+                            "fresh base model, or call minilora.unload(model) first.")
 
 
 def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], source: str,
@@ -474,9 +572,10 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         tensors = dict(source)
     else:
         directory = _adapter_directory(source)
-        fields, config_origin = read_config_fields(directory), str(directory / CONFIG_NAME)
+        file_fields = read_config_fields(directory)
+        path, tensors, metadata = read_adapter_weights(directory, device)
+        fields, config_origin, paired = paired_config_fields(directory, file_fields, path, metadata)
         config = config_from_fields(fields, config_origin)
-        path, tensors, digest = read_adapter_weights(directory, device)
         origin = str(path)
         if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
             check_saved_tying(model, fields)
@@ -484,6 +583,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         check_can_add(model, adapter_name, config)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
+    check_file_keys(tensors, adapter_name, origin, from_file=not isinstance(source, Mapping))
     renamed = {minilora_key(key, adapter_name): value for key, value in tensors.items()}
     if len(renamed) != len(tensors):
         raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
@@ -504,8 +604,13 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
-    if not isinstance(source, Mapping):  # last, so that a more specific problem is named first
-        check_config_digest(fields, digest, directory / CONFIG_NAME, path)
+    if layers and not adding and not isinstance(source, Mapping):
+        try:
+            check_config_selects_the_layers(model, config, adapter_name)
+        except MiniLoraError as error:
+            raise MiniLoraError(f"{config_origin}: {error}") from None
+    if not isinstance(source, Mapping) and not paired:  # last, so that a more specific problem is named first
+        refuse_unpaired_config(directory / CONFIG_NAME, path)
 
     # Everything is checked: from here on nothing can fail.
     if not layers:

@@ -13,12 +13,16 @@ prints one ``minilora: error: ...`` line that says what to do, and exits with st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import sys
+from pathlib import Path
 
 from .config import LoraConfig, MiniLoraError
-from .files import check_writable
+from .files import TEMP_SUFFIX, check_writable, remove_abandoned_temporaries, write_error_hint
 from .inject import inject, lora_layers, merge_and_unload
 from .models import DEFAULT_MODEL, load_model
 from .params import layer_table, trainable_parameters_line
@@ -120,14 +124,38 @@ def run_merge(args: argparse.Namespace) -> None:
     progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
     merge_and_unload(model, safe=True)
     progress(f"saving: {out_dir}")
-    try:
-        model.save_pretrained(out_dir)
-    except OSError as error:
-        raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. "
-                            "Pass a directory you can write to.") from error
-    save_tokenizer_if_any(model, args.model, out_dir)
+    with complete_or_absent(out_dir) as writing_dir:
+        try:
+            model.save_pretrained(writing_dir)
+        except OSError as error:
+            raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. "
+                                f"{write_error_hint(error)}") from error
+        save_tokenizer_if_any(model, args.model, writing_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
     print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
+
+
+@contextlib.contextmanager
+def complete_or_absent(out_dir: str):
+    """Yield the folder to write a model into. A new (or empty) ``out_dir`` is written as a hidden
+    temporary folder next to it, renamed to ``out_dir`` once complete: a crash or an error leaves no
+    ``out_dir`` rather than a half-written model (a config.json without its weights loads with random
+    weights). With --force into a folder that holds files, the files are written there, one by one."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        yield out_dir
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    remove_abandoned_temporaries(Path(parent), folders=True)
+    temp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.{os.getpid()}."
+                                f"{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    try:
+        yield temp
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # (empty: checked above)
+        os.replace(temp, out_dir)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",

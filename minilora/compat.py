@@ -61,7 +61,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters, multi
-from .adapter_config import ADAPTER_FIELDS, read_adapter_config, read_config_fields
+from .adapter_config import ADAPTER_FIELDS, config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, resolved_targets
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
@@ -417,11 +417,12 @@ class PeftModel(nn.Module):
             state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
         if not is_main_process:
             return
+        paths = multi.adapter_directories(save_directory, names)  # (all checked before anything is written)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_model_card(self.get_base_model(), Path(save_directory))
-        for name in names:
-            adapters.save_adapter(self.get_base_model(), multi.adapter_directory(save_directory, name),
-                                  safe_serialization=safe_serialization, state_dict=state_dict, adapter_name=name)
+        for name, path in zip(names, paths):
+            adapters.save_adapter(self.get_base_model(), path, safe_serialization=safe_serialization,
+                                  state_dict=state_dict, adapter_name=name)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Out of scope: save_pretrained, then upload the directory with huggingface_hub."""
@@ -456,7 +457,10 @@ class PeftModel(nn.Module):
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained"))
-        saved = read_adapter_config(directory)
+        # The config is read once, before any change (a bad one is refused first); it is the one load_adapter
+        # reads the weights with, also where a save stopped between its two files (minilora/files.py).
+        fields, origin = adapters.read_saved_config_fields(directory)
+        saved, peft_config = config_from_fields(fields, origin), _pefts_config(fields, origin)
         if config is not None:
             _check_given_config(config, saved, directory)
         wrapper = model if isinstance(model, PeftModel) else None
@@ -464,12 +468,12 @@ class PeftModel(nn.Module):
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
-            check_saved_tying(inner, read_config_fields(directory))
+            check_saved_tying(inner, fields)
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
                                   autocast_adapter_dtype=autocast_adapter_dtype)
             if existed:
-                draw_like_peft_rewrap(inner, adapter_name, directory)
+                draw_like_peft_rewrap(inner, adapter_name, saved)
         if had_layers:  # the loaded adapter is the one that runs, as after PEFT's own from_pretrained
             multi.set_adapter(inner, adapter_name, inference_mode=not is_trainable)
         else:
@@ -480,7 +484,7 @@ class PeftModel(nn.Module):
                 adapters._adopt_adapter_config(inner, config, adapter_name)  # its dropout on the layers
             set_adapter_config(inner, adapter_name, config)
         else:
-            _keep_pefts_config(inner, adapter_name, directory, is_trainable)
+            _keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
         if wrapper is None:
             task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
             wrapper = (task_class or cls)._wrapping(inner)
@@ -500,19 +504,22 @@ class PeftModel(nn.Module):
         kwargs["torch_device"] = torch_device
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "load_adapter"))
+        fields, origin = adapters.read_saved_config_fields(directory)  # (read once, before any change)
         if adapter_name in self.peft_config:
-            _load_into_existing_adapter(self.get_base_model(), directory, adapter_name)
+            _load_into_existing_adapter(self.get_base_model(), directory, adapter_name,
+                                        config_from_fields(fields, origin))
         else:
+            peft_config = _pefts_config(fields, origin)
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            _keep_pefts_config(self.get_base_model(), adapter_name, directory, is_trainable)
+            _keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
-def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name: str) -> None:
+def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name: str, saved: Any) -> None:
     """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
     ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.
 
@@ -520,26 +527,32 @@ def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name:
         MiniLoraError: when the saved config would compute something else (another lora_alpha, other
             targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
     """
-    different = _differing_fields(adapter_configs(model)[adapter_name], read_adapter_config(directory))
+    different = _differing_fields(adapter_configs(model)[adapter_name], saved)
     if different:
         raise MiniLoraError(f"{directory}/adapter_config.json differs from adapter {adapter_name!r} in the model in "
                             f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
                             "under a new adapter_name, or into a model made with the saved config.")
-    _, tensors, _ = adapters.read_adapter_weights(directory, adapters._device_of(model))
+    path, tensors, _ = adapters.read_adapter_weights(directory, adapters._device_of(model))
+    adapters.check_file_keys(tensors, adapter_name, str(path), from_file=True)
     trains = {param: param.requires_grad for param in model.parameters()}
     adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
     for param, requires_grad in trains.items():
         param.requires_grad_(requires_grad)
 
 
-def _keep_pefts_config(model: nn.Module, adapter_name: str, directory: Path, is_trainable: bool) -> None:
-    """After loading, the adapter's config is a compat ``LoraConfig`` read from the same file (every
+def _pefts_config(fields: dict, source: str) -> LoraConfig:
+    """The compat ``LoraConfig`` of an adapter's config fields (every PEFT field), made before loading,
+    so that a field only this config checks is refused before anything changes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the loader warns about the file's fields)
+        return LoraConfig.from_fields(fields, source)
+
+
+def _keep_pefts_config(model: nn.Module, adapter_name: str, config: LoraConfig, is_trainable: bool) -> None:
+    """After loading, the adapter's config is the compat ``LoraConfig`` read from the same file (every
     PEFT field: task_type, base_model_name_or_path, use_dora, ...), as PEFT's ``peft_config[name]`` is,
     with ``inference_mode = not is_trainable`` as PEFT sets it; minilora's loader recorded its own
     LoRA-only config."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (the loader has warned about the file's fields already)
-        config = LoraConfig.from_pretrained(directory)
     config.inference_mode = not is_trainable
     set_adapter_config(model, adapter_name, config)
 

@@ -21,7 +21,9 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from . import multi
+from .adapter_config import check_regular_file
 from .config import MiniLoraError
+from .files import write_atomically
 from .inject import adapter_configs, lora_layers, merge_and_unload, require_lora_layers, unload
 from .saved_modules import saved_modules
 from .weighted import add_weighted_adapter
@@ -161,7 +163,7 @@ def write_model_card(model: nn.Module, directory: Path) -> None:
         __version__ = "(source)"
 
     path = directory / "README.md"
-    card = ModelCard.load(path) if path.exists() else ModelCard.from_template(ModelCardData())
+    card = _existing_card(path) if path.exists() else ModelCard.from_template(ModelCardData())
     card.data["library_name"] = "peft"
     all_tags = set(getattr(model, "model_tags", None) or [])
     if hasattr(model, "config") and type(model).__module__.startswith("transformers"):
@@ -188,4 +190,16 @@ def write_model_card(model: nn.Module, directory: Path) -> None:
         else:
             lines.append(f"{heading}\n\n{line}")
     card.text = "\n".join(lines)
-    card.save(path)
+    write_atomically(path, str(card).encode("utf-8"))  # (replaces a symlink there, never writes through it)
+
+
+def _existing_card(path: Path):
+    """The model card in ``path`` (a README.md a save left, or yours), read as PEFT reads it."""
+    from huggingface_hub import ModelCard
+
+    check_regular_file(path)
+    try:
+        return ModelCard.load(path)
+    except Exception as error:  # (its YAML header can fail in many ways)
+        raise MiniLoraError(f"{path} could not be read as a model card ({type(error).__name__}: {error}). Fix or "
+                            "remove it, then save again.") from None

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .adapter_config import read_adapter_config
-from .config import MiniLoraError
+from .config import LoraConfig, MiniLoraError
 from .inject import lora_layers
 
 
@@ -35,12 +34,12 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
             layer.base_layer.train(base_mode)
 
 
-def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, directory: Path) -> None:
+def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
     """``PeftModel.from_pretrained`` on a model that has its LoRA layers already (pitfall 1) makes
     PEFT wrap it again: each layer's adapter is rebuilt, drawing A and B from the default random
     generator, before the files are read. minilora loads into the layers instead, and draws the
-    same numbers here, so that every random number the script draws afterwards is PEFT's."""
-    config = read_adapter_config(directory)
+    same numbers here, so that every random number the script draws afterwards is PEFT's. ``config``:
+    the adapter's, as read from its files."""
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue
@@ -89,6 +88,10 @@ def resolve_adapter_source(model_id: str | os.PathLike, kwargs: dict, action: st
         raise MiniLoraError(f"{action} needs an adapter directory or a hub id (a str or Path), got "
                             f"{type(model_id).__name__}.")
     subfolder = options.get("subfolder")
+    if subfolder is not None and (not isinstance(subfolder, str) or Path(subfolder).is_absolute()
+                                  or ".." in Path(subfolder.replace("\\", "/")).parts):
+        raise MiniLoraError(f"{action}: subfolder={subfolder!r} must be a folder inside {str(model_id)!r} (a relative "
+                            "path without '..'). Pass the folder itself as the adapter's path instead.")
     local = Path(model_id) / subfolder if subfolder else Path(model_id)
     if local.exists() or not isinstance(model_id, str) or model_id.startswith((".", "/", "~")):
         return local  # a directory (load_adapter explains what is wrong with it, if anything)

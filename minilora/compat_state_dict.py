@@ -73,13 +73,18 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
     if ignore_mismatched_sizes:
         raise MiniLoraError("ignore_mismatched_sizes=True would leave tensors of another shape unloaded; minilora "
                             "loads strictly. Load an adapter made for this model.")
+    prefix = _key_prefix(model)  # (the keys get_peft_model_state_dict gives for this object)
+    bare = sorted(key for key in peft_model_state_dict if not str(key).startswith(prefix))
+    if bare:  # PEFT reports them as unexpected and loads nothing for them
+        raise MiniLoraError(f"set_peft_model_state_dict: keys {bare[:4]}{' ...' if len(bare) > 4 else ''} do not start "
+                            f"with {prefix!r}, as the keys of this {type(model).__name__} do (PEFT would not load "
+                            "them). Pass the keys get_peft_model_state_dict gives for the same object.")
     inner = model_inside(model)
     trainable = {name: param.requires_grad for name, param in inner.named_parameters()}  # by name: to_empty
     # below makes new Parameter objects
     placeholders = _meta_adapter(inner, adapter_name)  # from inject_adapter_in_model(..., low_cpu_mem_usage=True)
     for matrix, device in placeholders:
         matrix.to_empty(device=device)  # real memory for load_adapter to fill (every key, or it raises)
-    prefix = _key_prefix(model)  # (the keys get_peft_model_state_dict gives for this object)
     tensors = {(key.removeprefix(prefix) if prefix == "model." else key): value
                for key, value in peft_model_state_dict.items()}
     try:

@@ -9,13 +9,19 @@ processes write into one directory at once:
 1. Each file is written whole or not at all: its bytes go to a fresh temporary file in the same
    directory, which is flushed to disk and then renamed over the old name (``os.replace``: atomic
    on POSIX and Windows). A reader sees the old file or the new one, never a part. The rename
-   replaces a symlink planted at that name; it never writes through it.
+   replaces a symlink planted at that name; it never writes through it. Both files of a save are
+   written out before either is renamed (``stage``, then ``commit``), so a write that fails (a full
+   disk, a permission) leaves the directory as it was.
 2. The pair is bound: the weights file records a digest of the config fields it was saved with
-   (``config_digest``), in the safetensors metadata (PEFT ignores it) or in the ``.bin`` dict's
-   ``_metadata``. The weights are written first, the config second, so a crash in between, or
-   another writer's config arriving in between, leaves a config whose digest is not the one the
-   weights record, and ``load_adapter`` refuses it. Files without a digest (written by PEFT) are
-   read as they are.
+   (``config_digest``), the whole config text, and the digest of the config it replaces (the one
+   in the directory when the save began), in the safetensors metadata (PEFT ignores it) or in the
+   ``.bin`` dict's ``_metadata``. The weights are written first, the config second, so between the
+   two renames a reader finds the new weights next to the config they replace: it reads them with
+   the config they carry (``config_for_weights``), and gets the new adapter whole. Before the first
+   rename it gets the old adapter, after the second the new one: never a mix, and never an error
+   for a directory that held a whole adapter. A config that is neither (another writer's, arriving
+   in between, or one edited by hand) is refused by ``load_adapter``. Files without a digest
+   (written by PEFT) are read as they are.
 
 A temporary file that a killed process left behind has a name no reader looks at, ``.NAME.PID.
 RANDOM.minilora-tmp``; the next save removes those whose process is gone.
@@ -23,16 +29,21 @@ RANDOM.minilora-tmp``; the next save removes those whose process is gone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 TEMP_SUFFIX = ".minilora-tmp"
-DIGEST_KEY = "minilora_config_sha256"  # in the safetensors metadata, or the .bin dict's _metadata
+# In the safetensors metadata, or the .bin dict's _metadata (strings, as safetensors requires):
+DIGEST_KEY = "minilora_config_sha256"  # the config the weights were saved with
+CONFIG_KEY = "minilora_config"  # ... that config's text, as adapter_config.json holds it
+REPLACES_KEY = "minilora_replaces_config_sha256"  # the config that was in the directory when the save began
 
 
 def config_digest(fields: Mapping[str, Any], digested_fields: tuple[str, ...]) -> str:
@@ -45,10 +56,63 @@ def config_digest(fields: Mapping[str, Any], digested_fields: tuple[str, ...]) -
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def weights_metadata(fields: Mapping[str, Any], text: str, replaced: Mapping[str, Any] | None,
+                     digested_fields: tuple[str, ...]) -> dict[str, str]:
+    """What a save records in the weights file about its config: its digest and text, and the digest
+    of ``replaced``, the config the directory held when the save began (None: none, or unreadable)."""
+    metadata = {DIGEST_KEY: config_digest(fields, digested_fields), CONFIG_KEY: text}
+    if replaced is not None:
+        metadata[REPLACES_KEY] = config_digest(replaced, digested_fields)
+    return metadata
+
+
+def config_for_weights(file_fields: Mapping[str, Any], metadata: Mapping[str, Any] | None,
+                       digested_fields: tuple[str, ...]) -> Mapping[str, Any] | None:
+    """The config fields to read the weights with, given the config file's ``file_fields`` and the
+    weights' ``metadata``; None if the config file belongs to neither this save nor the one it replaced.
+
+    - weights without a digest (PEFT's files): the config file, as it is;
+    - the config file the weights were saved with: it;
+    - the config file the weights' save replaced: that save stopped, or is still running, between
+      writing the weights and writing the config; the weights carry their config: that one;
+    - anything else (another save's config, or one edited by hand): None.
+    """
+    digest = metadata.get(DIGEST_KEY) if isinstance(metadata, Mapping) else None
+    if not isinstance(digest, str):
+        return file_fields
+    found = config_digest(file_fields, digested_fields)
+    if found == digest:
+        return file_fields
+    carried = metadata.get(CONFIG_KEY)
+    if found == metadata.get(REPLACES_KEY) and isinstance(carried, str):
+        try:
+            fields = json.loads(carried)
+        except (ValueError, RecursionError):
+            return None
+        if isinstance(fields, dict) and config_digest(fields, digested_fields) == digest:
+            return fields
+    return None
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` by a file holding ``data``, in one step: readers see the old file or the new one.
 
     The new file gets the mode any new file gets here (0o666 less the umask), whatever the old one had.
+    """
+    temp = stage(path, data)
+    try:
+        commit(temp, path)
+    except BaseException:
+        discard([temp])
+        raise
+
+
+def stage(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file next to ``path``, flushed to disk, and return its path for
+    ``commit``. Nothing a reader looks at changes; on failure (a full disk, ...) nothing is left behind.
+
+    Staging every file of a save before committing any means that a write that fails leaves the
+    directory as it was.
     """
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -58,11 +122,29 @@ def write_atomically(path: Path, data: bytes) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the name points at them
-        os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    return temp
+
+
+def commit(temp: Path, path: Path) -> None:
+    """Rename the staged file ``temp`` over ``path`` (atomic), and make the rename durable."""
+    os.replace(temp, path)
     _sync_directory(path.parent)
+
+
+def discard(temps: list[Path]) -> None:
+    """Remove staged files that were not committed."""
+    for temp in temps:
+        temp.unlink(missing_ok=True)
+
+
+def write_error_hint(error: OSError) -> str:
+    """What to do about a failed write, for an error message (a save that fails changes nothing)."""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "Free some space, or pass a directory on another disk; what was there before is unchanged."
+    return "Pass a directory you can write to; what was there before is unchanged."
 
 
 def remove_atomically(path: Path) -> None:
@@ -71,12 +153,18 @@ def remove_atomically(path: Path) -> None:
     _sync_directory(path.parent)
 
 
-def remove_abandoned_temporaries(directory: Path) -> None:
-    """Remove the temporary files of saves whose process no longer runs (killed mid-save)."""
+def remove_abandoned_temporaries(directory: Path, folders: bool = False) -> None:
+    """Remove the temporary files (with ``folders``, also folders) of saves whose process no longer
+    runs (killed mid-save)."""
     for temp in directory.glob(f".*{TEMP_SUFFIX}"):
         parts = temp.name.split(".")  # ['', NAME..., PID, RANDOM, 'minilora-tmp']
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and pid != os.getpid() and not _process_exists(pid):
+        if pid is None or pid == os.getpid() or _process_exists(pid):
+            continue
+        if temp.is_dir() and not temp.is_symlink():
+            if folders:
+                shutil.rmtree(temp, ignore_errors=True)
+        else:
             temp.unlink(missing_ok=True)
 
 

@@ -173,8 +173,21 @@ def _check_known(model: nn.Module, names: list[str], action: str) -> None:
 # Files: PEFT's layout for several adapters
 # --------------------------------------------------------------------------------------------
 def adapter_directory(directory: str | os.PathLike, adapter_name: str) -> Path:
-    """Where ``save_adapters`` puts one adapter: the directory itself for "default", else a sub-directory."""
-    return Path(directory) if adapter_name == DEFAULT_ADAPTER else Path(directory) / adapter_name
+    """Where ``save_adapters`` puts one adapter: the directory itself for "default", else a sub-directory.
+
+    Raises:
+        MiniLoraError: if the name is not one folder name (``a/b``, ``/tmp/x``, ``..``): the adapter would be
+            written elsewhere than inside ``directory`` (PEFT would write it there).
+    """
+    if adapter_name == DEFAULT_ADAPTER:
+        return Path(directory)
+    separators = [sep for sep in (os.sep, os.altsep, "/", "\\") if sep]
+    if any(sep in adapter_name for sep in separators) or adapter_name in ("", ".", "..") or \
+            Path(adapter_name).is_absolute() or Path(adapter_name).drive:
+        raise MiniLoraError(f"Adapter name {adapter_name!r} is not a folder name, so its sub-folder would not be inside "
+                            f"{str(directory)!r}. Saving it is refused; rename the adapter (minilora.add_adapter with a "
+                            "name without '/' or '\\'), then save.")
+    return Path(directory) / adapter_name
 
 
 def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapters: list[str] | None = None,
@@ -189,8 +202,19 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
 
     names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
     _check_known(model, names, "save_adapters")
-    for name in names:
-        save_adapter(model, adapter_directory(directory, name), adapter_name=name, **kwargs)
+    for name, path in zip(names, adapter_directories(directory, names)):
+        save_adapter(model, path, adapter_name=name, **kwargs)
+
+
+def adapter_directories(directory: str | os.PathLike, names: list[str]) -> list[Path]:
+    """``adapter_directory`` of each name, all checked before anything is written: a name that is not a
+    folder name, or a folder that is a file, is refused here rather than half-way through a save."""
+    paths = [adapter_directory(directory, name) for name in names]
+    for path in paths:
+        if path.exists() and not path.is_dir():
+            raise MiniLoraError(f"{path} is a file; an adapter is saved into a directory there. Move the file, or "
+                                "save elsewhere.")
+    return paths
 
 
 # --------------------------------------------------------------------------------------------

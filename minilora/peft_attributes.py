@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .files import check_writable, write_atomically
+from .files import check_writable, write_atomically, write_error_hint
 
 
 class PeftType(str, enum.Enum):
@@ -74,9 +74,13 @@ class PeftConfigAttributes:
                                 "does not push to a hub. Save locally, then upload with huggingface_hub.")
         check_writable(save_directory, "save_pretrained: the directory", directory=True)
         directory = Path(save_directory).expanduser()
-        directory.mkdir(parents=True, exist_ok=True)
         fields = {name: _json_value(value) for name, value in self.to_dict().items()}
-        write_atomically(directory / CONFIG_FILE, (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_atomically(directory / CONFIG_FILE, (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode())
+        except OSError as error:
+            raise MiniLoraError(f"Could not write {directory / CONFIG_FILE}: {error}. {write_error_hint(error)}") \
+                from error
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
@@ -93,7 +97,7 @@ class PeftConfigAttributes:
             MiniLoraError: for a missing or broken file, another PEFT method, a used unsupported feature,
                 a bad value, or an unknown keyword.
         """
-        from .adapter_config import METADATA_FIELDS, UNSUPPORTED_FIELDS, config_from_fields, read_config_fields
+        from .adapter_config import read_config_fields
         from .config import MiniLoraError
 
         directory = Path(pretrained_model_name_or_path).expanduser() / (subfolder or "")
@@ -101,10 +105,18 @@ class PeftConfigAttributes:
             raise MiniLoraError(f"LoraConfig.from_pretrained: {str(directory)!r} is not a directory. minilora reads "
                                 "configs from local directories; for a hub adapter use PeftModel.from_pretrained, "
                                 "which resolves hub ids.")
-        fields = _without_runtime_config(read_config_fields(directory))
+        return cls.from_fields(read_config_fields(directory), str(directory / CONFIG_FILE), **kwargs)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], source: str, **kwargs: Any):
+        """The config of the JSON fields ``fields`` (read from ``source``), as ``from_pretrained`` makes it."""
+        from .adapter_config import METADATA_FIELDS, UNSUPPORTED_FIELDS, config_from_fields
+        from .config import MiniLoraError
+
+        fields = _without_runtime_config(dict(fields))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (its own "fields minilora does not know"; PEFT's words below)
-            config_from_fields(fields, str(directory / CONFIG_FILE))  # checks: LoRA, features, values
+            config_from_fields(fields, source)  # checks: LoRA, features, values
         known = {field.name for field in dataclasses.fields(cls)}
         wrong = sorted(set(kwargs) - known)
         if wrong:
@@ -112,7 +124,7 @@ class PeftConfigAttributes:
         ignored = sorted(set(fields) - known - set(METADATA_FIELDS) - set(UNSUPPORTED_FIELDS))  # (those: unused)
         if ignored:
             warnings.warn(f"Unexpected keyword arguments {ignored} for class {cls.__name__}, these are ignored. This "
-                          "probably means that the configuration file was saved by a newer PEFT.", stacklevel=2)
+                          "probably means that the configuration file was saved by a newer PEFT.", stacklevel=3)
         values = {name: value for name, value in fields.items() if name in known}
         return cls(**{**values, **kwargs})
 

@@ -76,10 +76,11 @@ def test_files_are_peft_files(tiny_gpt2, tmp_path):
         assert torch.equal(ours[key], theirs[key]), key
     with safe_open(tmp_path / "mini" / WEIGHTS_NAME, "pt") as ours_file, \
             safe_open(tmp_path / "peft" / WEIGHTS_NAME, "pt") as theirs_file:
-        # minilora adds the digest that binds the weights to their config (minilora/files.py)
+        # minilora adds the digest that binds the weights to their config, and the config's text (minilora/files.py)
         assert theirs_file.metadata() == {"format": "pt"}
-        assert ours_file.metadata().keys() == {"format", "minilora_config_sha256"}
+        assert ours_file.metadata().keys() == {"format", "minilora_config_sha256", "minilora_config"}
         assert ours_file.metadata()["format"] == "pt"
+        assert ours_file.metadata()["minilora_config"] == (tmp_path / "mini" / CONFIG_NAME).read_text()
 
     ours = json.loads((tmp_path / "mini" / CONFIG_NAME).read_text())
     theirs = json.loads((tmp_path / "peft" / CONFIG_NAME).read_text())

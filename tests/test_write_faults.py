@@ -1,0 +1,222 @@
+"""Saves that fail: a full disk in the middle of a file, a permission denied, a file where a folder
+should be, an adapter name that is not a folder name. Each is one MiniLoraError that says what to do,
+and what was on disk before is still there, byte for byte, and still loads as it did; no temporary
+file is left behind. (Killed saves: tests/test_crash_safety.py.)
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import minilora
+from minilora import MiniLoraError
+from minilora.compat import LoraConfig as CompatLoraConfig
+from minilora.compat import PeftModel, get_peft_model
+from parity.twins import randomize_adapters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INPUT = torch.arange(12).reshape(2, 6)
+
+
+def adapted(base, alpha, seed):
+    model = copy.deepcopy(base)
+    minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=alpha, target_modules=["c_attn"]))
+    randomize_adapters(model, seed=seed)
+    return model
+
+
+def files_state(directory: Path) -> dict[str, object]:
+    return {str(path.relative_to(directory)): "dir" if path.is_dir() else path.read_bytes()
+            for path in sorted(directory.rglob("*"))}
+
+
+def logits_of(base, directory) -> torch.Tensor:
+    model = minilora.load_adapter(copy.deepcopy(base), directory)
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+class FailingWrites:
+    """os.fdopen whose ``fail_at``-th file (counting from 1) writes half its bytes and then raises ``error``."""
+
+    def __init__(self, fail_at: int, error: OSError) -> None:
+        self.fail_at, self.error, self.opened = fail_at, error, 0
+        self.real = os.fdopen
+
+    def __call__(self, descriptor, mode="r", *args, **kwargs):
+        file = self.real(descriptor, mode, *args, **kwargs)
+        self.opened += 1
+        if self.opened != self.fail_at:
+            return file
+        error, real_write = self.error, file.write
+
+        def write(data):
+            real_write(bytes(data)[:len(data) // 2])
+            raise error
+        file.write = write
+        return file
+
+
+SAVES = {
+    "save_adapter": lambda model, directory: minilora.save_adapter(model, directory),
+    "save_adapter-bin": lambda model, directory: minilora.save_adapter(model, directory, safe_serialization=False),
+    "save_adapters": lambda model, directory: minilora.save_adapters(model, directory),
+}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["weights", "config"])
+@pytest.mark.parametrize("save", list(SAVES.values()), ids=list(SAVES))
+@pytest.mark.parametrize("error, words", [
+    (OSError(errno.ENOSPC, "No space left on device"), r"No space left on device.*Free some space"),
+    (PermissionError(errno.EACCES, "Permission denied"), r"Permission denied.*a directory you can write to"),
+], ids=["disk-full", "permission-denied"])
+def test_a_failed_write_leaves_the_old_adapter(tiny_gpt2, tmp_path, monkeypatch, fail_at, save, error, words):
+    old, new = adapted(tiny_gpt2, 8, seed=1), adapted(tiny_gpt2, 32, seed=2)
+    directory = tmp_path / "adapter"
+    minilora.save_adapter(old, directory)
+    before, old_logits = files_state(directory), logits_of(tiny_gpt2, directory)
+    monkeypatch.setattr(os, "fdopen", FailingWrites(fail_at, error))
+    with pytest.raises(MiniLoraError, match=words):
+        save(new, directory)
+    monkeypatch.undo()
+    assert files_state(directory) == before, "a failed save changed the directory"
+    assert torch.equal(logits_of(tiny_gpt2, directory), old_logits)
+
+
+def test_a_failed_first_save_leaves_no_folder(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fdopen", FailingWrites(1, OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(MiniLoraError, match=r"No space left"):
+        minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_of_a_config_alone_leaves_the_old_one(tmp_path, monkeypatch):
+    CompatLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]).save_pretrained(tmp_path)
+    before = files_state(tmp_path)
+    monkeypatch.setattr(os, "fdopen", FailingWrites(1, OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(MiniLoraError, match=r"No space left on device.*Free some space"):
+        CompatLoraConfig(r=8, lora_alpha=16, target_modules=["c_fc"]).save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert files_state(tmp_path) == before
+    assert CompatLoraConfig.from_pretrained(tmp_path).r == 4
+
+
+@pytest.fixture
+def wrapper_with_two_adapters(tiny_gpt2):
+    model = get_peft_model(copy.deepcopy(tiny_gpt2), CompatLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    model.add_adapter("other", CompatLoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
+    return model
+
+
+@pytest.mark.parametrize("save", [
+    lambda model, path: minilora.save_adapter(model.get_base_model(), path),
+    lambda model, path: minilora.save_adapters(model.get_base_model(), path),
+    lambda model, path: model.save_pretrained(path),
+    lambda model, path: model.peft_config["default"].save_pretrained(path),
+], ids=["save_adapter", "save_adapters", "compat-save_pretrained", "config-save_pretrained"])
+def test_a_file_where_the_folder_should_be(wrapper_with_two_adapters, tmp_path, save):
+    target = tmp_path / "adapter"
+    target.write_text("precious")
+    with pytest.raises(MiniLoraError, match=r"is a file|should be a directory|it is a file"):
+        save(wrapper_with_two_adapters, target)
+    assert target.read_text() == "precious" and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+@pytest.mark.parametrize("save", [
+    lambda model, path: minilora.save_adapters(model.get_base_model(), path),
+    lambda model, path: model.save_pretrained(path),
+], ids=["save_adapters", "compat-save_pretrained"])
+def test_a_file_where_a_sub_folder_should_be_is_found_before_anything_is_written(wrapper_with_two_adapters, tmp_path,
+                                                                                 save):
+    (tmp_path / "other").write_text("precious")
+    with pytest.raises(MiniLoraError, match=r"other is a file"):
+        save(wrapper_with_two_adapters, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["other"] and (tmp_path / "other").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escaped", "/tmp/minilora-escaped", "a\\b"])
+@pytest.mark.parametrize("how", ["save_adapters", "compat-save_pretrained"])
+def test_an_adapter_name_that_is_not_a_folder_name_is_not_saved(tiny_gpt2, tmp_path, name, how):
+    """PEFT would write such an adapter outside the save folder (os.path.join); minilora refuses, before
+    writing anything. (Names with dots cannot be made at all: they would break parameter names.)"""
+    wrapper = get_peft_model(copy.deepcopy(tiny_gpt2), CompatLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    try:
+        wrapper.add_adapter(name, CompatLoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
+    except MiniLoraError:
+        assert "." in name
+        return
+    target = tmp_path / "save"
+    with pytest.raises(MiniLoraError, match=r"is not a folder name"):
+        if how == "save_adapters":
+            minilora.save_adapters(wrapper.get_base_model(), target)
+        else:
+            wrapper.save_pretrained(target)
+    assert not target.exists() and not Path("/tmp/minilora-escaped").exists()
+
+
+@pytest.mark.parametrize("subfolder", ["../outside", "/tmp", "a/../../outside"])
+def test_a_subfolder_outside_the_adapter_folder_is_refused(tiny_gpt2, tmp_path, subfolder):
+    inside = tmp_path / "adapters" / "inside"
+    minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path / "outside")
+    inside.mkdir(parents=True)
+    model = copy.deepcopy(tiny_gpt2)
+    with pytest.raises(MiniLoraError, match=r"must be a folder inside"):
+        PeftModel.from_pretrained(model, str(tmp_path / "adapters"), subfolder=subfolder)
+    assert not any(True for _ in minilora.lora_layers(model))
+
+
+def test_a_model_card_symlink_is_replaced_not_written_through(wrapper_with_two_adapters, tmp_path):
+    victim = tmp_path / "victim.md"
+    victim.write_text("---\nlicense: mit\n---\nnot yours\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").symlink_to(victim)
+    wrapper_with_two_adapters.save_pretrained(tmp_path / "out")
+    assert victim.read_text() == "---\nlicense: mit\n---\nnot yours\n"
+    assert not (tmp_path / "out" / "README.md").is_symlink()
+
+
+def test_a_model_card_that_is_not_a_file_is_refused_before_anything_is_written(wrapper_with_two_adapters, tmp_path):
+    (tmp_path / "README.md").symlink_to("/dev/zero")
+    with pytest.raises(MiniLoraError, match=r"README\.md is not a regular file"):
+        wrapper_with_two_adapters.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["README.md"]
+
+
+@pytest.mark.parametrize("existing", ["absent", "empty"])
+def test_merge_command_leaves_no_half_written_model(tiny_gpt2, tmp_path, monkeypatch, capsys, existing):
+    """A merge that fails while saving (here: a full disk after config.json) leaves no OUT_DIR, where a
+    config.json without its weights would load with random weights; a merge that succeeds leaves it whole."""
+    import transformers
+
+    from minilora import cli
+
+    tiny_gpt2.save_pretrained(tmp_path / "base")
+    minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path / "adapter")
+    out = tmp_path / "merged"
+    if existing == "empty":
+        out.mkdir()
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def full_disk(self, directory, *args, **kwargs):
+        os.makedirs(directory, exist_ok=True)
+        Path(directory, "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
+    argv = ["merge", str(tmp_path / "adapter"), str(out), "--model", str(tmp_path / "base")]
+    assert cli.main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter", "base", *(["merged"] if existing == "empty" else [])])
+    assert not out.exists() or os.listdir(out) == []
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real_save)
+    assert cli.main(argv) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base", "merged"]
+    with torch.no_grad():
+        assert torch.allclose(merged(INPUT).logits, logits_of(tiny_gpt2, tmp_path / "adapter"), atol=1e-5)
