@@ -193,7 +193,6 @@ def read_config_fields(directory: Path) -> dict[str, Any]:
     if not path.exists():
         raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
                             "as minilora.save_adapter and PEFT's save_pretrained write them.")
-    check_regular_file(path)
     return read_json_fields(path)
 
 
@@ -209,6 +208,8 @@ def check_regular_file(path: Path) -> None:
 
 def read_json_fields(path: Path) -> dict[str, Any]:
     """The JSON object in the file ``path`` (MiniLoraError if it cannot be read or is not an object)."""
+    if path.exists():
+        check_regular_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:

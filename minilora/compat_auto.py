@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any, Optional
 
 from torch import nn
 
-from .adapter_config import CONFIG_NAME, read_config_fields
+from . import adapters
+from .adapter_config import CONFIG_NAME, config_from_fields
+from .adapters import read_saved_config_fields
 from .compat import (TASK_MODELS, LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                      PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
                      PeftModelForTokenClassification)
@@ -56,14 +59,23 @@ class _BaseAutoPeftModel:
         """
         hub = {name: kwargs[name] for name in HUB_OPTIONS if name in kwargs}
         directory = resolve_adapter_source(pretrained_model_name_or_path, {**hub, "revision": revision}, cls.__name__)
-        fields = read_config_fields(directory)
+        fields, origin = read_saved_config_fields(adapters._adapter_directory(directory))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (from_pretrained below warns about the file's fields)
+            config_from_fields(fields, origin)  # (every field checked before a base model is loaded)
         base_path, task = fields.get("base_model_name_or_path"), fields.get("task_type")
         if not base_path:
             raise MiniLoraError(f"{directory / CONFIG_NAME} names no base_model_name_or_path, so there is no base "
                                 "model to load: load it yourself, then PeftModel.from_pretrained(base, directory).")
         target_class = cls._base_class(task, fields.get("auto_mapping"), import_allowlist or IMPORT_ALLOWLIST)
         model_kwargs = {name: value for name, value in kwargs.items() if name != "torch_device"}  # (all, as PEFT)
-        base_model = target_class.from_pretrained(base_path, revision=fields.get("revision"), **model_kwargs)
+        try:
+            base_model = target_class.from_pretrained(base_path, revision=fields.get("revision"), **model_kwargs)
+        except (OSError, ValueError) as error:  # (transformers' errors for a path or id it cannot load)
+            raise MiniLoraError(f"{origin}: the base model it names, {base_path!r}, could not be loaded "
+                                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+                                "Load the base model yourself, then PeftModel.from_pretrained(base, directory).") \
+                from None
         _grow_embedding_for_tokenizer(base_model, directory)
         options = {name: value for name, value in kwargs.items() if name in ("torch_device", "device_map")}
         return cls._target_peft_class.from_pretrained(base_model, directory, adapter_name=adapter_name,
@@ -88,12 +100,22 @@ class _BaseAutoPeftModel:
         if not isinstance(auto_mapping, dict) or not {"base_model_class", "parent_library"} <= set(auto_mapping):
             raise MiniLoraError("Cannot infer the auto class from the config, please make sure that you are loading "
                                 "the correct model for your task type.")
-        library = auto_mapping["parent_library"]
+        library, name = auto_mapping["parent_library"], auto_mapping["base_model_class"]
+        if not isinstance(library, str) or not isinstance(name, str):
+            raise MiniLoraError(f"auto_mapping must name a library and a class (two strings), got {auto_mapping!r}.")
         if not any(library == allowed or library.startswith(f"{allowed}.") for allowed in allowlist):
             raise MiniLoraError(f"The auto mapping wants to import '{library}' which is not in the import allowlist. If "
                                 f"you are sure that importing this library is safe, specify "
                                 f"`import_allowlist=['{library}']` in `from_pretrained()`.")
-        return getattr(importlib.import_module(library), auto_mapping["base_model_class"])
+        try:
+            found = getattr(importlib.import_module(library), name, None)
+        except ImportError as error:
+            raise MiniLoraError(f"auto_mapping names the library {library!r}, which cannot be imported ({error}).") \
+                from None
+        if not (isinstance(found, type) and hasattr(found, "from_pretrained")):
+            raise MiniLoraError(f"auto_mapping names {library}.{name}, which is not a model class with from_pretrained. "
+                                "Load the base model yourself, then PeftModel.from_pretrained(base, directory).")
+        return found
 
 
 def _grow_embedding_for_tokenizer(model: nn.Module, directory: os.PathLike) -> None:

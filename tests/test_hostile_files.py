@@ -612,3 +612,74 @@ def test_task_types_are_pefts():
     from minilora.compat import TaskType
 
     assert TASK_TYPES == tuple(task.value for task in peft.TaskType) == tuple(task.value for task in TaskType)
+
+
+# --------------------------------------------------------------------------------------------
+# AutoPeftModel: the config also names the base model and the class that loads it
+# --------------------------------------------------------------------------------------------
+AUTO_CASES = [
+    ("library-not-a-string", {"auto_mapping": {"base_model_class": "GPT2LMHeadModel", "parent_library": 5}},
+     r"auto_mapping must name a library and a class"),
+    ("class-not-a-string", {"auto_mapping": {"base_model_class": ["x"], "parent_library": "transformers"}},
+     r"auto_mapping must name a library and a class"),
+    ("no-such-class", {"auto_mapping": {"base_model_class": "NoSuchModel", "parent_library": "transformers"}},
+     r"is not a model class"),
+    ("a-function", {"auto_mapping": {"base_model_class": "pipeline", "parent_library": "transformers"}},
+     r"is not a model class"),
+    ("library-not-allowed", {"auto_mapping": {"base_model_class": "system", "parent_library": "os"}},
+     r"not in the import allowlist"),
+    ("base-model-missing", {"base_model_name_or_path": "/nonexistent/minilora-base"}, r"could not be loaded"),
+    ("base-model-a-file", {"base_model_name_or_path": "__file__"}, r"could not be loaded"),
+    ("task_type-unknown", {"task_type": "NOPE"}, r"Invalid task type"),
+]
+
+
+@pytest.mark.parametrize("fields, words", [case[1:] for case in AUTO_CASES], ids=[case[0] for case in AUTO_CASES])
+def test_auto_peft_model_refuses_hostile_configs_as_peft_does(fields, words, good, tiny_gpt2, tmp_path):
+    tiny_gpt2.save_pretrained(tmp_path / "base")
+    changes = {"base_model_name_or_path": str(tmp_path / "base"), "task_type": None, **fields}
+    if changes["base_model_name_or_path"] == "__file__":
+        changes["base_model_name_or_path"] = str(good / CONFIG_NAME)
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    edit_config(**changes)(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception):
+            peft.AutoPeftModel.from_pretrained(str(directory))
+        with pytest.raises(MiniLoraError, match=words):
+            minilora.compat.AutoPeftModel.from_pretrained(str(directory))
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "directory"])
+def test_config_readers_do_not_read_forever(tmp_path, target):
+    """LoraConfig.from_json_file and from_pretrained on a device, a FIFO or a folder named like a config."""
+    path = tmp_path / CONFIG_NAME
+    if target == "fifo":
+        os.mkfifo(path)
+    elif target == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to(target)
+    with pytest.raises(MiniLoraError, match=r"not a regular file|is a directory, not a file"):
+        CompatLoraConfig.from_json_file(path)
+    with pytest.raises(MiniLoraError, match=r"not a regular file|is a directory, not a file"):
+        CompatLoraConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME])
+def test_a_fifo_in_place_of_a_file_is_refused_not_read(name, good, tiny_gpt2, tmp_path):
+    """(Not in the PEFT-compared corpus: PEFT blocks forever reading a FIFO.)"""
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    if name == LEGACY_WEIGHTS_NAME:
+        (directory / WEIGHTS_NAME).unlink()
+    else:
+        (directory / name).unlink()
+    os.mkfifo(directory / name)
+    for reader in (native, compat_from_pretrained):
+        model, load = reader(tiny_gpt2, directory, good)
+        before = model_state(model)
+        with pytest.raises(MiniLoraError, match=r"is not a regular file"):
+            load()
+        assert_same_state(before, model_state(model))
