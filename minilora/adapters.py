@@ -135,6 +135,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
+    in_the_way = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME)
+                  if (directory / name).is_dir() and not (directory / name).is_symlink()]
+    if in_the_way:  # (a rename cannot replace a folder: found now, not after the weights are written)
+        raise MiniLoraError(f"{directory / in_the_way[0]} is a folder, where save_adapter writes a file. Remove it, "
+                            "or save elsewhere.")
     fields = config_fields(model, config)
     text = config_text(fields)
     # Binds the weights to this config, and says which config they replace (minilora/files.py)

@@ -220,3 +220,50 @@ def test_merge_command_leaves_no_half_written_model(tiny_gpt2, tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ["adapter", "base", "merged"]
     with torch.no_grad():
         assert torch.allclose(merged(INPUT).logits, logits_of(tiny_gpt2, tmp_path / "adapter"), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"])
+def test_a_folder_where_a_file_goes_is_found_before_anything_is_written(tiny_gpt2, tmp_path, name):
+    (tmp_path / name).mkdir()
+    before = files_state(tmp_path)
+    with pytest.raises(MiniLoraError, match=rf"{name} is a folder, where save_adapter writes a file"):
+        minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path)
+    assert files_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("metadata", [
+    {"carried": "not json"}, {"carried": "[1, 2]"}, {"carried": "other"}, {"replaces": "0" * 64}, {"carried": None},
+], ids=["carried-not-json", "carried-not-an-object", "carried-another-config", "replaces-another-config",
+        "carries-none"])
+def test_weights_that_carry_a_config_only_use_it_when_it_is_theirs(tiny_gpt2, tmp_path, metadata):
+    """The weights' own config replaces adapter_config.json only when it is the config whose digest they
+    record and adapter_config.json is the one they say they replace (minilora/files.py); else the
+    mismatch is refused as before."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from minilora.adapter_config import DIGESTED_FIELDS
+    from minilora.files import CONFIG_KEY, REPLACES_KEY, config_digest
+
+    minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path / "old")
+    minilora.save_adapter(adapted(tiny_gpt2, 32, seed=2), tmp_path / "new")
+    old_config = (tmp_path / "old" / "adapter_config.json").read_bytes()
+    with safe_open(tmp_path / "new" / "adapter_model.safetensors", "pt") as file:
+        carried = file.metadata()
+    # The state between the two renames of a save of "new" over "old", with the weights' metadata spoiled:
+    carried[REPLACES_KEY] = metadata.get("replaces") or config_digest(json.loads(old_config), DIGESTED_FIELDS)
+    if "carried" in metadata:
+        other = {**json.loads(carried[CONFIG_KEY]), "lora_alpha": 4}
+        text = {"other": json.dumps(other)}.get(metadata["carried"], metadata["carried"])
+        carried.pop(CONFIG_KEY) if text is None else carried.__setitem__(CONFIG_KEY, text)
+    directory = tmp_path / "between"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_bytes(old_config)
+    save_file(load_file(tmp_path / "new" / "adapter_model.safetensors"), directory / "adapter_model.safetensors",
+              metadata=carried)
+    model = copy.deepcopy(tiny_gpt2)
+    with pytest.raises(MiniLoraError, match=r"is not the config adapter_model\.safetensors was saved with"):
+        minilora.load_adapter(model, directory)
+    assert not any(True for _ in minilora.lora_layers(model))
