@@ -25,7 +25,9 @@ adds compat's ``PeftModel`` to the ``PeftModel`` name in both, as a tuple (``isi
 nested tuples): a real PEFT model is recognised exactly as before, and compat's now too. Without
 peft installed, the two modules never imported it and ``is_peft_available()`` says False: ``PeftModel``
 becomes compat's class, ``PeftMixedModel`` an empty tuple, and their ``is_peft_available`` (those two
-modules' own name for it, nothing else in transformers) says True, as PEFT's ``PeftModel`` is there.
+modules' own name for it, nothing else in transformers) says True, since a ``PeftModel`` (compat's) is
+there. These are changes to transformers' modules for the whole process, made once and never undone;
+they change nothing for a model that is neither PEFT's nor compat's.
 
 Why this way, and not another:
 
@@ -85,7 +87,7 @@ def recognise_compat_models(compat_class: type, wrapper: Any) -> None:
     try:
         modules = [importlib.import_module("transformers.trainer_utils"),
                    importlib.import_module("transformers.trainer")]
-    except ImportError:  # (Trainer's own dependencies, e.g. accelerate, are missing: there is no Trainer)
+    except Exception:  # (e.g. accelerate, which Trainer needs, is missing: then there is no Trainer to tell)
         return
     names = ("PeftModel", "PeftMixedModel", "is_peft_available")
     before = [{name: vars(module)[name] for name in names if name in vars(module)} for module in modules]
