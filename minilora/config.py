@@ -122,8 +122,9 @@ class LoraConfig(PeftConfigAttributes):
         if not isinstance(self.lora_bias, bool):
             raise MiniLoraError(f"lora_bias must be True or False (a bool), got lora_bias={self.lora_bias!r}.")
         if self.lora_bias and self.init_lora_weights not in (True, False):
-            raise MiniLoraError(f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got "
-                                f"init_lora_weights={self.init_lora_weights!r}.")
+            raise MiniLoraError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, "
+                                f"got init_lora_weights={self.init_lora_weights} instead. (PEFT's rule and words.) "
+                                "Use init_lora_weights=True (the default) with lora_bias=True, or leave lora_bias=False.")
         targets = self.target_modules
         if isinstance(targets, (set, tuple)):
             self.target_modules = targets = sorted(targets)

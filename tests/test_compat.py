@@ -209,7 +209,7 @@ def test_compat_call_errors(call, message, tiny_gpt2, unchanged):
 @pytest.mark.parametrize("fields, message", [
     ({"use_dora": True}, r"cannot honour use_dora=True"),
     ({"modules_to_save": "classifier"}, r"modules_to_save must be None or a list"),
-    ({"lora_bias": True, "init_lora_weights": "gaussian"}, r"lora_bias=True works with init_lora_weights=True or"),
+    ({"lora_bias": True, "init_lora_weights": "gaussian"}, r"The argument lora_bias=True is only supported with init_lora_weights=True or"),
     ({"task_type": "CAUSAL"}, r"task_type='CAUSAL' is not one of PEFT's task types"),
     ({"r": 0}, r"r must be a positive int"),
     ({"target_parameters": ["lin0.weight"]}, r"cannot honour target_parameters=\['lin0.weight'\] \(LoRA on bare"),

@@ -167,7 +167,7 @@ def test_files_both_ways(tmp_path):
 def test_config_rules_as_peft():
     with pytest.raises(ValueError, match="lora_bias=True is only supported with init_lora_weights=True or False"):
         peft.LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights="gaussian")
-    with pytest.raises(MiniLoraError, match="lora_bias=True works with init_lora_weights=True or False only"):
+    with pytest.raises(MiniLoraError, match="The argument lora_bias=True is only supported with init_lora_weights=True or False"):
         LoraConfig(target_modules=["lin0"], lora_bias=True, init_lora_weights="gaussian")
     with pytest.raises(MiniLoraError, match="lora_bias must be True or False"):
         LoraConfig(target_modules=["lin0"], lora_bias="true")

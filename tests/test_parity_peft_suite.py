@@ -191,7 +191,8 @@ def failed(message: str, refusal: bool, type_: str = "MiniLoraError") -> dict:
     ("init_lora_weights must be True, False or 'gaussian', got 'mica'.", "init_lora_weights (MiCA, PiSSA, ...)"),
     ("init_lora_weights='pissa' is one of PEFT's data- or SVD-based initialisations.", "init_lora_weights (MiCA, PiSSA, ...)"),
     # lora_bias is in scope: refusing a combination PEFT allows is a difference
-    ("lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got init_lora_weights='gaussian'.", None),
+    ("The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+     "init_lora_weights=gaussian instead.", None),
     ("minilora cannot honour target_parameters=['lin0.weight'].", "target_parameters"),
     ("minilora cannot honour trainable_token_indices={'emb': [0]}.", "trainable tokens"),
     ("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, ...); minilora has LoRA "

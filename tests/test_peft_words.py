@@ -75,7 +75,8 @@ def test_unused_exclude_modules_warns_as_peft(fields, warns):
     dict(target_modules=".*foo", layers_to_transform=[0]),
     dict(target_modules=".*foo", layers_pattern=["bar"]),
     dict(target_modules=["foo"], layers_pattern="model.layers"),
-], ids=["task_type", "regex-layers_to_transform", "regex-layers_pattern", "pattern-without-indices"])
+    dict(target_modules=["foo"], lora_bias=True, init_lora_weights="gaussian"),
+], ids=["task_type", "regex-layers_to_transform", "regex-layers_pattern", "pattern-without-indices", "lora_bias-init"])
 def test_config_errors_start_with_pefts_words(fields):
     with pytest.raises(ValueError) as theirs:
         peft.LoraConfig(**fields)
