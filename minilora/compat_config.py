@@ -39,7 +39,10 @@ class LoraConfig(_MiniLoraConfig):
     config builds.
 
     ``task_type``, ``inference_mode``, ``base_model_name_or_path`` and ``revision`` are recorded (and
-    ``inference_mode=True`` freezes the adapter, as in PEFT). The fields after them are PEFT features
+    ``inference_mode=True`` freezes the adapter, as in PEFT). ``auto_mapping`` and ``peft_version``
+    hold what a file read had in them; ``peft_version`` is None for a config built here: PEFT stamps its
+    own release, and minilora is not a PEFT release (nor does it write the key into adapter files: PEFT
+    0.3 to 0.13 refuse a config with a key they do not know). The fields after them are PEFT features
     minilora does not have (DoRA, VeLoRA, LoRA on bare parameters, ...): their defaults mean "not
     used", and using one is a MiniLoraError that names the feature, rather than an adapter that
     silently computes something else (adapter_config.UNSUPPORTED_FIELDS).
@@ -49,6 +52,8 @@ class LoraConfig(_MiniLoraConfig):
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
     use_dora: bool = False
     lora_bias: bool = False
     layer_replication: Optional[list] = None
@@ -83,7 +88,9 @@ class LoraConfig(_MiniLoraConfig):
         super().validate()
         if not isinstance(self.inference_mode, bool):
             raise MiniLoraError(f"inference_mode must be True or False (a bool), got {self.inference_mode!r}.")
-        for name in ("base_model_name_or_path", "revision"):
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, dict):
+            raise MiniLoraError(f"auto_mapping must be None or a dict, got {self.auto_mapping!r}.")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise MiniLoraError(f"{name} must be None or a string, got {getattr(self, name)!r}.")
         if self.task_type is not None and self.task_type not in TaskType.__members__:

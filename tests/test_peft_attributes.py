@@ -20,6 +20,12 @@ from parity.twins import copy_adapters_to_peft, peft_config, randomize_adapters
 CONFIG_CLASSES = [LoraConfig, compat.LoraConfig]
 
 
+def peft_version():
+    import peft
+
+    return peft.__version__
+
+
 def peft_lora_config(**fields):
     import peft
 
@@ -55,6 +61,9 @@ def test_to_dict_holds_peft_values_for_every_field(config_cls):
             expected = sorted(expected)                               # compat's keeps PEFT's set)
         if key == "fan_in_fan_out":  # minilora's None (decide per layer) is PEFT's False for nn.Linear
             assert value is None and expected is False
+            continue
+        if key == "peft_version":  # PEFT stamps its release; minilora is none (the test at the end)
+            assert value is None and expected == peft_version()
             continue
         assert value == expected, key
 
@@ -253,3 +262,28 @@ def test_runtime_config_in_a_file_is_left_out_as_peft(tmp_path, config_cls):
             assert "runtime_config" not in read(str(path))
     with pytest.warns(UserWarning, match=words):
         assert config_cls.from_pretrained(tmp_path).target_modules in (["q"], {"q"})
+
+
+def test_compat_config_has_pefts_keys_and_keeps_a_files_peft_version(tmp_path):
+    """compat.LoraConfig.to_dict has PEFT's keys (auto_mapping and peft_version included). A config built
+    here carries no peft_version (PEFT stamps its own release; minilora is none): saved and read by PEFT,
+    only that key differs, PEFT filling in its release as for any file without one. A PEFT-written
+    file's peft_version and auto_mapping are kept, and written back by save_pretrained."""
+    import peft
+
+    ours = compat.LoraConfig(target_modules=["q"], r=4)
+    assert ours.peft_version is None and ours.auto_mapping is None
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    assert set(ours.to_dict()) == set(theirs.to_dict())
+    assert {key for key in ours.to_dict() if ours.to_dict()[key] != theirs.to_dict()[key]} == {"peft_version"}
+    assert theirs.peft_version == peft.__version__
+
+    written = peft.LoraConfig(target_modules=["q"], r=4, auto_mapping={"base_model_class": "MLP"}, peft_version="0.17.0")
+    written.save_pretrained(tmp_path / "theirs")
+    loaded = compat.LoraConfig.from_pretrained(tmp_path / "theirs")
+    assert (loaded.peft_version, loaded.auto_mapping) == ("0.17.0", {"base_model_class": "MLP"})
+    loaded.save_pretrained(tmp_path / "again")
+    assert peft.PeftConfig.from_pretrained(tmp_path / "again").to_dict() == written.to_dict()
+    with pytest.raises(MiniLoraError, match="peft_version must be None or a string"):
+        compat.LoraConfig(peft_version=17)
