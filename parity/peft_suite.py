@@ -53,6 +53,9 @@ OUT_OF_SCOPE = {
         r"layer_replication|loftq_config|megatron_config|use_qalora|eva_config|corda_config|alora_invocation_tokens"
         r"|arrow_config|kasa_config|lora_ga_config",
     "PeftMixedModel (LoRA mixed with other PEFT methods)": r"mixed=True|PeftMixedModel",
+    "other PEFT methods (IA3, LoHa, ...)": r"is another PEFT method",
+    "ensure_weight_tying of tied modules_to_save (one shared trained copy)":
+        r"ensure_weight_tying=True with a tied layer in modules_to_save",
     "Embedding": r"\bEmbedding\b",
     "Conv1d/Conv2d/Conv3d": r"\bConv[123]d\b",
     "MultiheadAttention": r"MultiheadAttention",
@@ -282,7 +285,8 @@ outcomes, test by test:
             minilora skips it or never runs it
   refused   it passes with PEFT, and minilora raises a MiniLoraError naming a feature outside its scope
             (DoRA, Conv1d/2d/3d, Embedding, MultiheadAttention, target_parameters, VeLoRA, MonteCLoRA,
-            BD-LoRA, MiCA and the other init_lora_weights methods, trainable tokens, mixed=True, ...)
+            BD-LoRA, MiCA and the other init_lora_weights methods, trainable tokens, mixed=True, other
+            PEFT methods, ensure_weight_tying on tied modules_to_save, ...)
   N/A       PEFT skips it (or fails it): there is no oracle answer
 
 scope: by default the LoRA cases (tests parametrized with LoraConfig) on PEFT's test models built of

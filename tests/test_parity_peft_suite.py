@@ -197,6 +197,12 @@ def failed(message: str, refusal: bool, type_: str = "MiniLoraError") -> dict:
     ("minilora cannot honour trainable_token_indices={'emb': [0]}.", "trainable tokens"),
     ("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, ...); minilora has LoRA "
      "only.", "PeftMixedModel (LoRA mixed with other PEFT methods)"),
+    ("get_peft_model got a IA3Config: IA3 is another PEFT method, and minilora has LoRA only. Use "
+     "minilora.compat.LoraConfig.", "other PEFT methods (IA3, LoHa, ...)"),
+    ("ensure_weight_tying=True with a tied layer in modules_to_save (tied to the input embedding: ['lm_head']): "
+     "PEFT then trains one copy of the embedding and shares it with the tied layers, which minilora does not do.",
+     "ensure_weight_tying of tied modules_to_save (one shared trained copy)"),
+    ("ensure_weight_tying must be True or False (a bool), got 1.", None),  # a bad value is no refused feature
     ("delete_adapter: no adapter named 'x'; the model has ['default'].", None),
     ("LoraConfig got fields minilora does not know: ['layers_pattern'].", None),
     ("target 'lin0' is a Conv1D", None),  # transformers' Conv1D is in scope
