@@ -35,7 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import MiniLoraError
-from .peft_attributes import PeftLayerAttributes
+from .peft_attributes import PeftLayerAttributes, peft_warning
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -190,7 +190,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         if lora_bias and getattr(self.base_layer, "bias", None) is None:
             kind = type(self.base_layer).__name__
             warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type {kind} has no bias. This means "
-                          "that merging LoRA weights won't be possible.", stacklevel=3)
+                          "that merging LoRA weights won't be possible.", peft_warning(), stacklevel=3)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)

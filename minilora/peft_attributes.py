@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,6 +36,13 @@ class PeftType(str, enum.Enum):
 
 
 CONFIG_FILE = "adapter_config.json"  # (adapter_config.py's CONFIG_NAME; that module imports config.py)
+
+
+def peft_warning() -> type[Warning]:
+    """The category of a warning PEFT gives as a ``PeftWarning``: PEFT's class (a UserWarning) when PEFT is
+    imported, else UserWarning. Code that filters or expects PeftWarning has imported PEFT, so it sees
+    PEFT's category; minilora does not import PEFT for it."""
+    return getattr(sys.modules.get("peft.utils.warning"), "PeftWarning", UserWarning)
 
 
 class PeftConfigAttributes:

@@ -85,6 +85,19 @@ def test_config_errors_start_with_pefts_words(fields):
     assert str(ours.value).startswith(str(theirs.value).strip()), (str(ours.value), str(theirs.value))
 
 
+def test_lora_bias_on_a_layer_without_bias_warns_as_peft_with_its_category():
+    """PEFT warns with a PeftWarning (a UserWarning); with PEFT imported, compat's warning is one too."""
+    caught = {}
+    for api in (peft, compat):
+        model = nn.Sequential(nn.Linear(4, 4, bias=False))
+        with warnings.catch_warnings(record=True) as caught[api]:
+            warnings.simplefilter("always")
+            api.get_peft_model(model, api.LoraConfig(target_modules=["0"], lora_bias=True))
+    theirs, ours = ([(w.category, str(w.message)) for w in caught[api] if "lora_bias" in str(w.message)]
+                    for api in (peft, compat))
+    assert ours == theirs and len(ours) == 1 and ours[0][0] is peft.PeftWarning
+
+
 def test_peft_type_keyword_is_accepted_and_set_to_lora_as_in_peft(tmp_path):
     theirs, ours = peft.LoraConfig(peft_type="test"), compat.LoraConfig(peft_type="test")
     assert ours.peft_type == theirs.peft_type == "LORA"
