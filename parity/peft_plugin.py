@@ -21,6 +21,7 @@ Nothing here is PEFT's code: the tests are read from the user's PEFT checkout at
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -50,6 +51,11 @@ OPTIONAL_IMPORTS = {"diffusers": ["StableDiffusionPipeline"], "datasets": ["load
 
 
 def _stub_missing_optional_imports() -> None:
+    # transformers.trainer (which minilora.compat imports: compat_trainer.py) asks importlib whether
+    # datasets is installed, and importlib raises for a module without an import spec, as a stub is:
+    # let it ask (once, cached) before the stubs exist.
+    if importlib.util.find_spec("transformers") is not None:
+        importlib.import_module("transformers.trainer")
     for name, attributes in OPTIONAL_IMPORTS.items():
         try:
             importlib.import_module(name)
