@@ -307,6 +307,28 @@ def paired_config_fields(directory: Path, file_fields: dict, weights_path: Path,
                     f"{CONFIG_NAME})"), True
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory read once: the config fields its weights are read with, and its tensors.
+    A reader that needs the config before loading (minilora.compat) reads this, then passes it to
+    ``load_adapter``, so that both see one version of the files even while another process saves."""
+
+    directory: Path
+    fields: dict
+    config_origin: str  # where the fields are from (adapter_config.json, or the weights: paired_config_fields)
+    paired: bool  # the fields are the weights' own (else load_adapter refuses the pair)
+    weights_path: Path
+    tensors: dict
+
+
+def read_adapter_files(directory: Path, device: torch.device) -> AdapterFiles:
+    """Read ``directory`` (adapter_config.json and the weights, each once); the tensors go to ``device``."""
+    file_fields = read_config_fields(directory)
+    path, tensors, metadata = read_adapter_weights(directory, device)
+    fields, origin, paired = paired_config_fields(directory, file_fields, path, metadata)
+    return AdapterFiles(directory, fields, origin, paired, path, tensors)
+
+
 def read_saved_config_fields(directory: Path) -> tuple[dict, str]:
     """(fields, where they are from): the config ``load_adapter`` reads the adapter in ``directory`` with
     (see ``paired_config_fields``), for readers that need the config before loading (minilora.compat).
@@ -520,7 +542,7 @@ def check_rank_agrees(tensors: Mapping[str, torch.Tensor], config: LoraConfig, s
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor] | AdapterFiles,
                  is_trainable: bool = False, adapter_name: str = DEFAULT_ADAPTER,
                  autocast_adapter_dtype: bool = True) -> nn.Module:
     """Load an adapter saved by minilora or PEFT into ``model``, in place; the result gives its trained outputs.
@@ -535,7 +557,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     Args:
         model: the base model (or one that already has matching minilora layers).
         source: an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``),
-            or a dict of adapter tensors (PEFT's or minilora's keys) for a model that already has its layers.
+            or a dict of adapter tensors (PEFT's or minilora's keys) for a model that already has its layers,
+            or a directory already read by ``read_adapter_files``.
         is_trainable: as in PEFT: False freezes everything (for inference); True lets A and B train
             (and the biases, per the config's ``bias``).
         adapter_name: the name the adapter gets in the model. A model that has minilora layers but no
@@ -576,12 +599,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                                 "the adapter directory (it holds the config) instead.")
         tensors = dict(source)
     else:
-        directory = _adapter_directory(source)
-        file_fields = read_config_fields(directory)
-        path, tensors, metadata = read_adapter_weights(directory, device)
-        fields, config_origin, paired = paired_config_fields(directory, file_fields, path, metadata)
+        files = source if isinstance(source, AdapterFiles) else read_adapter_files(_adapter_directory(source), device)
+        directory, fields, config_origin, paired = files.directory, files.fields, files.config_origin, files.paired
+        tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                   for key, value in files.tensors.items()}
         config = config_from_fields(fields, config_origin)
-        origin = str(path)
+        path, origin = files.weights_path, str(files.weights_path)
         if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
             check_saved_tying(model, fields)
     if adding:

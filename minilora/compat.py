@@ -457,20 +457,21 @@ class PeftModel(nn.Module):
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained"))
-        # The config is read once, before any change (a bad one is refused first); it is the one load_adapter
-        # reads the weights with, also where a save stopped between its two files (minilora/files.py).
-        fields, origin = adapters.read_saved_config_fields(directory)
-        saved, peft_config = config_from_fields(fields, origin), _pefts_config(fields, origin)
-        if config is not None:
-            _check_given_config(config, saved, directory)
         wrapper = model if isinstance(model, PeftModel) else None
         inner = model.get_base_model() if wrapper is not None else model
+        # The files are read once, before any change (a bad config is refused first), and loaded as read: the
+        # config here is the one the weights are loaded with, even while another process saves (minilora/files.py).
+        files = _read_files(inner, directory)
+        fields = files.fields
+        saved, peft_config = config_from_fields(fields, files.config_origin), _pefts_config(fields, files.config_origin)
+        if config is not None:
+            _check_given_config(config, saved, directory)
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
             check_saved_tying(inner, fields)
         with drawing_nothing(low_cpu_mem_usage):
-            adapters.load_adapter(inner, directory, is_trainable=is_trainable, adapter_name=adapter_name,
+            adapters.load_adapter(inner, files, is_trainable=is_trainable, adapter_name=adapter_name,
                                   autocast_adapter_dtype=autocast_adapter_dtype)
             if existed:
                 draw_like_peft_rewrap(inner, adapter_name, saved)
@@ -504,14 +505,13 @@ class PeftModel(nn.Module):
         kwargs["torch_device"] = torch_device
         _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "load_adapter"))
-        fields, origin = adapters.read_saved_config_fields(directory)  # (read once, before any change)
+        files = _read_files(self.get_base_model(), directory)  # (once, before any change; loaded as read)
         if adapter_name in self.peft_config:
-            _load_into_existing_adapter(self.get_base_model(), directory, adapter_name,
-                                        config_from_fields(fields, origin))
+            _load_into_existing_adapter(self.get_base_model(), files, adapter_name)
         else:
-            peft_config = _pefts_config(fields, origin)
+            peft_config = _pefts_config(files.fields, files.config_origin)
             with drawing_nothing(low_cpu_mem_usage):
-                adapters.load_adapter(self.get_base_model(), directory, is_trainable=is_trainable,
+                adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             _keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
         if not is_trainable:
@@ -519,7 +519,15 @@ class PeftModel(nn.Module):
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
-def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name: str, saved: Any) -> None:
+def _read_files(model: nn.Module, directory: Path) -> adapters.AdapterFiles:
+    """The adapter's files, read once, with the tensors on the model's device."""
+    if not isinstance(model, nn.Module):
+        raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
+                            f"{type(model).__name__}.")
+    return adapters.read_adapter_files(directory, adapters._device_of(model))
+
+
+def _load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, adapter_name: str) -> None:
     """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
     ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.
 
@@ -527,13 +535,16 @@ def _load_into_existing_adapter(model: nn.Module, directory: Path, adapter_name:
         MiniLoraError: when the saved config would compute something else (another lora_alpha, other
             targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
     """
-    different = _differing_fields(adapter_configs(model)[adapter_name], saved)
+    different = _differing_fields(adapter_configs(model)[adapter_name],
+                                  config_from_fields(files.fields, files.config_origin))
     if different:
-        raise MiniLoraError(f"{directory}/adapter_config.json differs from adapter {adapter_name!r} in the model in "
+        raise MiniLoraError(f"{files.config_origin} differs from adapter {adapter_name!r} in the model in "
                             f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
                             "under a new adapter_name, or into a model made with the saved config.")
-    path, tensors, _ = adapters.read_adapter_weights(directory, adapters._device_of(model))
-    adapters.check_file_keys(tensors, adapter_name, str(path), from_file=True)
+    if not files.paired:
+        adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
+    tensors = files.tensors
+    adapters.check_file_keys(tensors, adapter_name, str(files.weights_path), from_file=True)
     trains = {param: param.requires_grad for param in model.parameters()}
     adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
     for param, requires_grad in trains.items():

@@ -327,3 +327,24 @@ def test_sigkill_during_lora_config_save_pretrained(tmp_path):
         seen.append((config.r, config.lora_alpha, sorted(config.target_modules)))
     assert {(r, a, tuple(t)) for r, a, t in seen} <= {(4, 8, ("c_attn",)), (8, 32, ("c_fc", "c_proj"))}, seen
     assert len({r for r, _, _ in seen}) == 2, f"the kills never landed between saves: {seen}"
+
+
+def test_compat_loads_the_files_as_it_read_them_while_another_save_lands(two_adapters, tmp_path, monkeypatch):
+    """PeftModel.from_pretrained reads the directory once: a save of Y landing after that read (another
+    process) does not give it X's config object with Y's weights, or the reverse."""
+    import minilora.adapters as adapters
+    from minilora.compat import PeftModel
+
+    base, expected = two_adapters
+    minilora.save_adapter(expected["X"][0], tmp_path)
+    real_load = adapters.load_adapter
+
+    def load_after_another_save(*args, **kwargs):
+        minilora.save_adapter(expected["Y"][0], tmp_path)  # lands between the read and the load
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(adapters, "load_adapter", load_after_another_save)
+    wrapper = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    monkeypatch.undo()
+    assert wrapper.peft_config["default"].lora_alpha == 8  # X's
+    with torch.no_grad():
+        assert torch.equal(wrapper(INPUT).logits, expected["X"][1])
