@@ -140,8 +140,9 @@ def complete_or_absent(out_dir: str):
     """Yield the folder to write a model into. A new (or empty) ``out_dir`` is written as a hidden
     temporary folder next to it, renamed to ``out_dir`` once complete: a crash or an error leaves no
     ``out_dir`` rather than a half-written model (a config.json without its weights loads with random
-    weights). With --force into a folder that holds files, the files are written there, one by one."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+    weights). With --force into a folder that holds files, or into a symlink to a folder, the files are
+    written there, one by one."""
+    if os.path.islink(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
         yield out_dir
         return
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -151,9 +152,13 @@ def complete_or_absent(out_dir: str):
                                 f"{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         yield temp
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # (empty: checked above)
-        os.replace(temp, out_dir)
+        try:
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # (empty: checked above)
+            os.replace(temp, out_dir)
+        except OSError as error:
+            raise MiniLoraError(f"Could not move the merged model into {out_dir!r}: {error}. "
+                                f"{write_error_hint(error)}") from error
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 

@@ -267,3 +267,14 @@ def test_weights_that_carry_a_config_only_use_it_when_it_is_theirs(tiny_gpt2, tm
     with pytest.raises(MiniLoraError, match=r"is not the config adapter_model\.safetensors was saved with"):
         minilora.load_adapter(model, directory)
     assert not any(True for _ in minilora.lora_layers(model))
+
+
+def test_merge_command_into_a_symlink_to_a_folder_writes_through_it(tiny_gpt2, tmp_path):
+    from minilora import cli
+
+    tiny_gpt2.save_pretrained(tmp_path / "base")
+    minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), tmp_path / "adapter")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    assert cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "out"), "--model", str(tmp_path / "base")]) == 0
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "target" / "config.json").is_file()
