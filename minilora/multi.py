@@ -195,8 +195,12 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
     """Save several adapters in PEFT's layout: "default" at the root of ``directory``, every other
     adapter in ``directory/<name>/`` (PEFT's ``save_pretrained``). ``kwargs`` go to ``save_adapter``.
 
+    Each folder is saved as ``save_adapter`` saves one (whole, or not at all), one after the other: a save
+    killed half-way leaves some folders with the new adapter and the others with the old one.
+
     Raises:
-        MiniLoraError: before writing anything, if a selected name is not an adapter of the model.
+        MiniLoraError: before writing anything, if a selected name is not an adapter of the model, is not a
+            folder name, or its folder is a file.
     """
     from .adapters import save_adapter
 
