@@ -42,7 +42,7 @@ class LoraConfig(_MiniLoraConfig):
     ``inference_mode=True`` freezes the adapter, as in PEFT). ``auto_mapping`` and ``peft_version``
     hold what a file read had in them; ``peft_version`` is None for a config built here: PEFT stamps its
     own release, and minilora is not a PEFT release (nor does it write the key into adapter files: PEFT
-    0.3 to 0.13 refuse a config with a key they do not know). The fields after them are PEFT features
+    0.6 to 0.13 refuse a config with a key they do not know). The fields after them are PEFT features
     minilora does not have (DoRA, VeLoRA, LoRA on bare parameters, ...): their defaults mean "not
     used", and using one is a MiniLoraError that names the feature, rather than an adapter that
     silently computes something else (adapter_config.UNSUPPORTED_FIELDS).
