@@ -13,6 +13,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "benchmarks"  # i
 
 from .plan import INFERENCE_VARIANTS
 
+SECTIONS = ("prefill", "decode", "generate", "train", "all-cores", "mixed", "memory", "profile", "layer-call")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -54,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=None,
                         help="comma-separated inference variants to time, in table order (default: all of "
                              f"{','.join(INFERENCE_VARIANTS)}); base and reference (what the others are checked against) always are")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated sections to run (default: all of " + ",".join(SECTIONS) + "); "
+                             "the --no-* options still apply")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -90,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plan = quick_plan() if args.quick else full_plan()
+    if args.sections is not None:
+        chosen = {s.strip() for s in args.sections.split(",") if s.strip()}
+        if not chosen or chosen - set(SECTIONS):
+            print(f"error: unknown section(s) {', '.join(sorted(chosen - set(SECTIONS))) or '(none given)'} in "
+                  f"--sections; choose from {', '.join(SECTIONS)}.", file=sys.stderr)
+            return 2
+        plan.prefill, plan.decode = plan.prefill and "prefill" in chosen, plan.decode and "decode" in chosen
+        plan.generate = plan.generate and "generate" in chosen
+        plan.dropouts = plan.dropouts if "train" in chosen else ()
+        plan.all_cores = plan.all_cores and "all-cores" in chosen
+        plan.mixed_adapters = plan.mixed_adapters if "mixed" in chosen else ()
+        plan.memory, plan.profile = plan.memory and "memory" in chosen, plan.profile and "profile" in chosen
+        plan.layer_call = plan.layer_call and "layer-call" in chosen
     if args.threads is not None:
         plan.threads = args.threads
     plan.all_cores = plan.all_cores and not args.no_all_cores

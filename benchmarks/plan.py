@@ -11,6 +11,8 @@ COMPILED_NOTE = (
     "as the KV cache grows) and then 7x eager's time; a training step took 197 s to compile, then about "
     "eager's time (Plan.compiled_decode, Plan.compiled_train turn them on).")
 
+NOT_COMPILED_NOTE = "torch.compile: not in this run (--no-compiled, or --variants without compiled)."
+
 ATTN_ONLY = ("c_attn",)
 ALL_LINEAR = ("c_attn", "c_proj", "c_fc")
 
@@ -40,6 +42,8 @@ class Plan:
     other_cases: tuple = ()                      # (targets, r) pairs: prefill and decode, fewer variants
     lora_alpha_per_r: float = 2.0                # lora_alpha = 2 r: the scale does not change the cost
     prefill_shapes: tuple = ((1, 128),)         # (batch, sequence); the first is the targets' shape
+    prefill: bool = True                         # time prefill (--sections)
+    decode: bool = True                          # time the per-token decode loop (--sections)
     decode_prompt: int = 8
     decode_tokens: int = 16
     generate: bool = True                        # also time model.generate (decode with transformers' overhead)
@@ -65,12 +69,18 @@ class Plan:
     train_max_seconds: float | None = None       # per training measurement, main case (None: max_seconds)
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
-    bracket: bool = True                         # one-call workloads: the reference around every variant
+    segments: bool = True                        # CPU: segment lockstep at block boundaries (benchmarks/segments.py)
+    bracket: bool = True                         # without segments, one-call workloads: the reference around each
     memory: bool = True
     profile: bool = True
     layer_call: bool = True                      # one tiny layer's call, each way: the per-call overhead
     seed: int = 0
-    notes: list = field(default_factory=lambda: [COMPILED_NOTE])
+    notes: list = field(default_factory=list)    # extra notes for the page (run_notes adds torch.compile's)
+
+    def run_notes(self) -> list[str]:
+        """The page's notes: what torch.compile did in this run (as it ran), then ``notes``."""
+        compiled = "compiled" in self.inference_variants and self.prefill
+        return [COMPILED_NOTE if compiled else NOT_COMPILED_NOTE] + list(self.notes)
 
     def cases(self) -> list[tuple[tuple, int]]:
         """(targets, r) pairs, main case first so that the targets are measured early."""

@@ -46,7 +46,7 @@ MEMORY_LIMIT = 1.01  # train peak memory vs PEFT: "no larger" at the 1% an RSS r
 # One colour per variant, the same in every panel.
 COLOURS = {"base-copy": "#7f7f7f", "peft": "#1f77b4", "peft-copy": "#aec7e8", "peft-merged": "#17becf",
            "reference": "#ff7f0e", "merged": "#2ca02c", "fused": "#d62728", "fused-addmm": "#9467bd",
-           "compiled": "#8c564b", "peft-mixed": "#bcbd22", "gathered": "#e377c2"}
+           "compiled": "#8c564b", "peft-mixed": "#bcbd22", "minilora-mixed": "#98df8a", "gathered": "#e377c2"}
 SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173")
 
 
@@ -90,6 +90,9 @@ def stopping(m: dict) -> str:
 
 def interleaving(m: dict) -> str:
     """How the section's rounds were interleaved (older results record neither)."""
+    if m.get("lockstep") == "segments":
+        segments = f", {m['segments']} per round" if m.get("segments") else ""
+        return f" (segment lockstep: every call cut at its blocks and the pieces interleaved{segments})"
     if m.get("lockstep"):
         return " (steps in lockstep across the variants)"
     if m.get("bracketed"):
@@ -217,11 +220,16 @@ METHOD = (
     "before it is timed. Rounds time every variant once, in a rotation of table order on even rounds and "
     "that rotation reversed on odd ones; each variant's ratio is taken to the reference variant (base; PEFT for training) of the same "
     "round, on two clocks: **{clock} time** (the process's CPU time on a CPU: time spent waiting for a core "
-    "does not count; CUDA events on a GPU) and wall time. Workloads made of steps run in lockstep (decode: "
-    "token k of every variant, then token k + 1; a training step: every forward, then every backward), so "
-    "that each variant's round is spread over the same seconds; a workload of one call (prefill, generate) "
-    "is bracketed: the reference runs before, between and after the others (R a R b R), and each ratio is "
-    "to the mean of the two reference calls around it. The figure is the median of the per-round ratios "
+    "does not count; CUDA events on a GPU) and wall time. On a CPU the rounds run in **segment lockstep**: "
+    "each variant's call runs in a thread of its own and a baton passes between the threads at the model's "
+    "block boundaries (before every transformer block and the output layer, at every block's input gradient "
+    "in the backward, and between steps), so that block k of every variant runs, then block k + 1; every "
+    "variant's work lies in the same windows of a few to ~30 ms and a slow burst of the machine hits all "
+    "alike. Each segment is timed in its own thread (thread CPU time with one torch thread), and a "
+    "variant's round is the sum of its segments. Without segments (CUDA), workloads made of steps run "
+    "in lockstep (decode: token k of every variant, then token k + 1) and a workload of one call is "
+    "bracketed: the reference runs before, between and after the others (R a R b R), each ratio to the "
+    "mean of the two reference calls around it. The figure is the median of the per-round ratios "
     "with its 95% bootstrap interval; rounds continue until every interval on the first clock is within "
     "+-{res:.0f}% of its median, or a cap is hit (then the section says so). *min ratio* (the variant's "
     "fastest round over the fastest reference it was compared with) is a secondary figure, robust to "

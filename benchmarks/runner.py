@@ -16,6 +16,7 @@ import torch
 from . import memory
 from .plan import Plan
 from .floor import lora_floor
+from .segments import Boundaries
 from .timing import interleaved, summarize
 from .variants import (TOLERANCE, adapter_weights, build_variant, load_base, lora_config,
                        relative_difference)
@@ -69,7 +70,8 @@ class Runner:
     def __init__(self, plan: Plan, device: str, progress: Callable[[str], None] = lambda line: None):
         self.plan, self.device, self.progress = plan, device, progress
         self.started = time.perf_counter()
-        self.results = {**environment(device), "plan": plan.to_json(), "tolerance_float32": TOLERANCE,
+        self.results = {**environment(device), "plan": {**plan.to_json(), "notes": plan.run_notes()},
+                        "tolerance_float32": TOLERANCE,
                         "measurements": [], "memory": [], "failures": [], "compile_s": {}, "profile": None}
 
     def log(self, line: str) -> None:
@@ -143,16 +145,17 @@ class Runner:
         names = [n for n in plan.inference_variants if (main or n in plan.other_case_variants)
                  and (n != "compiled" or self.is_main(targets, r) and table == "one thread")]
         models = {name: build_variant(name, self.base, config, weights) for name in names}
-        shapes = plan.prefill_shapes if main else plan.prefill_shapes[:1]
+        shapes = (plan.prefill_shapes if main else plan.prefill_shapes[:1]) if plan.prefill else ()
         workloads = [Prefill(b, s, self.vocab, self.device) for b, s in shapes]
-        workloads.append(Decode(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
+        if plan.decode:
+            workloads.append(Decode(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         if plan.generate and main:
             workloads.append(Generate(plan.decode_prompt, plan.decode_tokens, self.vocab, self.device))
         for workload in workloads:
             here = {n: m for n, m in models.items() if n != "compiled" or self.compiled_here(targets, r, workload, table)}
             checked = self.measure(here, workload, targets, r, None, ratio_to="base", table=table)
-            if main and workload in (workloads[0], workloads[len(shapes)]):  # first prefill shape, decode loop
-                self.all_cores(models, checked, workload, targets, r)
+            if main and (workload.name == "decode" or workload.name == "prefill" and workload is workloads[0]):
+                self.all_cores(models, checked, workload, targets, r)  # the first prefill shape, the decode loop
         del models
 
     def all_cores(self, models: dict, checked: dict, workload, targets: tuple, r: int) -> None:
@@ -172,7 +175,8 @@ class Runner:
                                  lora_floor(self.base, targets, r, workload.forwards()), {
                                      "table": "all cores", "workload": workload.name, "shape": list(workload.shape),
                                      "targets": list(targets), "r": r, "dropout": None},
-                                 self.plan.other_max_seconds, min_rounds=min(3, self.plan.min_rounds))
+                                 self.plan.other_max_seconds, min_rounds=min(3, self.plan.min_rounds),
+                                 models=[models[n] for n in names])
         finally:
             self.threads = one_thread
             torch.set_num_threads(one_thread)
@@ -233,7 +237,8 @@ class Runner:
         main = self.is_main(targets, r) and table == "one thread"
         self.time_and_record(functions, checked, label, ratio_to, lora, {
             "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
-            "r": r, "dropout": dropout}, self.seconds_for(workload.name, main))
+            "r": r, "dropout": dropout}, self.seconds_for(workload.name, main),
+            models=[models[name] for name in functions])
         return checked
 
     def seconds_for(self, workload: str, main: bool) -> float:
@@ -246,13 +251,19 @@ class Runner:
         return plan.max_seconds
 
     def time_and_record(self, functions: dict, checked: dict, label: str, ratio_to: str, lora: dict,
-                        fields: dict, seconds: float, tokens: int | None = None, min_rounds: int | None = None) -> None:
-        """Time the validated functions in interleaved rounds and add one measurement per variant."""
+                        fields: dict, seconds: float, tokens: int | None = None, min_rounds: int | None = None,
+                        models: list | None = None) -> None:
+        """Time the validated functions in interleaved rounds and add one measurement per variant.
+
+        On a CPU with ``plan.segments``, the rounds run in segment lockstep (benchmarks/segments.py)
+        with block hooks on ``models``, removed afterwards; otherwise bracketed or step lockstep."""
         plan = self.plan
-        self.log(f"{label}: timing {', '.join(functions)}")
-        timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds, seconds,
-                            plan.resolution, bracket=plan.bracket, on_round=lambda k, width: self.log(
-                                f"{label}: round {k}, widest interval +-{width * 100:.1f}%") if k % 10 == 0 else None)
+        segmented = plan.segments and torch.device(self.device).type == "cpu"
+        self.log(f"{label}: timing {', '.join(functions)}" + (" (segment lockstep)" if segmented else ""))
+        with Boundaries(models if segmented and models else []):
+            timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds,
+                                seconds, plan.resolution, bracket=plan.bracket, segments=segmented,
+                                on_round=lambda k, width: self.round_line(label, k, width))
         summary = summarize(timed, ratio_to)
         for name, clocks in summary.items():
             no_adapter = name in ("base", "base-copy", "merged", "peft-merged")
@@ -260,6 +271,7 @@ class Runner:
                 **fields, "threads": self.threads, "variant": name, "ratio_to": ratio_to,
                 "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
                 "bracketed": timed["bracketed"], "lockstep": timed["lockstep"],
+                **({"segments": timed["segments"][name]} if "segments" in timed else {}),
                 "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
                 "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,
                 **({"tokens": tokens} if tokens else {}),
@@ -267,6 +279,13 @@ class Runner:
         first = timed["clocks"][0]
         line = "  ".join(f"{name} {c[first]['ratio']:.3f}" for name, c in summary.items())
         self.log(f"{label}: {timed['rounds']} rounds ({timed['stopped']}), {first} time x{ratio_to}: {line}")
+
+    def round_line(self, label: str, k: int, width: float) -> None:
+        """The progress line after round k: every round, at most one line per 5 s (short rounds)."""
+        now = time.perf_counter()
+        if k == self.plan.min_rounds or now - getattr(self, "_last_line", 0.0) >= 5.0:
+            self._last_line = now
+            self.log(f"{label}: round {k}, widest interval +-{width * 100:.1f}%")
 
     def mixed_case(self, n: int) -> None:
         """A batch whose row i runs adapter i mod n: PEFT's adapter_names, minilora's, the gathered form,
@@ -323,7 +342,7 @@ class Runner:
             self.time_and_record(functions, checked, label, "merged", lora, {
                 "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
                 "r": r, "dropout": None, "adapters": n}, plan.other_max_seconds, tokens=workload.tokens(),
-                min_rounds=plan.mixed_min_rounds)
+                min_rounds=plan.mixed_min_rounds, models=[models[name] for name in functions])
         del models
 
     def validated(self, label: str, variant: str, got, expected, against: str) -> float | None:

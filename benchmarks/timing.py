@@ -1,24 +1,35 @@
 """Interleaved timing: rounds in alternating order, two clocks, and rounds until the ratios are resolved.
 
-A shared machine slows whatever runs while the noise lasts, and even a quiet VM's speed drifts by
-10-30% over tens of seconds (its host's other tenants). Four things keep that out of the ratios:
+A shared machine slows whatever runs while the noise lasts, and even a quiet VM's speed drifts:
+its host's other tenants make a call's user CPU time swing by up to 30% in bursts of 0.1-2 s.
+These things keep that out of the ratios:
 
-- **CPU time.** On a CPU every call is timed by the process's CPU time (``time.process_time``:
-  the seconds the process's threads ran) as well as by wall time. Time spent waiting for a core
-  that another process holds counts in wall time but not in CPU time. With one torch thread
-  (the default for the ratio tables) the process's CPU time is that thread's. On CUDA the first
-  clock is a pair of CUDA events (the GPU's time), the second the host's wall time.
+- **CPU time.** On a CPU every call is timed by CPU time (the seconds the threads ran) as well as
+  by wall time. Time spent waiting for a core that another process holds counts in wall time but
+  not in CPU time. With one torch thread (the default for the ratio tables) the work of a call is
+  its calling thread's. On CUDA the first clock is a pair of CUDA events (the GPU's time), the
+  second the host's wall time.
 - **Ratios within a round.** Each round times every variant once; each variant's ratio is taken
   against the reference variant *of the same round*, so slow drifts cancel.
-- **Finer interleaving.** A workload made of steps (``Steps``: decode is one forward per token)
-  runs in lockstep: step j of every variant, then step j + 1 of every variant, so each variant's
-  round total is spread over the same seconds as the others'. A workload of one call (prefill, a
-  training step) is *bracketed*: the reference runs before, between and after the other variants
-  (R a R b R c R), and each variant's ratio is to the mean of the two reference calls around it,
-  which cancels a drift that is linear over those three calls.
-- **Alternating order.** Rounds (and lockstep steps) run the variants in a rotation of table order,
-  then that rotation reversed (A B C, C B A, B C A, A C B, ...): a linear drift over two rounds
-  cancels, and no variant always runs first after the between-round pause.
+- **Segment lockstep (CPU).** Each variant's round runs in a thread of its own, and a baton passes
+  between the threads at the model's block boundaries (benchmarks/segments.py): block k of every
+  variant, then block k + 1 of every variant, ... including the backward and every step of a
+  workload (decode's tokens). Every variant's work then lies in the same windows of a few to
+  ~30 ms, far shorter than the bursts, which hit all variants alike. The round's time of a
+  variant is the sum of its segments, each timed in its own thread.
+- **Without segments** (CUDA, or ``segments=False``): a workload made of steps (``Steps``:
+  decode's forwards, a training step's forward and backward) runs in step lockstep: step j of
+  every variant, then step j + 1. A workload of one call is *bracketed*: the reference runs
+  before, between and after the other variants (R a R b R c R), and each variant's ratio is to
+  the mean of the two reference calls around it, which cancels a drift that is linear over those
+  three calls.
+- **Alternating order.** Rounds (and each segment or step within them) run the variants in a
+  rotation of table order, then that rotation reversed (A B C, C B A, B C A, A C B, ...): a linear
+  drift over two cancels, and no variant always runs first after the between-round pause.
+
+Measured on the 2-core VM, one thread, CPU time, A/A control (an identical copy of base), as the
+per-round spread and the 95% interval of the median after the same seconds (both methods in
+alternate rounds, under the same load): see the README's method paragraph for the numbers.
 
 Rounds continue until the bootstrap 95% interval of every variant's median ratio (on the first
 clock) lies within +-``resolution`` of its median, or until a cap (``max_rounds`` or
@@ -133,10 +144,23 @@ def one_round(functions: dict, reference: str, k: int, measure, bracket: bool) -
     return totals, {name: totals[reference] for name in names}
 
 
+def segmented_round(functions: dict, k: int, clock) -> tuple[dict, dict]:
+    """Run round ``k`` in segment lockstep (benchmarks/segments.py): ({name: (cpu, wall) totals, the
+    sums of its segments}, {name: the segment count}). Segment j runs the variants in
+    ``round_order(names, k * 1000 + j)``."""
+    from .segments import segment_round
+
+    names = list(functions)
+    segments = segment_round({name: _round_steps(functions[name]) for name in names},
+                             lambda j: round_order(names, k * 1000 + j), clock)
+    totals = {name: [sum(s[0] for s in segs), sum(s[1] for s in segs)] for name, segs in segments.items()}
+    return totals, {name: len(segs) for name, segs in segments.items()}
+
+
 def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str, reference: str, min_rounds: int,
                 max_rounds: int, max_seconds: float, resolution: float = RESOLUTION,
                 on_round: Callable[[int, float], None] = lambda k, width: None, timer=None,
-                bracket: bool = True) -> dict:
+                bracket: bool = True, segments: bool = False, clock=None) -> dict:
     """Time every function in rounds until the ratios to ``reference`` are resolved or a cap is hit.
 
     ``functions``: a callable (one call per round) or ``Steps`` per variant. Returns
@@ -145,19 +169,27 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     "max_rounds" | "max_seconds", "half_width": widest, "bracketed": bool, "lockstep": bool}``. The first clock decides
     when to stop; ``on_round(k, widest)`` is called after each round from ``min_rounds`` on (for
     progress lines). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
+    ``segments``: time in segment lockstep (CPU only; ``clock``: the segment clock, the tests plant one);
+    then the result also has ``"segments"``: {name: segments per round}, and nothing is bracketed.
     """
     (first, second), measure = timer or clocks(device)
     names = list(functions)
     samples = {first: {n: [] for n in names}, second: {n: [] for n in names}}
     paired = {first: {n: [] for n in names}, second: {n: [] for n in names}}
-    bracketed = bracket and len(names) > 1 and not any(isinstance(f, Steps) for f in functions.values())
-    started, stopped, widest, k = time.perf_counter(), "max_rounds", float("inf"), 0
+    bracketed = bracket and not segments and len(names) > 1 and not any(isinstance(f, Steps) for f in functions.values())
+    started, stopped, widest, k, counts = time.perf_counter(), "max_rounds", float("inf"), 0, None
     for k in range(max_rounds):
-        totals, compared_to = one_round(functions, reference, k, measure, bracketed)
+        if segments:
+            from .segments import cpu_clock
+
+            totals, counts = segmented_round(functions, k, clock or cpu_clock)
+            compared_to = {name: totals[reference] for name in names}
+        else:
+            totals, compared_to = one_round(functions, reference, k, measure, bracketed)
         for name in names:
-            for c, clock in enumerate((first, second)):
-                samples[clock][name].append(totals[name][c])
-                paired[clock][name].append(compared_to[name][c])
+            for c, name_of_clock in enumerate((first, second)):
+                samples[name_of_clock][name].append(totals[name][c])
+                paired[name_of_clock][name].append(compared_to[name][c])
         if k + 1 >= min_rounds:
             widest = widest_half_width(samples[first], paired[first], reference)
             on_round(k + 1, widest)
@@ -169,7 +201,8 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
                 break
     return {"clocks": (first, second), "samples": samples, "paired": paired, "rounds": k + 1 if names else 0,
             "stopped": stopped, "half_width": widest, "bracketed": bracketed,
-            "lockstep": any(isinstance(f, Steps) for f in functions.values())}
+            "lockstep": "segments" if segments else any(isinstance(f, Steps) for f in functions.values()),
+            **({"segments": counts} if segments else {})}
 
 
 def summarize(timed: dict, reference: str) -> dict[str, dict]:

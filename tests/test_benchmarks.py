@@ -66,6 +66,9 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
         for m in measurements:
             assert m["threads"] == (1 if table == "one thread" else os.cpu_count())
             assert m["rounds"] == plan.min_rounds and m["stopped"] == "max_rounds"
+            assert m["lockstep"] == "segments" and not m["bracketed"]  # on a CPU: segment lockstep
+            if workload in ("prefill", "train"):  # cut before 2 blocks and lm_head (+ the backward's cuts)
+                assert m["segments"] == (4 if workload == "prefill" else 7)
             assert set(m["clocks"]) == {"cpu", "wall"}
             for clock in m["clocks"].values():
                 assert len(clock["samples_s"]) == m["rounds"] and all(t >= 0 for t in clock["samples_s"])
@@ -89,7 +92,8 @@ def test_outputs_are_written(tiny_results, tmp_path):
     page = paths["markdown"].read_text()
     assert "## Targets" in page and "torch " + torch.__version__ in page and "Load average" in page
     assert page.count("### ") == len(report.sections(results))
-    assert "(steps in lockstep across the variants)" in page and "(bracketed: base before, between and after" in page
+    assert "(segment lockstep: every call cut at its blocks and the pieces interleaved, 4 per round)" in page
+    assert "torch.compile: not in this run" in page  # the note says what ran (tiny has no compiled variant)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.terminal(results)
     assert "fused" in table and "targets" in table and "A/A control" in table
@@ -108,6 +112,7 @@ def test_variant_colours_are_distinct():
     assert len(set(report.COLOURS.values())) == len(report.COLOURS)
     assert set(INFERENCE_VARIANTS) - {"base"} <= set(report.COLOURS)
     assert set(TRAINING_VARIANTS) - {"peft"} <= set(report.COLOURS)
+    assert {"peft-mixed", "minilora-mixed", "gathered"} <= set(report.COLOURS)  # ratios to merged: drawn too
 
 
 def test_a_variant_that_disagrees_is_reported_and_not_timed():
@@ -206,6 +211,8 @@ def test_cli_help_and_bad_device(capsys, tmp_path):
     assert "not a torch device" in capsys.readouterr().err
     assert main(["--variants", "base-copy,fusd", "--out", str(tmp_path)]) == 2
     assert "unknown variant(s) fusd" in capsys.readouterr().err
+    assert main(["--sections", "prefill,decod", "--out", str(tmp_path)]) == 2
+    assert "unknown section(s) decod" in capsys.readouterr().err
 
 
 def test_timed_steps_do_what_was_validated():
