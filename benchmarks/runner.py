@@ -56,6 +56,8 @@ def environment(device: str) -> dict:
     except (OSError, StopIteration):
         pass
     machine["load_average_at_start"] = _load_average()
+    machine["environment"] = {k: v for k, v in os.environ.items()  # what changes torch's allocator or threads
+                              if k.startswith(("THP_MEM_ALLOC", "MALLOC_", "OMP_", "MKL_", "GLIBC_TUNABLES"))}
     if torch.device(device).type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(torch.device(device))
     elif torch.cuda.is_available():

@@ -109,32 +109,36 @@ def cpu_clock() -> tuple[float, float]:
 
 
 class _Variant:
-    """One variant's round in a thread of its own, run one segment at a time by ``next_segment``."""
+    """A variant's thread, kept for a whole measurement (so that each variant keeps its own malloc
+    arena and nothing is created per round); ``start(steps)`` gives it a round, ``next_segment``
+    runs that round's next segment."""
 
-    def __init__(self, steps: list[Callable[[], object]], clock: Callable[[], tuple[float, float]]):
-        self.steps, self.clock = steps, clock
+    def __init__(self, clock: Callable[[], tuple[float, float]]):
+        self.clock, self.steps = clock, None
         self.segments: list[tuple[float, float]] = []
-        self.finished, self.error = False, None
+        self.finished, self.error = True, None
         self._turn, self._yielded = threading.Semaphore(0), threading.Semaphore(0)
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.thread.start()
 
     def _main(self) -> None:
         _local.variant = self
-        self._turn.acquire()
-        try:
-            self._started = self.clock()
-            for i, step in enumerate(self.steps):
-                if i:
-                    self.boundary()
-                step()
-            self._end_segment()
-        except BaseException as error:  # re-raised in the timing thread
-            self.error = error
-        finally:
-            _local.variant = None
-            self.finished = True
-            self._yielded.release()
+        while True:
+            self._turn.acquire()
+            if self.steps is None:  # stop()
+                return
+            try:
+                self._started = self.clock()
+                for i, step in enumerate(self.steps):
+                    if i:
+                        self.boundary()
+                    step()
+                self._end_segment()
+            except BaseException as error:  # re-raised in the timing thread
+                self.error = error
+            finally:
+                self.steps, self.finished = None, True
+                self._yielded.release()
 
     def _end_segment(self) -> None:
         now = self.clock()
@@ -146,19 +150,49 @@ class _Variant:
         self._turn.acquire()      # ... until this variant's next turn
         self._started = self.clock()
 
+    def start(self, steps: list[Callable[[], object]]) -> None:
+        self.steps, self.segments, self.finished, self.error = list(steps), [], False, None
+
     def next_segment(self) -> None:
         self._turn.release()
         self._yielded.acquire()
 
+    def stop(self) -> None:
+        self.steps = None
+        self._turn.release()
+        self.thread.join()
+
+
+class Threads:
+    """``with Threads(names) as threads:`` one thread per variant for a measurement's rounds
+    (``segment_round(..., threads=threads)``), stopped on exit."""
+
+    def __init__(self, names: Iterable[str], clock: Callable[[], tuple[float, float]] = None):
+        self.variants = {name: _Variant(clock or cpu_clock) for name in names}
+
+    def __enter__(self) -> "Threads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for variant in self.variants.values():
+            variant.stop()
+
 
 def segment_round(steps: dict[str, list[Callable[[], object]]], order: Callable[[int], list[str]],
-                  clock: Callable[[], tuple[float, float]] = cpu_clock) -> dict[str, list[tuple[float, float]]]:
+                  clock: Callable[[], tuple[float, float]] = cpu_clock,
+                  threads: Threads | None = None) -> dict[str, list[tuple[float, float]]]:
     """Run one round of every variant's steps in segment lockstep: {name: [(cpu, wall) per segment]}.
 
     ``order(j)``: the order of the variants for the j-th segment. A variant with fewer segments
-    (a compiled model) is simply done earlier. An error in a variant is raised here.
+    (a compiled model) is simply done earlier. An error in a variant is raised here. ``threads``:
+    the variants' threads (``Threads``, whose clock is used); without it, threads for this round only.
     """
-    variants = {name: _Variant(s, clock) for name, s in steps.items()}
+    if threads is None:
+        with Threads(steps, clock) as own:
+            return segment_round(steps, order, threads=own)
+    variants = {name: threads.variants[name] for name in steps}
+    for name, variant in variants.items():
+        variant.start(steps[name])
     j = 0
     try:
         while not all(v.finished for v in variants.values()):
@@ -170,7 +204,6 @@ def segment_round(steps: dict[str, list[Callable[[], object]]], order: Callable[
         for variant in variants.values():  # a variant stopped by another's error still waits: end it
             while not variant.finished:
                 variant.next_segment()
-            variant.thread.join()
     for name, variant in variants.items():
         if variant.error is not None:
             raise RuntimeError(f"{name} failed while timed") from variant.error

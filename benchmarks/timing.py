@@ -44,6 +44,7 @@ from typing import Callable
 
 import torch
 
+from .segments import Threads, segment_round
 from .stats import MIN_ROUNDS, RESOLUTION, half_width, median_interval
 
 
@@ -144,15 +145,13 @@ def one_round(functions: dict, reference: str, k: int, measure, bracket: bool) -
     return totals, {name: totals[reference] for name in names}
 
 
-def segmented_round(functions: dict, k: int, clock) -> tuple[dict, dict]:
+def segmented_round(functions: dict, k: int, clock, threads=None) -> tuple[dict, dict]:
     """Run round ``k`` in segment lockstep (benchmarks/segments.py): ({name: (cpu, wall) totals, the
     sums of its segments}, {name: the segment count}). Segment j runs the variants in
     ``round_order(names, k * 1000 + j)``."""
-    from .segments import segment_round
-
     names = list(functions)
     segments = segment_round({name: _round_steps(functions[name]) for name in names},
-                             lambda j: round_order(names, k * 1000 + j), clock)
+                             lambda j: round_order(names, k * 1000 + j), clock, threads)
     totals = {name: [sum(s[0] for s in segs), sum(s[1] for s in segs)] for name, segs in segments.items()}
     return totals, {name: len(segs) for name, segs in segments.items()}
 
@@ -178,27 +177,26 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     paired = {first: {n: [] for n in names}, second: {n: [] for n in names}}
     bracketed = bracket and not segments and len(names) > 1 and not any(isinstance(f, Steps) for f in functions.values())
     started, stopped, widest, k, counts = time.perf_counter(), "max_rounds", float("inf"), 0, None
-    for k in range(max_rounds):
-        if segments:
-            from .segments import cpu_clock
-
-            totals, counts = segmented_round(functions, k, clock or cpu_clock)
-            compared_to = {name: totals[reference] for name in names}
-        else:
-            totals, compared_to = one_round(functions, reference, k, measure, bracketed)
-        for name in names:
-            for c, name_of_clock in enumerate((first, second)):
-                samples[name_of_clock][name].append(totals[name][c])
-                paired[name_of_clock][name].append(compared_to[name][c])
-        if k + 1 >= min_rounds:
-            widest = widest_half_width(samples[first], paired[first], reference)
-            on_round(k + 1, widest)
-            if widest <= resolution and k + 1 >= MIN_ROUNDS:  # fewer rounds: no 95% interval exists
-                stopped = "resolved"
-                break
-            if k + 1 < max_rounds and time.perf_counter() - started >= max_seconds:
-                stopped = "max_seconds"
-                break
+    with Threads(names if segments else [], clock) as threads:
+        for k in range(max_rounds):
+            if segments:
+                totals, counts = segmented_round(functions, k, None, threads)
+                compared_to = {name: totals[reference] for name in names}
+            else:
+                totals, compared_to = one_round(functions, reference, k, measure, bracketed)
+            for name in names:
+                for c, name_of_clock in enumerate((first, second)):
+                    samples[name_of_clock][name].append(totals[name][c])
+                    paired[name_of_clock][name].append(compared_to[name][c])
+            if k + 1 >= min_rounds:
+                widest = widest_half_width(samples[first], paired[first], reference)
+                on_round(k + 1, widest)
+                if widest <= resolution and k + 1 >= MIN_ROUNDS:  # fewer rounds: no 95% interval exists
+                    stopped = "resolved"
+                    break
+                if k + 1 < max_rounds and time.perf_counter() - started >= max_seconds:
+                    stopped = "max_seconds"
+                    break
     return {"clocks": (first, second), "samples": samples, "paired": paired, "rounds": k + 1 if names else 0,
             "stopped": stopped, "half_width": widest, "bracketed": bracketed,
             "lockstep": "segments" if segments else any(isinstance(f, Steps) for f in functions.values()),
