@@ -95,7 +95,9 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "fan_in_fan_out": layers[0].fan_in_fan_out,  # True for GPT-2's Conv1D: its weight is (in, out)
+        # True for GPT-2's Conv1D (its weight is (in, out)): the config's, which injecting set to the last new
+        # layer's layout as PEFT does; minilora's None (each layer's own) writes the first layer's
+        "fan_in_fan_out": layers[0].fan_in_fan_out if config.fan_in_fan_out is None else config.fan_in_fan_out,
         "bias": config.bias,
         "init_lora_weights": config.init_lora_weights,
         # PEFT's selectors and modules_to_save. Only fields that PEFT has had since 0.6 are written
@@ -110,7 +112,8 @@ def config_fields(model: nn.Module, config: LoraConfig) -> dict[str, Any]:
     if config.use_rslora:  # added in PEFT 0.7; a release that cannot honour it should refuse the file
         fields["use_rslora"] = True
     if config.exclude_modules is not None:  # added in PEFT 0.14: written only when used, for the same reason
-        fields["exclude_modules"] = config.exclude_modules
+        exclude = config.exclude_modules  # (a regex string, or names: compat's config keeps them as a set, as PEFT)
+        fields["exclude_modules"] = exclude if isinstance(exclude, str) else sorted(exclude)
     if config.lora_bias:  # added in PEFT 0.14 too
         fields["lora_bias"] = True
     return fields

@@ -65,6 +65,7 @@ from .adapter_config import ADAPTER_FIELDS, config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, resolved_targets
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
+    leave_new_wrappers_in_train_mode, \
     resolve_adapter_source
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
@@ -73,9 +74,11 @@ from .compat_tying import check_saved_tying, check_tied_modules
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
 from .inject import adapter_configs, inject, lora_layers, set_adapter_config
+from .targets import find_targets
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
 from .saved_modules import ModulesToSave as ModulesToSaveWrapper  # PEFT's name, for isinstance checks
+from .saved_modules import saved_modules
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
@@ -151,7 +154,12 @@ def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: 
             random head frozen and unsaved, without a word.
     """
     names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    wanted = (config.modules_to_save or []) + [head for head in heads if head not in (config.modules_to_save or [])]
+    wanted = (config.modules_to_save or []) + heads
+    wrapper_names = [name for name in ("base_model", "base_model.model") if any(name.endswith(m) for m in wanted)]
+    if wrapper_names:  # PEFT's task models match modules_to_save against the wrapper's own names too
+        raise MiniLoraError(f"task_type={task}: modules_to_save={config.modules_to_save} ends {wrapper_names[-1]!r}, a "
+                            "name of PEFT's wrapper itself, so PEFT would wrap the whole model as a module to save. "
+                            "Name the module by a longer, dotted name.")
     if not any(name.endswith(head) for name in names for head in wanted):
         raise MiniLoraError(
             f"task_type={task}: PEFT trains and saves the task head by the names {heads}, but this "
@@ -159,7 +167,23 @@ def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: 
             f"unsaved. Name the head: LoraConfig(..., modules_to_save=[...]) with one of "
             f"{[name for name, _ in model.named_children()]}."
         )
-    config.modules_to_save = wanted
+    if config.modules_to_save is None:  # PEFT's: a new list, or the heads appended to the user's (repeats kept)
+        config.modules_to_save = list(heads)
+    else:
+        config.modules_to_save.extend(heads)
+
+
+def _check_head_not_targeted(model: nn.Module, config: LoraConfig, heads: list[str], wrapper: str) -> None:
+    """PEFT's ``PeftModelForTokenClassification`` and ``...ForQuestionAnswering`` add their head to
+    ``modules_to_save`` only after injecting, so targets that reach the head (``"all-linear"``, a regex)
+    put LoRA on it first, and wrapping it then fails (a TypeError). Refused here, before anything changes."""
+    targets = find_targets(model, config)
+    hit = [name for name in targets if any(name.endswith(head) for head in heads)]
+    if hit:
+        raise MiniLoraError(f"{wrapper}: target_modules={config.target_modules!r} selects the task head {hit[0]!r}, "
+                            f"which PEFT then also trains in full (modules_to_save {heads}): a module cannot be both, "
+                            "and PEFT fails here with a TypeError. Leave the head out, e.g. "
+                            f"exclude_modules={heads[:1]}, or put it in modules_to_save yourself.")
 
 
 class PeftModel(nn.Module):
@@ -171,6 +195,8 @@ class PeftModel(nn.Module):
     """
 
     TASK_HEADS: list[str] = []  # the heads a task subclass trains in full (modules_to_save)
+    HEAD_AFTER_INJECTION = False  # PEFT adds the TASK_HEADS to modules_to_save only after injecting (TOKEN_CLS, QA)
+    GENERATES = False  # the task subclass keeps the model's prepare_inputs_for_generation (CAUSAL_LM, SEQ_2_SEQ_LM)
     _is_prompt_learning = False  # minilora has LoRA only: no prompt tuning
     special_peft_forward_args = frozenset({"adapter_names", "alora_offsets"})
 
@@ -183,7 +209,10 @@ class PeftModel(nn.Module):
         if isinstance(model, PeftModel):
             raise MiniLoraError(f"{type(self).__name__} got a PeftModel; wrapping it again would stack adapters. Add "
                                 "another adapter with peft_model.add_adapter(name, config) instead.")
+        self._check_task_fits(model)
         if self.TASK_HEADS:
+            if self.HEAD_AFTER_INJECTION:
+                _check_head_not_targeted(model, peft_config, self.TASK_HEADS, type(self).__name__)
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
@@ -192,8 +221,7 @@ class PeftModel(nn.Module):
         peft_config.target_modules = resolved
         leave_new_layers_in_train_mode(model, adapter_name)
         if getattr(peft_config, "inference_mode", False):
-            for param in model.parameters():
-                param.requires_grad_(False)
+            freeze_for_inference(model, peft_config.bias)
         self._hold(model)
 
     def _hold(self, model: nn.Module) -> None:
@@ -217,6 +245,17 @@ class PeftModel(nn.Module):
         except (TypeError, ValueError):  # a forward without an introspectable signature: keep ours
             return
         self.__dict__["forward"] = forward
+
+    @classmethod
+    def _check_task_fits(cls, model: nn.Module) -> None:
+        """PEFT's ``PeftModelForCausalLM`` and ``...ForSeq2SeqLM`` read the model's
+        ``prepare_inputs_for_generation``, and fail (an AttributeError, after injecting) on a model that
+        cannot generate, such as a classifier given task_type CAUSAL_LM: refused here, before anything changes."""
+        if cls.GENERATES and not hasattr(model, "prepare_inputs_for_generation"):
+            raise MiniLoraError(f"{cls.__name__} is for models that generate text, and this {type(model).__name__} "
+                                "has no prepare_inputs_for_generation (PEFT fails on it with an AttributeError). "
+                                "Use the task_type of the model's head (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, "
+                                "FEATURE_EXTRACTION) or task_type=None.")
 
     @classmethod
     def _wrapping(cls, model: nn.Module) -> "PeftModel":
@@ -362,17 +401,31 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
+        if self.TASK_HEADS:  # as PEFT's task models: every adapter trains and saves its own copy of the head
+            add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_config.target_modules = resolved
         for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat_loading.py)
-            if adapter_name in layer.lora_A:
+            if list(layer.lora_A) == [adapter_name]:  # a layer built for this adapter: all of it but the base layer
+                base_mode = layer.base_layer.training
+                layer.train(True)
+                layer.base_layer.train(base_mode)
+            elif adapter_name in layer.lora_A:
                 for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                     table[adapter_name].train(True)
-                if list(layer.lora_A) == [adapter_name]:  # a layer built for this adapter
-                    layer.training = True
+        leave_new_wrappers_in_train_mode(model, adapter_name)
+        if any(self.peft_config[name].bias == "all" for name in self.active_adapters):
+            # PEFT's quirk, kept: bias="all" of an active adapter switches on every bias before the new copies
+            # are made and the old parameters' requires_grad restored, so the new copies' biases train
+            for _, wrapper in saved_modules(model):
+                if adapter_name in wrapper.modules_to_save and len(wrapper.modules_to_save) > 1:  # (a new wrapper's
+                    # copy is made from the original while its bias is still frozen)
+                    for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
+                        if name == "bias" or name.endswith(".bias"):
+                            param.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
@@ -466,6 +519,9 @@ class PeftModel(nn.Module):
         saved, peft_config = config_from_fields(fields, files.config_origin), _pefts_config(fields, files.config_origin)
         if config is not None:
             _check_given_config(config, saved, directory)
+        task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
+        if wrapper is None:
+            (task_class or cls)._check_task_fits(inner)
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
@@ -479,6 +535,8 @@ class PeftModel(nn.Module):
             multi.set_adapter(inner, adapter_name, inference_mode=not is_trainable)
         else:
             leave_new_layers_in_train_mode(inner, adapter_name)
+            if not is_trainable:
+                freeze_for_inference(inner, saved.bias)
         if config is not None:  # the given object is the adapter's config, with its lora_dropout, as in PEFT
             config.inference_mode = not is_trainable
             if config.lora_dropout != saved.lora_dropout:
@@ -487,7 +545,6 @@ class PeftModel(nn.Module):
         else:
             _keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
         if wrapper is None:
-            task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
             wrapper = (task_class or cls)._wrapping(inner)
         if not is_trainable:
             wrapper.eval()
@@ -568,6 +625,23 @@ def _keep_pefts_config(model: nn.Module, adapter_name: str, config: LoraConfig, 
     set_adapter_config(model, adapter_name, config)
 
 
+def freeze_for_inference(model: nn.Module, bias: str) -> None:
+    """PEFT's ``inference_mode`` (and loading with ``is_trainable=False``): A, B and the modules_to_save
+    copies are frozen, but with ``bias="all"`` / ``"lora_only"`` the biases still require grad, since
+    PEFT marks them trainable whatever the mode (its ``_mark_only_adapters_as_trainable``)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    inside_saved = tuple(f"{name}." for name, _ in saved_modules(model))
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if (name == "bias" or name.endswith(".bias")) and not name.startswith(inside_saved):
+                param.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+
+
 def _inputs_require_grad(model: nn.Module) -> None:
     """PEFT's ``prepare_model_for_gradient_checkpointing``: with gradient checkpointing the frozen
     embedding's output must require grad, or no gradient reaches the adapters."""
@@ -634,6 +708,7 @@ def _forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embed
 class PeftModelForCausalLM(PeftModel):
     """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
 
+    GENERATES = True
     forward = _forward_with_labels
 
 
@@ -648,11 +723,14 @@ class PeftModelForSequenceClassification(PeftModel):
 class PeftModelForTokenClassification(PeftModelForSequenceClassification):
     """task_type TOKEN_CLS: as SEQ_CLS, the head trains in full and is saved."""
 
+    HEAD_AFTER_INJECTION = True
+
 
 class PeftModelForQuestionAnswering(PeftModel):
     """task_type QUESTION_ANS: the head ``qa_outputs`` trains in full and is saved."""
 
     TASK_HEADS = ["qa_outputs"]
+    HEAD_AFTER_INJECTION = True
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
@@ -667,6 +745,7 @@ class PeftModelForQuestionAnswering(PeftModel):
 class PeftModelForSeq2SeqLM(PeftModel):
     """task_type SEQ_2_SEQ_LM (T5, BART, ...): PEFT's forward arguments."""
 
+    GENERATES = True
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:

@@ -48,6 +48,7 @@ class LoraConfig(_MiniLoraConfig):
     silently computes something else (adapter_config.UNSUPPORTED_FIELDS).
     """
 
+    fan_in_fan_out: Optional[bool] = False  # PEFT's default (minilora's own is None: each layer's layout)
     task_type: Optional[str] = None
     inference_mode: bool = False
     base_model_name_or_path: Optional[str] = None
@@ -130,8 +131,11 @@ LoraConfig.__init__ = _init_naming_unknown_fields
 def resolved_targets(model: nn.Module, config: LoraConfig) -> Any:
     """What PEFT writes into the config when it injects: for ``target_modules=None`` (the
     architecture's default) and ``"all-linear"``, the set of names they stand for on this model (a
-    default that is one regex string stays that string, as in PEFT); otherwise the config's own value."""
+    default that is one regex string stays that string, as in PEFT), and for a list of 20 names or
+    more, PEFT's shorter set of suffixes; otherwise the config's own value."""
+    resolved = resolve_target_modules(model, config)
     if config.target_modules is None or is_all_linear(config.target_modules):
-        resolved = resolve_target_modules(model, config)
         return resolved if isinstance(resolved, str) else set(resolved)
+    if resolved is not config.target_modules:  # a long list PEFT shortens (targets.condensed_targets)
+        return set(resolved)
     return config.target_modules

@@ -17,6 +17,7 @@ from torch import nn
 from . import adapters
 from .config import LoraConfig, MiniLoraError
 from .inject import lora_layers
+from .saved_modules import saved_modules
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,6 +33,15 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
             base_mode = layer.base_layer.training
             layer.train(True)
             layer.base_layer.train(base_mode)
+    leave_new_wrappers_in_train_mode(model, adapter_name)
+
+
+def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
+    """The same for new modules_to_save wrappers: the wrapper and its dict of copies start in train mode
+    in PEFT (the copies themselves keep the module's mode)."""
+    for _, wrapper in saved_modules(model):
+        if list(wrapper.modules_to_save) == [adapter_name]:
+            wrapper.training = wrapper.modules_to_save.training = True
 
 
 def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:

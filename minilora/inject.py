@@ -65,7 +65,9 @@ def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 def _check_fan_in_fan_out(name: str, base_layer: nn.Module, config: LoraConfig) -> None:
-    """Warn, as PEFT does, when the config's fan_in_fan_out contradicts the layer's weight layout."""
+    """Warn, as PEFT does, when the config's fan_in_fan_out contradicts the layer's weight layout, and
+    set the config's to the layer's, as PEFT does (so the config ends with the last new layer's layout,
+    and the next contradicting layer warns again). ``None`` (minilora's default) means "each layer's own"."""
     actual = isinstance(base_layer, Conv1D)
     if config.fan_in_fan_out is not None and config.fan_in_fan_out != actual:
         kind = "Conv1D" if actual else "torch.nn.Linear"
@@ -74,6 +76,7 @@ def _check_fan_in_fan_out(name: str, base_layer: nn.Module, config: LoraConfig) 
             f"Setting fan_in_fan_out to {actual}.",
             stacklevel=3,
         )
+        config.fan_in_fan_out = actual
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,

@@ -131,12 +131,15 @@ def add_adapter(model: nn.Module, adapter_name: str, config: LoraConfig,
     names = find_targets(model, config)
     to_save = find_modules_to_save(model, config.modules_to_save, names)  # one more copy each (saved_modules.py)
     active = active_adapters(model)
+    trainable = {id(param): param.requires_grad for param in model.parameters()}
     new_layers = build_adapter(model, config, adapter_name, names, autocast_adapter_dtype)
     for name, layer in new_layers.items():
         layer.set_adapter(active)  # the model's active adapters, which this layer does not hold: frozen
-        layer.base_layer.requires_grad_(False)
         _replace_module(model, name, layer)
     wrap_modules_to_save(model, to_save, adapter_name, active=False)  # frozen copies, used once set_adapter picks them
+    for param in model.parameters():  # as PEFT: what trained before (bias="all") still does, and nothing else starts
+        if id(param) in trainable:
+            param.requires_grad_(trainable[id(param)])
     set_adapter_config(model, adapter_name, config)
     return model
 

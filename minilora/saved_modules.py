@@ -155,6 +155,11 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
+# The modules inside PEFT's lora.Linear, which PEFT's modules_to_save rule sees (minilora's LoraLinear has the first four)
+LORA_LAYER_CHILDREN = ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                       "lora_magnitude_vector")
+
+
 def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targets: list[str] = ()) -> list[str]:
     """The names of the modules ``names`` selects, by PEFT's rule (the full name ends with an entry).
 
@@ -174,7 +179,21 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
             "its full name ends with an entry). PEFT would silently train no extra module; minilora refuses. "
             f"Top-level modules: {[name for name, _ in model.named_children()]}."
         )
+    # PEFT wraps modules_to_save after injecting, so its rule also sees each new LoRA layer's own modules
+    # (``q_proj.lora_dropout``, ...): modules_to_save=["dropout"] reaches a ModuleDict there, a TypeError in PEFT.
+    insides = [f"{target}.{child}" for target in lora_targets for child in LORA_LAYER_CHILDREN]
+    reached = [key for key in insides if any(key.endswith(name) for name in names)]
+    if reached:
+        raise SavedModuleTypeError(f"modules_to_save={names} also selects {reached[0]!r}, a module inside a new LoRA "
+                                   "layer (PEFT matches modules_to_save after injecting, and raises a TypeError "
+                                   "here). Name the modules to save by a longer, dotted name.")
     modules = dict(model.named_modules(remove_duplicate=False))
+    lora = tuple(name for name, module in modules.items() if hasattr(module, "lora_A") and hasattr(module, "base_layer"))
+    adapted = [key for key in chosen if key in lora or key.startswith(tuple(f"{name}." for name in lora))]
+    if adapted:
+        raise SavedModuleTypeError(f"modules_to_save={names} selects {adapted[0]!r}, which holds an adapter already "
+                                   "(a LoRA layer, or inside one). PEFT cannot wrap it (a TypeError): a module is "
+                                   "either adapted or trained in full. Remove it from one of the two.")
     for key in chosen:
         if key in lora_targets or any(key.startswith(f"{target}.") or target.startswith(f"{key}.")
                                       for target in lora_targets):

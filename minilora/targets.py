@@ -141,8 +141,52 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | 
             "(every linear layer except the output layer)."
         )
     if is_all_linear(targets):
-        return all_linear_names(model, getattr(config, "task_type", None))
-    return targets
+        targets = all_linear_names(model, getattr(config, "task_type", None))
+    return condensed_targets(model, targets)
+
+
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT's threshold (peft/utils/constants.py)
+
+
+def condensed_targets(model: nn.Module, targets: Any) -> Any:
+    """PEFT's shortening of a long list of targets (20 names or more, e.g. "all-linear" on a deep
+    model): the fewest name suffixes that still select exactly those modules and no other
+    (``inject_adapter`` with ``_find_minimal_target_modules``). PEFT matches with the short list and
+    writes it into the config and adapter_config.json, so minilora does too: it selects the same
+    modules, but ``layers_to_transform`` now applies to them (it never does to a full name).
+
+    Raises:
+        MiniLoraError: for an empty name in a long list (PEFT raises a ValueError).
+    """
+    if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        return targets
+    if "" in targets:
+        raise MiniLoraError("target_modules should not contain an empty string (PEFT's words): remove '' from the "
+                            "list.")
+    suffixes = tuple(f".{target}" for target in targets)
+    others = {name for name, _ in model.named_modules() if name not in targets and not name.endswith(suffixes)}
+    shorter = minimal_target_modules(set(targets), others)
+    return sorted(shorter) if len(shorter) < len(targets) else targets
+
+
+def minimal_target_modules(targets: set[str], others: set[str]) -> set[str]:
+    """PEFT's ``_find_minimal_target_modules``: for each target (in sorted order of its suffixes,
+    shortest first) keep its shortest suffix that is no other module's suffix, unless a suffix kept
+    already covers it. ``"model.layers.0.mlp.up_proj"`` -> ``"up_proj"`` when no other name ends so."""
+    def name_suffixes(name: str) -> list[str]:  # "a.b.c" -> ["c", "b.c", "a.b.c"]
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    other_suffixes = {suffix for name in others for suffix in name_suffixes(name)}
+    required: set[str] = set()
+    for name, suffixes in sorted(((name, name_suffixes(name)) for name in targets), key=lambda item: item[1]):
+        for suffix in suffixes:
+            if suffix in required or suffix in other_suffixes:
+                continue
+            if not any(name.endswith(f".{kept}") for kept in required):
+                required.add(suffix)
+                break
+    return required or set(targets)
 
 
 def is_all_linear(targets: Any) -> bool:
@@ -290,6 +334,15 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         )
     if not names:
         raise MiniLoraError(_no_match_message(model, targets, config))
+    # modules_to_save of an earlier adapter: its original and copies are trained in full, not adapted
+    wrappers = tuple(f"{name}." for name, module in model.named_modules()
+                     if hasattr(module, "original_module") and hasattr(module, "modules_to_save"))
+    inside_saved = [name for name in names if name.startswith(wrappers)]
+    if inside_saved:
+        raise MiniLoraError(f"target_modules={targets!r} selects {inside_saved[0]!r}, inside a module that an adapter "
+                            "trains in full (modules_to_save). PEFT puts LoRA into the module's original and into "
+                            "its copies, and then cannot save the adapter (a KeyError). Leave it out, e.g. with "
+                            "exclude_modules.")
     exclude = getattr(config, "exclude_modules", None)
     saved = getattr(config, "modules_to_save", None)  # (PEFT counts modules_to_save's modules as excluded too)
     if exclude and not any(matches(name, exclude) or is_saved_module(name, saved)

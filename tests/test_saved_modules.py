@@ -53,7 +53,7 @@ def twins(arch, class_name, task, fields, seed=0):
     """(minilora model, PEFT model) from the same base and seed, both in eval mode."""
     base = build(arch, class_name)
     torch.manual_seed(seed)
-    mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(task_type=task, r=2, **fields))
+    mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(task_type=task, r=2, **copy.deepcopy(fields)))
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
