@@ -1,0 +1,687 @@
+"""A differential fuzzer: random PEFT scripts run twice, with ``peft`` and with ``minilora.compat``.
+
+A *scenario* is drawn at random: one of the tiny architectures (parity/architectures.py) under one
+of its task heads (``AutoModelForCausalLM``, ``...SequenceClassification``, ``...TokenClassification``,
+``...QuestionAnswering``, ``...Seq2SeqLM``, ``...MaskedLM``, the bare ``AutoModel``), a LoraConfig
+from PEFT's field space (targets as None / a list / a regex / "all-linear", exclude_modules,
+layers_to_transform + layers_pattern, rank_pattern / alpha_pattern, r, lora_alpha, use_rslora,
+init_lora_weights, lora_dropout, bias, modules_to_save, task_type, fan_in_fan_out) and which
+operations to run. ``run_scenario`` runs it with both libraries from the same seed and compares:
+
+    get_peft_model          both succeed, or minilora refuses with a MiniLoraError
+    what was adapted        the LoRA layers (names, r, scaling), the modules_to_save wrappers, the
+                            parameter names with requires_grad, the state-dict keys, train/eval modes
+    counts                  get_nb_trainable_parameters, the print_trainable_parameters line
+    init                    every parameter, bitwise (same seed, same adapter)
+    forward / backward      outputs in eval mode, outputs in train mode under the same seed, and the
+                            gradients of every trainable parameter (bitwise: the op order is PEFT's)
+    add_adapter             a second adapter, then set_adapter to it: the same checks
+    merge_adapter           outputs merged and unmerged again (merged: 1e-5 relative, the sums differ)
+    disable_adapter         the base outputs
+    save_pretrained         the files: adapter_config.json's shared fields, every tensor bitwise;
+                            then each library loads the other's files: PEFT's outputs
+    merge_and_unload        outputs and state-dict keys of the plain model
+
+Anything else (a different number, a different set of layers, an exception other than
+MiniLoraError, PEFT refusing what minilora runs) is a finding. minilora refusing what PEFT runs is
+reported as a *refusal* so that it can be checked against the documented scope.
+
+Known differences, left out of the comparison on purpose (each documented or reported):
+- merging a target whose weight is tied (lm_head and the input embedding): minilora unties it, PEFT
+  merges into the shared weight (README); the scenario stops there;
+- adapter files: PEFT also writes the base weight of a targeted lm_head / embed_tokens
+  (save_embedding_layers="auto"), and with bias="all" the biases inside modules_to_save wrappers;
+  those keys are not compared (loading each other's files still is);
+- a step where both libraries raise ends the comparison of that step (PEFT may leave a half-changed
+  model behind; minilora changes nothing before it refuses).
+
+    python -m parity.differential --examples 300 --seed 1     # a loop; prints the findings grouped
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import random
+import re
+import tempfile
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from minilora.inject import lora_layers
+from parity.architectures import ARCHITECTURES, Architecture
+
+# Which heads each kind of architecture is built with (transformers' Auto classes).
+HEADS = {
+    "causal": ("lm", "base", "seq_cls", "token_cls", "qa"),
+    "masked": ("lm", "base", "seq_cls", "token_cls", "qa"),
+    "seq2seq": ("lm", "base", "seq_cls", "qa"),
+    "vision": ("lm", "base"),
+    "speech": ("lm", "base"),
+}
+AUTO_CLASS = {"base": "AutoModel", "seq_cls": "AutoModelForSequenceClassification",
+              "token_cls": "AutoModelForTokenClassification", "qa": "AutoModelForQuestionAnswering"}
+HEAD_TASK = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS", "base": "FEATURE_EXTRACTION"}
+LM_TASK = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "speech": "SEQ_2_SEQ_LM"}
+# mixture-of-experts models refuse most configs (documented); gemma4 is slow to build
+SKIPPED = ("mixtral", "gemma4")
+
+
+class Finding(AssertionError):
+    """A difference between minilora.compat and PEFT (the scenario's step and what differed)."""
+
+
+class Refusal(Exception):
+    """minilora refused (MiniLoraError) where PEFT ran: acceptable only for documented scope."""
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing a scenario
+# --------------------------------------------------------------------------------------------
+class Draw:
+    """The few kinds of choice a scenario makes, from ``random.Random`` (the CLI loop) or from
+    hypothesis' ``data.draw`` (the test), so one drawing function serves both."""
+
+    def __init__(self, rng: Optional[random.Random] = None, data: Any = None) -> None:
+        self.rng, self.data = rng, data
+
+    def choice(self, options: list) -> Any:
+        options = list(options)
+        if self.data is not None:
+            from hypothesis import strategies as st
+
+            return self.data.draw(st.sampled_from(options))
+        return self.rng.choice(options)
+
+    def boolean(self, p: float = 0.5) -> bool:
+        if self.data is not None:
+            from hypothesis import strategies as st
+
+            return self.data.draw(st.booleans())
+        return self.rng.random() < p
+
+    def subset(self, options: list, most: int = 3) -> list:
+        options = list(dict.fromkeys(options))
+        if not options:
+            return []
+        if self.data is not None:
+            from hypothesis import strategies as st
+
+            return self.data.draw(st.lists(st.sampled_from(options), min_size=1, max_size=most, unique=True))
+        return self.rng.sample(options, self.rng.randint(1, min(most, len(options))))
+
+
+@dataclass
+class Scenario:
+    arch: str
+    head: str
+    config: dict                       # LoraConfig keyword arguments, PEFT's field names
+    second: Optional[dict] = None      # add_adapter("other", ...) config, or None
+    ops: dict = field(default_factory=dict)   # which optional operations run
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.arch}/{self.head} {self.config} second={self.second} ops={self.ops} seed={self.seed}"
+
+
+_BASES: dict = {}
+
+
+def build_base(arch: Architecture, head: str) -> nn.Module:
+    """The tiny model under ``head`` (seed 0, eval mode); built once, deep-copied by callers."""
+    key = (arch.name, head)
+    if key not in _BASES:
+        import transformers
+
+        config = arch.config()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if head == "lm":
+                model = getattr(transformers, arch.class_name)(config)
+            else:
+                model = getattr(transformers, AUTO_CLASS[head]).from_config(config)
+        _BASES[key] = model.eval()
+    return _BASES[key]
+
+
+def model_inputs(arch: Architecture, head: str, seed: int = 0) -> dict:
+    """A batch the model accepts under ``head`` (seq2seq classifiers need an eos token per row)."""
+    inputs = arch.inputs(seed)
+    if arch.kind == "seq2seq" and head in ("seq_cls", "qa"):
+        ids = inputs["input_ids"].clone()
+        ids[:, -1] = 2  # eos_token_id
+        return {"input_ids": ids}
+    return inputs
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+
+
+def draw_scenario(draw: Draw, seed: int = 0) -> Scenario:
+    arch = draw.choice([name for name in ARCHITECTURES if name not in SKIPPED])
+    spec = ARCHITECTURES[arch]
+    head = draw.choice(HEADS[spec.kind])
+    try:
+        model = build_base(spec, head)
+    except Exception:  # no such head class for this architecture: use its own class
+        head = "lm"
+        model = build_base(spec, head)
+    config = draw_config(draw, model, spec, head)
+    second = draw_config(draw, model, spec, head, second=True) if draw.boolean(0.3) else None
+    ops = {name: draw.boolean() for name in ("train_forward", "backward", "merge", "disable", "files",
+                                              "merge_and_unload")}
+    return Scenario(arch, head, config, second, ops, seed)
+
+
+def draw_config(draw: Draw, model: nn.Module, spec: Architecture, head: str, second: bool = False) -> dict:
+    names = linear_names(model)
+    suffixes = sorted({name.split(".")[-1] for name in names})
+    two_part = sorted({".".join(name.split(".")[-2:]) for name in names if "." in name})
+    config: dict = {}
+    kind = draw.choice(["default", "all-linear", "list", "list", "regex"])
+    if kind == "all-linear":
+        config["target_modules"] = draw.choice(["all-linear", "ALL-LINEAR"]) if draw.boolean(0.1) else "all-linear"
+    elif kind == "list":
+        config["target_modules"] = draw.subset(suffixes + two_part + names[:2], most=3)
+    elif kind == "regex":
+        picked = draw.subset(suffixes, most=2)
+        config["target_modules"] = draw.choice([rf".*\.({'|'.join(picked)})", rf".*({'|'.join(picked)})",
+                                                rf".*\.0\..*({'|'.join(picked)})"])
+    if draw.boolean(0.2):
+        excluded = draw.subset(suffixes, most=1)
+        config["exclude_modules"] = excluded if draw.boolean() else rf".*\.{excluded[0]}"
+    if kind == "list" and draw.boolean(0.3):
+        config["layers_to_transform"] = draw.choice([0, 1, [0], [1], [0, 1]])
+        patterns = sorted({part for name in names for part, nxt in zip(name.split("."), name.split(".")[1:])
+                           if nxt.isdigit()})
+        if draw.boolean(0.6) and patterns:
+            config["layers_pattern"] = draw.choice(patterns + [patterns[:1]])
+    config["r"] = draw.choice([1, 2, 4, 8])
+    config["lora_alpha"] = draw.choice([1, 4, 8, 16, 3.5])
+    if draw.boolean(0.2):
+        config["rank_pattern"] = {draw.choice(suffixes): draw.choice([2, 3, 6])}
+    if draw.boolean(0.2):
+        config["alpha_pattern"] = {draw.choice(suffixes): draw.choice([2, 7.5])}
+    if draw.boolean(0.2):
+        config["use_rslora"] = True
+    config["init_lora_weights"] = draw.choice([True, True, False, "gaussian"])
+    config["lora_dropout"] = draw.choice([0.0, 0.0, 0.1])
+    if not second:
+        config["bias"] = draw.choice(["none", "none", "all", "lora_only"])
+    if draw.boolean(0.25):
+        others = [name for name, module in model.named_children()] + [
+            name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, nn.LayerNorm)]
+        config["modules_to_save"] = draw.subset(["classifier", "score", "qa_outputs", "lm_head"] + suffixes[:3]
+                                                + others[:4], most=2)
+    task = draw.choice([None, "matching", "matching", "any"])
+    if task == "matching":
+        config["task_type"] = HEAD_TASK.get(head) or LM_TASK.get(spec.kind)
+    elif task == "any":
+        config["task_type"] = draw.choice(["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM",
+                                           "FEATURE_EXTRACTION"])
+    if draw.boolean(0.1):
+        config["fan_in_fan_out"] = draw.boolean()
+    if draw.boolean(0.1):
+        config["inference_mode"] = True
+    return {name: value for name, value in config.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Running it twice
+# --------------------------------------------------------------------------------------------
+def tensors_of(output: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a model output (logits, hidden states, ...), without caches."""
+    if isinstance(output, torch.Tensor):
+        return [("", output)]
+    if hasattr(output, "items"):
+        found = []
+        for key, value in output.items():
+            found += [(f"{key}{sub}", tensor) for sub, tensor in tensors_of(value)]
+        return found
+    if isinstance(output, (tuple, list)):
+        found = []
+        for index, value in enumerate(output):
+            found += [(f"[{index}]{sub}", tensor) for sub, tensor in tensors_of(value)]
+        return found
+    return []
+
+
+def compare_tensors(step: str, mini: list, peft_: list, rtol: float = 0.0) -> None:
+    if [k for k, _ in mini] != [k for k, _ in peft_]:
+        raise Finding(f"{step}: output fields {[k for k, _ in mini]} vs PEFT's {[k for k, _ in peft_]}")
+    for (key, a), (_, b) in zip(mini, peft_):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise Finding(f"{step}: {key} has shape/dtype {tuple(a.shape)}/{a.dtype} vs PEFT's "
+                          f"{tuple(b.shape)}/{b.dtype}")
+        if rtol == 0.0:
+            if not torch.equal(a, b) and not (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num())):
+                diff = (a.double() - b.double()).abs().max().item()
+                raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}; bitwise expected)")
+        else:
+            scale = max(b.double().abs().max().item(), 1e-12)
+            diff = (a.double() - b.double()).abs().max().item()
+            if diff > rtol * scale:
+                raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}, relative {diff / scale:.2e} "
+                              f"> {rtol})")
+
+
+def run_both(step: str, mini_call: Callable[[], Any], peft_call: Callable[[], Any]) -> tuple[Any, Any, bool]:
+    """(minilora's result, PEFT's result, ran): both raising is fine (``ran`` False) when minilora's
+    is a MiniLoraError or the same exception type; one raising alone is a finding or a refusal."""
+    from minilora import MiniLoraError
+
+    mini_error = peft_error = None
+    mini_result = peft_result = None
+    try:
+        mini_result = mini_call()
+    except Exception as error:  # noqa: BLE001 - every exception is evidence here
+        mini_error = error
+    try:
+        peft_result = peft_call()
+    except Exception as error:  # noqa: BLE001
+        peft_error = error
+    if mini_error is None and peft_error is None:
+        return mini_result, peft_result, True
+    if mini_error is not None and peft_error is not None:
+        if isinstance(mini_error, MiniLoraError) or type(mini_error) is type(peft_error):
+            return None, None, False
+        raise Finding(f"{step}: both raise, minilora a {type(mini_error).__name__} (not a MiniLoraError): "
+                      f"{mini_error}; PEFT: {type(peft_error).__name__}: {peft_error}") from mini_error
+    if mini_error is not None:
+        if isinstance(mini_error, MiniLoraError):
+            raise Refusal(f"{step}: {mini_error} [PEFT runs]") from mini_error
+        raise Finding(f"{step}: minilora raises {type(mini_error).__name__}: {mini_error} (PEFT runs)") \
+            from mini_error
+    raise Finding(f"{step}: PEFT raises {type(peft_error).__name__}: {peft_error}; minilora runs") from peft_error
+
+
+def lora_summary(model: nn.Module) -> dict:
+    """{layer name: {adapter: (r, scaling)}} and the modules_to_save wrappers, for either library."""
+    layers, saved = {}, {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "base_layer"):
+            layers[name] = {adapter: (module.r[adapter], float(module.scaling[adapter])) for adapter in module.lora_A}
+        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+            saved[name] = sorted(module.modules_to_save)
+    return {"layers": layers, "saved": saved}
+
+
+def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
+    a, b = lora_summary(mini), lora_summary(twin)
+    if a["layers"].keys() != b["layers"].keys():
+        raise Finding(f"{step}: LoRA layers differ: minilora only {sorted(a['layers'].keys() - b['layers'].keys())[:5]}"
+                      f", PEFT only {sorted(b['layers'].keys() - a['layers'].keys())[:5]}")
+    for name in a["layers"]:
+        if a["layers"][name] != b["layers"][name]:
+            raise Finding(f"{step}: {name}: (r, scaling) {a['layers'][name]} vs PEFT's {b['layers'][name]}")
+    if a["saved"] != b["saved"]:
+        raise Finding(f"{step}: modules_to_save wrappers {a['saved']} vs PEFT's {b['saved']}")
+    mini_params = {name: p.requires_grad for name, p in mini.named_parameters()}
+    peft_params = {name: p.requires_grad for name, p in twin.named_parameters()}
+    if mini_params.keys() != peft_params.keys():
+        raise Finding(f"{step}: parameter names: minilora only {sorted(mini_params.keys() - peft_params.keys())[:5]}, "
+                      f"PEFT only {sorted(peft_params.keys() - mini_params.keys())[:5]}")
+    grads = [name for name in mini_params if mini_params[name] != peft_params[name]]
+    if grads:
+        raise Finding(f"{step}: requires_grad differs on {grads[:5]} (minilora {[mini_params[n] for n in grads[:5]]})")
+    mini_keys, peft_keys = set(mini.state_dict()), set(twin.state_dict())
+    if mini_keys != peft_keys:
+        raise Finding(f"{step}: state_dict keys: minilora only {sorted(mini_keys - peft_keys)[:5]}, "
+                      f"PEFT only {sorted(peft_keys - mini_keys)[:5]}")
+    mini_modes = {name: m.training for name, m in mini.named_modules()}
+    peft_modes = {name: m.training for name, m in twin.named_modules()}
+    modes = [name for name in mini_modes if name in peft_modes and mini_modes[name] != peft_modes[name]]
+    if modes:
+        raise Finding(f"{step}: train/eval mode differs on {modes[:5]} (minilora {[mini_modes[n] for n in modes[:3]]})")
+
+
+def compare_values(step: str, mini: nn.Module, twin: nn.Module) -> None:
+    peft_state = twin.state_dict()
+    for key, value in mini.state_dict().items():
+        if not torch.equal(value, peft_state[key]):
+            raise Finding(f"{step}: {key} differs from PEFT's")
+
+
+def same_values(mini: nn.Module, twin: nn.Module, seed: int) -> None:
+    """Give every trainable parameter (and every LoRA tensor) equal random values on both sides."""
+    generator = torch.Generator().manual_seed(seed)
+    peft_params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for name, param in mini.named_parameters():
+            if param.requires_grad or ".lora_" in name or ".modules_to_save." in name:
+                value = torch.randn(param.shape, generator=generator, dtype=torch.float64) * 0.05
+                param.copy_(value)
+                peft_params[name].copy_(value)
+
+
+def forward(model: nn.Module, inputs: dict) -> list:
+    return tensors_of(model(**inputs))
+
+
+def compare_forward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict, train: bool = False,
+                    rtol: float = 0.0) -> None:
+    for model in (mini, twin):
+        model.train(train)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        mini_call = lambda: forward(mini, inputs)  # noqa: E731
+        a, b, ran = run_both(step, mini_call, lambda: (torch.manual_seed(7), forward(twin, inputs))[1])
+    if ran:
+        compare_tensors(step, a, b, rtol)
+
+
+def compare_backward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
+    def grads_of(model: nn.Module) -> dict:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = tensors_of(model(**inputs))
+        loss = sum(t.float().pow(2).mean() for _, t in out if t.is_floating_point())
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    mini_grads, peft_grads, ran = run_both(step, lambda: grads_of(mini), lambda: grads_of(twin))
+    for model in (mini, twin):
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    if not ran:
+        return
+    if mini_grads.keys() != peft_grads.keys():
+        raise Finding(f"{step}: gradients for {sorted(mini_grads.keys() ^ peft_grads.keys())[:5]} on one side only")
+    for name, grad in mini_grads.items():
+        if not torch.equal(grad, peft_grads[name]):
+            diff = (grad.double() - peft_grads[name].double()).abs().max().item()
+            raise Finding(f"{step}: grad of {name} differs (max abs {diff:.3e})")
+
+
+def compare_files(step: str, mini_dir: Path, peft_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    mini_files = sorted(p.relative_to(mini_dir).as_posix() for p in mini_dir.rglob("*") if p.is_file())
+    peft_files = sorted(p.relative_to(peft_dir).as_posix() for p in peft_dir.rglob("*") if p.is_file())
+    if mini_files != peft_files:
+        raise Finding(f"{step}: files {mini_files} vs PEFT's {peft_files}")
+    for name in mini_files:
+        if name.endswith(".safetensors"):
+            a, b = load_file(mini_dir / name), load_file(peft_dir / name)
+            a = {key: value for key, value in a.items() if not _saved_embedding_weight(key)}
+            b = {key: value for key, value in b.items() if not _saved_embedding_weight(key)}
+            if a.keys() != b.keys():
+                raise Finding(f"{step}: {name} keys: minilora only {sorted(a.keys() - b.keys())[:5]}, PEFT only "
+                              f"{sorted(b.keys() - a.keys())[:5]}")
+            for key in a:
+                if not torch.equal(a[key], b[key]):
+                    raise Finding(f"{step}: {name} {key} differs")
+        if name.endswith("adapter_config.json"):
+            a, b = json.loads((mini_dir / name).read_text()), json.loads((peft_dir / name).read_text())
+            for key in sorted(a.keys() & b.keys()):
+                va, vb = a[key], b[key]
+                if isinstance(va, list) and isinstance(vb, list):
+                    va, vb = sorted(map(str, va)), sorted(map(str, vb))
+                if va != vb and key not in ("peft_version", "auto_mapping"):
+                    raise Finding(f"{step}: {name} field {key}: {a[key]!r} vs PEFT's {b[key]!r}")
+            extra = {key: b[key] for key in b.keys() - a.keys() if not _unused(b[key])}
+            default_like = {"use_rslora": False, "use_dora": False, "lora_bias": False}
+            extra = {k: v for k, v in extra.items() if default_like.get(k, object()) != v and k not in (
+                "peft_version", "megatron_core", "qalora_group_size")}
+            if extra:
+                raise Finding(f"{step}: {name}: PEFT writes fields minilora leaves out: {extra}")
+
+
+def _saved_embedding_weight(key: str) -> bool:
+    """Keys only PEFT writes (reported differences; loading is checked separately): with
+    save_embedding_layers="auto" and lm_head or embed_tokens among the targets, that layer's base weight;
+    with bias="all", the biases inside every modules_to_save wrapper (its original's, its copies')."""
+    return bool(re.search(r"(^|\.)(lm_head|embed_tokens)\.base_layer\.weight$", key)
+                or re.search(r"\.(original_module|modules_to_save)\..*bias$", key))
+
+
+def _unused(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list)) and not value)
+
+
+@contextlib.contextmanager
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def run_scenario(scenario: Scenario) -> list[str]:
+    """Run ``scenario`` with PEFT and with minilora.compat; returns the steps run. Raises Finding on a
+    difference, Refusal when minilora refuses what PEFT runs."""
+    import peft
+
+    from minilora import compat
+
+    spec = ARCHITECTURES[scenario.arch]
+    base = build_base(spec, scenario.head)
+    inputs = model_inputs(spec, scenario.head, scenario.seed)
+    steps = []
+    with quiet():
+        mini_base, peft_base = copy.deepcopy(base), copy.deepcopy(base)
+
+        def make(module, kwargs):
+            return module.LoraConfig(**copy.deepcopy(kwargs))
+
+        mini_config, peft_config, ran = run_both("LoraConfig", lambda: make(compat, scenario.config),
+                                                 lambda: make(peft, scenario.config))
+        if not ran:
+            return ["LoraConfig refused by both"]
+        torch.manual_seed(scenario.seed)
+        mini_call = lambda: compat.get_peft_model(mini_base, mini_config)  # noqa: E731
+
+        def peft_call():
+            torch.manual_seed(scenario.seed)
+            return peft.get_peft_model(peft_base, peft_config)
+
+        mini, twin, ran = run_both("get_peft_model", mini_call, peft_call)
+        if not ran:
+            return ["get_peft_model refused by both"]
+        steps.append("get_peft_model")
+        if type(mini).__name__ != type(twin).__name__:
+            raise Finding(f"get_peft_model: {type(mini).__name__} vs PEFT's {type(twin).__name__}")
+        compare_structure("get_peft_model", mini, twin)
+        compare_values("init", mini, twin)
+        if tuple(mini.get_nb_trainable_parameters()) != tuple(twin.get_nb_trainable_parameters()):
+            raise Finding(f"counts: {mini.get_nb_trainable_parameters()} vs PEFT's "
+                          f"{twin.get_nb_trainable_parameters()}")
+        _compare_printed(mini, twin)
+        _compare_config("peft_config", mini.peft_config["default"], twin.peft_config["default"])
+        same_values(mini, twin, scenario.seed)
+        compare_forward("forward eval", mini, twin, inputs)
+        steps.append("forward")
+        if scenario.ops.get("train_forward"):
+            compare_forward("forward train", mini, twin, inputs, train=True)
+        if scenario.ops.get("backward"):
+            compare_backward("backward", mini, twin, inputs)
+            steps.append("backward")
+        if scenario.second is not None:
+            second_mini, second_peft, ran = run_both("LoraConfig (second)", lambda: make(compat, scenario.second),
+                                                     lambda: make(peft, scenario.second))
+            if ran:
+                torch.manual_seed(scenario.seed + 1)
+                mini_call = lambda: mini.add_adapter("other", second_mini)  # noqa: E731
+
+                def peft_call():
+                    torch.manual_seed(scenario.seed + 1)
+                    return twin.add_adapter("other", second_peft)
+
+                _, _, ran = run_both("add_adapter", mini_call, peft_call)
+                if not ran:  # both refused; PEFT may have put the adapter into some layers before it raised
+                    return steps + ["add_adapter refused by both"]
+                if ran:
+                    steps.append("add_adapter")
+                    compare_structure("add_adapter", mini, twin)
+                    compare_values("add_adapter init", mini, twin)
+                    _, _, ran = run_both("set_adapter", lambda: mini.set_adapter("other"),
+                                         lambda: twin.set_adapter("other"))
+                    if ran:
+                        compare_structure("set_adapter", mini, twin)
+                        same_values(mini, twin, scenario.seed + 1)
+                        compare_forward("forward (other)", mini, twin, inputs)
+                        if scenario.ops.get("backward"):
+                            compare_backward("backward (other)", mini, twin, inputs)
+        if scenario.ops.get("merge"):
+            _, _, ran = run_both("merge_adapter", mini.merge_adapter, twin.merge_adapter)
+            if ran and any(getattr(layer, "tied_to", None) for _, layer in lora_layers(mini)):
+                # documented difference (README): minilora unties a tied target to merge it; PEFT merges into the
+                # shared weight (the input embedding too), so its merged outputs are not its unmerged ones
+                return steps + ["merge_adapter on a tied weight (documented difference)"]
+            if ran:
+                steps.append("merge_adapter")
+                compare_forward("forward merged", mini, twin, inputs, rtol=1e-5)
+                run_both("unmerge_adapter", mini.unmerge_adapter, twin.unmerge_adapter)
+                compare_forward("forward unmerged", mini, twin, inputs, rtol=1e-5)
+        if scenario.ops.get("disable"):
+            def disabled(model):
+                with model.disable_adapter():
+                    return forward(model.eval(), inputs)
+
+            a, b, ran = run_both("disable_adapter", lambda: disabled(mini), lambda: disabled(twin))
+            if ran:
+                compare_tensors("disable_adapter", a, b, 1e-5)
+                compare_structure("after disable_adapter", mini, twin)
+        if scenario.ops.get("files"):
+            _compare_save_load(scenario, mini, twin, base, inputs)
+            steps.append("files")
+        if scenario.ops.get("merge_and_unload"):
+            compare_forward("before merge_and_unload", mini, twin, inputs, rtol=1e-5)
+            if any(getattr(layer, "tied_to", None) for _, layer in lora_layers(mini)):
+                return steps + ["merge_and_unload on a tied weight (documented difference)"]
+            a, b, ran = run_both("merge_and_unload", mini.merge_and_unload, twin.merge_and_unload)
+            if ran:
+                steps.append("merge_and_unload")
+                if type(a).__name__ != type(b).__name__:
+                    raise Finding(f"merge_and_unload returns {type(a).__name__} vs PEFT's {type(b).__name__}")
+                if set(a.state_dict()) != set(b.state_dict()):
+                    raise Finding(f"merge_and_unload state_dict keys: minilora only "
+                                  f"{sorted(set(a.state_dict()) - set(b.state_dict()))[:5]}, PEFT only "
+                                  f"{sorted(set(b.state_dict()) - set(a.state_dict()))[:5]}")
+                compare_forward("forward after merge_and_unload", a, b, inputs, rtol=1e-5)
+    return steps
+
+
+def _compare_printed(mini: nn.Module, twin: nn.Module) -> None:
+    lines = []
+    for model in (mini, twin):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            model.print_trainable_parameters()
+        lines.append(buffer.getvalue())
+    if lines[0] != lines[1]:
+        raise Finding(f"print_trainable_parameters: {lines[0]!r} vs PEFT's {lines[1]!r}")
+
+
+def _compare_config(step: str, mini: Any, twin: Any) -> None:
+    for name in ("target_modules", "exclude_modules", "modules_to_save", "r", "lora_alpha", "task_type",
+                 "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out",
+                 "inference_mode", "init_lora_weights", "use_rslora"):
+        a, b = getattr(mini, name), getattr(twin, name)
+        a, b = getattr(a, "value", a), getattr(b, "value", b)
+        if isinstance(a, (set, list)) and isinstance(b, (set, list)):
+            if type(a) is not type(b) and name != "modules_to_save":
+                raise Finding(f"{step}.{name} is a {type(a).__name__} ({a!r}) vs PEFT's {type(b).__name__} ({b!r})")
+            a, b = sorted(a), sorted(b)
+        if a != b:
+            raise Finding(f"{step}.{name}: {a!r} vs PEFT's {b!r}")
+
+
+def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, base: nn.Module, inputs: dict) -> None:
+    import peft
+
+    from minilora import compat
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mini_dir, peft_dir = Path(tmp) / "mini", Path(tmp) / "peft"
+        _, _, ran = run_both("save_pretrained", lambda: mini.save_pretrained(mini_dir),
+                             lambda: twin.save_pretrained(peft_dir))
+        if not ran:
+            return
+        for directory in (mini_dir, peft_dir):
+            card = directory / "README.md"
+            if card.exists():
+                card.unlink()
+        compare_files("save_pretrained", mini_dir, peft_dir)
+        # each library loads the other's files into a fresh base; the reference is PEFT loading its own
+        # (not the live models: a merge and unmerge before may have moved W0 by a rounding)
+        subdir = "" if mini.active_adapter == "default" else mini.active_adapter
+        try:
+            reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir).eval()
+            with torch.no_grad():
+                expected = forward(reference, inputs)
+        except Exception:  # noqa: BLE001 - PEFT cannot load or run its own files here: nothing to compare with
+            return
+        loaded_mini, loaded_peft, ran = run_both(
+            "from_pretrained", lambda: compat.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir),
+            lambda: peft.PeftModel.from_pretrained(copy.deepcopy(base), mini_dir / subdir))
+        if not ran:
+            return
+        compare_structure("from_pretrained", loaded_mini, loaded_peft)
+        with torch.no_grad():
+            for label, model in (("minilora loads PEFT's files", loaded_mini), ("peft loads minilora's files",
+                                                                                 loaded_peft)):
+                model.eval()
+                compare_tensors(label, forward(model, inputs), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI loop
+# --------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity.differential", description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--arch", default=None, help="only this architecture")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rng = random.Random(args.seed)
+    findings: dict[str, list[str]] = {}
+    refusals: dict[str, list[str]] = {}
+    errors = 0
+    for index in range(args.examples):
+        scenario = draw_scenario(Draw(rng), seed=index)
+        if args.arch and scenario.arch != args.arch:
+            continue
+        try:
+            steps = run_scenario(scenario)
+            if args.verbose:
+                print(f"ok {index}: {scenario} -> {steps}", flush=True)
+        except Finding as finding:
+            key = re.sub(r"[\d.e+-]{3,}", "#", str(finding))[:160]
+            findings.setdefault(key, []).append(f"{index}: {scenario}")
+            print(f"FINDING {index}: {finding}\n    {scenario}", flush=True)
+        except Refusal as refusal:
+            key = str(refusal)[:120]
+            refusals.setdefault(key, []).append(f"{index}: {scenario}")
+            if args.verbose:
+                print(f"refused {index}: {refusal}", flush=True)
+        except Exception:  # noqa: BLE001 - a crash in the harness itself
+            errors += 1
+            print(f"HARNESS ERROR {index}: {scenario}\n{traceback.format_exc()}", flush=True)
+    print(f"\n{args.examples} examples: {len(findings)} kinds of finding, {len(refusals)} kinds of refusal, "
+          f"{errors} harness errors")
+    for key, where in findings.items():
+        print(f"FINDING x{len(where)}: {key}\n    e.g. {where[0]}")
+    for key, where in refusals.items():
+        print(f"refusal x{len(where)}: {key}\n    e.g. {where[0]}")
+    return 1 if findings or errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

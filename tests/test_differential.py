@@ -1,0 +1,203 @@
+"""The differential fuzzer (parity/differential.py): random PEFT scripts run with ``peft`` and with
+``minilora.compat`` from the same seed; every step must agree (bitwise on the CPU; merged outputs
+within 1e-5 relative), or minilora must refuse with a MiniLoraError.
+
+A few examples per run here (hypothesis, derandomized); ``python -m parity.differential --examples
+500`` runs many more. Below them, each difference the fuzzer found, replayed as a fixed scenario and
+as a focused comparison with PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from minilora import MiniLoraError, compat
+from parity import differential
+from parity.architectures import ARCHITECTURES
+from parity.differential import Draw, Refusal, Scenario, build_base, draw_scenario, run_scenario
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALL_OPS = dict(train_forward=True, backward=True, merge=True, disable=True, files=True, merge_and_unload=True)
+
+
+@settings(max_examples=14, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_scenarios_agree_with_peft(data):
+    scenario = draw_scenario(Draw(data=data))
+    try:
+        run_scenario(scenario)  # raises Finding (an AssertionError) on any difference
+    except Refusal:
+        pass  # minilora refused with a MiniLoraError where PEFT ran (documented scope: see the fuzzer's report)
+
+
+# --------------------------------------------------------------------------------------------
+# What the fuzzer found, replayed (each was a Finding before its fix)
+# --------------------------------------------------------------------------------------------
+REPLAYS = {
+    # "all-linear" on a model with 20+ linear layers: PEFT shortens the names to suffixes (config, file)
+    "all-linear-shortened": Scenario("mbart", "lm", dict(target_modules="all-linear", r=4, lora_alpha=1,
+                                                          init_lora_weights="gaussian", lora_dropout=0.1,
+                                                          task_type="SEQ_2_SEQ_LM"), ops=ALL_OPS),
+    # an exclude_modules list (a set in compat's config) could not be written to adapter_config.json
+    "exclude-list-saved": Scenario("gptj", "seq_cls", dict(exclude_modules=["k_proj"], r=1, lora_alpha=4,
+                                                            bias="lora_only", task_type="SEQ_CLS"), ops=ALL_OPS),
+    # add_adapter froze the base biases that bias="all" of the first adapter trains
+    "add-adapter-keeps-trainable-biases": Scenario(
+        "opt", "lm", dict(target_modules=["model.decoder.layers.0.self_attn.k_proj"], r=2, bias="all",
+                          task_type="CAUSAL_LM"),
+        second=dict(target_modules=["self_attn.v_proj", "fc1"], layers_to_transform=[0, 1], layers_pattern="layers",
+                    r=8), ops=ALL_OPS),
+    # a second adapter of a QUESTION_ANS model gets its own copy of the head, as in PEFT
+    "add-adapter-task-head": Scenario(
+        "electra", "qa", dict(target_modules=".*(key)", r=4, bias="all", task_type="QUESTION_ANS"),
+        second=dict(target_modules=r".*\.0\..*(dense)", r=8, task_type="SEQ_2_SEQ_LM"), ops=ALL_OPS),
+    # loading with is_trainable=False: PEFT leaves bias="all" biases trainable
+    "inference-biases": Scenario("gpt2", "qa", dict(target_modules=["attn.c_attn", "attn.c_proj"], r=1, bias="all",
+                                                     task_type="QUESTION_ANS"), ops=ALL_OPS),
+    # fan_in_fan_out: PEFT's default False, set to the layer's layout (Conv1D: True) while injecting
+    "fan-in-fan-out": Scenario("olmo", "lm", dict(target_modules=".*(k_proj)", r=2, bias="lora_only",
+                                                   task_type="CAUSAL_LM"), ops=ALL_OPS),
+    # a new modules_to_save wrapper on add_adapter: the original's trainable bias stays so, the copy is frozen
+    "add-adapter-new-wrapper": Scenario("codegen", "base", dict(target_modules=r".*\.(qkv_proj)", r=2, bias="all"),
+                                        second=dict(target_modules=["h.0.attn.out_proj"], modules_to_save=["fc_in"]),
+                                        ops=ALL_OPS),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLAYS))
+def test_replayed_findings_agree_with_peft(name):
+    steps = run_scenario(REPLAYS[name])
+    assert "get_peft_model" in steps and "forward" in steps, steps
+
+
+# Cases where PEFT fails (an exception, often after changing the model) and minilora ran: now refused.
+REFUSED = {
+    # PeftModelForCausalLM reads prepare_inputs_for_generation: a classifier has none (AttributeError)
+    "causal-lm-task-on-classifier": ("llama", "seq_cls", dict(target_modules=["v_proj"], task_type="CAUSAL_LM")),
+    # TOKEN_CLS / QUESTION_ANS add the head to modules_to_save after injecting: a targeted head (TypeError)
+    "qa-head-targeted": ("qwen2", "qa", dict(target_modules=".*(v_proj|qa_outputs)", task_type="QUESTION_ANS")),
+    "token-cls-all-linear": ("bert", "token_cls", dict(target_modules="all-linear", task_type="TOKEN_CLS")),
+    # modules_to_save=["dropout"] also reaches each new LoRA layer's lora_dropout, a ModuleDict (TypeError)
+    "modules-to-save-reaches-lora-dropout": ("mpt", "token_cls", dict(target_modules=["ffn.down_proj"],
+                                                                      modules_to_save=["dropout"])),
+    # modules_to_save=["model"] ends the wrapper's own name "base_model.model": PEFT wraps the whole model
+    "modules-to-save-wrapper-name": ("mistral", "seq_cls", dict(target_modules=["q_proj"],
+                                                                 modules_to_save=["model"], task_type="SEQ_CLS")),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_what_peft_fails_on_is_refused_before_anything_changes(name, unchanged):
+    arch, head, fields = REFUSED[name]
+    base = build_base(ARCHITECTURES[arch], head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception) as peft_error:  # noqa: PT011 - PEFT's own exception types vary
+            peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(fields)))
+    assert not isinstance(peft_error.value, MiniLoraError)
+    model = copy.deepcopy(base)
+    check = unchanged(model)
+    with pytest.raises(MiniLoraError):
+        compat.get_peft_model(model, compat.LoraConfig(**copy.deepcopy(fields)))
+    check()
+
+
+def test_second_adapter_refusals_as_peft_fails():
+    """A second adapter whose modules_to_save is a LoRA layer of the first, or whose targets lie inside
+    the first's modules_to_save: PEFT raises (TypeError on wrapping; a KeyError on saving later)."""
+    base = build_base(ARCHITECTURES["gemma"], "lm")
+    first = dict(target_modules=r".*\.(q_proj)", modules_to_save=["k_proj"], task_type="CAUSAL_LM")
+    inside = dict(target_modules="all-linear", exclude_modules=["k_proj"], task_type="CAUSAL_LM")
+    on_lora = dict(target_modules=["v_proj"], modules_to_save=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first))
+        twin.add_adapter("other", peft.LoraConfig(**inside))
+        with pytest.raises(KeyError):
+            twin.save_pretrained("/nonexistent-never-written")
+        with pytest.raises(TypeError):
+            peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first)).add_adapter(
+                "other", peft.LoraConfig(**on_lora))
+        mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(**first))
+        with pytest.raises(MiniLoraError, match="inside a module that an adapter trains in full"):
+            mini.add_adapter("other", compat.LoraConfig(**inside))
+        with pytest.raises(MiniLoraError, match="holds an adapter already"):
+            mini.add_adapter("other", compat.LoraConfig(**on_lora))
+    assert list(mini.peft_config) == ["default"]
+
+
+# --------------------------------------------------------------------------------------------
+# The fixes, each compared with PEFT directly
+# --------------------------------------------------------------------------------------------
+def _both(arch, head, fields, seed=0):
+    base = build_base(ARCHITECTURES[arch], head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(fields)))
+        torch.manual_seed(seed)
+        mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(**copy.deepcopy(fields)))
+    return base, mini, twin
+
+
+def test_long_target_lists_are_shortened_as_peft_and_layers_to_transform_then_applies():
+    """20 names or more: PEFT keeps the fewest suffixes that select the same modules (config and file),
+    and matches with them, so layers_to_transform (ignored for full names) then applies."""
+    names = [name for name in differential.linear_names(build_base(ARCHITECTURES["mbart"], "lm")) if "layers." in name]
+    assert len(names) >= 20  # mbart: 2 encoder + 2 decoder layers, 32 linear layers in them
+    _, mini, twin = _both("mbart", "lm", dict(target_modules="all-linear"))
+    assert mini.peft_config["default"].target_modules == twin.peft_config["default"].target_modules
+    assert twin.peft_config["default"].target_modules == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    _, mini, twin = _both("mbart", "lm", dict(target_modules=names, layers_to_transform=[1]))
+    adapted = set(differential.lora_summary(mini)["layers"])
+    assert adapted == set(differential.lora_summary(twin)["layers"])
+    assert adapted and all(".layers.1." in name for name in adapted)
+    assert mini.peft_config["default"].target_modules == twin.peft_config["default"].target_modules
+
+
+def test_config_fields_after_injection_are_pefts(tmp_path):
+    """fan_in_fan_out (PEFT's default False, then the last new layer's layout), modules_to_save with the
+    task head appended to the user's list (repeats kept), exclude_modules written as a list."""
+    for arch, head, fields in [("gpt2", "seq_cls", dict(modules_to_save=["score"], task_type="SEQ_CLS",
+                                                         exclude_modules=["c_proj"], target_modules="all-linear")),
+                               ("llama", "lm", dict(fan_in_fan_out=True, target_modules=["q_proj"]))]:
+        _, mini, twin = _both(arch, head, fields)
+        for name in ("fan_in_fan_out", "modules_to_save", "exclude_modules"):
+            assert getattr(mini.peft_config["default"], name) == getattr(twin.peft_config["default"], name), name
+        mini.save_pretrained(tmp_path / arch / "mini")
+        twin.save_pretrained(tmp_path / arch / "peft")
+        written = [json.loads((tmp_path / arch / side / "adapter_config.json").read_text()) for side in ("mini", "peft")]
+        for name in ("fan_in_fan_out", "modules_to_save", "target_modules", "exclude_modules"):
+            ours, theirs = written[0].get(name), written[1].get(name)  # (minilora leaves out an unused exclude_modules)
+            if isinstance(theirs, list):  # (PEFT writes a set's names in no particular order)
+                ours, theirs = sorted(ours), sorted(theirs)
+            assert ours == theirs, name
+
+
+def test_requires_grad_and_modes_after_loading_and_adding_are_pefts(tmp_path):
+    """from_pretrained(is_trainable=False) with bias="all" (PEFT: biases still require grad), and the
+    train/eval mode of every module after add_adapter (new layers and wrappers start in train mode)."""
+    base, mini, twin = _both("gpt2", "qa", dict(target_modules=["c_attn"], bias="all", task_type="QUESTION_ANS"))
+    twin.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = [compat.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path),
+                  peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)]
+        grads = [{n: p.requires_grad for n, p in model.named_parameters()} for model in loaded]
+        assert grads[0] == grads[1] and any(grads[1].values())
+        second = dict(target_modules=["c_fc"], modules_to_save=["ln_f"], task_type="QUESTION_ANS")
+        mini.add_adapter("other", compat.LoraConfig(**second))
+        twin.add_adapter("other", peft.LoraConfig(**second))
+    modes = [{n: m.training for n, m in model.named_modules()} for model in (mini, twin)]
+    assert modes[0] == {n: modes[1][n] for n in modes[0]}
+    grads = [{n: p.requires_grad for n, p in model.named_parameters()} for model in (mini, twin)]
+    assert grads[0] == grads[1]
