@@ -220,13 +220,13 @@ METHOD = (
     "before it is timed. Rounds time every variant once, in a rotation of table order on even rounds and "
     "that rotation reversed on odd ones; each variant's ratio is taken to the reference variant (base; PEFT for training) of the same "
     "round, on two clocks: **{clock} time** (the process's CPU time on a CPU: time spent waiting for a core "
-    "does not count; CUDA events on a GPU) and wall time. On a CPU the rounds run in **segment lockstep**: "
+    "does not count; CUDA events on a GPU) and wall time. On a CPU with one torch thread the rounds run in **segment lockstep**: "
     "each variant's call runs in a thread of its own and a baton passes between the threads at the model's "
     "block boundaries (before every transformer block and the output layer, at every block's input gradient "
     "in the backward, and between steps), so that block k of every variant runs, then block k + 1; every "
     "variant's work lies in the same windows of a few to ~30 ms and a slow burst of the machine hits all "
     "alike. Each segment is timed in its own thread (thread CPU time with one torch thread), and a "
-    "variant's round is the sum of its segments. Without segments (CUDA), workloads made of steps run "
+    "variant's round is the sum of its segments. Without segments (CUDA, the all-cores table), workloads made of steps run "
     "in lockstep (decode: token k of every variant, then token k + 1) and a workload of one call is "
     "bracketed: the reference runs before, between and after the others (R a R b R), each ratio to the "
     "mean of the two reference calls around it. The figure is the median of the per-round ratios "
@@ -396,7 +396,8 @@ def plot(results: dict, path: Path) -> Path | None:
                   for k in keys]
         ax.set_xticks(range(len(keys)), labels, fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_ylabel("overhead vs base\n(PEFT for train), %")
+        against = list(dict.fromkeys(m["ratio_to"] for k in keys for m in grouped[k]))  # base, peft, merged
+        ax.set_ylabel(f"overhead vs {' / '.join(against)}, %")
         ax.set_title(f"{table}: targets {','.join(targets)}, r={r} (error bars: 95% interval of the median ratio)",
                      fontsize=10)
     handles = [Patch(color=colour(v), label=v) for v in variants]

@@ -103,7 +103,8 @@ class Boundaries:
 
 
 def cpu_clock() -> tuple[float, float]:
-    """(CPU seconds, wall seconds) now, as a segment thread reads them (see the module docstring)."""
+    """(CPU seconds, wall seconds) now, as a segment thread reads them (see the module docstring; the
+    benchmark runs segments with one torch thread only, where thread time is the call's work)."""
     cpu = time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
     return cpu, time.perf_counter()
 

@@ -11,13 +11,13 @@ These things keep that out of the ratios:
   second the host's wall time.
 - **Ratios within a round.** Each round times every variant once; each variant's ratio is taken
   against the reference variant *of the same round*, so slow drifts cancel.
-- **Segment lockstep (CPU).** Each variant's round runs in a thread of its own, and a baton passes
+- **Segment lockstep (CPU, one torch thread).** Each variant's round runs in a thread of its own, and a baton passes
   between the threads at the model's block boundaries (benchmarks/segments.py): block k of every
   variant, then block k + 1 of every variant, ... including the backward and every step of a
   workload (decode's tokens). Every variant's work then lies in the same windows of a few to
   ~30 ms, far shorter than the bursts, which hit all variants alike. The round's time of a
   variant is the sum of its segments, each timed in its own thread.
-- **Without segments** (CUDA, or ``segments=False``): a workload made of steps (``Steps``:
+- **Without segments** (CUDA, several torch threads, or ``segments=False``): a workload made of steps (``Steps``:
   decode's forwards, a training step's forward and backward) runs in step lockstep: step j of
   every variant, then step j + 1. A workload of one call is *bracketed*: the reference runs
   before, between and after the other variants (R a R b R c R), and each variant's ratio is to
