@@ -2,9 +2,9 @@
 
 An adapter is two files, ``adapter_config.json`` (r, lora_alpha, targets, ...) and the weights
 (A and B). They must come from the same save: new weights read with an old config would load
-without error at the wrong ``scaling = lora_alpha / r``. Two rules make every state on disk either
-one whole save or a clear error, whatever instant a process is killed at and however many
-processes write into one directory at once:
+without error at the wrong ``scaling = lora_alpha / r``. Two rules make every state on disk load as
+one whole save: the old or the new one, whatever instant a process is killed at; with several
+processes writing into one directory at once, one whole save or a clear error:
 
 1. Each file is written whole or not at all: its bytes go to a fresh temporary file in the same
    directory, which is flushed to disk and then renamed over the old name (``os.replace``: atomic
