@@ -290,7 +290,8 @@ class Runner:
         now = time.perf_counter()
         if k == self.plan.min_rounds or now - getattr(self, "_last_line", 0.0) >= 5.0:
             self._last_line = now
-            self.log(f"{label}: round {k}, widest interval +-{width * 100:.1f}%")
+            self.log(f"{label}: round {k}, " + (f"widest interval +-{width * 100:.1f}%" if width != float("inf")
+                                                 else "no interval yet"))
 
     def mixed_case(self, n: int) -> None:
         """A batch whose row i runs adapter i mod n: PEFT's adapter_names, minilora's, the gathered form,

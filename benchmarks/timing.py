@@ -166,8 +166,8 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     ``{"clocks": (first, second), "samples": {clock: {name: [seconds per round]}}, "paired": {clock:
     {name: [the reference's seconds each ratio is taken to]}}, "rounds": n, "stopped": "resolved" |
     "max_rounds" | "max_seconds", "half_width": widest, "bracketed": bool, "lockstep": bool}``. The first clock decides
-    when to stop; ``on_round(k, widest)`` is called after each round from ``min_rounds`` on (for
-    progress lines). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
+    when to stop; ``on_round(k, widest)`` is called after every round (for progress lines; widest is
+    inf until an interval exists). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
     ``segments``: time in segment lockstep (CPU only; ``clock``: the segment clock, the tests plant one);
     then the result also has ``"segments"``: {name: segments per round}, and nothing is bracketed.
     """
@@ -188,10 +188,11 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
                 for c, name_of_clock in enumerate((first, second)):
                     samples[name_of_clock][name].append(totals[name][c])
                     paired[name_of_clock][name].append(compared_to[name][c])
-            if k + 1 >= min_rounds:
+            if k + 1 >= min(min_rounds, MIN_ROUNDS):  # fewer rounds: no 95% interval exists
                 widest = widest_half_width(samples[first], paired[first], reference)
-                on_round(k + 1, widest)
-                if widest <= resolution and k + 1 >= MIN_ROUNDS:  # fewer rounds: no 95% interval exists
+            on_round(k + 1, widest)
+            if k + 1 >= min_rounds:
+                if widest <= resolution and k + 1 >= MIN_ROUNDS:
                     stopped = "resolved"
                     break
                 if k + 1 < max_rounds and time.perf_counter() - started >= max_seconds:

@@ -252,3 +252,13 @@ def test_floor_reads_the_same_shapes_from_a_model_with_lora_layers():
     injected = minilora.inject(load_base("tiny", "cpu"), lora_config(("c_attn", "c_fc"), 4, 0.0, 2.0))
     assert linear_layers(injected) == linear_layers(bare)
     assert lora_floor(injected, ("c_attn", "c_fc"), 4, [(1, 5, 5)]) == lora_floor(bare, ("c_attn", "c_fc"), 4, [(1, 5, 5)])
+
+
+def test_every_round_reports_progress_with_an_interval_from_six_rounds_on():
+    functions, timer = planted({"base": [1.0], "x": [1.0, 1.3]}, [])
+    seen = []
+    interleaved(functions, "cpu", "base", min_rounds=8, max_rounds=8, max_seconds=60, timer=timer,
+                on_round=lambda k, width: seen.append((k, width)))
+    assert [k for k, _ in seen] == list(range(1, 9))
+    assert all(width == float("inf") for k, width in seen if k < MIN_ROUNDS)
+    assert all(0 < width < float("inf") for k, width in seen if k >= MIN_ROUNDS)
