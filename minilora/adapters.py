@@ -505,6 +505,30 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
 
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's (peft/utils/constants.py)
+
+
+def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], lora_targets: list[str],
+                            source: str) -> dict[str, torch.Tensor]:
+    """PEFT's files of an adapter that targets ``lm_head`` (or ``embed_tokens``) also hold that layer's
+    base weight, ``lm_head.base_layer.weight`` (save_embedding_layers="auto"), and PEFT loads it back.
+    Those keys are taken out of ``renamed`` and returned by layer name, checked like the adapter's own.
+
+    Raises:
+        MiniLoraError: for such a tensor of another shape, a non-float dtype, or NaN / inf values.
+    """
+    found = {}
+    for name in lora_targets:
+        key = f"{name}.base_layer.weight"
+        if name.split(".")[-1] in EMBEDDING_LAYER_NAMES and key in renamed:
+            value, weight = renamed.pop(key), model.get_submodule(name).weight
+            if value.shape != weight.shape or value.dtype not in LOADABLE_DTYPES or not bool(
+                    torch.isfinite(value.to(weight.dtype)).all()):
+                raise MiniLoraError(f"{source}: {key} (the base weight PEFT saves with an adapter on {name!r}) has "
+                                    f"shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / inf values; this "
+                                    f"model's is {tuple(weight.shape)}. The file does not belong to this model.")
+            found[name] = value
+    return found
 
 
 def held_dtype(model: nn.Module, key: str, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -625,6 +649,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
+    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin)  # (taken out of ``renamed``)
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
     try:
@@ -653,6 +678,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     with torch.no_grad():
         for key, value in renamed.items():
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
+        for name, value in embeddings.items():  # PEFT loads the saved base weight too (the base model's, normally)
+            model.get_submodule(name).weight.copy_(value)
     if adding:  # the other adapters keep their state; the new one (A, B, its modules_to_save copies) trains if asked
         for _, layer in lora_layers(model):
             if adapter_name in layer.lora_A:

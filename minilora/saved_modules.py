@@ -194,6 +194,11 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
         raise SavedModuleTypeError(f"modules_to_save={names} selects {adapted[0]!r}, which holds an adapter already "
                                    "(a LoRA layer, or inside one). PEFT cannot wrap it (a TypeError): a module is "
                                    "either adapted or trained in full. Remove it from one of the two.")
+    holding = [key for key in chosen if any(name.startswith(f"{key}.") for name in lora)]
+    if holding:  # PEFT copies the LoRA layers into the trained copy; minilora keeps the two ideas apart
+        raise MiniLoraError(f"modules_to_save={names} selects {holding[0]!r}, which holds LoRA layers of another "
+                            "adapter: training it in full would train copies of those adapters too (PEFT copies "
+                            "them, minilora does not). Name a module without LoRA layers in it.")
     for key in chosen:
         if key in lora_targets or any(key.startswith(f"{target}.") or target.startswith(f"{key}.")
                                       for target in lora_targets):

@@ -67,6 +67,10 @@ REPLAYS = {
     "fan-in-fan-out": Scenario("olmo", "lm", dict(target_modules=".*(k_proj)", r=2, bias="lora_only",
                                                    task_type="CAUSAL_LM"), ops=ALL_OPS),
     # a new modules_to_save wrapper on add_adapter: the original's trainable bias stays so, the copy is frozen
+    # PEFT's file of an adapter on lm_head also holds lm_head.base_layer.weight: minilora refused to load it
+    "peft-file-with-lm-head-base-weight": Scenario("qwen3", "lm", dict(target_modules=["o_proj", "lm_head"], r=8,
+                                                                       bias="lora_only", task_type="CAUSAL_LM"),
+                                                   ops=dict(backward=True, files=True)),
     "add-adapter-new-wrapper": Scenario("codegen", "base", dict(target_modules=r".*\.(qkv_proj)", r=2, bias="all"),
                                         second=dict(target_modules=["h.0.attn.out_proj"], modules_to_save=["fc_in"]),
                                         ops=ALL_OPS),
@@ -132,6 +136,9 @@ def test_second_adapter_refusals_as_peft_fails():
             mini.add_adapter("other", compat.LoraConfig(**inside))
         with pytest.raises(MiniLoraError, match="holds an adapter already"):
             mini.add_adapter("other", compat.LoraConfig(**on_lora))
+        # (PEFT runs this one, copying the first adapter's LoRA layers into the trained copy: out of scope)
+        with pytest.raises(MiniLoraError, match="holds LoRA layers of another adapter"):
+            mini.add_adapter("other", compat.LoraConfig(target_modules=["v_proj"], modules_to_save=["layers.0"]))
     assert list(mini.peft_config) == ["default"]
 
 
