@@ -8,10 +8,12 @@ Read in this order. The lesson (LoRA itself, one adapter):
     targets.py  which layers a config selects (PEFT's defaults, "all-linear", patterns)
     inject.py   putting the layers into a model, freezing, merge_and_unload, unload, disabled
     params.py   counting trainable parameters
-    adapters.py and adapter_config.py   adapter files in PEFT's format
+    adapters.py and adapter_config.py   adapter files in PEFT's format: the keys, save_adapter, load_adapter
 
 Beyond the lesson, each in its own file:
     saved_modules.py (modules trained in full), multi.py, weighted.py and mixed.py (several adapters),
+    adapter_files.py (reading an adapter directory once, refusing hostile or mismatched files),
+    adapter_checks.py (does an adapter fit the model: keys, shapes, dtypes, values),
     files.py (crash-safe writes), bounded_regex.py (regexes from files, with a time bound),
     fused.py (faster forward paths), cli.py (the `minilora` command), models.py (the embedded GPT-2),
     text.py (an offline text and tokenizer), spectrum.py, demo.py.

@@ -1,0 +1,148 @@
+"""An adapter directory read from disk, once, and refused if it is not what it claims to be.
+
+What ``load_adapter`` (adapters.py) reads, and the checks that need only the files, not the model:
+
+    adapter_config.json          read and checked by adapter_config.py (a regular file, JSON, PEFT's fields)
+    adapter_model.safetensors    preferred, as PEFT prefers it; else the older adapter_model.bin, read
+                                 with ``torch.load(weights_only=True)`` (never runs pickled code)
+
+Each file is read once (``AdapterFiles``), so the config and the tensors come from one version of the
+directory even while another process saves into it. The weights minilora writes carry a digest of their
+config (files.py): ``paired_config_fields`` picks the config they were saved with, and a pair from two
+different saves is refused (``refuse_unpaired_config``). Nothing here changes a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from .adapter_config import CONFIG_NAME, DIGESTED_FIELDS, check_regular_file, read_config_fields
+from .config import MiniLoraError
+from .files import config_for_weights
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PEFT's wrappers put this in front of every key
+
+PAIRS_HINT = (
+    "Use one of the two consistent pairs:\n"
+    "  minilora.save_adapter(model, directory)    ->  minilora.load_adapter(base_model, directory)"
+    "   (only A and B, in PEFT's format)\n"
+    "  torch.save(model.state_dict(), path)       ->  model.load_state_dict(torch.load(path))"
+    "          (every weight of the model)"
+)
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter directory read once: the config fields its weights are read with, and its tensors.
+    A reader that needs the config before loading (minilora.compat) reads this, then passes it to
+    ``load_adapter``, so that both see one version of the files even while another process saves."""
+
+    directory: Path
+    fields: dict
+    config_origin: str  # where the fields are from (adapter_config.json, or the weights: paired_config_fields)
+    paired: bool  # the fields are the weights' own (else load_adapter refuses the pair)
+    weights_path: Path
+    tensors: dict
+
+
+def read_adapter_files(directory: Path, device: torch.device) -> AdapterFiles:
+    """Read ``directory`` (adapter_config.json and the weights, each once); the tensors go to ``device``."""
+    file_fields = read_config_fields(directory)
+    path, tensors, metadata = read_adapter_weights(directory, device)
+    fields, origin, paired = paired_config_fields(directory, file_fields, path, metadata)
+    return AdapterFiles(directory, fields, origin, paired, path, tensors)
+
+
+def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, dict[str, torch.Tensor], dict | None]:
+    """(path, tensors, metadata or None) from ``adapter_model.safetensors``, or else the older
+    ``adapter_model.bin``. The file is read once, so its tensors and metadata are from one version of it."""
+    path = _weights_path(directory)
+    try:
+        data = path.read_bytes()
+        if path.name == WEIGHTS_NAME:
+            from safetensors.torch import load
+            tensors, metadata = load(data), _safetensors_metadata(data)
+        else:
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # never runs pickled code
+            metadata = getattr(tensors, "_metadata", None)
+        if isinstance(tensors, dict):
+            tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                       for key, value in tensors.items()}
+    except Exception as error:  # a corrupt file can fail in many ways inside either reader
+        raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                            "or corrupt: save the adapter again.") from None
+    if not isinstance(tensors, dict):
+        raise MiniLoraError(f"{path} does not hold a dict of named tensors ({type(tensors).__name__}). "
+                            f"{PAIRS_HINT}")
+    return path, tensors, metadata if isinstance(metadata, dict) else None
+
+
+def _weights_path(directory: Path) -> Path:
+    """``adapter_model.safetensors`` if there is one, else ``adapter_model.bin`` (as PEFT prefers them)."""
+    path = directory / WEIGHTS_NAME
+    if not path.exists():
+        path = directory / LEGACY_WEIGHTS_NAME
+    if not path.exists():
+        raise MiniLoraError(f"{directory} has no {WEIGHTS_NAME} (nor the older {LEGACY_WEIGHTS_NAME}): the "
+                            "adapter's weights are missing. Save the adapter again.")
+    check_regular_file(path)
+    return path
+
+
+def _safetensors_metadata(data: bytes) -> dict | None:
+    """The ``__metadata__`` of a safetensors file: an 8-byte little-endian header size, then a JSON header."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + size]).get("__metadata__")
+    return metadata if isinstance(metadata, dict) else None
+
+
+def paired_config_fields(directory: Path, file_fields: dict, weights_path: Path,
+                         metadata: dict | None) -> tuple[dict, str, bool]:
+    """(the config fields to read the weights with, where they are from, whether they are the weights'
+    own): adapter_config.json's, or, where a save stopped between writing the weights and the config,
+    the config the weights carry (minilora/files.py). Not the weights' own: ``load_adapter`` refuses."""
+    fields = config_for_weights(file_fields, metadata, DIGESTED_FIELDS)
+    if fields is None:
+        return file_fields, str(directory / CONFIG_NAME), False
+    if fields is file_fields:
+        return fields, str(directory / CONFIG_NAME), True
+    return fields, (f"{weights_path} (the config saved in it: the save that wrote it had not yet replaced "
+                    f"{CONFIG_NAME})"), True
+
+
+def refuse_unpaired_config(config_path: Path, weights_path: Path) -> None:
+    """The weights carry a digest (minilora wrote them) that is neither the config file's nor that of the
+    config their save replaced (minilora/files.py)."""
+    raise MiniLoraError(
+        f"{config_path} is not the config {weights_path.name} was saved with (its fields "
+        f"{', '.join(DIGESTED_FIELDS)} differ): the two files come from different saves, e.g. two processes "
+        "saving into one directory at once, or the config was edited by hand. Nothing was loaded. "
+        "Save the adapter again (a config edited by hand: load the weights with the original config, "
+        "change the model, and save it again)."
+    )
+
+
+def read_saved_config_fields(directory: Path) -> tuple[dict, str]:
+    """(fields, where they are from): the config ``load_adapter`` reads the adapter in ``directory`` with
+    (see ``paired_config_fields``), for readers that need the config before loading (minilora.compat).
+    Reads the weights' metadata only where it can (a safetensors header)."""
+    file_fields = read_config_fields(directory)
+    path = _weights_path(directory)
+    if path.name == WEIGHTS_NAME:
+        try:
+            from safetensors import safe_open
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata()
+        except Exception as error:
+            raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                                "or corrupt: save the adapter again.") from None
+    else:
+        metadata = read_adapter_weights(directory, torch.device("cpu"))[2]
+    fields, origin, _ = paired_config_fields(directory, file_fields, path, metadata)
+    return fields, origin
