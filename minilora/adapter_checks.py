@@ -158,7 +158,8 @@ def expected_shapes(model: nn.Module, config: LoraConfig | None,
             shapes[key] = tuple(state[key if key in state else original_key(key)].shape)  # (wrapped or not yet)
         for key, value in model.state_dict().items():
             module_name, _, last = key.rpartition(".")
-            if last != "bias" or is_saved_module_key(key) or module_name in saved_names:
+            if last != "bias" or is_saved_module_key(key) or module_name in saved_names or module_name.startswith(
+                    tuple(f"{name}." for name in saved_names)):  # (a bias inside a saved module is its copy's)
                 continue
             if module_name in sizes and not layers:
                 key = f"{module_name}.base_layer.bias"  # where the bias will be once the layer is wrapped
@@ -232,6 +233,21 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's (peft/utils/constants.py)
+
+
+def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check the originals' biases inside saved modules that PEFT's bias="all" files hold
+    (``classifier.original_module.dense.bias``) against the model's own.
+
+    Raises:
+        MiniLoraError: for another shape, a non-float dtype, or NaN / inf values.
+    """
+    state = model.state_dict()
+    for key, value in tensors.items():
+        own = state[key if key in state else original_key(key)]
+        if value.shape != own.shape or value.dtype not in LOADABLE_DTYPES or not bool(torch.isfinite(value).all()):
+            raise MiniLoraError(f"{source}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / "
+                                f"inf values; this model's is {tuple(own.shape)}. The file does not belong to it.")
 
 
 def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], lora_targets: list[str],

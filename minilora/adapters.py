@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from .adapter_checks import (check_config_selects_the_layers, check_file_keys, check_not_sharded, check_rank_agrees,
-                             check_tensors, expected_shapes, few, saved_config, saved_embedding_weights,
-                             saved_module_names)
+                             check_tensors, expected_shapes, few, nested_original_biases, saved_config,
+                             saved_embedding_weights, saved_module_names)
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
@@ -56,6 +56,7 @@ from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter,
 from .layer import check_autocast_adapter_dtype
 from .multi import add_adapter, check_can_add
 from .saved_modules import (BIAS_ALL_COPY, BIAS_ALL_ORIGINAL, bias_all_keys, copy_part, is_saved_module_key,
+                            nested_bias_all_keys,
                             saved_modules, saved_state, to_model_keys)
 from .targets import find_targets, layer_rank_and_alpha
 
@@ -280,10 +281,17 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         originals = {key: renamed.pop(key) for key in extra if key in renamed}
         for key in extra:  # the copy's bias a second time, which PEFT's loading ignores too
             renamed.pop(key.replace(BIAS_ALL_ORIGINAL, BIAS_ALL_COPY), None)
+        nested_originals = {}
+        if config.bias == "all":  # the same for biases inside a saved module (PEFT writes those keys too)
+            nested, repeats = nested_bias_all_keys(model, saved_names, list(renamed))
+            nested_originals = {key: renamed.pop(key) for key in nested}  # (checked and loaded below)
+            for key in repeats:
+                renamed.pop(key)
         renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
     embeddings = saved_embedding_weights(model, renamed, lora_targets, origin)  # (taken out of ``renamed``)
+    nested_original_biases(model, nested_originals, origin)
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
     try:
@@ -314,6 +322,9 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
         for name, value in embeddings.items():  # PEFT loads the saved base weight too (the base model's, normally)
             model.get_submodule(name).weight.copy_(value)
+        current = model.state_dict(keep_vars=True)  # (saved modules are wrapped now)
+        for key, value in nested_originals.items():  # the originals' biases inside saved modules, as PEFT loads them
+            current[key].copy_(value)
     if adding:  # the other adapters keep their state; the new one (A, B, its modules_to_save copies) trains if asked
         for _, layer in lora_layers(model):
             if adapter_name in layer.lora_A:

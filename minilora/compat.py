@@ -417,15 +417,21 @@ class PeftModel(nn.Module):
                 for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                     table[adapter_name].train(True)
         leave_new_wrappers_in_train_mode(model, adapter_name)
-        if any(self.peft_config[name].bias == "all" for name in self.active_adapters):
-            # PEFT's quirk, kept: bias="all" of an active adapter switches on every bias before the new copies
-            # are made and the old parameters' requires_grad restored, so the new copies' biases train
-            for _, wrapper in saved_modules(model):
-                if adapter_name in wrapper.modules_to_save and len(wrapper.modules_to_save) > 1:  # (a new wrapper's
-                    # copy is made from the original while its bias is still frozen)
-                    for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
-                        if name == "bias" or name.endswith(".bias"):
-                            param.requires_grad_(True)
+        self._new_copies_biases_like_peft(adapter_name)
+
+    def _new_copies_biases_like_peft(self, adapter_name: str) -> None:
+        """A new adapter's copy in an existing modules_to_save wrapper (add_adapter, load_adapter) trains
+        what its original trains, as PEFT's (its copy is a deepcopy of the original, and an inactive copy's
+        requires_grad is left so); with bias="all" on an active adapter the biases too (PEFT switches every
+        bias on before it copies). A new wrapper's copies are frozen (PEFT sets that wrapper's adapter)."""
+        bias_all = any(self.peft_config[name].bias == "all" for name in self.active_adapters)
+        for _, wrapper in saved_modules(self.get_base_model()):
+            if adapter_name in wrapper.modules_to_save and len(wrapper.modules_to_save) > 1 \
+                    and adapter_name not in wrapper.active_adapters:
+                originals = dict(wrapper.original_module.named_parameters())
+                for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
+                    param.requires_grad_(originals[name].requires_grad or (
+                        bias_all and (name == "bias" or name.endswith(".bias"))))
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
@@ -571,6 +577,7 @@ class PeftModel(nn.Module):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             _keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
+            self._new_copies_biases_like_peft(adapter_name)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])

@@ -327,6 +327,23 @@ def original_key(key: str, wrapped: bool = False) -> str:
 BIAS_ALL_ORIGINAL, BIAS_ALL_COPY = "original_module.bias", "modules_to_save.bias"
 
 
+def nested_bias_all_keys(model: nn.Module, names: list[str], keys: list[str]) -> tuple[list[str], list[str]]:
+    """For a saved module with biases below its top level (a head built of ``dense`` and ``out_proj``),
+    PEFT's bias="all" files hold ``classifier.original_module.dense.bias`` (loaded into the original, as
+    PEFT loads it) and the copy's ``classifier.modules_to_save.<adapter>.dense.bias`` again (ignored, as
+    the copy's own key holds the same values): (original keys, repeated copy keys) among ``keys``."""
+    originals, repeats = [], []
+    for name in names:
+        module = model.get_submodule(name)
+        module = module.original_module if isinstance(module, ModulesToSave) else module
+        nested = [path for path, _ in module.named_parameters() if path.endswith(".bias")]
+        for path in nested:
+            originals += [key for key in keys if key == f"{name}.original_module.{path}"]
+            repeats += [key for key in keys if re.fullmatch(rf"{re.escape(name)}\.modules_to_save\.[^.]+\.{re.escape(path)}",
+                                                            key)]
+    return originals, repeats
+
+
 def bias_all_keys(model: nn.Module, names: list[str]) -> list[str]:
     """The ``<module>.original_module.bias`` keys bias="all" adds for these saved modules (those with a bias)."""
     keys = []

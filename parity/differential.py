@@ -180,7 +180,7 @@ def draw_scenario(draw: Draw, seed: int = 0) -> Scenario:
         model = build_base(spec, head)
     config = draw_config(draw, model, spec, head)
     second = draw_config(draw, model, spec, head, second=True) if draw.boolean(0.3) else None
-    ops = {name: draw.boolean() for name in ("train_forward", "backward", "merge", "disable", "files",
+    ops = {name: draw.boolean() for name in ("train_forward", "backward", "train_step", "merge", "disable", "files",
                                               "merge_and_unload")}
     return Scenario(arch, head, config, second, ops, seed)
 
@@ -407,6 +407,24 @@ def compare_backward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) 
             raise Finding(f"{step}: grad of {name} differs (max abs {diff:.3e})")
 
 
+def compare_train_step(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
+    """One AdamW step on what requires grad, same seed (dropout): every parameter afterwards, bitwise."""
+    def train(model: nn.Module) -> None:
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=False)
+        torch.manual_seed(13)
+        loss = sum(t.float().pow(2).mean() for _, t in tensors_of(model(**inputs)) if t.is_floating_point())
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+    _, _, ran = run_both(step, lambda: train(mini), lambda: train(twin))
+    if ran:
+        compare_values(step, mini, twin)
+
+
 def compare_files(step: str, mini_dir: Path, peft_dir: Path) -> None:
     from safetensors.torch import load_file
 
@@ -510,6 +528,9 @@ def run_scenario(scenario: Scenario) -> list[str]:
         if scenario.ops.get("backward"):
             compare_backward("backward", mini, twin, inputs)
             steps.append("backward")
+        if scenario.ops.get("train_step"):
+            compare_train_step("AdamW step", mini, twin, inputs)
+            steps.append("train_step")
         if scenario.second is not None:
             second_mini, second_peft, ran = run_both("LoraConfig (second)", lambda: make(compat, scenario.second),
                                                      lambda: make(peft, scenario.second))
@@ -632,6 +653,16 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
         if not ran:
             return
         compare_structure("from_pretrained", loaded_mini, loaded_peft)
+        # and each loads its own files as a further adapter of the live model, which then runs it
+        _, _, ran = run_both("load_adapter", lambda: mini.load_adapter(mini_dir / subdir, "loaded"),
+                             lambda: twin.load_adapter(peft_dir / subdir, "loaded"))
+        if ran:
+            compare_structure("load_adapter", mini, twin)
+            _, _, ran = run_both("set_adapter(loaded)", lambda: mini.set_adapter("loaded"),
+                                 lambda: twin.set_adapter("loaded"))
+            if ran:
+                compare_structure("set_adapter(loaded)", mini, twin)
+                compare_forward("forward (loaded)", mini, twin, inputs)
         with torch.no_grad():
             for label, model in (("minilora loads PEFT's files", loaded_mini), ("peft loads minilora's files",
                                                                                  loaded_peft)):

@@ -71,6 +71,11 @@ REPLAYS = {
     "peft-file-with-lm-head-base-weight": Scenario("qwen3", "lm", dict(target_modules=["o_proj", "lm_head"], r=8,
                                                                        bias="lora_only", task_type="CAUSAL_LM"),
                                                    ops=dict(backward=True, files=True)),
+    # bias="all" with a head built of several layers: PEFT's file holds classifier.original_module.dense.bias and
+    # the copy's biases again; minilora refused to load it (and expected a bias of the head's copy twice)
+    "peft-file-bias-all-nested-head": Scenario("roberta", "seq_cls", dict(
+        target_modules=["roberta.encoder.layer.0.attention.self.key"], r=4, bias="all", task_type="SEQ_CLS"),
+        ops=dict(backward=True, train_step=True, files=True)),
     "add-adapter-new-wrapper": Scenario("codegen", "base", dict(target_modules=r".*\.(qkv_proj)", r=2, bias="all"),
                                         second=dict(target_modules=["h.0.attn.out_proj"], modules_to_save=["fc_in"]),
                                         ops=ALL_OPS),
