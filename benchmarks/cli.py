@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sections", default=None,
                         help="comma-separated sections to run (default: all of " + ",".join(SECTIONS) + "); "
                              "the --no-* options still apply")
+    parser.add_argument("--segment-lockstep", default=None,
+                        help="comma-separated workloads timed in segment lockstep on a CPU with one thread "
+                             "(default: decode,generate; 'none' for none; any of prefill,decode,generate,train)")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -129,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_compiled:
         plan.inference_variants = tuple(v for v in plan.inference_variants if v != "compiled")
         plan.training_variants = tuple(v for v in plan.training_variants if v != "compiled")
+    if args.segment_lockstep is not None:
+        chosen = {w.strip() for w in args.segment_lockstep.split(",") if w.strip()} - {"none"}
+        unknown = chosen - {"prefill", "decode", "generate", "train"}
+        if unknown:
+            print(f"error: unknown workload(s) {', '.join(sorted(unknown))} in --segment-lockstep; choose from "
+                  "prefill, decode, generate, train (or none).", file=sys.stderr)
+            return 2
+        plan.segment_workloads = tuple(w for w in ("prefill", "decode", "generate", "train") if w in chosen)
     plan.memory = plan.memory and not args.no_memory
     plan.profile = plan.profile and not args.no_profile
     plan.layer_call = plan.layer_call and not args.no_layer_call

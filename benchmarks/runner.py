@@ -257,13 +257,15 @@ class Runner:
                         models: list | None = None) -> None:
         """Time the validated functions in interleaved rounds and add one measurement per variant.
 
-        On a CPU with one torch thread and ``plan.segments``, the rounds run in segment lockstep
+        On a CPU with one torch thread, ``plan.segments`` and a workload in ``plan.segment_workloads``
+        (decode and generate: plan.SEGMENTS_NOTE says why not prefill and training), the rounds run in segment lockstep
         (benchmarks/segments.py) with block hooks on ``models``, removed afterwards; otherwise (CUDA,
         the all-cores table) bracketed or in step lockstep. With several torch threads each variant's
         thread would have its own OpenMP team, whose idle spinning would land in the next segment's
         process CPU time."""
         plan = self.plan
-        segmented = plan.segments and torch.device(self.device).type == "cpu" and self.threads == 1
+        segmented = plan.segments and torch.device(self.device).type == "cpu" and self.threads == 1 \
+            and fields["workload"] in plan.segment_workloads
         self.log(f"{label}: timing {', '.join(functions)}" + (" (segment lockstep)" if segmented else ""))
         with Boundaries(models if segmented and models else []):
             timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds,

@@ -18,6 +18,12 @@ in the calling thread) when torch runs one thread, the process's CPU time otherw
 variant's thread runs at a time), and ``perf_counter`` for wall time; a variant's time for the
 round is the sum of its segments.
 
+The price: every block starts with caches that the other variants' blocks have emptied. For a
+call at one token (decode) that is what every token already paid in step lockstep; for a prefill
+of 1 x 128 it raised PEFT's ratio to base from 1.06 to 1.13 (paths that write output-sized
+temporaries lose their warm caches), so the benchmark uses segments for decode and generate only
+(plan.SEGMENTS_NOTE).
+
 The hooks act only in a thread that runs a timed segment (``_local.variant``): calls made
 elsewhere (validation, profiling) pass straight through them, and they change no result (a hook
 returns nothing). ``Boundaries`` removes them on exit. A torch.compile'd model gets none (a hook

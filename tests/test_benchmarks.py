@@ -66,12 +66,13 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
         for m in measurements:
             assert m["threads"] == (1 if table == "one thread" else os.cpu_count())
             assert m["rounds"] == plan.min_rounds and m["stopped"] == "max_rounds"
-            if table == "all cores":  # several torch threads: the reference brackets, decode in token lockstep
-                assert m["lockstep"] == (workload == "decode") and m["bracketed"] == (workload == "prefill")
-            else:                     # one thread on a CPU: segment lockstep
+            if table != "all cores" and workload in ("decode", "generate"):  # one thread: segment lockstep
                 assert m["lockstep"] == "segments" and not m["bracketed"]
-            if workload in ("prefill", "train") and table != "all cores":  # cut before 2 blocks and lm_head
-                assert m["segments"] == (4 if workload == "prefill" else 7)  # (+ the backward's cuts)
+                if workload == "decode":  # the prompt and 3 tokens, each cut before 2 blocks and lm_head
+                    assert m["segments"] == 4 * 4
+            else:  # several threads, or prefill / train: bracketed (one call), step or token lockstep
+                assert m["lockstep"] == (workload in ("decode", "train")) and m["bracketed"] == (workload in
+                                                                                                ("prefill", "generate"))
             assert set(m["clocks"]) == {"cpu", "wall"}
             for clock in m["clocks"].values():
                 assert len(clock["samples_s"]) == m["rounds"] and all(t >= 0 for t in clock["samples_s"])
@@ -95,7 +96,8 @@ def test_outputs_are_written(tiny_results, tmp_path):
     page = paths["markdown"].read_text()
     assert "## Targets" in page and "torch " + torch.__version__ in page and "Load average" in page
     assert page.count("### ") == len(report.sections(results))
-    assert "(segment lockstep: every call cut at its blocks and the pieces interleaved, 4 per round)" in page
+    assert "(segment lockstep: every call cut at its blocks and the pieces interleaved, 16 per round)" in page
+    assert "(bracketed: base before, between and after the others)" in page and "Segment lockstep" in page
     assert "torch.compile: not in this run" in page  # the note says what ran (tiny has no compiled variant)
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = report.terminal(results)
@@ -214,6 +216,8 @@ def test_cli_help_and_bad_device(capsys, tmp_path):
     assert "not a torch device" in capsys.readouterr().err
     assert main(["--variants", "base-copy,fusd", "--out", str(tmp_path)]) == 2
     assert "unknown variant(s) fusd" in capsys.readouterr().err
+    assert main(["--segment-lockstep", "decode,prefil", "--out", str(tmp_path)]) == 2
+    assert "unknown workload(s) prefil" in capsys.readouterr().err
     assert main(["--sections", "prefill,decod", "--out", str(tmp_path)]) == 2
     assert "unknown section(s) decod" in capsys.readouterr().err
 
