@@ -251,25 +251,31 @@ def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], s
 
 
 def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], lora_targets: list[str],
-                            source: str) -> dict[str, torch.Tensor]:
+                            source: str, with_bias: bool = True) -> list[tuple[str, str, torch.Tensor]]:
     """PEFT's files of an adapter that targets ``lm_head`` (or ``embed_tokens``) also hold that layer's
-    base weight, ``lm_head.base_layer.weight`` (save_embedding_layers="auto"), and PEFT loads it back.
-    Those keys are taken out of ``renamed`` and returned by layer name, checked like the adapter's own.
+    base weight and bias, ``lm_head.base_layer.weight`` (save_embedding_layers="auto"), and PEFT loads
+    them back. Those keys are taken out of ``renamed`` and returned as (layer name, "weight" or "bias",
+    tensor), checked like the adapter's own. ``with_bias=False`` leaves the bias to the adapter (with
+    bias="all" / "lora_only" it is one of the adapter's own keys).
 
     Raises:
         MiniLoraError: for such a tensor of another shape, a non-float dtype, or NaN / inf values.
     """
-    found = {}
+    found = []
     for name in lora_targets:
-        key = f"{name}.base_layer.weight"
-        if name.split(".")[-1] in EMBEDDING_LAYER_NAMES and key in renamed:
-            value, weight = renamed.pop(key), model.get_submodule(name).weight
-            if value.shape != weight.shape or value.dtype not in LOADABLE_DTYPES or not bool(
-                    torch.isfinite(value.to(weight.dtype)).all()):
-                raise MiniLoraError(f"{source}: {key} (the base weight PEFT saves with an adapter on {name!r}) has "
-                                    f"shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / inf values; this "
-                                    f"model's is {tuple(weight.shape)}. The file does not belong to this model.")
-            found[name] = value
+        if name.split(".")[-1] not in EMBEDDING_LAYER_NAMES:
+            continue
+        for attribute in ("weight", "bias") if with_bias else ("weight",):
+            key, own = f"{name}.base_layer.{attribute}", getattr(model.get_submodule(name), attribute, None)
+            if key not in renamed or own is None:
+                continue
+            value = renamed.pop(key)
+            if value.shape != own.shape or value.dtype not in LOADABLE_DTYPES or not bool(
+                    torch.isfinite(value.to(own.dtype)).all()):
+                raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with an adapter on {name!r}) "
+                                    f"has shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / inf values; "
+                                    f"this model's is {tuple(own.shape)}. The file does not belong to this model.")
+            found.append((name, attribute, value))
     return found
 
 

@@ -290,7 +290,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
-    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin)  # (taken out of ``renamed``)
+    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin,  # (taken out of ``renamed``)
+                                         with_bias=config.bias == "none")
     nested_original_biases(model, nested_originals, origin)
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
@@ -320,8 +321,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     with torch.no_grad():
         for key, value in renamed.items():
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
-        for name, value in embeddings.items():  # PEFT loads the saved base weight too (the base model's, normally)
-            model.get_submodule(name).weight.copy_(value)
+        for name, attribute, value in embeddings:  # PEFT loads the saved base weight too (the base model's, normally)
+            getattr(model.get_submodule(name), attribute).copy_(value)
         current = model.state_dict(keep_vars=True)  # (saved modules are wrapped now)
         for key, value in nested_originals.items():  # the originals' biases inside saved modules, as PEFT loads them
             current[key].copy_(value)

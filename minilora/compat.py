@@ -638,15 +638,16 @@ def freeze_for_inference(model: nn.Module, bias: str) -> None:
     PEFT marks them trainable whatever the mode (its ``_mark_only_adapters_as_trainable``)."""
     for param in model.parameters():
         param.requires_grad_(False)
-    inside_saved = tuple(f"{name}." for name, _ in saved_modules(model))
     if bias == "all":
         for name, param in model.named_parameters():
-            if (name == "bias" or name.endswith(".bias")) and not name.startswith(inside_saved):
+            if name == "bias" or name.endswith(".bias"):
                 param.requires_grad_(True)
     elif bias == "lora_only":
         for _, layer in lora_layers(model):
             if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in saved_modules(model):  # then the wrappers freeze theirs (a bias shared with one too)
+        wrapper.requires_grad_(False)
 
 
 def _inputs_require_grad(model: nn.Module) -> None:

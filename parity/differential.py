@@ -463,7 +463,7 @@ def _saved_embedding_weight(key: str) -> bool:
     """Keys only PEFT writes (reported differences; loading is checked separately): with
     save_embedding_layers="auto" and lm_head or embed_tokens among the targets, that layer's base weight;
     with bias="all", the biases inside every modules_to_save wrapper (its original's, its copies')."""
-    return bool(re.search(r"(^|\.)(lm_head|embed_tokens)\.base_layer\.weight$", key)
+    return bool(re.search(r"(^|\.)(lm_head|embed_tokens)\.base_layer\.(weight|bias)$", key)
                 or re.search(r"\.(original_module|modules_to_save)\..*bias$", key))
 
 

@@ -76,6 +76,13 @@ REPLAYS = {
     "peft-file-bias-all-nested-head": Scenario("roberta", "seq_cls", dict(
         target_modules=["roberta.encoder.layer.0.attention.self.key"], r=4, bias="all", task_type="SEQ_CLS"),
         ops=dict(backward=True, train_step=True, files=True)),
+    # ... and its bias when lm_head has one (GPT-J)
+    "peft-file-with-lm-head-base-bias": Scenario("gptj", "lm", dict(target_modules=["lm_head"], r=8,
+                                                                     task_type="CAUSAL_LM"), ops=dict(files=True)),
+    # loading with is_trainable=False, bias="all": a bias shared with a modules_to_save module (RoBERTa's
+    # lm_head.bias is lm_head.decoder.bias) is frozen with the wrapper, as in PEFT
+    "inference-bias-shared-with-saved-module": Scenario("roberta", "lm", dict(
+        target_modules=["output.dense"], r=8, bias="all", modules_to_save=["decoder"]), ops=dict(files=True)),
     "add-adapter-new-wrapper": Scenario("codegen", "base", dict(target_modules=r".*\.(qkv_proj)", r=2, bias="all"),
                                         second=dict(target_modules=["h.0.attn.out_proj"], modules_to_save=["fc_in"]),
                                         ops=ALL_OPS),
