@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the --no-* options still apply")
     parser.add_argument("--segment-lockstep", default=None,
                         help="comma-separated workloads timed in segment lockstep on a CPU with one thread "
-                             "(default: decode,generate; 'none' for none; any of prefill,decode,generate,train)")
+                             "(default: none, see the page's note; any of prefill,decode,generate,train)")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)

@@ -14,12 +14,13 @@ COMPILED_NOTE = (
 NOT_COMPILED_NOTE = "torch.compile: not in this run (--no-compiled, or --variants without compiled)."
 
 SEGMENTS_NOTE = (
-    "Segment lockstep (block-level interleaving) is used for decode and generate only. For prefill and the "
-    "training step it measured, in alternate rounds against whole calls, PEFT at 1.130 and the reference at "
-    "1.099 x base where whole calls gave 1.061 and 1.074 (base copy, merged and fused agreed): cutting a "
-    "1 x 128 call at every block makes each block start with caches that the other variants' blocks have "
-    "emptied, which costs the variants that write output-sized temporaries more, and is not what a model "
-    "running alone pays. Those sections keep bracketing (--segment-lockstep picks the workloads).")
+    "Segment lockstep (each call cut at its blocks, the pieces of all variants interleaved; "
+    "benchmarks/segments.py) is off by default (--segment-lockstep turns it on per workload). Measured "
+    "against the default method in alternate rounds it narrowed every interval 2-3x in the same seconds, but "
+    "moved ratios: at prefill PEFT 1.130 and the reference 1.099 x base where whole calls gave 1.061 and "
+    "1.074, at decode PEFT, the reference and fused ~1% higher (1.107 / 1.094, 1.110 / 1.100, 1.019 / "
+    "1.011) in one run, equal in another: each block starts with caches that the other variants' blocks "
+    "emptied, which a model running alone does not pay.")
 
 ATTN_ONLY = ("c_attn",)
 ALL_LINEAR = ("c_attn", "c_proj", "c_fc")
@@ -78,7 +79,7 @@ class Plan:
     other_max_seconds: float = 30.0              # per measurement: other cases, all cores, mixed batches
     resolution: float = 0.01                     # stop when every interval is within +-1% of its median
     segments: bool = True                        # CPU, one thread: segment lockstep (benchmarks/segments.py) ...
-    segment_workloads: tuple = ("decode", "generate")  # ... for these workloads (see SEGMENTS_NOTE)
+    segment_workloads: tuple = ()                # ... for these workloads: none by default (SEGMENTS_NOTE)
     bracket: bool = True                         # without segments, one-call workloads: the reference around each
     memory: bool = True
     profile: bool = True
@@ -89,8 +90,9 @@ class Plan:
     def run_notes(self) -> list[str]:
         """The page's notes: what torch.compile did in this run (as it ran), then ``notes``."""
         compiled = "compiled" in self.inference_variants and self.prefill
-        segments = [SEGMENTS_NOTE] if self.segments and tuple(self.segment_workloads) == ("decode", "generate") else []
-        return [COMPILED_NOTE if compiled else NOT_COMPILED_NOTE] + segments + list(self.notes)
+        segments = f"This run: segment lockstep for {', '.join(self.segment_workloads)}." \
+            if self.segments and self.segment_workloads else "This run: no segment lockstep."
+        return [COMPILED_NOTE if compiled else NOT_COMPILED_NOTE, f"{SEGMENTS_NOTE} {segments}"] + list(self.notes)
 
     def cases(self) -> list[tuple[tuple, int]]:
         """(targets, r) pairs, main case first so that the targets are measured early."""
@@ -124,5 +126,6 @@ def tiny_plan() -> Plan:
                 mixed_adapters=(1, 3), mixed_batch=4, mixed_seq=5, mixed_tokens=2, mixed_min_rounds=2,
                 inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
                 training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
+                segment_workloads=("decode", "generate"),  # both timing paths run in the tests
                 min_rounds=2, max_rounds=2, max_seconds=0.0, other_max_seconds=0.0, all_cores=True,
                 memory=False, profile=False, layer_call=False)

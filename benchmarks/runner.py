@@ -258,7 +258,7 @@ class Runner:
         """Time the validated functions in interleaved rounds and add one measurement per variant.
 
         On a CPU with one torch thread, ``plan.segments`` and a workload in ``plan.segment_workloads``
-        (decode and generate: plan.SEGMENTS_NOTE says why not prefill and training), the rounds run in segment lockstep
+        (none by default: plan.SEGMENTS_NOTE says why), the rounds run in segment lockstep
         (benchmarks/segments.py) with block hooks on ``models``, removed afterwards; otherwise (CUDA,
         the all-cores table) bracketed or in step lockstep. With several torch threads each variant's
         thread would have its own OpenMP team, whose idle spinning would land in the next segment's

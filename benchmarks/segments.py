@@ -21,8 +21,8 @@ round is the sum of its segments.
 The price: every block starts with caches that the other variants' blocks have emptied. For a
 call at one token (decode) that is what every token already paid in step lockstep; for a prefill
 of 1 x 128 it raised PEFT's ratio to base from 1.06 to 1.13 (paths that write output-sized
-temporaries lose their warm caches), so the benchmark uses segments for decode and generate only
-(plan.SEGMENTS_NOTE).
+temporaries lose their warm caches), and at decode the LoRA paths' ratios by up to ~1%, so the
+benchmark uses segments only where asked (``--segment-lockstep``; plan.SEGMENTS_NOTE).
 
 The hooks act only in a thread that runs a timed segment (``_local.variant``): calls made
 elsewhere (validation, profiling) pass straight through them, and they change no result (a hook

@@ -27,12 +27,12 @@ These things keep that out of the ratios:
   rotation of table order, then that rotation reversed (A B C, C B A, B C A, A C B, ...): a linear
   drift over two cancels, and no variant always runs first after the between-round pause.
 
-Which workloads run in segments is the plan's choice (``Plan.segment_workloads``: decode and
-generate). Measured on the 2-core VM (one thread, CPU time, both methods in alternate rounds under
+Which workloads run in segments is the plan's choice (``Plan.segment_workloads``: none by
+default). Measured on the 2-core VM (one thread, CPU time, both methods in alternate rounds under
 the same load; numbers in the README's method paragraph), segments narrowed every interval 2-3x
-in the same seconds, but at prefill they raised PEFT's and the reference's ratios by 3-7%: each
-block starts with caches emptied by the other variants' blocks, which a model running alone does
-not pay (plan.SEGMENTS_NOTE).
+in the same seconds, but at prefill they raised PEFT's and the reference's ratios by 3-7% and at
+decode the LoRA paths' by up to ~1%: each block starts with caches emptied by the other variants'
+blocks, which a model running alone does not pay (plan.SEGMENTS_NOTE).
 
 Rounds continue until the bootstrap 95% interval of every variant's median ratio (on the first
 clock) lies within +-``resolution`` of its median, or until a cap (``max_rounds`` or
