@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--segment-lockstep", default=None,
                         help="comma-separated workloads timed in segment lockstep on a CPU with one thread "
                              "(default: none, see the page's note; any of prefill,decode,generate,train)")
+    parser.add_argument("--replace-every", type=int, default=None,
+                        help="one-thread inference tables: copy every variant's model anew every N rounds, so "
+                             "that where its weights landed in memory becomes noise, not an offset "
+                             "(default 4; 0: never)")
     parser.add_argument("--label", default=None,
                         help="a note printed at the top of the markdown page (e.g. 'taken under load')")
     return parser.parse_args(argv)
@@ -116,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.layer_call = plan.layer_call and "layer-call" in chosen
     if args.threads is not None:
         plan.threads = args.threads
+    if args.replace_every is not None:
+        if args.replace_every < 0:
+            print(f"error: --replace-every must be 0 (never) or more, got {args.replace_every}.", file=sys.stderr)
+            return 2
+        plan.replace_every = args.replace_every
     plan.all_cores = plan.all_cores and not args.no_all_cores
     if args.no_mixed:
         plan.mixed_adapters = ()

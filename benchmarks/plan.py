@@ -22,6 +22,13 @@ SEGMENTS_NOTE = (
     "1.011) in one run, equal in another: each block starts with caches that the other variants' blocks "
     "emptied, which a model running alone does not pay.")
 
+REPLACEMENT_NOTE = (
+    "Re-placement: two identical copies of GPT-2 small decode a few % apart for as long as they live (where "
+    "their weights' pages landed: measured in one process, four deep copies ran 0.974-1.015x each other, the "
+    "same order when measured again, another order once copied anew). So in the one-thread inference tables "
+    "every variant's model (not the compiled one) is deep-copied anew every few rounds, untimed and warmed "
+    "up, and the placement becomes noise inside the interval instead of an offset in the ratio.")
+
 ATTN_ONLY = ("c_attn",)
 ALL_LINEAR = ("c_attn", "c_proj", "c_fc")
 
@@ -81,6 +88,8 @@ class Plan:
     segments: bool = True                        # CPU, one thread: segment lockstep (benchmarks/segments.py) ...
     segment_workloads: tuple = ()                # ... for these workloads: none by default (SEGMENTS_NOTE)
     bracket: bool = True                         # without segments, one-call workloads: the reference around each
+    replace_every: int = 4                       # one-thread inference tables: every variant's model copied anew
+                                                 # every this many rounds (0: never; REPLACEMENT_NOTE says why)
     memory: bool = True
     profile: bool = True
     layer_call: bool = True                      # one tiny layer's call, each way: the per-call overhead
@@ -92,7 +101,9 @@ class Plan:
         compiled = "compiled" in self.inference_variants and self.prefill
         segments = f"This run: segment lockstep for {', '.join(self.segment_workloads)}." \
             if self.segments and self.segment_workloads else "This run: no segment lockstep."
-        return [COMPILED_NOTE if compiled else NOT_COMPILED_NOTE, f"{SEGMENTS_NOTE} {segments}"] + list(self.notes)
+        replacement = f"This run: every {self.replace_every} rounds." if self.replace_every else "This run: never."
+        return [COMPILED_NOTE if compiled else NOT_COMPILED_NOTE, f"{SEGMENTS_NOTE} {segments}",
+                f"{REPLACEMENT_NOTE} {replacement}"] + list(self.notes)
 
     def cases(self) -> list[tuple[tuple, int]]:
         """(targets, r) pairs, main case first so that the targets are measured early."""
@@ -127,5 +138,6 @@ def tiny_plan() -> Plan:
                 inference_variants=tuple(v for v in INFERENCE_VARIANTS if v != "compiled"),
                 training_variants=tuple(v for v in TRAINING_VARIANTS if v != "compiled"),
                 segment_workloads=("decode", "generate"),  # both timing paths run in the tests
+                replace_every=1,  # copies made anew after the first round (one-thread inference tables)
                 min_rounds=2, max_rounds=2, max_seconds=0.0, other_max_seconds=0.0, all_cores=True,
                 memory=False, profile=False, layer_call=False)

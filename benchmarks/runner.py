@@ -17,7 +17,7 @@ from . import memory
 from .plan import Plan
 from .floor import lora_floor
 from .segments import Boundaries
-from .timing import interleaved, summarize
+from .timing import interleaved, run_once, summarize
 from .variants import (TOLERANCE, adapter_weights, build_variant, load_base, lora_config,
                        relative_difference)
 from .workloads import Decode, Generate, Prefill, TrainStep
@@ -237,11 +237,32 @@ class Runner:
         functions = {name: workload.prepare(models[name]) for name in models if name in checked}  # table order
         lora = lora_floor(self.base, targets, r, workload.forwards(), training=workload.name == "train")
         main = self.is_main(targets, r) and table == "one thread"
+        replace = self.replacer(models, functions, workload) \
+            if table == "one thread" and workload.name != "train" and self.plan.replace_every else None
         self.time_and_record(functions, checked, label, ratio_to, lora, {
             "table": table, "workload": workload.name, "shape": list(workload.shape), "targets": list(targets),
             "r": r, "dropout": dropout}, self.seconds_for(workload.name, main),
-            models=[models[name] for name in functions])
+            models=[models[name] for name in functions], replace=replace)
         return checked
+
+    @staticmethod
+    def replacer(models: dict, functions: dict, workload) -> Callable[[], dict]:
+        """A function that copies every timed model anew (``copy.deepcopy``: new memory for every weight;
+        the old copy is freed) and returns their workload functions, each run once untimed (a fused layer
+        rebuilds its concatenated buffer then). A deep copy computes what the validated model computed,
+        bit for bit. The compiled variant keeps its model: a copy would compile again."""
+        def replace() -> dict:
+            fresh = {}
+            for name, function in functions.items():
+                if name == "compiled":
+                    fresh[name] = function
+                    continue
+                models[name] = copy.deepcopy(models[name])
+                fresh[name] = workload.prepare(models[name])
+                run_once(fresh[name])
+            functions.update(fresh)
+            return dict(fresh)
+        return replace
 
     def seconds_for(self, workload: str, main: bool) -> float:
         """The cap on seconds of rounds for one measurement."""
@@ -254,7 +275,7 @@ class Runner:
 
     def time_and_record(self, functions: dict, checked: dict, label: str, ratio_to: str, lora: dict,
                         fields: dict, seconds: float, tokens: int | None = None, min_rounds: int | None = None,
-                        models: list | None = None) -> None:
+                        models: list | None = None, replace: Callable[[], dict] | None = None) -> None:
         """Time the validated functions in interleaved rounds and add one measurement per variant.
 
         On a CPU with one torch thread, ``plan.segments`` and a workload in ``plan.segment_workloads``
@@ -270,14 +291,15 @@ class Runner:
         with Boundaries(models if segmented and models else []):
             timed = interleaved(functions, self.device, ratio_to, min_rounds or plan.min_rounds, plan.max_rounds,
                                 seconds, plan.resolution, bracket=plan.bracket, segments=segmented,
-                                on_round=lambda k, width: self.round_line(label, k, width))
+                                on_round=lambda k, width: self.round_line(label, k, width),
+                                replace=None if segmented else replace, replace_every=plan.replace_every)
         summary = summarize(timed, ratio_to)
         for name, clocks in summary.items():
             no_adapter = name in ("base", "base-copy", "merged", "peft-merged")
             self.results["measurements"].append({
                 **fields, "threads": self.threads, "variant": name, "ratio_to": ratio_to,
                 "rounds": timed["rounds"], "stopped": timed["stopped"], "half_width": timed["half_width"],
-                "bracketed": timed["bracketed"], "lockstep": timed["lockstep"],
+                "bracketed": timed["bracketed"], "lockstep": timed["lockstep"], "replaced": timed["replaced"],
                 **({"segments": timed["segments"][name]} if "segments" in timed else {}),
                 "clock": timed["clocks"][0], "clocks": clocks, "validation_max_rel_diff": checked[name],
                 "floor": {"macs": 0.0, "bytes": 0.0} if no_adapter else lora,

@@ -162,7 +162,8 @@ def segmented_round(functions: dict, k: int, clock, threads=None) -> tuple[dict,
 def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str, reference: str, min_rounds: int,
                 max_rounds: int, max_seconds: float, resolution: float = RESOLUTION,
                 on_round: Callable[[int, float], None] = lambda k, width: None, timer=None,
-                bracket: bool = True, segments: bool = False, clock=None) -> dict:
+                bracket: bool = True, segments: bool = False, clock=None,
+                replace: Callable[[], dict] | None = None, replace_every: int = 0) -> dict:
     """Time every function in rounds until the ratios to ``reference`` are resolved or a cap is hit.
 
     ``functions``: a callable (one call per round) or ``Steps`` per variant. Returns
@@ -173,15 +174,20 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     inf until an interval exists). ``timer``: (clock names, measure) in place of ``clocks(device)`` (the tests plant one).
     ``segments``: time in segment lockstep (CPU only; ``clock``: the segment clock, the tests plant one);
     then the result also has ``"segments"``: {name: segments per round}, and nothing is bracketed.
+    ``replace``: called before every ``replace_every``-th round (not with segments), it returns the
+    functions to time from then on (``re-placement``: every variant's model copied anew; see
+    ``Runner.replacer``); the result's ``"replaced"`` counts the calls.
     """
     (first, second), measure = timer or clocks(device)
     names = list(functions)
     samples = {first: {n: [] for n in names}, second: {n: [] for n in names}}
     paired = {first: {n: [] for n in names}, second: {n: [] for n in names}}
     bracketed = bracket and not segments and len(names) > 1 and not any(isinstance(f, Steps) for f in functions.values())
-    started, stopped, widest, k, counts = time.perf_counter(), "max_rounds", float("inf"), 0, None
+    started, stopped, widest, k, counts, replaced = time.perf_counter(), "max_rounds", float("inf"), 0, None, 0
     with Threads(names if segments else [], clock) as threads:
         for k in range(max_rounds):
+            if replace is not None and replace_every > 0 and not segments and k > 0 and k % replace_every == 0:
+                functions, replaced = replace(), replaced + 1  # new placements (untimed, warmed up)
             if segments:
                 totals, counts = segmented_round(functions, k, None, threads)
                 compared_to = {name: totals[reference] for name in names}
@@ -204,7 +210,7 @@ def interleaved(functions: dict[str, Callable[[], object] | Steps], device: str,
     return {"clocks": (first, second), "samples": samples, "paired": paired, "rounds": k + 1 if names else 0,
             "stopped": stopped, "half_width": widest, "bracketed": bracketed,
             "lockstep": "segments" if segments else any(isinstance(f, Steps) for f in functions.values()),
-            **({"segments": counts} if segments else {})}
+            "replaced": replaced, **({"segments": counts} if segments else {})}
 
 
 def summarize(timed: dict, reference: str) -> dict[str, dict]:

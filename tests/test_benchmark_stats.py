@@ -219,6 +219,35 @@ def test_ratios_are_medians_of_per_round_ratios():
     assert x["min_ratio"] == pytest.approx(1.1 / 1.0)  # the secondary figure: fastest over fastest
 
 
+def test_copies_made_anew_turn_a_placement_offset_into_noise():
+    """A planted A/A pair whose copy runs 4% fast or slow depending on where it was placed: kept for the
+    whole run, the offset is the ratio, with a zero-width interval; copied anew every 2 rounds (a new
+    placement each time, alternating), the median ratio is back at 1.00 and the interval shows the spread."""
+    placements = iter([0.96, 1.04] * 50)
+
+    def copied(factor):
+        return {"base": lambda: 1.0, "copy": lambda: factor}
+
+    timer = (("cpu", "wall"), lambda fn: (fn(),) * 2)
+    kept = summarize(interleaved(copied(0.96), "cpu", "base", min_rounds=12, max_rounds=12, max_seconds=60,
+                                 timer=timer, bracket=False), "base")["copy"]["cpu"]
+    assert (kept["ratio"], kept["low"], kept["high"]) == pytest.approx((0.96, 0.96, 0.96))
+    calls = []
+
+    def replace():
+        calls.append(len(calls))
+        return copied(next(placements))
+
+    timed = interleaved(copied(next(placements)), "cpu", "base", min_rounds=12, max_rounds=12, max_seconds=60,
+                        timer=timer, bracket=False, replace=replace, replace_every=2)
+    assert timed["replaced"] == len(calls) == 5  # before rounds 2, 4, 6, 8 and 10 (none before the first)
+    anew = summarize(timed, "base")["copy"]["cpu"]
+    assert anew["ratio"] == pytest.approx(1.0) and anew["low"] < 1.0 < anew["high"]
+    never = interleaved(copied(0.96), "cpu", "base", min_rounds=6, max_rounds=6, max_seconds=60, timer=timer,
+                        bracket=False, replace=replace, replace_every=0)
+    assert never["replaced"] == 0 and len(calls) == 5
+
+
 # ---- the floor, counted by hand ------------------------------------------------------------------------
 def test_floor_of_a_tiny_gpt2_matches_a_hand_count():
     model = load_base("tiny", "cpu")  # n_layer 2, n_embd 32, vocab 96

@@ -66,6 +66,8 @@ def test_tiny_run_is_complete_and_every_variant_matches_the_reference(tiny_resul
         for m in measurements:
             assert m["threads"] == (1 if table == "one thread" else os.cpu_count())
             assert m["rounds"] == plan.min_rounds and m["stopped"] == "max_rounds"
+            copied_anew = table == "one thread" and workload != "train" and m["lockstep"] != "segments"
+            assert m["replaced"] == (1 if copied_anew else 0)  # tiny_plan: every round after the first
             if table != "all cores" and workload in ("decode", "generate"):  # one thread: segment lockstep
                 assert m["lockstep"] == "segments" and not m["bracketed"]
                 if workload == "decode":  # the prompt and 3 tokens, each cut before 2 blocks and lm_head
@@ -248,6 +250,25 @@ def test_timed_steps_do_what_was_validated():
     run_once(train.prepare(model))
     after = dict(model.named_parameters())
     assert all(not torch.equal(after[n], value) and after[n].grad is None for n, value in before.items())
+
+
+def test_copies_made_anew_compute_what_was_validated_in_new_memory():
+    """Re-placement (Runner.replacer): every model is deep-copied into new memory and gives the validated
+    outputs bit for bit, the fused layer's concatenated buffer rebuilt before any timed call."""
+    base = load_base("tiny", "cpu")
+    config = lora_config(ALL_LINEAR, 4, 0.0, 2.0)
+    weights = adapter_weights(base, config, seed=0)
+    models = {name: build_variant(name, base, config, weights) for name in ("base", "peft", "fused")}
+    workload = Prefill(1, 5, base.config.vocab_size, "cpu")
+    validated = {name: workload.check(model) for name, model in models.items()}
+    old = {name: {n: p.data_ptr() for n, p in model.named_parameters()} for name, model in models.items()}
+    functions = {name: workload.prepare(model) for name, model in models.items()}
+    fresh = Runner.replacer(models, functions, workload)()
+    assert set(fresh) == set(functions) and all(fresh[n] is functions[n] for n in fresh)
+    for name, model in models.items():
+        pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+        assert pointers.keys() == old[name].keys() and not set(pointers.values()) & set(old[name].values())
+        assert torch.equal(workload.check(model), validated[name])
 
 
 def test_training_measurements_have_their_own_cap():
