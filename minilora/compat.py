@@ -73,7 +73,7 @@ from .compat_trainer import recognise_compat_models
 from .compat_tying import check_saved_tying, check_tied_modules
 from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
-from .inject import adapter_configs, inject, lora_layers, set_adapter_config
+from .inject import adapter_configs, inject, lora_layers, mark_biases_trainable, set_adapter_config
 from .targets import find_targets
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
@@ -638,14 +638,7 @@ def freeze_for_inference(model: nn.Module, bias: str) -> None:
     PEFT marks them trainable whatever the mode (its ``_mark_only_adapters_as_trainable``)."""
     for param in model.parameters():
         param.requires_grad_(False)
-    if bias == "all":
-        for name, param in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                param.requires_grad_(True)
-    elif bias == "lora_only":
-        for _, layer in lora_layers(model):
-            if getattr(layer.base_layer, "bias", None) is not None:
-                layer.base_layer.bias.requires_grad_(True)
+    mark_biases_trainable(model, bias)
     for _, wrapper in saved_modules(model):  # then the wrappers freeze theirs (a bias shared with one too)
         wrapper.requires_grad_(False)
 

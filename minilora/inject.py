@@ -211,6 +211,13 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         param.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.set_adapter(layer.active_adapters)  # the active adapters' A and B train
+    mark_biases_trainable(model, bias)
+    mark_saved_modules_trainable(model)  # modules_to_save: the copies train, the originals stay frozen
+
+
+def mark_biases_trainable(model: nn.Module, bias: str) -> None:
+    """PEFT's ``bias``: "all" trains every bias in the model, "lora_only" the biases of the adapted
+    layers, "none" none (nothing is frozen here)."""
     if bias == "all":
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
@@ -219,7 +226,6 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         for _, layer in lora_layers(model):
             if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
-    mark_saved_modules_trainable(model)  # modules_to_save: the copies train, the originals stay frozen
 
 
 def merge(model: nn.Module, safe: bool = False, adapter_names: list[str] | None = None) -> None:
