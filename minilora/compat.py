@@ -65,7 +65,6 @@ from .adapter_config import ADAPTER_FIELDS, config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, resolved_targets
 from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
-    leave_new_wrappers_in_train_mode, \
     resolve_adapter_source
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
@@ -408,15 +407,7 @@ class PeftModel(nn.Module):
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_config.target_modules = resolved
-        for _, layer in lora_layers(model):  # PEFT's new modules start in train mode (compat_loading.py)
-            if list(layer.lora_A) == [adapter_name]:  # a layer built for this adapter: all of it but the base layer
-                base_mode = layer.base_layer.training
-                layer.train(True)
-                layer.base_layer.train(base_mode)
-            elif adapter_name in layer.lora_A:
-                for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
-                    table[adapter_name].train(True)
-        leave_new_wrappers_in_train_mode(model, adapter_name)
+        leave_new_layers_in_train_mode(model, adapter_name)  # PEFT's new modules start in train mode
         self._new_copies_biases_like_peft(adapter_name)
 
     def _new_copies_biases_like_peft(self, adapter_name: str) -> None:
@@ -747,6 +738,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """task_type SEQ_2_SEQ_LM (T5, BART, ...): PEFT's forward arguments."""
 
     GENERATES = True
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:

@@ -27,12 +27,17 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
     """PEFT's new LoRA modules start in train mode even inside an eval() model (dropout on until the
     next .eval()); minilora's own inject follows the model's mode instead (the safer choice,
     README "Train and eval mode"). compat does what PEFT does, so a script that never calls
-    .train() / .eval() draws the same dropout masks, and prints the same numbers, as with PEFT."""
+    .train() / .eval() draws the same dropout masks, and prints the same numbers, as with PEFT.
+    A layer built for this adapter starts in train mode but for its base layer; in a layer that holds
+    other adapters too, only this adapter's A, B and dropout do (add_adapter)."""
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+        if list(layer.lora_A) == [adapter_name]:
             base_mode = layer.base_layer.training
             layer.train(True)
             layer.base_layer.train(base_mode)
+        elif adapter_name in layer.lora_A:
+            for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                table[adapter_name].train(True)
     leave_new_wrappers_in_train_mode(model, adapter_name)
 
 
