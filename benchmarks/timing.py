@@ -11,21 +11,24 @@ These things keep that out of the ratios:
   second the host's wall time.
 - **Ratios within a round.** Each round times every variant once; each variant's ratio is taken
   against the reference variant *of the same round*, so slow drifts cancel.
-- **Segment lockstep (CPU, one torch thread).** Each variant's round runs in a thread of its own, and a baton passes
-  between the threads at the model's block boundaries (benchmarks/segments.py): block k of every
-  variant, then block k + 1 of every variant, ... including the backward and every step of a
-  workload (decode's tokens). Every variant's work then lies in the same windows of a few to
-  ~30 ms, far shorter than the bursts, which hit all variants alike. The round's time of a
-  variant is the sum of its segments, each timed in its own thread.
-- **Without segments** (CUDA, several torch threads, or ``segments=False``): a workload made of steps (``Steps``:
+- **Step lockstep and bracketing (the default).** A workload made of steps (``Steps``:
   decode's forwards, a training step's forward and backward) runs in step lockstep: step j of
   every variant, then step j + 1. A workload of one call is *bracketed*: the reference runs
   before, between and after the other variants (R a R b R c R), and each variant's ratio is to
   the mean of the two reference calls around it, which cancels a drift that is linear over those
   three calls.
+- **Segment lockstep (optional; CPU, one torch thread).** Each variant's round runs in a thread
+  of its own, and a baton passes between the threads at the model's block boundaries (benchmarks/segments.py): block k of every
+  variant, then block k + 1 of every variant, ... including the backward and every step of a
+  workload (decode's tokens). Every variant's work then lies in the same windows of a few to
+  ~30 ms, far shorter than the bursts, which hit all variants alike. The round's time of a
+  variant is the sum of its segments, each timed in its own thread.
 - **Alternating order.** Rounds (and each segment or step within them) run the variants in a
   rotation of table order, then that rotation reversed (A B C, C B A, B C A, A C B, ...): a linear
   drift over two cancels, and no variant always runs first after the between-round pause.
+- **Re-placement.** Two identical copies of a model run a few % apart for as long as they live
+  (where their weights landed in memory); with ``replace`` every variant's model is copied anew every
+  ``replace_every`` rounds (``Runner.replacer``), so that offset becomes noise inside the interval.
 
 Which workloads run in segments is the plan's choice (``Plan.segment_workloads``: none by
 default). Measured on the 2-core VM (one thread, CPU time, both methods in alternate rounds under
