@@ -164,7 +164,7 @@ def test_hooks_change_no_logits_and_every_workload_is_cut_at_its_blocks(tiny_var
         assert {n: len(s) for n, s in steps.items()} == {n: 4 * 4 for n in models}  # prompt + 3 tokens, 4 each
     for name, m in models.items():  # hooks removed, the model as before
         assert all(not b._forward_pre_hooks for b in cut_points(m))
-        assert all(torch.equal(a, b) for a, b in zip(decode.check(m), expected[name][1]))
+        assert all(torch.equal(a, b) for a, b in zip(decode.check(m), expected[name][1], strict=True))
 
 
 def test_a_training_step_cut_into_segments_trains_exactly_as_one_call(tiny_variants):

@@ -69,15 +69,39 @@ def save_forever(models, directory, first: int = 0) -> None:
         for i in range(first, 10**9):
             model = models[names[i % 2]][0]
             minilora.save_adapter(model, directory, safe_serialization=(i // 2) % 2 == 0)
+            saved_once()
     finally:
         os._exit(0)
 
 
-def fork(target, *args) -> int:
+_FIRST_SAVE_FD = None  # in a forked writer: where it says that its first save is complete
+
+
+def saved_once() -> None:
+    """Called by a forked writer after every save; the first call tells the parent (fork(wait=True))."""
+    global _FIRST_SAVE_FD
+    if _FIRST_SAVE_FD is not None:
+        os.write(_FIRST_SAVE_FD, b".")
+        os.close(_FIRST_SAVE_FD)
+        _FIRST_SAVE_FD = None
+
+
+def fork(target, *args, wait: bool = False) -> int:
+    """Run ``target(*args)`` in a forked child; with ``wait``, return once its first save is complete,
+    so that a kill after a random sleep lands in a later save whatever the machine's load (a child
+    killed before it ever saved would test nothing)."""
+    global _FIRST_SAVE_FD
     sys.stdout.flush(), sys.stderr.flush()
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(read_end)
+        _FIRST_SAVE_FD = write_end
         target(*args)  # never returns
+    os.close(write_end)
+    if wait:
+        os.read(read_end, 1)  # (b"" if the child ended without saving: the test's checks then fail)
+    os.close(read_end)
     return pid
 
 
@@ -88,7 +112,7 @@ def test_sigkill_at_random_instants_leaves_one_whole_adapter_or_an_error(two_ada
     rng = random.Random(0)
     seen = []
     for kill in range(30):
-        pid = fork(save_forever, expected, directory, kill)
+        pid = fork(save_forever, expected, directory, kill, wait=True)
         time.sleep(rng.uniform(0.0, 0.06))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -274,6 +298,7 @@ def save_adapters_forever(versions, directory, first: int = 0) -> None:
         torch.set_num_threads(1)
         for i in range(first, 10**9):
             minilora.save_adapters(versions["XY"[i % 2]], directory, safe_serialization=(i // 2) % 2 == 0)
+            saved_once()
     finally:
         os._exit(0)
 
@@ -289,7 +314,7 @@ def test_sigkill_during_a_save_of_several_adapters(tiny_gpt2, tmp_path):
     rng = random.Random(1)
     seen = {"default": [], "other": []}
     for kill in range(16):
-        pid = fork(save_adapters_forever, versions, directory, kill)
+        pid = fork(save_adapters_forever, versions, directory, kill, wait=True)
         time.sleep(rng.uniform(0.0, 0.08))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -307,6 +332,7 @@ def save_configs_forever(directory, first: int = 0) -> None:
                    LoraConfig(r=8, lora_alpha=32, target_modules=["c_fc", "c_proj"])]
         for i in range(first, 10**9):
             configs[i % 2].save_pretrained(directory)
+            saved_once()
     finally:
         os._exit(0)
 
@@ -319,7 +345,7 @@ def test_sigkill_during_lora_config_save_pretrained(tmp_path):
     rng = random.Random(2)
     seen = []
     for kill in range(20):
-        pid = fork(save_configs_forever, tmp_path, kill)
+        pid = fork(save_configs_forever, tmp_path, kill, wait=True)
         time.sleep(rng.uniform(0.0, 0.03))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

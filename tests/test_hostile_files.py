@@ -454,6 +454,7 @@ def test_lora_config_from_pretrained(spoil, expect, good, tmp_path, marker):
         try:
             ours = CompatLoraConfig.from_pretrained(str(directory))
         except MiniLoraError:
+            assert expect != LOAD, "a config every loader reads was refused by LoraConfig.from_pretrained"
             return
         theirs = peft.LoraConfig.from_pretrained(str(directory))  # ours read it: so must PEFT
     for name in ("r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "init_lora_weights", "task_type"):
