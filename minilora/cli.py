@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import LoraConfig, MiniLoraError
-from .files import TEMP_SUFFIX, check_writable, remove_abandoned_temporaries, write_error_hint
+from .files import TEMP_SUFFIX, _sync_directory, check_writable, remove_abandoned_temporaries, write_error_hint
 from .inject import inject, lora_layers, merge_and_unload
 from .models import DEFAULT_MODEL, load_model
 from .params import layer_table, trainable_parameters_line
@@ -153,14 +153,26 @@ def complete_or_absent(out_dir: str):
     try:
         yield temp
         try:
+            _sync_tree(Path(temp))  # the files on disk before the rename makes them the model
             if os.path.isdir(out_dir):
                 os.rmdir(out_dir)  # (empty: checked above)
             os.replace(temp, out_dir)
+            _sync_directory(Path(parent))  # and the rename itself
         except OSError as error:
             raise MiniLoraError(f"Could not move the merged model into {out_dir!r}: {error}. "
                                 f"{write_error_hint(error)}") from error
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then the folders: after a power loss, the renamed folder
+    holds complete files, not empty or truncated ones."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        _sync_directory(Path(root))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
