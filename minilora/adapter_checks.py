@@ -24,6 +24,7 @@ from torch import nn
 
 from .adapter_files import PAIRS_HINT, PEFT_PREFIX
 from .bounded_regex import time_bound
+from .compat_tying import EMBEDDING_LAYER_NAMES
 from .config import LoraConfig, MiniLoraError
 from .inject import DEFAULT_ADAPTER, adapter_config, lora_layers
 from .layer import HALF_DTYPES, LoraLinear, in_out_features
@@ -232,7 +233,6 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
 
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's (peft/utils/constants.py)
 
 
 def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

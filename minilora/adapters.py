@@ -46,7 +46,6 @@ from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, confi
                              config_text, read_config_fields)
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
                             read_adapter_files, refuse_unpaired_config)
-from .adapter_files import read_saved_config_fields  # noqa: F401  (imported from here by compat_auto.py)
 from .compat_tying import check_saved_tying
 from .config import LoraConfig, MiniLoraError
 from .files import (commit, discard, remove_abandoned_temporaries, remove_atomically, stage, weights_metadata,

@@ -25,7 +25,7 @@ from torch import nn
 
 from . import adapters
 from .adapter_config import CONFIG_NAME, config_from_fields
-from .adapters import read_saved_config_fields
+from .adapter_files import read_saved_config_fields
 from .compat import (TASK_MODELS, LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                      PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
                      PeftModelForTokenClassification)
