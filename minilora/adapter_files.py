@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,8 +113,12 @@ def paired_config_fields(directory: Path, file_fields: dict, weights_path: Path,
         return file_fields, str(directory / CONFIG_NAME), False
     if fields is file_fields:
         return fields, str(directory / CONFIG_NAME), True
-    return fields, (f"{weights_path} (the config saved in it: the save that wrote it had not yet replaced "
-                    f"{CONFIG_NAME})"), True
+    origin = f"{weights_path} (the config saved in it: the save that wrote it had not yet replaced {CONFIG_NAME})"
+    warnings.warn(f"{directory / CONFIG_NAME} is the config that the save of {weights_path.name} replaces: that save "
+                  "stopped (or is still running) before writing its config, so the adapter is read with the config "
+                  f"saved in the weights. If you edited {CONFIG_NAME} by hand, save the adapter again instead.",
+                  stacklevel=3)
+    return fields, origin, True
 
 
 def refuse_unpaired_config(config_path: Path, weights_path: Path) -> None:

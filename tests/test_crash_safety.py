@@ -374,3 +374,15 @@ def test_compat_loads_the_files_as_it_read_them_while_another_save_lands(two_ada
     assert wrapper.peft_config["default"].lora_alpha == 8  # X's
     with torch.no_grad():
         assert torch.equal(wrapper(INPUT).logits, expected["X"][1])
+
+
+def test_weights_read_with_their_own_config_say_so(two_adapters, tmp_path):
+    """The folder as a save leaves it between its two renames (Y's weights, X's config, the one Y's save
+    replaced): it loads as Y, with a warning, since a config edited by hand back to X's looks the same."""
+    base, expected = two_adapters
+    minilora.save_adapter(expected["X"][0], tmp_path)
+    config_of_x = (tmp_path / "adapter_config.json").read_bytes()
+    minilora.save_adapter(expected["Y"][0], tmp_path)
+    (tmp_path / "adapter_config.json").write_bytes(config_of_x)
+    with pytest.warns(UserWarning, match="read with the config saved in the weights"):
+        assert outcome(base, tmp_path, expected) == "Y"
