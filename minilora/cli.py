@@ -128,8 +128,10 @@ def run_merge(args: argparse.Namespace) -> None:
         try:
             model.save_pretrained(writing_dir)
         except OSError as error:
-            raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. "
-                                f"{write_error_hint(error)}") from error
+            hint = write_error_hint(error) if writing_dir != out_dir else (
+                "The files were being written into OUT_DIR itself (--force into a folder that holds files), "
+                "so it may now mix new and old files: write the merged model to a new directory.")
+            raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. {hint}") from error
         save_tokenizer_if_any(model, args.model, writing_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
     print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
