@@ -21,9 +21,9 @@ matmuls run and how many output-sized tensors are made on the way.
   stored as B^T's rows, the layout the accumulate reads. Beyond the base layer's own ops that is
   two: ``split_with_sizes`` (two views) and ``addmm_``. At one token on a CPU the matmuls take
   microseconds and Python's per-op cost is of the same size, so everything a call needs is
-  looked up once (``Concatenated``) and each call only checks, in about a microsecond, that it
-  is still current: a fused GPT-2 layer costs its Conv1D plus ~4 us (it was ~20 us, and PEFT's
-  layer is ~48 us; 48 layers per token).
+  looked up once (``Concatenated``) and each call only checks that it is still current, reading
+  what it holds rather than walking the modules again: in a GPT-2 decode step that walk, whose
+  memory the weights' stream evicts between two calls, had cost ~1.5% of the step.
 
 Compiling (``torch.compile(model)``) works on top of any path; the benchmarks time it on the
 reference path.
@@ -34,9 +34,10 @@ Selecting the fused path builds, per layer, one buffer that holds ``W0`` and ``A
 then makes ``W0``, its bias and ``A`` *views of that buffer*: no copy of any of them exists, so
 whatever changes them in place (``merge``, ``load_state_dict``, an optimizer step, a write
 through ``.data``) changes the buffer too. If one of them was *replaced* by another tensor
-(``model.to(...)``, ``merge(safe=True)``, ``weight.data = ...``, ``copy.deepcopy``), the next
-call sees that the buffer no longer backs it (``data_ptr``) and rebuilds the buffer from the
-current values. Selecting another path gives each its own contiguous storage back and drops the
+(``model.to(...)``, ``merge(safe=True)``, ``weight.data = ...``, ``copy.deepcopy``), or another
+Parameter or module was put in its place (``setattr``, ``ModuleDict[name] = ...``, a write into
+``_parameters`` as accelerate does), the next call sees it (``_is_current``: the dict entries and
+data pointers it was built from) and rebuilds the buffer from the current values. Selecting another path gives each its own contiguous storage back and drops the
 buffer. While fused, ``torch.save`` of ``lora_A`` alone would store the whole buffer (safetensors
 stores just the view): select another path before saving with ``torch.save``.
 
@@ -161,7 +162,9 @@ class Concatenated(NamedTuple):
     adapter: str                     # the one active adapter it was built for
     B_T: torch.Tensor                # (r, out): a view of lora_B's weight (B^T, the layout addmm_ reads)
     sizes: tuple[int, int]           # (out, r): how the (N, out + r) output splits
-    pointers: tuple[int, int, int, int]  # where W0, b, A and B lived at build time (_storage_pointers)
+    registered: tuple[tuple[dict, str, object], ...]  # (dict, key, what it held at build time): see _is_current
+    parameters: tuple[torch.Tensor, ...]  # W0, b (or None), A, B: the Parameters it was built from
+    pointers: tuple[int, ...]        # where their data lived at build time (data_ptr; 0 for no bias)
 
 
 def build_concatenated_weight(layer: LoraLinear) -> None:
@@ -195,8 +198,9 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
             bias_buffer = torch.cat([base.bias, base.bias.new_zeros(adapter.weight.shape[0])])  # (out + r,) = [b | 0]
             base.bias.data = bias_buffer[:out]
         B_T = layer.lora_B[name].weight.detach().T                       # (r, out), a view (no autograd)
-    layer._concatenated = Concatenated(buffer, bias_buffer, name, B_T, (out, adapter.weight.shape[0]),
-                                       _storage_pointers(layer, name))
+    registered, parameters = _registrations(layer, name)
+    layer._concatenated = Concatenated(buffer, bias_buffer, name, B_T, (out, adapter.weight.shape[0]), registered,
+                                       parameters, tuple(0 if t is None else t.data_ptr() for t in parameters))
 
 
 def split_concatenated(layer: LoraLinear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,11 +230,45 @@ def weights(layer: LoraLinear, adapter: str) -> tuple[torch.Tensor, torch.Tensor
             layer._modules["lora_B"]._modules[adapter]._parameters["weight"])
 
 
-def _storage_pointers(layer: LoraLinear, adapter: str) -> tuple[int, int, int, int]:
-    """Where W0, its bias, the adapter's A and B live now. Equal to the values at build time iff W0,
-    b and A are still views of the buffer and B^T still a view of B: the buffer and B^T keep that
-    memory allocated, so no other tensor can have been given the same address since."""
-    return tuple(t.data_ptr() if t is not None else 0 for t in weights(layer, adapter))
+def _registrations(layer: LoraLinear, adapter: str) -> tuple[tuple[tuple[dict, str, object], ...], tuple]:
+    """Every (dict, key, value) on the way from ``layer`` to W0, b, A and B, and those four Parameters.
+
+    A module or Parameter put in place of another, by ``setattr``, ``ModuleDict[name] = ...`` or
+    a write straight into ``_modules`` / ``_parameters`` (accelerate and quantizers do that),
+    changes one of these dict entries."""
+    modules = layer._modules
+    base, lora_A, lora_B = modules["base_layer"], modules["lora_A"], modules["lora_B"]
+    module_A, module_B = lora_A._modules[adapter], lora_B._modules[adapter]
+    parameters = (base._parameters["weight"], base._parameters.get("bias"),
+                  module_A._parameters["weight"], module_B._parameters["weight"])
+    registered = ((modules, "base_layer", base), (modules, "lora_A", lora_A), (modules, "lora_B", lora_B),
+                  (lora_A._modules, adapter, module_A), (lora_B._modules, adapter, module_B),
+                  (base._parameters, "weight", parameters[0]), (base._parameters, "bias", parameters[1]),
+                  (module_A._parameters, "weight", parameters[2]), (module_B._parameters, "weight", parameters[3]))
+    return registered, parameters
+
+
+def _is_current(layer: LoraLinear, built: Concatenated) -> bool:
+    """True if the buffer still holds the layer's W0, b and A, and B^T its B: same adapter, same
+    modules and Parameters in place, and each Parameter's data where it was at build time.
+
+    The data pointers are equal iff W0, b and A are still views of the buffer and B^T a view of
+    B: the buffer and B^T keep that memory allocated, so no other tensor can have been given the
+    same address since. This runs on every no-grad call. It reads the dicts it holds rather than
+    walking ``layer.lora_A[adapter].weight``: in a GPT-2 decode step the walk from the layer, four
+    times per call, cost ~1.5% of the step (cold caches: a layer's weights stream through them
+    between two calls), this ~0.5%.
+    """
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] != built.adapter:
+        return False
+    for registry, key, held in built.registered:
+        if registry.get(key) is not held:
+            return False
+    W0, b, A, B = built.parameters
+    pointers = built.pointers
+    return (W0.data_ptr() == pointers[0] and A.data_ptr() == pointers[2] and B.data_ptr() == pointers[3]
+            and (b is None or b.data_ptr() == pointers[1]))
 
 
 def release_concatenated_weight(layer: LoraLinear) -> None:
@@ -249,14 +287,10 @@ def release_concatenated_weight(layer: LoraLinear) -> None:
 
 def _concatenated_weight(layer: LoraLinear) -> Concatenated | None:
     """The layer's Concatenated, rebuilt first if the active adapter changed or W0, its bias, A or B
-    was replaced by another tensor; None where there is none (several adapters, mixed dtypes).
-
-    This check runs on every no-grad call: a few dict reads and four ``data_ptr()`` calls (~1 us).
-    """
+    (or a module holding one) was replaced by another; None where there is none (several adapters,
+    mixed dtypes)."""
     built = layer._concatenated
-    active = layer.active_adapters
-    if built is not None and len(active) == 1 and active[0] == built.adapter \
-            and built.adapter in layer._modules["lora_A"]._modules and _storage_pointers(layer, built.adapter) == built.pointers:
+    if built is not None and _is_current(layer, built):
         return built
     release_concatenated_weight(layer)  # (a no-op if their storage is already their own)
     build_concatenated_weight(layer)

@@ -219,6 +219,72 @@ def test_concatenated_weight_follows_every_change_to_w0_a_and_b():
     assert not torch.equal(before.double(), reference(ids).logits.detach()), "the changes above changed nothing"
 
 
+def _replace_parameter(module: nn.Module, name: str, direct: bool) -> None:
+    """Put a new Parameter (other values) in place of ``module.<name>``: with setattr, or straight into
+    ``_parameters`` as accelerate's set_module_tensor_to_device does."""
+    old = module._parameters[name]
+    new = nn.Parameter(old.detach() * -0.5 + 0.125, requires_grad=old.requires_grad)
+    if direct:
+        module._parameters[name] = new
+    else:
+        setattr(module, name, new)
+
+
+def _replace_module(owner: nn.Module, name: str, direct: bool) -> None:
+    """Put a copy of ``owner.<name>`` with other values in its place: with setattr / ModuleDict's
+    ``[name] =``, or straight into ``_modules`` as quantizers' replace-layer loops do."""
+    new = copy.deepcopy(owner._modules[name])
+    with torch.no_grad():
+        for param in new.parameters():
+            param.mul_(-0.5).add_(0.125)
+    if direct:
+        owner._modules[name] = new
+    elif isinstance(owner, nn.ModuleDict):
+        owner[name] = new
+    else:
+        setattr(owner, name, new)
+
+
+REPLACEMENTS = {
+    "W0 Parameter (setattr)": lambda layer, direct: _replace_parameter(layer.base_layer, "weight", direct),
+    "bias Parameter": lambda layer, direct: _replace_parameter(layer.base_layer, "bias", direct),
+    "A Parameter": lambda layer, direct: _replace_parameter(layer.lora_A["default"], "weight", direct),
+    "B Parameter": lambda layer, direct: _replace_parameter(layer.lora_B["default"], "weight", direct),
+    "base layer": lambda layer, direct: _replace_module(layer, "base_layer", direct),
+    "A module": lambda layer, direct: _replace_module(layer.lora_A, "default", direct),
+    "B module": lambda layer, direct: _replace_module(layer.lora_B, "default", direct),
+    "lora_A ModuleDict": lambda layer, direct: _replace_module(layer, "lora_A", direct),
+    "lora_B ModuleDict": lambda layer, direct: _replace_module(layer, "lora_B", direct),
+}
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["setattr", "into the dict"])
+@pytest.mark.parametrize("what", list(REPLACEMENTS))
+def test_concatenated_weight_follows_replaced_modules_and_parameters(what, direct):
+    """The no-grad fused call reads a buffer built from the modules and Parameters in place at build
+    time; any of them put in place of another (the buffer then holds stale values) must be seen."""
+    fused = lora_model(tiny_gpt2(), "fused")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    layer = fused.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        before = fused(ids).logits
+    REPLACEMENTS[what](layer, direct)
+    _check_fused_equals_fresh_reference(fused, ids, f"after replacing the {what}")
+    with torch.no_grad():
+        assert not torch.equal(fused(ids).logits, before), "the replacement changed nothing: the test proves nothing"
+
+
+def test_concatenated_weight_follows_the_active_adapter():
+    fused = lora_model(tiny_gpt2(), "fused")
+    minilora.add_adapter(fused, "other", minilora.LoraConfig(r=2, lora_alpha=5, target_modules=ALL_TARGETS))
+    randomize_adapters(fused, seed=2, std=0.2)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    for name in ("other", "default", "other"):
+        minilora.set_adapter(fused, name)
+        _check_fused_equals_fresh_reference(fused, ids, f"adapter {name} active")
+        assert _concatenated_weight(fused.transformer.h[0].attn.c_attn).adapter == name
+
+
 def test_rebuilt_under_inference_mode_still_trains():
     fused = lora_model(tiny_gpt2(), "fused")
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
