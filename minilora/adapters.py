@@ -135,6 +135,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
         MiniLoraError: if the model has no minilora layers, its layers no longer agree with its config,
             or the directory cannot be written.
     """
+    prepare_save(model, directory, safe_serialization, state_dict, adapter_name).write()
+
+
+def prepare_save(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
+                 state_dict: Mapping[str, torch.Tensor] | None = None,
+                 adapter_name: str = DEFAULT_ADAPTER) -> PreparedSave:
+    """Every check of ``save_adapter`` (the model, the folder), and the bytes of both files; writes nothing.
+
+    Raises:
+        MiniLoraError: as ``save_adapter``, for everything but a write that fails.
+    """
     config = saved_config(model, adapter_name)
     # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
     # torch.save would write the whole buffer that a view points into.
@@ -142,13 +153,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
     check_not_sharded(taken)
     tensors = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in taken.items()}
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise MiniLoraError(f"{directory} is a file; save_adapter writes a directory. Pick another path.")
-    in_the_way = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME)
-                  if (directory / name).is_dir() and not (directory / name).is_symlink()]
-    if in_the_way:  # (a rename cannot replace a folder: found now, not after the weights are written)
-        raise MiniLoraError(f"{directory / in_the_way[0]} is a folder, where save_adapter writes a file. Remove it, "
-                            "or save elsewhere.")
+    check_save_folder(directory)
     fields = config_fields(model, config)
     text = config_text(fields)
     # Binds the weights to this config, and says which config they replace (minilora/files.py)
@@ -162,31 +167,62 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
         buffer = io.BytesIO()
         torch.save(ordered, buffer)
         data = buffer.getvalue()
-    staged, created = [], not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_temporaries(directory)
-        # Both files are written out first (a full disk changes nothing), then renamed: weights first,
-        # config second (files.py). Readers prefer safetensors: a .bin is in place before the old
-        # safetensors file goes (until then readers find the old pair), a safetensors file before the old .bin goes.
-        weights = directory / (WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME)
-        staged.append(stage(weights, data))
-        staged.append(stage(directory / CONFIG_NAME, text.encode("utf-8")))
-        commit(staged[0], weights)
-        if not safe_serialization:
-            remove_atomically(directory / WEIGHTS_NAME)
-        commit(staged[1], directory / CONFIG_NAME)
-        if safe_serialization:
-            remove_atomically(directory / LEGACY_WEIGHTS_NAME)
-    except BaseException as error:
-        discard(staged)
-        if created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()  # (only if still empty)
-        if isinstance(error, OSError):
-            raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. {write_error_hint(error)}") \
-                from error
-        raise
+    return PreparedSave(directory, WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME, data,
+                        text.encode("utf-8"))
+
+
+def check_save_folder(directory: Path) -> None:
+    """Raise MiniLoraError if ``directory``, or a folder above it, is a file, or a folder stands where
+    a save writes (or removes) a file: a rename cannot replace a folder, so this is found before any write."""
+    for folder in (directory, *directory.parents):
+        if folder.exists() and not folder.is_dir():
+            raise MiniLoraError(f"{folder} is a file; save_adapter writes a directory there. Move the file, or pick "
+                                "another path.")
+    in_the_way = [name for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, CONFIG_NAME)
+                  if (directory / name).is_dir() and not (directory / name).is_symlink()]
+    if in_the_way:
+        raise MiniLoraError(f"{directory / in_the_way[0]} is a folder, where save_adapter writes a file. Remove it, "
+                            "or save elsewhere.")
+
+
+@dataclasses.dataclass
+class PreparedSave:
+    """One adapter's save, checked and turned into bytes: ``write()`` only puts them on disk. Several
+    adapters (``minilora.save_adapters``) are all prepared before the first is written."""
+
+    directory: Path
+    weights_name: str  # WEIGHTS_NAME, or LEGACY_WEIGHTS_NAME with safe_serialization=False
+    weights: bytes
+    config: bytes
+
+    def write(self) -> None:
+        directory = self.directory
+        missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
+        staged = []
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_temporaries(directory)
+            # Both files are written out first (a full disk changes nothing), then renamed: weights first,
+            # config second (files.py). Readers prefer safetensors: a .bin is in place before the old
+            # safetensors file goes (until then readers find the old pair), a safetensors file before the old .bin goes.
+            weights = directory / self.weights_name
+            staged.append(stage(weights, self.weights))
+            staged.append(stage(directory / CONFIG_NAME, self.config))
+            commit(staged[0], weights)
+            if self.weights_name == LEGACY_WEIGHTS_NAME:
+                remove_atomically(directory / WEIGHTS_NAME)
+            commit(staged[1], directory / CONFIG_NAME)
+            if self.weights_name == WEIGHTS_NAME:
+                remove_atomically(directory / LEGACY_WEIGHTS_NAME)
+        except BaseException as error:
+            discard(staged)
+            for folder in missing:  # the folders this save created, innermost first (only if still empty)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            if isinstance(error, OSError):
+                raise MiniLoraError(f"Could not write the adapter to {directory}: {error}. {write_error_hint(error)}") \
+                    from error
+            raise
 
 
 def _config_in(directory: Path) -> dict | None:

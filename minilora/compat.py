@@ -467,12 +467,12 @@ class PeftModel(nn.Module):
             state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
         if not is_main_process:
             return
-        paths = multi.adapter_directories(save_directory, names)  # (all checked before anything is written)
+        saves = multi.prepare_saves(self.get_base_model(), save_directory, names, safe_serialization=safe_serialization,
+                                    state_dict=state_dict)  # (every adapter checked before anything is written)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_model_card(self.get_base_model(), Path(save_directory))
-        for name, path in zip(names, paths):
-            adapters.save_adapter(self.get_base_model(), path, safe_serialization=safe_serialization,
-                                  state_dict=state_dict, adapter_name=name)
+        for save in saves:
+            save.write()
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Out of scope: save_pretrained, then upload the directory with huggingface_hub."""

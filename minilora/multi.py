@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -35,6 +35,9 @@ from .layer import LoraLinear, check_autocast_adapter_dtype
 from .saved_modules import (delete_saved_copies, find_modules_to_save, saved_modules, set_saved_modules_adapter,
                             wrap_modules_to_save)
 from .targets import find_targets
+
+if TYPE_CHECKING:
+    from .adapters import PreparedSave
 
 BASE = "__base__"  # in a mixed batch, the rows that get no adapter (PEFT's name)
 
@@ -202,26 +205,28 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
     killed half-way leaves some folders with the new adapter and the others with the old one.
 
     Raises:
-        MiniLoraError: before writing anything, if a selected name is not an adapter of the model, is not a
-            folder name, or its folder is a file.
+        MiniLoraError: before writing anything, for anything ``save_adapter`` refuses in any of the adapters
+            (a model check, a file where a folder goes, a folder where a file goes), a name that is not an
+            adapter of the model, or a name that is not a folder name.
     """
-    from .adapters import save_adapter
-
     names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
     _check_known(model, names, "save_adapters")
-    for name, path in zip(names, adapter_directories(directory, names)):
-        save_adapter(model, path, adapter_name=name, **kwargs)
+    for save in prepare_saves(model, directory, names, **kwargs):
+        save.write()
+
+
+def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[str], **kwargs) -> list[PreparedSave]:
+    """``adapters.prepare_save`` of each named adapter in its folder (``adapter_directories``): every check
+    of every adapter, and the bytes, before anything is written. ``kwargs`` go to ``prepare_save``."""
+    from .adapters import prepare_save
+
+    paths = adapter_directories(directory, names)
+    return [prepare_save(model, path, adapter_name=name, **kwargs) for name, path in zip(names, paths)]
 
 
 def adapter_directories(directory: str | os.PathLike, names: list[str]) -> list[Path]:
-    """``adapter_directory`` of each name, all checked before anything is written: a name that is not a
-    folder name, or a folder that is a file, is refused here rather than half-way through a save."""
-    paths = [adapter_directory(directory, name) for name in names]
-    for path in paths:
-        if path.exists() and not path.is_dir():
-            raise MiniLoraError(f"{path} is a file; an adapter is saved into a directory there. Move the file, or "
-                                "save elsewhere.")
-    return paths
+    """``adapter_directory`` of each name."""
+    return [adapter_directory(directory, name) for name in names]
 
 
 # --------------------------------------------------------------------------------------------

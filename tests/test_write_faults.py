@@ -278,3 +278,36 @@ def test_merge_command_into_a_symlink_to_a_folder_writes_through_it(tiny_gpt2, t
     (tmp_path / "out").symlink_to(tmp_path / "target")
     assert cli.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "out"), "--model", str(tmp_path / "base")]) == 0
     assert (tmp_path / "out").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+
+
+SAVES_OF_TWO = {
+    "save_adapters": lambda model, path: minilora.save_adapters(model.get_base_model(), path),
+    "compat-save_pretrained": lambda model, path: model.save_pretrained(path),
+}
+
+
+@pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"])
+@pytest.mark.parametrize("save", list(SAVES_OF_TWO.values()), ids=list(SAVES_OF_TWO))
+def test_a_folder_where_a_later_adapters_file_goes_is_found_before_anything_is_written(wrapper_with_two_adapters,
+                                                                                       tmp_path, name, save):
+    """The second adapter's folder holds a folder where one of its files goes: refused before the first
+    adapter (saved first, at the root) is written; the tree is as it was, byte for byte."""
+    (tmp_path / "other" / name).mkdir(parents=True)
+    (tmp_path / "other" / name / "keep").write_text("precious")
+    before = files_state(tmp_path)
+    with pytest.raises(MiniLoraError, match=rf"other/{name} is a folder, where save_adapter writes a file\. Remove it"):
+        save(wrapper_with_two_adapters, tmp_path)
+    assert files_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("save", list(SAVES_OF_TWO.values()), ids=list(SAVES_OF_TWO))
+def test_a_later_adapter_that_cannot_be_saved_is_found_before_anything_is_written(wrapper_with_two_adapters,
+                                                                                  tmp_path, save):
+    """A model check of the second adapter (its config no longer selects its layers) also runs before the
+    first adapter is written: into a new folder, nothing is created."""
+    from minilora.inject import adapter_configs
+
+    adapter_configs(wrapper_with_two_adapters.get_base_model())["other"].target_modules = ["c_proj"]
+    with pytest.raises(MiniLoraError, match=r"target_modules was changed after inject"):
+        save(wrapper_with_two_adapters, tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
