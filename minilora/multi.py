@@ -179,20 +179,19 @@ def _check_known(model: nn.Module, names: list[str], action: str) -> None:
 # Files: PEFT's layout for several adapters
 # --------------------------------------------------------------------------------------------
 def adapter_directory(directory: str | os.PathLike, adapter_name: str) -> Path:
-    """Where ``save_adapters`` puts one adapter: the directory itself for "default", else a sub-directory.
+    """Where ``save_adapters`` puts one adapter, as PEFT's ``save_pretrained`` (``os.path.join``): the
+    directory itself for "default", else ``directory/<name>`` (``a/b``: the folder ``b`` inside ``a``).
 
     Raises:
-        MiniLoraError: if the name is not one folder name (``a/b``, ``/tmp/x``, ``..``): the adapter would be
-            written elsewhere than inside ``directory`` (PEFT would write it there).
+        MiniLoraError: if the name is an absolute path (``/tmp/x``): PEFT writes that adapter there, outside
+            ``directory``; minilora does not. (Names cannot hold dots, so ``..`` cannot climb out.)
     """
     if adapter_name == DEFAULT_ADAPTER:
         return Path(directory)
-    separators = [sep for sep in (os.sep, os.altsep, "/", "\\") if sep]
-    if any(sep in adapter_name for sep in separators) or adapter_name in ("", ".", "..") or \
-            Path(adapter_name).is_absolute() or Path(adapter_name).drive:
-        raise MiniLoraError(f"Adapter name {adapter_name!r} is not a folder name, so its sub-folder would not be inside "
-                            f"{str(directory)!r}. Saving it is refused; rename the adapter (minilora.add_adapter with a "
-                            "name without '/' or '\\'), then save.")
+    if os.path.isabs(adapter_name) or Path(adapter_name).anchor or ".." in Path(adapter_name).parts:
+        raise MiniLoraError(f"Adapter name {adapter_name!r} is a path that leads out of {str(directory)!r}: PEFT's "
+                            "save_pretrained would write this adapter outside the folder it is given. Saving it is "
+                            "refused; rename the adapter (a name that does not start with '/' or '\\'), then save.")
     return Path(directory) / adapter_name
 
 
@@ -207,7 +206,7 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
     Raises:
         MiniLoraError: before writing anything, for anything ``save_adapter`` refuses in any of the adapters
             (a model check, a file where a folder goes, a folder where a file goes), a name that is not an
-            adapter of the model, or a name that is not a folder name.
+            adapter of the model, a name that leads out of ``directory``, or two names that share a folder.
     """
     names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
     _check_known(model, names, "save_adapters")
@@ -225,8 +224,16 @@ def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[st
 
 
 def adapter_directories(directory: str | os.PathLike, names: list[str]) -> list[Path]:
-    """``adapter_directory`` of each name."""
-    return [adapter_directory(directory, name) for name in names]
+    """``adapter_directory`` of each name; two names that land in one folder (``x`` and ``x/``, which PEFT
+    would save one over the other) are refused."""
+    paths = [adapter_directory(directory, name) for name in names]
+    seen: dict[Path, str] = {}
+    for name, path in zip(names, paths):
+        if path in seen:
+            raise MiniLoraError(f"Adapters {seen[path]!r} and {name!r} would both be saved in {path} (the second over "
+                                "the first). Rename one of them, or save them with two calls into two folders.")
+        seen[path] = name
+    return paths
 
 
 # --------------------------------------------------------------------------------------------

@@ -141,24 +141,74 @@ def test_a_file_where_a_sub_folder_should_be_is_found_before_anything_is_written
     assert sorted(os.listdir(tmp_path)) == ["other"] and (tmp_path / "other").read_text() == "precious"
 
 
-@pytest.mark.parametrize("name", ["a/b", "../escaped", "/tmp/minilora-escaped", "a\\b"])
+def two_adapter_wrappers(base, name):
+    """minilora's PeftModel and PEFT's, each with "default" and an adapter named ``name``."""
+    import peft
+
+    ours = get_peft_model(copy.deepcopy(base), CompatLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    ours.add_adapter(name, CompatLoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    theirs.add_adapter(name, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", ["a/b", "a\\b", "x//y", "x/"])
 @pytest.mark.parametrize("how", ["save_adapters", "compat-save_pretrained"])
-def test_an_adapter_name_that_is_not_a_folder_name_is_not_saved(tiny_gpt2, tmp_path, name, how):
-    """PEFT would write such an adapter outside the save folder (os.path.join); minilora refuses, before
-    writing anything. (Names with dots cannot be made at all: they would break parameter names.)"""
-    wrapper = get_peft_model(copy.deepcopy(tiny_gpt2), CompatLoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
-    try:
-        wrapper.add_adapter(name, CompatLoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
-    except MiniLoraError:
-        assert "." in name
-        return
+def test_an_adapter_name_with_slashes_is_saved_where_peft_saves_it(tiny_gpt2, tmp_path, name, how):
+    """PEFT's save_pretrained puts adapter ``a/b`` in ``os.path.join(folder, "a/b")``: the folder ``b`` inside
+    ``a``, inside the save folder (``a\\b`` on POSIX: one folder of that name). minilora writes the same
+    files, and its folder loads back into PEFT with that adapter's weights."""
+    import peft
+
+    ours, theirs = two_adapter_wrappers(tiny_gpt2, name)
+    theirs.save_pretrained(tmp_path / "peft")
+    if how == "save_adapters":
+        minilora.save_adapters(ours.get_base_model(), tmp_path / "ours")
+    else:
+        ours.save_pretrained(tmp_path / "ours")
+    peft_files = {path for path, kind in files_state(tmp_path / "peft").items() if kind != "dir"}
+    if how == "save_adapters":
+        peft_files.discard("README.md")  # (save_adapters writes no model card)
+    assert {path for path, kind in files_state(tmp_path / "ours").items() if kind != "dir"} == peft_files
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_gpt2), tmp_path / "ours", subfolder=name.rstrip("/"))
+    ours_state = {key: value for key, value in ours.get_base_model().state_dict().items() if f".{name}." in key}
+    theirs_state = {key.replace(".default.", f".{name}.").removeprefix("base_model.model."): value
+                    for key, value in loaded.state_dict().items() if "lora_" in key}
+    assert ours_state.keys() == theirs_state.keys() and ours_state
+    assert all(torch.equal(ours_state[key], theirs_state[key]) for key in ours_state)
+
+
+@pytest.mark.parametrize("how", ["save_adapters", "compat-save_pretrained"])
+def test_an_adapter_name_that_leads_out_of_the_folder_is_not_saved(tiny_gpt2, tmp_path, how):
+    """PEFT would write adapter ``/tmp/x`` at /tmp/x itself (os.path.join drops the folder before an absolute
+    path); minilora refuses, before writing anything. (``..`` cannot be a name: names hold no dots.)"""
+    wrapper, _ = two_adapter_wrappers(tiny_gpt2, "/tmp/minilora-escaped")
     target = tmp_path / "save"
-    with pytest.raises(MiniLoraError, match=r"is not a folder name"):
+    with pytest.raises(MiniLoraError, match=r"is a path that leads out of .*save.*rename the adapter"):
         if how == "save_adapters":
             minilora.save_adapters(wrapper.get_base_model(), target)
         else:
             wrapper.save_pretrained(target)
     assert not target.exists() and not Path("/tmp/minilora-escaped").exists()
+
+
+def test_a_failed_write_of_a_nested_adapter_leaves_no_folder(tiny_gpt2, tmp_path, monkeypatch):
+    """Adapter ``a/b`` into a new save folder, the disk full at its weights: the folders ``a`` and ``a/b`` that
+    the write created are gone again; the adapters written before it stay (a save of several is not one step)."""
+    wrapper, _ = two_adapter_wrappers(tiny_gpt2, "a/b")
+    monkeypatch.setattr(os, "fdopen", FailingWrites(3, OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(MiniLoraError, match=r"No space left on device"):
+        minilora.save_adapters(wrapper.get_base_model(), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_two_adapter_names_that_share_a_folder_are_not_saved(tiny_gpt2, tmp_path):
+    """``x`` and ``x/`` land in one folder (PEFT saves the second over the first): refused before writing."""
+    wrapper, _ = two_adapter_wrappers(tiny_gpt2, "x")
+    wrapper.add_adapter("x/", CompatLoraConfig(r=2, lora_alpha=4, target_modules=["c_fc"]))
+    with pytest.raises(MiniLoraError, match=r"Adapters 'x' and 'x/' would both be saved in .*x \(the second over"):
+        wrapper.save_pretrained(tmp_path / "save")
+    assert not (tmp_path / "save").exists()
 
 
 @pytest.mark.parametrize("subfolder", ["../outside", "/tmp", "a/../../outside"])
