@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from .config import LoraConfig, MiniLoraError
-from .files import TEMP_SUFFIX, _sync_directory, check_writable, remove_abandoned_temporaries, write_error_hint
+from .files import (TEMP_SUFFIX, _sync_directory, check_writable, remove_abandoned_temporaries, write_error_hint,
+                    write_problem)
 from .inject import inject, lora_layers, merge_and_unload
 from .models import DEFAULT_MODEL, load_model
 from .params import layer_table, trainable_parameters_line
@@ -118,7 +119,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to write into it.")
-    check_writable(out_dir, "OUT_DIR", directory=True)
+    check_merge_writable(out_dir)
     model = load_adapted(args.adapter_dir, args.model)
     layers = len(list(lora_layers(model)))
     progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
@@ -137,6 +138,27 @@ def run_merge(args: argparse.Namespace) -> None:
     print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
 
 
+def writes_in_place(out_dir: str) -> bool:
+    """Whether merge writes its files into ``out_dir`` itself (--force into a folder that holds files, or a
+    symlink to a folder), rather than into a temporary folder next to it (``complete_or_absent``)."""
+    return os.path.islink(out_dir) or (os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
+
+
+def check_merge_writable(out_dir: str) -> None:
+    """Raise MiniLoraError, before any work, if merge could not write where it will: into ``out_dir``
+    itself, or (a new or empty OUT_DIR) into the folder that holds it, where the temporary folder is
+    made and renamed to OUT_DIR."""
+    if writes_in_place(out_dir):
+        check_writable(out_dir, "OUT_DIR", directory=True)
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    problem = write_problem(parent, directory=True)
+    if problem:
+        raise MiniLoraError(f"OUT_DIR {out_dir!r} cannot be written: the merged model is written into a temporary "
+                            f"folder in {parent!r}, then renamed to OUT_DIR, and that folder cannot be written "
+                            f"({problem}). Pass an OUT_DIR in a directory you can write to.")
+
+
 @contextlib.contextmanager
 def complete_or_absent(out_dir: str):
     """Yield the folder to write a model into. A new (or empty) ``out_dir`` is written as a hidden
@@ -144,7 +166,7 @@ def complete_or_absent(out_dir: str):
     ``out_dir`` rather than a half-written model (a config.json without its weights loads with random
     weights). With --force into a folder that holds files, or into a symlink to a folder, the files are
     written there, one by one."""
-    if os.path.islink(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir)):
+    if writes_in_place(out_dir):
         yield out_dir
         return
     parent = os.path.dirname(os.path.abspath(out_dir))

@@ -198,24 +198,28 @@ def check_writable(path: str | os.PathLike, what: str, directory: bool = False, 
     or ``parents`` for a file's folders) is judged by its nearest existing parent."""
     from .config import MiniLoraError
 
-    path = Path(path).expanduser()
-    if not directory and path.is_dir():
-        problem = "it is a directory"
-    elif directory and path.exists() and not path.is_dir():
-        problem = "it is a file"
-    else:
-        folder = path if directory else path.parent
-        while (directory or parents) and not folder.exists() and folder != folder.parent:
-            folder = folder.parent  # save_pretrained / mkdir create the missing ones
-        problem = None if folder.is_dir() else f"{folder} is not a directory" if folder.exists() \
-            else f"directory {folder} does not exist"
-        if problem is None:
-            probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-            try:
-                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-                probe.unlink()
-            except OSError as error:
-                problem = error.strerror or str(error)
+    problem = write_problem(path, directory, parents)
     if problem:
         raise MiniLoraError(f"{what} {str(path)!r} cannot be written ({problem}). Pass a path in a directory you "
                             "can write to.")
+
+
+def write_problem(path: str | os.PathLike, directory: bool = False, parents: bool = False) -> str | None:
+    """Why ``path`` could not be written (``check_writable``'s probe), or None if it can."""
+    path = Path(path).expanduser()
+    if not directory and path.is_dir():
+        return "it is a directory"
+    if directory and path.exists() and not path.is_dir():
+        return "it is a file"
+    folder = path if directory else path.parent
+    while (directory or parents) and not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save_pretrained / mkdir create the missing ones
+    if not folder.is_dir():
+        return f"{folder} is not a directory" if folder.exists() else f"directory {folder} does not exist"
+    probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None

@@ -4,6 +4,7 @@ exit status 2, and nothing started before the input is checked (no progress line
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import pytest
@@ -44,6 +45,27 @@ def test_merge_out_dir_is_checked_before_loading(tiny_dir, capsys):
     model_dir, adapter = tiny_dir
     assert minilora_main(["merge", str(adapter), "/proc/x/merged", "--model", str(model_dir)]) == 2
     assert "OUT_DIR '/proc/x/merged' cannot be written" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root: chmod does not stop root writing")
+@pytest.mark.parametrize("out_dir", ["absent", "empty"])
+def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path, capsys, out_dir):
+    """A new or empty OUT_DIR is written as a temporary folder next to it, then renamed: OUT_DIR's parent
+    must be writable. A read-only parent is one error line before any work (no progress line), not a
+    failed rename after the merge; nothing changes on disk."""
+    model_dir, adapter = tiny_dir
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    if out_dir == "empty":
+        (parent / "merged").mkdir()
+    parent.chmod(0o555)
+    try:
+        assert minilora_main(["merge", str(adapter), str(parent / "merged"), "--model", str(model_dir)]) == 2
+        line = one_error_line(capsys)
+        assert f"OUT_DIR '{parent / 'merged'}' cannot be written" in line and f"temporary folder in '{parent}'" in line
+        assert sorted(os.listdir(parent)) == (["merged"] if out_dir == "empty" else [])
+    finally:
+        parent.chmod(0o755)
 
 
 def test_model_path_that_does_not_exist_says_so(capsys):
