@@ -26,6 +26,13 @@ Anything else (a different number, a different set of layers, an exception other
 MiniLoraError, PEFT refusing what minilora runs) is a finding. minilora refusing what PEFT runs is
 reported as a *refusal* so that it can be checked against the documented scope.
 
+``run_scenario`` returns a ``Trace``: every step run on both sides, in order, with its outcome
+("equal": compared, no difference; "ran": both ran, its effect compared by the steps after it; "both
+refused (MiniLoraError / KeyError)": minilora's and PEFT's exception types; "stop: ...": a documented
+difference ends the scenario), and how many comparisons of numbers passed. A scenario where both
+sides refuse early compares nothing: the tests count those, so that a minilora that refuses
+everything cannot pass.
+
 Known differences, left out of the comparison on purpose (each documented or reported):
 - merging a target whose weight is tied (lm_head and the input embedding): minilora unties it, PEFT
   merges into the shared weight (README); the scenario stops there;
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import copy
 import io
 import json
@@ -82,6 +90,44 @@ class Finding(AssertionError):
 
 class Refusal(Exception):
     """minilora refused (MiniLoraError) where PEFT ran: acceptable only for documented scope."""
+
+
+@dataclass
+class Trace:
+    """What a scenario ran: (step, outcome) in order, and how many comparisons of numbers passed
+    (outputs, gradients, parameters, file tensors). Outcomes: "equal", "ran", "both refused (A / B)",
+    "stop: why"."""
+
+    steps: list[tuple[str, str]] = field(default_factory=list)
+    numbers: int = 0
+
+    def ran(self, step: str) -> None:
+        self.steps.append((step, "ran"))
+
+    def refused(self, step: str, mini_error: BaseException, peft_error: BaseException) -> None:
+        self.steps.append((step, f"both refused ({type(mini_error).__name__} / {type(peft_error).__name__})"))
+
+    def stop(self, step: str, why: str) -> None:
+        self.steps.append((step, f"stop: {why}"))
+
+    def equal(self, step: str, numbers: bool = False) -> None:
+        """``step`` was compared with PEFT's and agrees: its "ran" entry becomes "equal" (or a new entry)."""
+        if self.steps and self.steps[-1][0] == step and self.steps[-1][1] in ("ran", "equal"):
+            self.steps[-1] = (step, "equal")
+        else:
+            self.steps.append((step, "equal"))
+        self.numbers += numbers
+
+
+_TRACE: contextvars.ContextVar[Trace] = contextvars.ContextVar("differential_trace")
+
+
+def trace() -> Trace:
+    """The trace of the scenario being run (a throwaway one outside ``run_scenario``)."""
+    try:
+        return _TRACE.get()
+    except LookupError:
+        return Trace()
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,11 +321,13 @@ def compare_tensors(step: str, mini: list, peft_: list, rtol: float = 0.0) -> No
             if diff > rtol * scale:
                 raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}, relative {diff / scale:.2e} "
                               f"> {rtol})")
+    trace().equal(step, numbers=bool(mini))
 
 
 def run_both(step: str, mini_call: Callable[[], Any], peft_call: Callable[[], Any]) -> tuple[Any, Any, bool]:
     """(minilora's result, PEFT's result, ran): both raising is fine (``ran`` False) when minilora's
-    is a MiniLoraError or the same exception type; one raising alone is a finding or a refusal."""
+    is a MiniLoraError or the same exception type; one raising alone is a finding or a refusal. The
+    outcome goes into the scenario's trace ("ran", or "both refused (A / B)")."""
     from minilora import MiniLoraError
 
     mini_error = peft_error = None
@@ -293,9 +341,11 @@ def run_both(step: str, mini_call: Callable[[], Any], peft_call: Callable[[], An
     except Exception as error:  # noqa: BLE001
         peft_error = error
     if mini_error is None and peft_error is None:
+        trace().ran(step)
         return mini_result, peft_result, True
     if mini_error is not None and peft_error is not None:
         if isinstance(mini_error, MiniLoraError) or type(mini_error) is type(peft_error):
+            trace().refused(step, mini_error, peft_error)
             return None, None, False
         raise Finding(f"{step}: both raise, minilora a {type(mini_error).__name__} (not a MiniLoraError): "
                       f"{mini_error}; PEFT: {type(peft_error).__name__}: {peft_error}") from mini_error
@@ -345,6 +395,7 @@ def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
     modes = [name for name in mini_modes if name in peft_modes and mini_modes[name] != peft_modes[name]]
     if modes:
         raise Finding(f"{step}: train/eval mode differs on {modes[:5]} (minilora {[mini_modes[n] for n in modes[:3]]})")
+    trace().equal(step)
 
 
 def compare_values(step: str, mini: nn.Module, twin: nn.Module) -> None:
@@ -352,6 +403,7 @@ def compare_values(step: str, mini: nn.Module, twin: nn.Module) -> None:
     for key, value in mini.state_dict().items():
         if not torch.equal(value, peft_state[key]):
             raise Finding(f"{step}: {key} differs from PEFT's")
+    trace().equal(step, numbers=True)
 
 
 def same_values(mini: nn.Module, twin: nn.Module, seed: int) -> None:
@@ -405,6 +457,7 @@ def compare_backward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) 
         if not torch.equal(grad, peft_grads[name]):
             diff = (grad.double() - peft_grads[name].double()).abs().max().item()
             raise Finding(f"{step}: grad of {name} differs (max abs {diff:.3e})")
+    trace().equal(step, numbers=bool(mini_grads))
 
 
 def compare_train_step(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
@@ -457,6 +510,7 @@ def compare_files(step: str, mini_dir: Path, peft_dir: Path) -> None:
                 "peft_version", "megatron_core", "qalora_group_size")}
             if extra:
                 raise Finding(f"{step}: {name}: PEFT writes fields minilora leaves out: {extra}")
+    trace().equal(step, numbers=any(name.endswith(".safetensors") for name in mini_files))
 
 
 def _saved_embedding_weight(key: str) -> bool:
@@ -479,9 +533,19 @@ def quiet():
             yield
 
 
-def run_scenario(scenario: Scenario) -> list[str]:
-    """Run ``scenario`` with PEFT and with minilora.compat; returns the steps run. Raises Finding on a
-    difference, Refusal when minilora refuses what PEFT runs."""
+def run_scenario(scenario: Scenario) -> Trace:
+    """Run ``scenario`` with PEFT and with minilora.compat; returns what ran (``Trace``). Raises Finding
+    on a difference, Refusal when minilora refuses what PEFT runs."""
+    recorded = Trace()
+    token = _TRACE.set(recorded)
+    try:
+        _run_scenario(scenario, recorded)
+    finally:
+        _TRACE.reset(token)
+    return recorded
+
+
+def _run_scenario(scenario: Scenario, record: Trace) -> None:
     import peft
 
     from minilora import compat
@@ -489,7 +553,6 @@ def run_scenario(scenario: Scenario) -> list[str]:
     spec = ARCHITECTURES[scenario.arch]
     base = build_base(spec, scenario.head)
     inputs = model_inputs(spec, scenario.head, scenario.seed)
-    steps = []
     with quiet():
         mini_base, peft_base = copy.deepcopy(base), copy.deepcopy(base)
 
@@ -499,7 +562,7 @@ def run_scenario(scenario: Scenario) -> list[str]:
         mini_config, peft_config, ran = run_both("LoraConfig", lambda: make(compat, scenario.config),
                                                  lambda: make(peft, scenario.config))
         if not ran:
-            return ["LoraConfig refused by both"]
+            return
         torch.manual_seed(scenario.seed)
         mini_call = lambda: compat.get_peft_model(mini_base, mini_config)  # noqa: E731
 
@@ -509,8 +572,7 @@ def run_scenario(scenario: Scenario) -> list[str]:
 
         mini, twin, ran = run_both("get_peft_model", mini_call, peft_call)
         if not ran:
-            return ["get_peft_model refused by both"]
-        steps.append("get_peft_model")
+            return
         if type(mini).__name__ != type(twin).__name__:
             raise Finding(f"get_peft_model: {type(mini).__name__} vs PEFT's {type(twin).__name__}")
         compare_structure("get_peft_model", mini, twin)
@@ -520,17 +582,15 @@ def run_scenario(scenario: Scenario) -> list[str]:
                           f"{twin.get_nb_trainable_parameters()}")
         _compare_printed(mini, twin)
         _compare_config("peft_config", mini.peft_config["default"], twin.peft_config["default"])
+        record.equal("counts and config")
         same_values(mini, twin, scenario.seed)
         compare_forward("forward eval", mini, twin, inputs)
-        steps.append("forward")
         if scenario.ops.get("train_forward"):
             compare_forward("forward train", mini, twin, inputs, train=True)
         if scenario.ops.get("backward"):
             compare_backward("backward", mini, twin, inputs)
-            steps.append("backward")
         if scenario.ops.get("train_step"):
             compare_train_step("AdamW step", mini, twin, inputs)
-            steps.append("train_step")
         if scenario.second is not None:
             second_mini, second_peft, ran = run_both("LoraConfig (second)", lambda: make(compat, scenario.second),
                                                      lambda: make(peft, scenario.second))
@@ -544,9 +604,8 @@ def run_scenario(scenario: Scenario) -> list[str]:
 
                 _, _, ran = run_both("add_adapter", mini_call, peft_call)
                 if not ran:  # both refused; PEFT may have put the adapter into some layers before it raised
-                    return steps + ["add_adapter refused by both"]
+                    return
                 if ran:
-                    steps.append("add_adapter")
                     compare_structure("add_adapter", mini, twin)
                     compare_values("add_adapter init", mini, twin)
                     _, _, ran = run_both("set_adapter", lambda: mini.set_adapter("other"),
@@ -562,9 +621,8 @@ def run_scenario(scenario: Scenario) -> list[str]:
             if ran and any(getattr(layer, "tied_to", None) for _, layer in lora_layers(mini)):
                 # documented difference (README): minilora unties a tied target to merge it; PEFT merges into the
                 # shared weight (the input embedding too), so its merged outputs are not its unmerged ones
-                return steps + ["merge_adapter on a tied weight (documented difference)"]
+                return record.stop("merge_adapter", "a tied weight (documented difference)")
             if ran:
-                steps.append("merge_adapter")
                 compare_forward("forward merged", mini, twin, inputs, rtol=1e-5)
                 run_both("unmerge_adapter", mini.unmerge_adapter, twin.unmerge_adapter)
                 compare_forward("forward unmerged", mini, twin, inputs, rtol=1e-5)
@@ -579,22 +637,20 @@ def run_scenario(scenario: Scenario) -> list[str]:
                 compare_structure("after disable_adapter", mini, twin)
         if scenario.ops.get("files"):
             _compare_save_load(scenario, mini, twin, base, inputs)
-            steps.append("files")
         if scenario.ops.get("merge_and_unload"):
             compare_forward("before merge_and_unload", mini, twin, inputs, rtol=1e-5)
             if any(getattr(layer, "tied_to", None) for _, layer in lora_layers(mini)):
-                return steps + ["merge_and_unload on a tied weight (documented difference)"]
+                return record.stop("merge_and_unload", "a tied weight (documented difference)")
             a, b, ran = run_both("merge_and_unload", mini.merge_and_unload, twin.merge_and_unload)
             if ran:
-                steps.append("merge_and_unload")
                 if type(a).__name__ != type(b).__name__:
                     raise Finding(f"merge_and_unload returns {type(a).__name__} vs PEFT's {type(b).__name__}")
                 if set(a.state_dict()) != set(b.state_dict()):
                     raise Finding(f"merge_and_unload state_dict keys: minilora only "
                                   f"{sorted(set(a.state_dict()) - set(b.state_dict()))[:5]}, PEFT only "
                                   f"{sorted(set(b.state_dict()) - set(a.state_dict()))[:5]}")
+                record.equal("merge_and_unload")
                 compare_forward("forward after merge_and_unload", a, b, inputs, rtol=1e-5)
-    return steps
 
 
 def _compare_printed(mini: nn.Module, twin: nn.Module) -> None:
@@ -645,7 +701,8 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
             reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir).eval()
             with torch.no_grad():
                 expected = forward(reference, inputs)
-        except Exception:  # noqa: BLE001 - PEFT cannot load or run its own files here: nothing to compare with
+        except Exception as error:  # noqa: BLE001 - PEFT cannot load or run its own files: nothing to compare with
+            trace().stop("PEFT loads its own files", f"PEFT cannot ({type(error).__name__})")
             return
         loaded_mini, loaded_peft, ran = run_both(
             "from_pretrained", lambda: compat.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir),
@@ -690,9 +747,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.arch and scenario.arch != args.arch:
             continue
         try:
-            steps = run_scenario(scenario)
+            done = run_scenario(scenario)
             if args.verbose:
-                print(f"ok {index}: {scenario} -> {steps}", flush=True)
+                print(f"ok {index}: {scenario} -> {done.steps} ({done.numbers} comparisons of numbers)",
+                      flush=True)
         except Finding as finding:
             key = re.sub(r"[\d.e+-]{3,}", "#", str(finding))[:160]
             findings.setdefault(key, []).append(f"{index}: {scenario}")
