@@ -93,6 +93,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
         )
     for layer in layers:
         release_concatenated_weight(layer)
+        layer._concatenated = None  # (built below, with concatenate)
         store_B(layer, transposed=False)
         layer.forward_override = None
         if path == "merged" and not layer.merged:
@@ -306,7 +307,15 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     Without gradients or dropout, and with one adapter active, the concatenated weight does it in
     one big matmul and one rank-r accumulate (``concatenated_forward``); otherwise the base matmul,
     ``x A^T`` and the accumulate (``addmm_forward``), which is also how it trains.
+
+    The first test is the common case of inference (``torch.no_grad`` or ``inference_mode``, eval
+    mode, the buffer current) in as few steps as it can be: at one token per call this function's
+    own work is a visible part of a decode step (module docstring).
     """
+    built = layer._concatenated
+    if (built is not None and not torch.is_grad_enabled() and not layer.training and not layer.merged_adapters
+            and not layer.disabled and _is_current(layer, built)):
+        return concatenated_forward(layer, x, built)
     if layer.merged or layer.disabled:
         return layer.base_layer(x)
     if True in layer.lora_bias.values():  # an adapter with lora_bias added after set_forward_path (~0.1 us)
