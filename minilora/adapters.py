@@ -11,6 +11,9 @@ the other's files:
 In memory the same tensors are ``<layer>.lora_A.<adapter>.weight`` (PEFT's in-memory names too); a
 file holds one adapter, so its keys drop the adapter's name, as PEFT's files do.
 
+Where PEFT also saves the embedding layers' own weights (an adapter on ``lm_head``, a resized
+vocabulary: ``save_embedding_layers``), so does ``save_adapter``, under PEFT's keys (saved_embeddings.py).
+
 Older PEFT releases wrote ``adapter_model.bin`` (a ``torch.save`` pickle) instead; ``load_adapter``
 reads it too. W0 is not in the files: it comes from the base model the adapter is loaded into, and
 ``h = W0 x + scaling * B A x`` needs only ``A``, ``B`` and ``scaling = lora_alpha / r``.
@@ -47,6 +50,7 @@ from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, confi
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
                             read_adapter_files, refuse_unpaired_config)
 from .compat_tying import check_saved_tying
+from .saved_embeddings import saved_embedding_state
 from .config import LoraConfig, MiniLoraError
 from .files import (commit, discard, remove_abandoned_temporaries, remove_atomically, stage, weights_metadata,
                     write_error_hint)
@@ -82,14 +86,18 @@ def minilora_key(key: str, adapter: str = "default") -> str:
 # Saving
 # --------------------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
-                       adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+                       adapter_name: str = DEFAULT_ADAPTER, save_embedding_layers: bool | str = "auto",
+                       ) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds, under PEFT's keys: A and B of every LoRA layer, plus the
-    biases when the config trains them (``bias="all"``: every bias; ``"lora_only"``: the wrapped layers').
+    biases when the config trains them (``bias="all"``: every bias; ``"lora_only"``: the wrapped layers'),
+    plus the embedding layers' own weights where PEFT saves them (saved_embeddings.py).
 
     Args:
         state_dict: take the values from here instead of ``model.state_dict()`` (``transformers.Trainer``
             passes one); the keys are minilora's, i.e. the model's own.
         adapter_name: which adapter; its name is left out of the keys, as in PEFT's files.
+        save_embedding_layers: PEFT's argument: "auto" (an embedding layer is a target, or the
+            vocabulary was resized: with PEFT's warning), True or False.
     """
     config = saved_config(model, adapter_name)
     state = model.state_dict() if state_dict is None else state_dict
@@ -110,11 +118,14 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     tensors = {PEFT_PREFIX + key: state[name] for name, key in lora.items()}
     saved = saved_state(model, state, adapter_name)  # modules_to_save: this adapter's copies
     tensors.update({PEFT_PREFIX + key: value for key, value in saved.items()})
+    embeddings = saved_embedding_state(model, state, config, adapter_name, save_embedding_layers)
+    tensors.update({PEFT_PREFIX + file_key(key, adapter): value for key, value in embeddings.items()})
     return tensors
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
-                 state_dict: Mapping[str, torch.Tensor] | None = None, adapter_name: str = DEFAULT_ADAPTER) -> None:
+                 state_dict: Mapping[str, torch.Tensor] | None = None, adapter_name: str = DEFAULT_ADAPTER,
+                 save_embedding_layers: bool | str = "auto") -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``, as PEFT does.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` loads the result without warnings and gives
@@ -130,17 +141,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
         safe_serialization: False writes the older ``adapter_model.bin`` (a ``torch.save`` pickle).
         state_dict: see ``adapter_state_dict``.
         adapter_name: which adapter of the model to save (minilora.save_adapters writes several).
+        save_embedding_layers: see ``adapter_state_dict``: PEFT's default "auto" also saves the base
+            weight of a targeted lm_head, or both embedding layers of a resized vocabulary.
 
     Raises:
         MiniLoraError: if the model has no minilora layers, its layers no longer agree with its config,
-            or the directory cannot be written.
+            an embedding layer to save is in modules_to_save, or the directory cannot be written.
     """
-    prepare_save(model, directory, safe_serialization, state_dict, adapter_name).write()
+    prepare_save(model, directory, safe_serialization, state_dict, adapter_name, save_embedding_layers).write()
 
 
 def prepare_save(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
                  state_dict: Mapping[str, torch.Tensor] | None = None,
-                 adapter_name: str = DEFAULT_ADAPTER) -> PreparedSave:
+                 adapter_name: str = DEFAULT_ADAPTER, save_embedding_layers: bool | str = "auto") -> PreparedSave:
     """Every check of ``save_adapter`` (the model, the folder), and the bytes of both files; writes nothing.
 
     Raises:
@@ -149,7 +162,7 @@ def prepare_save(model: nn.Module, directory: str | os.PathLike, safe_serializat
     config = saved_config(model, adapter_name)
     # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
     # torch.save would write the whole buffer that a view points into.
-    taken = adapter_state_dict(model, state_dict, adapter_name)
+    taken = adapter_state_dict(model, state_dict, adapter_name, save_embedding_layers)
     check_not_sharded(taken)
     tensors = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in taken.items()}
     directory = Path(directory)

@@ -451,9 +451,6 @@ class PeftModel(nn.Module):
             raise MiniLoraError("save_pretrained: path_initial_model_for_weight_conversion is for PiSSA / OLoRA / "
                                 "CorDA adapters, which minilora does not have.")
         state_dict = kwargs.pop("state_dict", None)
-        if save_embedding_layers is True:
-            raise MiniLoraError("save_embedding_layers=True saves resized or trained embedding layers with the "
-                                "adapter; minilora adapts linear layers only and does not save embeddings.")
         if kwargs:
             raise MiniLoraError(f"save_pretrained: minilora takes no {sorted(kwargs)} (pushing to a hub is out of "
                                 "scope: use huggingface_hub's upload_folder on the saved directory).")
@@ -468,7 +465,8 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         saves = multi.prepare_saves(self.get_base_model(), save_directory, names, safe_serialization=safe_serialization,
-                                    state_dict=state_dict)  # (every adapter checked before anything is written)
+                                    state_dict=state_dict, save_embedding_layers=save_embedding_layers)
+        # (every adapter checked, its warnings given, before anything is written)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_model_card(self.get_base_model(), Path(save_directory))
         for save in saves:

@@ -44,15 +44,13 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[Mapping[str
                               save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
     """The tensors of adapter ``adapter_name`` under PEFT's file keys (``base_model.model.<layer>.lora_A.weight``:
     no adapter name), as ``save_pretrained`` writes them. ``state_dict`` (the wrapper's keys or your
-    model's) supplies the values, as with DeepSpeed or FSDP."""
-    if save_embedding_layers is True:
-        raise MiniLoraError("save_embedding_layers=True saves resized or trained embedding layers with the adapter; "
-                            "minilora adapts linear layers only and does not save embeddings.")
+    model's) supplies the values, as with DeepSpeed or FSDP. ``save_embedding_layers`` ("auto", True,
+    False) adds the embedding layers' own weights where PEFT does, with its warnings (saved_embeddings.py)."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
     if state_dict is not None:
         state_dict = {key.removeprefix(WRAPPER_PREFIX): value for key, value in state_dict.items()}
-    tensors = adapters.adapter_state_dict(model_inside(model), state_dict, adapter_name)
+    tensors = adapters.adapter_state_dict(model_inside(model), state_dict, adapter_name, save_embedding_layers)
     return {_key_prefix(model) + key.removeprefix(WRAPPER_PREFIX): value for key, value in tensors.items()}
 
 

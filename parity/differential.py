@@ -36,8 +36,7 @@ everything cannot pass.
 Known differences, left out of the comparison on purpose (each documented or reported):
 - merging a target whose weight is tied (lm_head and the input embedding): minilora unties it, PEFT
   merges into the shared weight (README); the scenario stops there;
-- adapter files: PEFT also writes the base weight of a targeted lm_head / embed_tokens
-  (save_embedding_layers="auto"), and with bias="all" the biases inside modules_to_save wrappers;
+- adapter files: with bias="all" PEFT also writes the biases inside modules_to_save wrappers;
   those keys are not compared (loading each other's files still is);
 - a step where both libraries raise ends the comparison of that step (PEFT may leave a half-changed
   model behind; minilora changes nothing before it refuses).
@@ -488,8 +487,8 @@ def compare_files(step: str, mini_dir: Path, peft_dir: Path) -> None:
     for name in mini_files:
         if name.endswith(".safetensors"):
             a, b = load_file(mini_dir / name), load_file(peft_dir / name)
-            a = {key: value for key, value in a.items() if not _saved_embedding_weight(key)}
-            b = {key: value for key, value in b.items() if not _saved_embedding_weight(key)}
+            a = {key: value for key, value in a.items() if not _only_peft_writes(key)}
+            b = {key: value for key, value in b.items() if not _only_peft_writes(key)}
             if a.keys() != b.keys():
                 raise Finding(f"{step}: {name} keys: minilora only {sorted(a.keys() - b.keys())[:5]}, PEFT only "
                               f"{sorted(b.keys() - a.keys())[:5]}")
@@ -513,12 +512,11 @@ def compare_files(step: str, mini_dir: Path, peft_dir: Path) -> None:
     trace().equal(step, numbers=any(name.endswith(".safetensors") for name in mini_files))
 
 
-def _saved_embedding_weight(key: str) -> bool:
-    """Keys only PEFT writes (reported differences; loading is checked separately): with
-    save_embedding_layers="auto" and lm_head or embed_tokens among the targets, that layer's base weight;
-    with bias="all", the biases inside every modules_to_save wrapper (its original's, its copies')."""
-    return bool(re.search(r"(^|\.)(lm_head|embed_tokens)\.base_layer\.(weight|bias)$", key)
-                or re.search(r"\.(original_module|modules_to_save)\..*bias$", key))
+def _only_peft_writes(key: str) -> bool:
+    """Keys only PEFT writes (reported differences; loading is checked separately): with bias="all",
+    the biases inside every modules_to_save wrapper (its original's, its copies'). (The embedding
+    layers' weights of save_embedding_layers="auto" are written by both, and compared.)"""
+    return bool(re.search(r"\.(original_module|modules_to_save)\..*bias$", key))
 
 
 def _unused(value: Any) -> bool:

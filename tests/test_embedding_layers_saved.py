@@ -1,0 +1,220 @@
+"""save_embedding_layers (minilora/saved_embeddings.py) next to PEFT: where PEFT's adapter files hold
+the embedding layers' own weights (an adapter on lm_head; a resized vocabulary; True), minilora's hold
+the same keys and tensors (bitwise), with the same warnings, and each library loads the other's files
+to the same outputs. Tiny GPT-2s: tied (lm_head is wte), untied, and resized (loaded from a local
+directory, vocabulary 64 -> 70, so that "auto" finds the change in the saved config.json)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+import minilora
+from minilora import MiniLoraError, compat
+from minilora.models import tiny_gpt2
+from minilora.saved_embeddings import NO_BASE_CONFIG, NOT_TRANSFORMERS, RESIZED, TARGETED
+
+TARGETS = {"lm_head": ["c_attn", "lm_head"], "regex": r".*\.c_attn|lm_head", "none": ["c_attn"]}
+KINDS = ["tied", "untied", "resized"]
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    """A tiny GPT-2 saved to a local directory: the base model_name_or_path that "auto" compares with."""
+    path = tmp_path_factory.mktemp("base")
+    tiny_gpt2().save_pretrained(path)
+    return str(path)
+
+
+def base(kind: str, saved: str) -> nn.Module:
+    """A fresh base model of ``kind``; the same values on every call."""
+    if kind == "tied":
+        return tiny_gpt2()
+    if kind == "untied":
+        return tiny_gpt2(tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved).eval()
+    torch.manual_seed(3)
+    model.resize_token_embeddings(70)  # (new rows drawn from the generator: seeded)
+    return model
+
+
+def train_like(model: nn.Module) -> None:
+    """What training leaves: every B non-zero, and the embedding rows changed (a resized vocabulary's
+    new rows are trained), the same on twins whatever the library."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=generator) * 0.01)
+
+
+def wrapped(lib, kind: str, saved: str, targets, **fields) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (tying and fan_in_fan_out warnings: tested elsewhere)
+        model = lib.get_peft_model(base(kind, saved), lib.LoraConfig(target_modules=targets, r=4, **fields))
+    train_like(model)
+    return model
+
+
+def recorded(call) -> tuple[object, list[tuple[type, str]]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [(w.category, str(w.message)) for w in caught if not issubclass(w.category, FutureWarning)]
+
+
+def assert_same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+# --------------------------------------------------------------------------------------------
+# Saving: the same keys, tensors and warnings as PEFT
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True, False])
+@pytest.mark.parametrize("targets", list(TARGETS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_pretrained_writes_what_peft_writes(kind, targets, save_embedding_layers, saved_base, tmp_path):
+    files, said = {}, {}
+    for lib in (peft, compat):
+        model = wrapped(lib, kind, saved_base, TARGETS[targets])
+        _, said[lib] = recorded(lambda: model.save_pretrained(tmp_path / lib.__name__,
+                                                              save_embedding_layers=save_embedding_layers))
+        files[lib] = load_file(tmp_path / lib.__name__ / WEIGHTS)
+    assert_same_tensors(files[compat], files[peft])
+    assert said[compat] == said[peft]
+    extra = sorted(key for key in files[peft] if ".lora_" not in key)
+    embedded = save_embedding_layers is True or (save_embedding_layers == "auto" and (
+        targets != "none" or kind == "resized"))
+    if not embedded:
+        assert extra == [] and said[peft] == []
+    elif targets != "none":  # a targeted lm_head: its base weight only
+        assert extra == ["base_model.model.lm_head.base_layer.weight"]
+    else:  # both embedding layers, whole (tied: the same values twice)
+        assert extra == ["base_model.model.lm_head.weight", "base_model.model.transformer.wte.weight"]
+    if save_embedding_layers == "auto" and embedded:
+        assert said[peft] == [(UserWarning, TARGETED if targets != "none" else RESIZED)]
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_peft_model_state_dict_as_peft(kind, save_embedding_layers, saved_base):
+    theirs, ours = (wrapped(lib, kind, saved_base, TARGETS["lm_head"]) for lib in (peft, compat))
+    expected, their_words = recorded(lambda: peft.get_peft_model_state_dict(
+        theirs, save_embedding_layers=save_embedding_layers))
+    got, our_words = recorded(lambda: compat.get_peft_model_state_dict(
+        ours, save_embedding_layers=save_embedding_layers))
+    assert list(got) == list(expected) and our_words == their_words
+    assert_same_tensors(got, expected)
+    given = {key: value * 2 for key, value in theirs.state_dict().items()}  # Trainer passes its own state dict
+    assert_same_tensors(compat.get_peft_model_state_dict(ours, state_dict=given, save_embedding_layers=True),
+                        peft.get_peft_model_state_dict(theirs, state_dict=given, save_embedding_layers=True))
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_save_adapter_writes_what_peft_writes(kind, save_embedding_layers, saved_base, tmp_path):
+    """minilora.save_adapter takes the same argument, with PEFT's default "auto"."""
+    theirs = wrapped(peft, kind, saved_base, TARGETS["lm_head"])
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=save_embedding_layers)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = minilora.inject(base(kind, saved_base), minilora.LoraConfig(target_modules=TARGETS["lm_head"], r=4))
+    train_like(ours)
+    _, said = recorded(lambda: minilora.save_adapter(ours, tmp_path / "ours",
+                                                     save_embedding_layers=save_embedding_layers))
+    assert_same_tensors(load_file(tmp_path / "ours" / WEIGHTS), load_file(tmp_path / "peft" / WEIGHTS))
+    assert said == ([(UserWarning, TARGETED)] if save_embedding_layers == "auto" else [])
+
+
+def test_two_adapters_each_save_their_own(saved_base, tmp_path):
+    """PEFT decides per adapter: "default" targets lm_head and saves its base weight, "other" does not."""
+    for lib in (peft, compat):
+        model = wrapped(lib, "untied", saved_base, TARGETS["lm_head"])
+        torch.manual_seed(5)
+        model.add_adapter("other", lib.LoraConfig(target_modules=["c_attn"], r=2))
+        _, said = recorded(lambda: model.save_pretrained(tmp_path / lib.__name__))
+        assert said == [(UserWarning, TARGETED)], lib.__name__
+    for folder in ("", "other"):
+        assert_same_tensors(load_file(tmp_path / "minilora.compat" / folder / WEIGHTS),
+                            load_file(tmp_path / "peft" / folder / WEIGHTS))
+    assert "base_model.model.lm_head.base_layer.weight" not in load_file(tmp_path / "peft" / "other" / WEIGHTS)
+
+
+def test_auto_without_the_base_config_warns_as_peft(tmp_path):
+    """base_model_name_or_path names no local config.json and the hub is offline (as in every test):
+    PEFT warns that it assumes an unchanged vocabulary, and saves no embeddings."""
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    said = {}
+    for lib in (peft, compat):
+        model = tiny_gpt2()
+        model.name_or_path = str(tmp_path / "gone")  # (a directory deleted since the model was loaded)
+        model = lib.get_peft_model(model, lib.LoraConfig(target_modules=["c_attn"]))
+        _, said[lib] = recorded(lambda: model.save_pretrained(tmp_path / lib.__name__))
+        assert sorted(load_file(tmp_path / lib.__name__ / WEIGHTS)) == sorted(
+            load_file(tmp_path / "peft" / WEIGHTS))
+    assert said[compat] == said[peft] == [(UserWarning, NO_BASE_CONFIG.format(tmp_path / "gone"))]
+
+
+class NotTransformers(nn.Module):
+    """No get_input_embeddings: PEFT cannot find the embedding layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.lm_head = nn.Linear(4, 4), nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.lm_head(self.body(x))
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True])
+def test_a_model_without_embedding_accessors_warns_as_peft(save_embedding_layers):
+    results = {}
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(NotTransformers(), lib.LoraConfig(target_modules=["body", "lm_head"]))
+        results[lib] = recorded(lambda: lib.get_peft_model_state_dict(
+            model, save_embedding_layers=save_embedding_layers))
+    assert_same_tensors(results[compat][0], results[peft][0])
+    assert results[compat][1] == results[peft][1] == (
+        [(UserWarning, TARGETED)] if save_embedding_layers == "auto" else []) + [(UserWarning, NOT_TRANSFORMERS)]
+
+
+# --------------------------------------------------------------------------------------------
+# Refused: what minilora cannot write or load as PEFT does
+# --------------------------------------------------------------------------------------------
+def test_an_embedding_layer_in_modules_to_save_is_refused_before_writing(saved_base, tmp_path):
+    """PEFT saves the wrapper's inner keys, one of which its own loading ignores: refused."""
+    fields = dict(targets=["c_attn"], modules_to_save=["lm_head"])
+    wrapped(peft, "untied", saved_base, **fields).save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    assert "base_model.model.lm_head.modules_to_save.weight" in load_file(tmp_path / "peft" / WEIGHTS)
+    ours = wrapped(compat, "untied", saved_base, **fields)
+    with pytest.raises(MiniLoraError, match="modules_to_save.*save_embedding_layers=False"):
+        ours.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
+    assert not (tmp_path / "ours").exists()
+    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=False)  # as PEFT's with False
+    wrapped(peft, "untied", saved_base, **fields).save_pretrained(tmp_path / "peft2", save_embedding_layers=False)
+    assert_same_tensors(load_file(tmp_path / "ours" / WEIGHTS), load_file(tmp_path / "peft2" / WEIGHTS))
+
+
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_save_embedding_layers_other_than_true_false_auto_is_refused(value, saved_base, tmp_path):
+    model = wrapped(compat, "tied", saved_base, TARGETS["lm_head"])
+    with pytest.raises(MiniLoraError, match="save_embedding_layers must be True, False or 'auto'"):
+        model.save_pretrained(tmp_path / "a", save_embedding_layers=value)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(MiniLoraError, match="save_embedding_layers must be"):
+        compat.get_peft_model_state_dict(model, save_embedding_layers=value)
