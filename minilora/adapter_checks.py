@@ -9,7 +9,7 @@ Before loading, every problem is found before the model is touched, as torchtune
     expected_shapes       every tensor this model needs: A (r, in), B (out, r), biases, modules_to_save
     check_tensors         missing or unexpected keys, shapes, dtypes, NaN / inf (after the cast to
                           the dtype the model will hold them in: ``held_dtype``)
-    saved_embedding_weights   the base weight PEFT saves with an adapter on lm_head / embed_tokens
+    saved_embedding_weights   the embedding weights PEFT saves with some adapters (saved_embeddings.py)
     check_config_selects_the_layers   a config that would not describe the model's existing layers
 """
 
@@ -24,10 +24,10 @@ from torch import nn
 
 from .adapter_files import PAIRS_HINT, PEFT_PREFIX
 from .bounded_regex import time_bound
-from .compat_tying import EMBEDDING_LAYER_NAMES
 from .config import LoraConfig, MiniLoraError
 from .inject import DEFAULT_ADAPTER, adapter_config, lora_layers
 from .layer import HALF_DTYPES, LoraLinear, in_out_features
+from .saved_embeddings import loadable_keys
 from .saved_modules import (bias_all_keys, expected_saved_shapes, find_modules_to_save, is_saved_module_key,
                             original_key, saved_modules)
 from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_target_modules
@@ -251,31 +251,34 @@ def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], s
 
 
 def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], lora_targets: list[str],
-                            source: str, with_bias: bool = True) -> list[tuple[str, str, torch.Tensor]]:
-    """PEFT's files of an adapter that targets ``lm_head`` (or ``embed_tokens``) also hold that layer's
-    base weight and bias, ``lm_head.base_layer.weight`` (save_embedding_layers="auto"), and PEFT loads
-    them back. Those keys are taken out of ``renamed`` and returned as (layer name, "weight" or "bias",
-    tensor), checked like the adapter's own. ``with_bias=False`` leaves the bias to the adapter (with
-    bias="all" / "lora_only" it is one of the adapter's own keys).
+                            source: str, adapter_keys: Mapping[str, object]) -> list[tuple[str, str, torch.Tensor]]:
+    """The embedding layers' own weights that PEFT's files may hold (saved_embeddings.py): an adapter
+    on lm_head holds ``lm_head.base_layer.weight``, one saved after ``resize_token_embeddings`` (or with
+    ``save_embedding_layers=True``) ``transformer.wte.weight`` and ``lm_head.weight``; PEFT loads them
+    into the base model. Those keys are taken out of ``renamed`` and returned as (layer name, "weight"
+    or "bias", tensor), checked like the adapter's own. Keys in ``adapter_keys`` (the adapter's own, e.g.
+    the biases of bias="all") are left in ``renamed``.
 
     Raises:
-        MiniLoraError: for such a tensor of another shape, a non-float dtype, or NaN / inf values.
+        MiniLoraError: for such a tensor of another shape (e.g. another vocabulary size), a non-float
+            dtype, or NaN / inf values.
     """
     found = []
-    for name in lora_targets:
-        if name.split(".")[-1] not in EMBEDDING_LAYER_NAMES:
+    for key, (name, attribute) in loadable_keys(model, lora_targets).items():
+        if key not in renamed or key in adapter_keys:
             continue
-        for attribute in ("weight", "bias") if with_bias else ("weight",):
-            key, own = f"{name}.base_layer.{attribute}", getattr(model.get_submodule(name), attribute, None)
-            if key not in renamed or own is None:
-                continue
-            value = renamed.pop(key)
-            if value.shape != own.shape or value.dtype not in LOADABLE_DTYPES or not bool(
-                    torch.isfinite(value.to(own.dtype)).all()):
-                raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with an adapter on {name!r}) "
-                                    f"has shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / inf values; "
-                                    f"this model's is {tuple(own.shape)}. The file does not belong to this model.")
-            found.append((name, attribute, value))
+        value, own = renamed.pop(key), getattr(model.get_submodule(name), attribute)
+        if value.shape != own.shape:
+            resized = (" If the adapter was trained after resize_token_embeddings, resize this model the same way "
+                       f"first: model.resize_token_embeddings({value.shape[0]}) (PEFT fails here too)."
+                       if value.dim() == 2 and value.shape[1:] == own.shape[1:] else "")
+            raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with the embedding layers) has "
+                                f"shape {tuple(value.shape)}; this model's is {tuple(own.shape)}. The file does not "
+                                f"belong to this model.{resized}")
+        if value.dtype not in LOADABLE_DTYPES or not bool(torch.isfinite(value.to(own.dtype)).all()):
+            raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with the embedding layers) "
+                                f"holds {value.dtype}, or NaN / inf values. The file is corrupt: save it again.")
+        found.append((name, attribute, value))
     return found
 
 

@@ -338,8 +338,6 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
-    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin,  # (taken out of ``renamed``)
-                                         with_bias=config.bias == "none")
     nested_original_biases(model, nested_originals, origin)
     if not isinstance(source, Mapping):
         check_rank_agrees(renamed, config, str(directory))
@@ -347,6 +345,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         shapes = expected_shapes(model, config, adapter_name)
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
+    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes)  # (taken out of ``renamed``)
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and not isinstance(source, Mapping):
         try:

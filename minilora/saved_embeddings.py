@@ -12,7 +12,8 @@ save_embedding_layers="auto")``, the default), so that the file still loads onto
 
 ``save_embedding_layers=True`` saves them always (the second form unless an embedding layer is a
 target), ``False`` never. Loading (PEFT's and minilora's) copies such keys into the base model's
-layers (a tied pair: into both, since they share one tensor).
+layers (a tied pair: into both, since they share one tensor): ``loadable_keys`` below says which keys
+a file may hold for a model, adapter_checks.saved_embedding_weights checks their tensors.
 
 This file mirrors PEFT 0.21.2's rules (``peft/utils/save_and_load.py::get_peft_model_state_dict``,
 "DEAL WITH EMBEDDINGS") and its warnings, word for word:
@@ -22,6 +23,7 @@ This file mirrors PEFT 0.21.2's rules (``peft/utils/save_and_load.py::get_peft_m
         config.vocab_size != the vocab_size in the base model's config.json (base_model_name_or_path)
                                              -> True, warning RESIZED
         otherwise                            -> False
+        (PEFT's exception for trainable tokens does not arise: minilora refuses trainable_token_indices)
     True, and the model has get_input_embeddings (a transformers model), for its input and output
     embedding layers:
         targeted: each one that is a LoRA layer over nn.Linear / nn.Embedding: "<name>.base_layer.*"
@@ -46,6 +48,10 @@ from torch import nn
 from . import bounded_regex
 from .compat_tying import EMBEDDING_LAYER_NAMES
 from .config import MiniLoraError
+from .inject import adapter_configs
+from .layer import LoraLinear
+from .saved_modules import ModulesToSave
+from .targets import resolve_target_modules
 
 TARGETED = "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`."
 RESIZED = "Setting `save_embedding_layers` to `True` as the embedding layer has been resized during finetuning."
@@ -55,6 +61,9 @@ HUB_LOOKUP_FAILED = ("Unable to fetch remote file due to the following error {} 
                      " for the file config.json in {}.")
 
 
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
 def check_value(save_embedding_layers: Any) -> None:
     """PEFT documents True, False or "auto"; anything else (e.g. the string "false", which PEFT would
     take as True) is refused."""
@@ -130,8 +139,6 @@ def embedding_modules(model: nn.Module, targeted: bool) -> list[str]:
     Raises:
         MiniLoraError: the model's ``get_input_embeddings`` fails, or a layer to save is in ``modules_to_save``.
     """
-    from .saved_modules import ModulesToSave
-
     if not hasattr(model, "get_input_embeddings"):
         warnings.warn(NOT_TRANSFORMERS)
         return []
@@ -150,8 +157,7 @@ def embedding_modules(model: nn.Module, targeted: bool) -> list[str]:
                      if (not targeted and module is layer) or (base is not None and module is base)), None)
         if name is None:
             continue
-        held = [inner for inner in model.get_submodule(name).modules() if isinstance(inner, ModulesToSave)]
-        if isinstance(layer, ModulesToSave) or held:
+        if any(isinstance(inner, ModulesToSave) for inner in model.get_submodule(name).modules()):
             raise MiniLoraError(
                 f"save_embedding_layers: the embedding layer {name!r} is in modules_to_save. PEFT then saves "
                 "the wrapper's inner keys (original_module, modules_to_save) under the layer's name, which its "
@@ -178,9 +184,6 @@ def saved_embedding_state(model: nn.Module, state: Mapping[str, torch.Tensor], c
                           save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
     """What PEFT adds to the file of adapter ``adapter_name`` for ``save_embedding_layers``, under your
     model's keys, taken from ``state``; ``{}`` when it adds nothing."""
-    from .inject import adapter_configs
-    from .targets import resolve_target_modules
-
     model_id = (config.base_model_name_or_path if hasattr(config, "base_model_name_or_path")  # compat's config
                 else getattr(model, "name_or_path", None))  # (as adapter_config.json records it)
     save, targeted = decide(model, resolve_target_modules(model, config), model_id, save_embedding_layers)
@@ -188,3 +191,36 @@ def saved_embedding_state(model: nn.Module, state: Mapping[str, torch.Tensor], c
         return {}
     others = [name for name in adapter_configs(model) if name != adapter_name]
     return embedding_state(state, embedding_modules(model, targeted), others)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def loadable_keys(model: nn.Module, lora_targets: list[str]) -> dict[str, tuple[str, str]]:
+    """The keys (your model's) under which a file may hold embedding weights for ``model``, each ->
+    (module name, "weight" or "bias"), in the model's module order (for a tied pair, PEFT's loading
+    writes the later one last). ``lora_targets``: the layers that hold, or will hold, LoRA layers.
+
+    A LoRA target whose last name part is lm_head / embed_tokens, or an input / output embedding that
+    is (or becomes) a LoRA layer: ``<name>.base_layer.weight`` (and ``.bias``); an input / output
+    embedding that stays plain: ``<name>.weight`` (and ``.bias``). Nothing for a module in ``modules_to_save``.
+    """
+    names = [name for name in lora_targets if name.split(".")[-1] in EMBEDDING_LAYER_NAMES]
+    layers: list[Any] = []
+    if hasattr(model, "get_input_embeddings"):
+        try:
+            layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+        except (NotImplementedError, AttributeError):
+            layers = []
+    names += [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    keys = {}
+    for name in sorted(set(names), key=lambda name: order.get(name, -1)):
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSave):
+            continue
+        lora = name in lora_targets or isinstance(module, LoraLinear)
+        for attribute in ("weight", "bias"):
+            if isinstance(getattr(module, attribute, None), torch.Tensor):
+                keys[f"{name}.base_layer.{attribute}" if lora else f"{name}.{attribute}"] = (name, attribute)
+    return keys

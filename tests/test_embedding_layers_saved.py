@@ -6,6 +6,7 @@ directory, vocabulary 64 -> 70, so that "auto" finds the change in the saved con
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -21,6 +22,8 @@ from minilora import MiniLoraError, compat
 from minilora.models import tiny_gpt2
 from minilora.saved_embeddings import NO_BASE_CONFIG, NOT_TRANSFORMERS, RESIZED, TARGETED
 
+IDS = torch.tensor([[1, 5, 63, 7, 2], [60, 3, 0, 9, 4]])  # (B, T); token 63 is the last of the old vocabulary
+NEW_IDS = torch.tensor([[66, 1, 69, 5]])  # tokens only the resized vocabulary has
 TARGETS = {"lm_head": ["c_attn", "lm_head"], "regex": r".*\.c_attn|lm_head", "none": ["c_attn"]}
 KINDS = ["tied", "untied", "resized"]
 WEIGHTS = "adapter_model.safetensors"
@@ -78,6 +81,11 @@ def assert_same_tensors(ours: dict, theirs: dict) -> None:
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+
+
+def logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,8 +202,73 @@ def test_a_model_without_embedding_accessors_warns_as_peft(save_embedding_layers
 
 
 # --------------------------------------------------------------------------------------------
+# Loading such files, both ways: the same outputs
+# --------------------------------------------------------------------------------------------
+def loaded(lib, kind: str, saved: str, directory) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.PeftModel.from_pretrained(base(kind, saved), directory)
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True])
+@pytest.mark.parametrize("targets", ["lm_head", "none"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_loads_the_others_file_to_the_same_outputs(kind, targets, save_embedding_layers, saved_base, tmp_path):
+    trained = {}
+    for lib in (peft, compat):
+        trained[lib] = wrapped(lib, kind, saved_base, TARGETS[targets])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trained[lib].save_pretrained(tmp_path / lib.__name__, save_embedding_layers=save_embedding_layers)
+    ids = torch.cat([IDS[:, :4], NEW_IDS]) if kind == "resized" else IDS
+    reference = logits(loaded(peft, kind, saved_base, tmp_path / "peft"), ids)  # PEFT's own round trip
+    for source in (peft, compat):
+        for lib in (peft, compat):
+            assert torch.equal(logits(loaded(lib, kind, saved_base, tmp_path / source.__name__), ids), reference), \
+                (source.__name__, lib.__name__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            native = minilora.load_adapter(base(kind, saved_base), tmp_path / source.__name__)
+        assert torch.equal(logits(native, ids), reference)
+    embedded = save_embedding_layers is True or targets != "none" or kind == "resized"
+    if embedded and (kind != "untied" or targets == "none"):  # the file holds every changed weight
+        assert torch.allclose(reference, logits(trained[peft], ids), atol=1e-5)  # (merged vs unmerged order)
+    else:  # the untied wte's training is not in the file (PEFT's choice): the reload differs, the same in both
+        assert not torch.allclose(reference, logits(trained[peft], ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dicts_with_embeddings_load_back_as_peft(kind, saved_base):
+    """get_peft_model_state_dict(..., True) -> set_peft_model_state_dict into a fresh twin, each library."""
+    state = peft.get_peft_model_state_dict(wrapped(peft, kind, saved_base, TARGETS["none"]), save_embedding_layers=True)
+    outputs = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = lib.get_peft_model(base(kind, saved_base), lib.LoraConfig(target_modules=TARGETS["none"], r=4))
+        lib.set_peft_model_state_dict(fresh, state)
+        outputs.append(logits(fresh))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+# --------------------------------------------------------------------------------------------
 # Refused: what minilora cannot write or load as PEFT does
 # --------------------------------------------------------------------------------------------
+def test_a_resized_file_on_a_base_of_the_old_size_is_refused_with_a_hint(saved_base, tmp_path):
+    wrapped(peft, "resized", saved_base, TARGETS["none"]).save_pretrained(tmp_path / "a")  # (warns: resized)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # PEFT fails too
+        loaded(peft, "tied", saved_base, tmp_path / "a")
+    model = tiny_gpt2()
+    before = copy.deepcopy(model.state_dict())
+    for load in (lambda: minilora.load_adapter(model, tmp_path / "a"),
+                 lambda: compat.PeftModel.from_pretrained(model, tmp_path / "a")):
+        with pytest.raises(MiniLoraError, match=r"wte\.weight.*\(70, 32\).*resize_token_embeddings\(70\)"):
+            load()
+        assert list(model.state_dict()) == list(before)  # nothing changed
+        assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+
 def test_an_embedding_layer_in_modules_to_save_is_refused_before_writing(saved_base, tmp_path):
     """PEFT saves the wrapper's inner keys, one of which its own loading ignores: refused."""
     fields = dict(targets=["c_attn"], modules_to_save=["lm_head"])
