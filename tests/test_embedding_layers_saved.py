@@ -252,6 +252,37 @@ def test_state_dicts_with_embeddings_load_back_as_peft(kind, saved_base):
     assert torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj"]])
+def test_a_llama_with_embed_tokens_saves_and_loads_as_peft(targets, tmp_path):
+    """Another naming (model.embed_tokens, an untied lm_head), with save_embedding_layers=True."""
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=50)
+
+    def llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    for lib in (peft, compat):
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(llama(), lib.LoraConfig(target_modules=targets, r=2))
+        train_like(model)
+        model.save_pretrained(tmp_path / lib.__name__, save_embedding_layers=True)
+    theirs, ours = (load_file(tmp_path / name / WEIGHTS) for name in ("peft", "minilora.compat"))
+    assert_same_tensors(ours, theirs)
+    assert sorted(key for key in theirs if ".lora_" not in key) == (
+        ["base_model.model.lm_head.base_layer.weight"] if "lm_head" in targets else
+        ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"])
+    ids = torch.tensor([[3, 49, 7, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = logits(peft.PeftModel.from_pretrained(llama(), tmp_path / "peft"), ids)
+        assert torch.equal(logits(compat.PeftModel.from_pretrained(llama(), tmp_path / "peft"), ids), reference)
+        assert torch.equal(logits(peft.PeftModel.from_pretrained(llama(), tmp_path / "minilora.compat"), ids),
+                           reference)
+
+
 # --------------------------------------------------------------------------------------------
 # Refused: what minilora cannot write or load as PEFT does
 # --------------------------------------------------------------------------------------------
@@ -291,3 +322,4 @@ def test_save_embedding_layers_other_than_true_false_auto_is_refused(value, save
     assert not (tmp_path / "a").exists()
     with pytest.raises(MiniLoraError, match="save_embedding_layers must be"):
         compat.get_peft_model_state_dict(model, save_embedding_layers=value)
+
