@@ -24,9 +24,11 @@ of PEFT models hold. Attributes the wrapper does not have are looked up on ``bas
 your model, as in PEFT, so ``peft_model.config`` and ``peft_model.generate`` work. The native API
 (``minilora.inject``) stays wrapper-free.
 
-Also here, from their own files: ``LoraConfig`` and ``TaskType`` (compat_config.py), PEFT's
-state-dict functions (``get_peft_model_state_dict``, ``inject_adapter_in_model``, ...;
-compat_state_dict.py) and the ``AutoPeftModel`` classes (compat_auto.py). ``transformers.Trainer``
+Also here, from their own files: ``LoraConfig`` and ``TaskType`` (compat_config.py), the task
+wrappers ``PeftModelForCausalLM``, ... (compat_tasks.py), PEFT's state-dict functions
+(``get_peft_model_state_dict``, ``inject_adapter_in_model``, ...; compat_state_dict.py) and the
+``AutoPeftModel`` classes (compat_auto.py); what loading checks and does around ``from_pretrained``
+is in compat_loading.py. ``transformers.Trainer``
 handles the wrapper as it handles PEFT's (adapter-only checkpoints, resume, best-model reload,
 eval_loss without a task_type): compat_trainer.py.
 
@@ -61,23 +63,23 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters, multi
-from .adapter_config import ADAPTER_FIELDS, config_from_fields
+from .adapter_config import config_from_fields
 from .compat_adapters import LoraModel, write_model_card
-from .compat_config import LoraConfig, TaskType, resolved_targets
-from .compat_loading import drawing_nothing, draw_like_peft_rewrap, leave_new_layers_in_train_mode, \
-    resolve_adapter_source
+from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
+from .compat_loading import (check_flag, check_given_config, check_load_options, drawing_nothing, draw_like_peft_rewrap,
+                             freeze_for_inference, keep_pefts_config, leave_new_layers_in_train_mode,
+                             load_into_existing_adapter, pefts_config, read_files, resolve_adapter_source)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_trainer import recognise_compat_models
 from .compat_tying import check_saved_tying, check_tied_modules
-from .config import LoraConfig as _MiniLoraConfig
 from .config import MiniLoraError
-from .inject import adapter_configs, inject, lora_layers, mark_biases_trainable, set_adapter_config
-from .targets import find_targets
+from .inject import adapter_configs, inject, lora_layers, set_adapter_config
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
 from .saved_modules import ModulesToSave as ModulesToSaveWrapper  # PEFT's name, for isinstance checks
 from .saved_modules import saved_modules
+# TASK_MODELS, add_task_head and check_head_not_targeted come from compat_tasks.py, imported at the end of this file.
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
@@ -98,7 +100,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         low_cpu_mem_usage: as in PEFT, building the adapter draws no random numbers (PEFT puts it on
             the meta device, to be loaded later; minilora's is real, but not drawn from your seed).
     """
-    _check_config(peft_config, "get_peft_model")
+    check_config(peft_config, "get_peft_model")
     if mixed is not False:
         raise MiniLoraError("get_peft_model(mixed=True) builds PEFT's PeftMixedModel (LoRA mixed with LoHa, LoKr, "
                             "...); minilora has LoRA only. Leave mixed=False.")
@@ -119,70 +121,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
                                             low_cpu_mem_usage=low_cpu_mem_usage)
 
 
-def _check_config(config: Any, action: str) -> None:
-    peft_type = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
-    if not isinstance(config, _MiniLoraConfig) and isinstance(peft_type, str) and peft_type != "LORA":
-        raise MiniLoraError(f"{action} got a {type(config).__name__}: {peft_type} is another PEFT method, and "
-                            "minilora has LoRA only. Use minilora.compat.LoraConfig, or PEFT itself for "
-                            f"{peft_type}.")
-    if not isinstance(config, _MiniLoraConfig):
-        raise MiniLoraError(f"{action} needs minilora.compat.LoraConfig, got "
-                            f"{type(config).__module__}.{type(config).__qualname__}. "
-                            "Import LoraConfig from minilora.compat as well.")
-
-
 def _task(config: Any) -> Optional[str]:
     """The config's task type as a string (TaskType members are strings too)."""
     task = getattr(config, "task_type", None)
     return getattr(task, "value", task)
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise MiniLoraError(f"{name} must be True or False (a bool), got {value!r}.")
-
-
-def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: str) -> None:
-    """As PEFT's task models do (PeftModelForSequenceClassification: ``classifier`` / ``score``, ...):
-    append the task's head names to the config's ``modules_to_save`` (in place, as PEFT changes its
-    config), so that the new, random head trains in full and is saved with the adapter.
-
-    Raises:
-        MiniLoraError: when the model has no module of those names (e.g. T5ForSequenceClassification's
-            ``classification_head``) and ``modules_to_save`` names none either: PEFT then leaves the
-            random head frozen and unsaved, without a word.
-    """
-    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
-    wanted = (config.modules_to_save or []) + heads
-    wrapper_names = [name for name in ("base_model", "base_model.model") if any(name.endswith(m) for m in wanted)]
-    if wrapper_names:  # PEFT's task models match modules_to_save against the wrapper's own names too
-        raise MiniLoraError(f"task_type={task}: modules_to_save={config.modules_to_save} ends {wrapper_names[-1]!r}, a "
-                            "name of PEFT's wrapper itself, so PEFT would wrap the whole model as a module to save. "
-                            "Name the module by a longer, dotted name.")
-    if not any(name.endswith(head) for name in names for head in wanted):
-        raise MiniLoraError(
-            f"task_type={task}: PEFT trains and saves the task head by the names {heads}, but this "
-            f"{type(model).__name__} has no module of those names, so PEFT would leave its random head frozen and "
-            f"unsaved. Name the head: LoraConfig(..., modules_to_save=[...]) with one of "
-            f"{[name for name, _ in model.named_children()]}."
-        )
-    if config.modules_to_save is None:  # PEFT's: a new list, or the heads appended to the user's (repeats kept)
-        config.modules_to_save = list(heads)
-    else:
-        config.modules_to_save.extend(heads)
-
-
-def _check_head_not_targeted(model: nn.Module, config: LoraConfig, heads: list[str], wrapper: str) -> None:
-    """PEFT's ``PeftModelForTokenClassification`` and ``...ForQuestionAnswering`` add their head to
-    ``modules_to_save`` only after injecting, so targets that reach the head (``"all-linear"``, a regex)
-    put LoRA on it first, and wrapping it then fails (a TypeError). Refused here, before anything changes."""
-    targets = find_targets(model, config)
-    hit = [name for name in targets if any(name.endswith(head) for head in heads)]
-    if hit:
-        raise MiniLoraError(f"{wrapper}: target_modules={config.target_modules!r} selects the task head {hit[0]!r}, "
-                            f"which PEFT then also trains in full (modules_to_save {heads}): a module cannot be both, "
-                            "and PEFT fails here with a TypeError. Leave the head out, e.g. "
-                            f"exclude_modules={heads[:1]}, or put it in modules_to_save yourself.")
 
 
 class PeftModel(nn.Module):
@@ -202,16 +144,16 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
         super().__init__()
-        _check_config(peft_config, type(self).__name__)
-        _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
-        _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+        check_config(peft_config, type(self).__name__)
+        check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+        check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
         if isinstance(model, PeftModel):
             raise MiniLoraError(f"{type(self).__name__} got a PeftModel; wrapping it again would stack adapters. Add "
                                 "another adapter with peft_model.add_adapter(name, config) instead.")
         self._check_task_fits(model)
         if self.TASK_HEADS:
             if self.HEAD_AFTER_INJECTION:
-                _check_head_not_targeted(model, peft_config, self.TASK_HEADS, type(self).__name__)
+                check_head_not_targeted(model, peft_config, self.TASK_HEADS, type(self).__name__)
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
@@ -395,8 +337,8 @@ class PeftModel(nn.Module):
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
         """A new adapter, inactive and frozen until ``set_adapter`` (same seed, same weights as PEFT)."""
-        _check_config(peft_config, "add_adapter")
-        _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+        check_config(peft_config, "add_adapter")
+        check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
         if adapter_name in self.peft_config:
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
@@ -503,17 +445,17 @@ class PeftModel(nn.Module):
         ``config=`` (a LoraConfig equal to the saved one) becomes the adapter's config object.
         """
         adapters.reject_whole_module(model_id, "PeftModel.from_pretrained")
-        _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
+        check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "PeftModel.from_pretrained"))
         wrapper = model if isinstance(model, PeftModel) else None
         inner = model.get_base_model() if wrapper is not None else model
         # The files are read once, before any change (a bad config is refused first), and loaded as read: the
         # config here is the one the weights are loaded with, even while another process saves (minilora/files.py).
-        files = _read_files(inner, directory)
+        files = read_files(inner, directory)
         fields = files.fields
-        saved, peft_config = config_from_fields(fields, files.config_origin), _pefts_config(fields, files.config_origin)
+        saved, peft_config = config_from_fields(fields, files.config_origin), pefts_config(fields, files.config_origin)
         if config is not None:
-            _check_given_config(config, saved, directory)
+            check_given_config(config, saved, directory)
         task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
         if wrapper is None:
             (task_class or cls)._check_task_fits(inner)
@@ -538,7 +480,7 @@ class PeftModel(nn.Module):
                 adapters._adopt_adapter_config(inner, config, adapter_name)  # its dropout on the layers
             set_adapter_config(inner, adapter_name, config)
         else:
-            _keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
+            keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
         if wrapper is None:
             wrapper = (task_class or cls)._wrapping(inner)
         if not is_trainable:
@@ -555,81 +497,21 @@ class PeftModel(nn.Module):
         checkpoint and to reload the best one). As PEFT, ``is_trainable=False`` puts the model in eval
         mode. Loading is strict, so the returned missing / unexpected keys are always empty."""
         kwargs["torch_device"] = torch_device
-        _check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
+        check_load_options(autocast_adapter_dtype, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping, kwargs)
         directory = adapters._adapter_directory(resolve_adapter_source(model_id, kwargs, "load_adapter"))
-        files = _read_files(self.get_base_model(), directory)  # (once, before any change; loaded as read)
+        files = read_files(self.get_base_model(), directory)  # (once, before any change; loaded as read)
         if adapter_name in self.peft_config:
-            _load_into_existing_adapter(self.get_base_model(), files, adapter_name)
+            load_into_existing_adapter(self.get_base_model(), files, adapter_name)
         else:
-            peft_config = _pefts_config(files.fields, files.config_origin)
+            peft_config = pefts_config(files.fields, files.config_origin)
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            _keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
+            keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
             self._new_copies_biases_like_peft(adapter_name)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
-
-
-def _read_files(model: nn.Module, directory: Path) -> adapters.AdapterFiles:
-    """The adapter's files, read once, with the tensors on the model's device."""
-    if not isinstance(model, nn.Module):
-        raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
-                            f"{type(model).__name__}.")
-    return adapters.read_adapter_files(directory, adapters._device_of(model))
-
-
-def _load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, adapter_name: str) -> None:
-    """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
-    ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.
-
-    Raises:
-        MiniLoraError: when the saved config would compute something else (another lora_alpha, other
-            targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
-    """
-    different = _differing_fields(adapter_configs(model)[adapter_name],
-                                  config_from_fields(files.fields, files.config_origin))
-    if different:
-        raise MiniLoraError(f"{files.config_origin} differs from adapter {adapter_name!r} in the model in "
-                            f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
-                            "under a new adapter_name, or into a model made with the saved config.")
-    if not files.paired:
-        adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
-    tensors = files.tensors
-    adapters.check_file_keys(tensors, adapter_name, str(files.weights_path), from_file=True)
-    trains = {param: param.requires_grad for param in model.parameters()}
-    adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
-    for param, requires_grad in trains.items():
-        param.requires_grad_(requires_grad)
-
-
-def _pefts_config(fields: dict, source: str) -> LoraConfig:
-    """The compat ``LoraConfig`` of an adapter's config fields (every PEFT field), made before loading,
-    so that a field only this config checks is refused before anything changes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (the loader warns about the file's fields)
-        return LoraConfig.from_fields(fields, source)
-
-
-def _keep_pefts_config(model: nn.Module, adapter_name: str, config: LoraConfig, is_trainable: bool) -> None:
-    """After loading, the adapter's config is the compat ``LoraConfig`` read from the same file (every
-    PEFT field: task_type, base_model_name_or_path, use_dora, ...), as PEFT's ``peft_config[name]`` is,
-    with ``inference_mode = not is_trainable`` as PEFT sets it; minilora's loader recorded its own
-    LoRA-only config."""
-    config.inference_mode = not is_trainable
-    set_adapter_config(model, adapter_name, config)
-
-
-def freeze_for_inference(model: nn.Module, bias: str) -> None:
-    """PEFT's ``inference_mode`` (and loading with ``is_trainable=False``): A, B and the modules_to_save
-    copies are frozen, but with ``bias="all"`` / ``"lora_only"`` the biases still require grad, since
-    PEFT marks them trainable whatever the mode (its ``_mark_only_adapters_as_trainable``)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    mark_biases_trainable(model, bias)
-    for _, wrapper in saved_modules(model):  # then the wrappers freeze theirs (a bias shared with one too)
-        wrapper.requires_grad_(False)
 
 
 def _inputs_require_grad(model: nn.Module) -> None:
@@ -641,140 +523,21 @@ def _inputs_require_grad(model: nn.Module) -> None:
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
 
 
-def _check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: object, low_cpu_mem_usage: object,
-                        key_mapping: object, kwargs: dict) -> None:
-    """PEFT's loading options: the flags are bools; ``torch_device`` and ``device_map`` name one device
-    (as in PEFT the model stays where it is: move it with ``.to()``); the rest is refused."""
-    _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
-    _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
-    if ephemeral_gpu_offload is not False:
-        raise MiniLoraError("ephemeral_gpu_offload is for models offloaded across devices (accelerate), which "
-                            "minilora does not support. Leave it False.")
-    if key_mapping:
-        raise MiniLoraError("key_mapping (renaming a checkpoint's keys) is not in minilora: the adapter's keys must "
-                            "name this model's layers.")
-    for name in ("torch_device", "device_map"):
-        value = kwargs.pop(name, None)
-        if isinstance(value, dict) and list(value) == [""]:
-            value = value[""]
-        try:
-            if value is not None:
-                torch.device(value)
-        except (RuntimeError, TypeError):
-            raise MiniLoraError(f"{name}={value!r}: minilora loads onto one device (None, 'cpu', 'cuda:0', ...); "
-                                "it does not dispatch a model across devices ('auto', 'balanced', several "
-                                "entries).") from None
-
-
-def _check_given_config(config: Any, saved: Any, directory: Path) -> None:
-    """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly. (Its
-    init_lora_weights must agree too: PEFT builds the adapter with it before loading, and that draws
-    from the random generator.) Training settings such as lora_dropout may differ: the config's hold."""
-    _check_config(config, "PeftModel.from_pretrained(config=...)")
-    different = _differing_fields(config, saved)
-    if different:
-        raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
-                            "weights were made with the saved config. Pass config=None, or the saved config.")
-
-
-def _differing_fields(config: Any, saved: Any) -> list[str]:
-    """The fields that shape the adapter's numbers (ADAPTER_FIELDS) in which two configs differ."""
-    def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
-        return sorted(value) if isinstance(value, (set, list)) else value
-
-    return [name for name in ADAPTER_FIELDS if comparable(getattr(config, name)) != comparable(getattr(saved, name))]
-
-
-def _forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                         output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
-                         **kwargs: Any) -> Any:
-    """PEFT's forward arguments for CAUSAL_LM and SEQ_CLS (transformers.Trainer reads ``labels`` here)."""
-    with self._peft_forward_args(kwargs):
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               labels=labels, output_attentions=output_attentions,
-                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
-
-
-class PeftModelForCausalLM(PeftModel):
-    """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
-
-    GENERATES = True
-    forward = _forward_with_labels
-
-
-class PeftModelForSequenceClassification(PeftModel):
-    """task_type SEQ_CLS: the head (``classifier`` or ``score``) trains in full and is saved."""
-
-    TASK_HEADS = ["classifier", "score"]
-
-    forward = _forward_with_labels
-
-
-class PeftModelForTokenClassification(PeftModelForSequenceClassification):
-    """task_type TOKEN_CLS: as SEQ_CLS, the head trains in full and is saved."""
-
-    HEAD_AFTER_INJECTION = True
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    """task_type QUESTION_ANS: the head ``qa_outputs`` trains in full and is saved."""
-
-    TASK_HEADS = ["qa_outputs"]
-    HEAD_AFTER_INJECTION = True
-
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        with self._peft_forward_args(kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   start_positions=start_positions, end_positions=end_positions,
-                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                   return_dict=return_dict, **kwargs)
-
-
-class PeftModelForSeq2SeqLM(PeftModel):
-    """task_type SEQ_2_SEQ_LM (T5, BART, ...): PEFT's forward arguments."""
-
-    GENERATES = True
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
-                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        with self._peft_forward_args(kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                                   decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
-                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                   return_dict=return_dict, **kwargs)
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """task_type FEATURE_EXTRACTION: PEFT's forward arguments."""
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        with self._peft_forward_args(kwargs):
-            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                                   return_dict=return_dict, **kwargs)
-
-
-# PEFT's MODEL_TYPE_TO_PEFT_MODEL_MAPPING: which wrapper get_peft_model and from_pretrained build.
-TASK_MODELS = {
-    "SEQ_CLS": PeftModelForSequenceClassification,
-    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
-    "CAUSAL_LM": PeftModelForCausalLM,
-    "TOKEN_CLS": PeftModelForTokenClassification,
-    "QUESTION_ANS": PeftModelForQuestionAnswering,
-    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
-}
-
 __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
            "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftModel", "get_base_model_state_dict", "get_peft_model_state_dict",
            "inject_adapter_in_model", "set_base_model_state_dict", "set_peft_model_state_dict", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
            "PeftModelForTokenClassification", "TaskType", "get_peft_model", "ModulesToSaveWrapper"]
+
+# PEFT's task wrappers (compat_tasks.py). They subclass PeftModel, so they are imported here, once PeftModel exists;
+# the code above reads TASK_MODELS, add_task_head and check_head_not_targeted only when it runs. (PEFT breaks the
+# same cycle the other way: PeftModel.from_pretrained imports MODEL_TYPE_TO_PEFT_MODEL_MAPPING from peft/auto.py
+# inside the method.)
+from .compat_tasks import (TASK_MODELS, PeftModelForCausalLM, PeftModelForFeatureExtraction,  # noqa: E402
+                           PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
+                           PeftModelForTokenClassification, _forward_with_labels, add_task_head,
+                           check_head_not_targeted)  # (_forward_with_labels: pickled wrappers name it here)
 
 # PEFT's AutoPeftModel classes (compat_auto.py builds on the wrappers above).
 from .compat_auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402

@@ -128,6 +128,20 @@ def _init_naming_unknown_fields(self, *args: Any, **kwargs: Any) -> None:
 LoraConfig.__init__ = _init_naming_unknown_fields
 
 
+def check_config(config: Any, action: str) -> None:
+    """``config`` must be a minilora ``LoraConfig`` (this file's or config.py's): PEFT's own config object,
+    or another PEFT method's, is refused with what to import instead."""
+    peft_type = getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", None))
+    if not isinstance(config, _MiniLoraConfig) and isinstance(peft_type, str) and peft_type != "LORA":
+        raise MiniLoraError(f"{action} got a {type(config).__name__}: {peft_type} is another PEFT method, and "
+                            "minilora has LoRA only. Use minilora.compat.LoraConfig, or PEFT itself for "
+                            f"{peft_type}.")
+    if not isinstance(config, _MiniLoraConfig):
+        raise MiniLoraError(f"{action} needs minilora.compat.LoraConfig, got "
+                            f"{type(config).__module__}.{type(config).__qualname__}. "
+                            "Import LoraConfig from minilora.compat as well.")
+
+
 def resolved_targets(model: nn.Module, config: LoraConfig) -> Any:
     """What PEFT writes into the config when it injects: for ``target_modules=None`` (the
     architecture's default) and ``"all-linear"``, the set of names they stand for on this model (a

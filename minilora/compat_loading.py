@@ -1,6 +1,10 @@
-"""What ``minilora.compat`` does around loading so that a script prints PEFT's numbers: the train
-mode PEFT gives new layers, the random numbers PEFT's second wrap draws, and where an adapter named
-by a Hugging Face hub id is (the local cache, fetched by ``huggingface_hub`` as PEFT fetches it).
+"""What ``minilora.compat`` does around loading so that a script gets PEFT's adapter and prints PEFT's
+numbers: the train mode PEFT gives new layers and the freezing of ``inference_mode``, the random
+numbers PEFT's second wrap draws, where an adapter named by a Hugging Face hub id is (the local cache,
+fetched by ``huggingface_hub`` as PEFT fetches it), and the rules of ``PeftModel.from_pretrained`` and
+``load_adapter`` (PEFT's are in peft/peft_model.py, with ``load_peft_weights`` and
+``set_peft_model_state_dict`` in peft/utils/save_and_load.py): which options they take, the files read
+once, and the configs that must agree with the saved one, checked before anything changes.
 """
 
 from __future__ import annotations
@@ -8,15 +12,18 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from . import adapters
+from . import adapters, compat_config
+from .adapter_config import ADAPTER_FIELDS, config_from_fields
+from .compat_config import check_config
 from .config import LoraConfig, MiniLoraError
-from .inject import lora_layers
+from .inject import adapter_configs, lora_layers, mark_biases_trainable, set_adapter_config
 from .saved_modules import saved_modules
 
 
@@ -47,6 +54,17 @@ def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str) -> Non
     for _, wrapper in saved_modules(model):
         if list(wrapper.modules_to_save) == [adapter_name]:
             wrapper.training = wrapper.modules_to_save.training = True
+
+
+def freeze_for_inference(model: nn.Module, bias: str) -> None:
+    """PEFT's ``inference_mode`` (and loading with ``is_trainable=False``): A, B and the modules_to_save
+    copies are frozen, but with ``bias="all"`` / ``"lora_only"`` the biases still require grad, since
+    PEFT marks them trainable whatever the mode (its ``_mark_only_adapters_as_trainable``)."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    mark_biases_trainable(model, bias)
+    for _, wrapper in saved_modules(model):  # then the wrappers freeze theirs (a bias shared with one too)
+        wrapper.requires_grad_(False)
 
 
 def draw_like_peft_rewrap(model: nn.Module, adapter_name: str, config: LoraConfig) -> None:
@@ -140,3 +158,103 @@ def _from_hub(repo_id: str, options: dict, action: str) -> Path:
     return Path(config_path).parent
 
 
+# --------------------------------------------------------------------------------------------
+# Loading's rules: PEFT's options, the files read once, configs that must agree
+# --------------------------------------------------------------------------------------------
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise MiniLoraError(f"{name} must be True or False (a bool), got {value!r}.")
+
+
+def check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: object, low_cpu_mem_usage: object,
+                       key_mapping: object, kwargs: dict) -> None:
+    """PEFT's loading options: the flags are bools; ``torch_device`` and ``device_map`` name one device
+    (as in PEFT the model stays where it is: move it with ``.to()``); the rest is refused."""
+    check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+    check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+    if ephemeral_gpu_offload is not False:
+        raise MiniLoraError("ephemeral_gpu_offload is for models offloaded across devices (accelerate), which "
+                            "minilora does not support. Leave it False.")
+    if key_mapping:
+        raise MiniLoraError("key_mapping (renaming a checkpoint's keys) is not in minilora: the adapter's keys must "
+                            "name this model's layers.")
+    for name in ("torch_device", "device_map"):
+        value = kwargs.pop(name, None)
+        if isinstance(value, dict) and list(value) == [""]:
+            value = value[""]
+        try:
+            if value is not None:
+                torch.device(value)
+        except (RuntimeError, TypeError):
+            raise MiniLoraError(f"{name}={value!r}: minilora loads onto one device (None, 'cpu', 'cuda:0', ...); "
+                                "it does not dispatch a model across devices ('auto', 'balanced', several "
+                                "entries).") from None
+
+
+def read_files(model: nn.Module, directory: Path) -> adapters.AdapterFiles:
+    """The adapter's files, read once, with the tensors on the model's device."""
+    if not isinstance(model, nn.Module):
+        raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
+                            f"{type(model).__name__}.")
+    return adapters.read_adapter_files(directory, adapters._device_of(model))
+
+
+def check_given_config(config: Any, saved: Any, directory: Path) -> None:
+    """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly. (Its
+    init_lora_weights must agree too: PEFT builds the adapter with it before loading, and that draws
+    from the random generator.) Training settings such as lora_dropout may differ: the config's hold."""
+    check_config(config, "PeftModel.from_pretrained(config=...)")
+    different = _differing_fields(config, saved)
+    if different:
+        raise MiniLoraError(f"config= differs from {directory}/adapter_config.json in {different}; the saved "
+                            "weights were made with the saved config. Pass config=None, or the saved config.")
+
+
+def _differing_fields(config: Any, saved: Any) -> list[str]:
+    """The fields that shape the adapter's numbers (ADAPTER_FIELDS) in which two configs differ."""
+    def comparable(value: Any) -> Any:  # (PEFT's config keeps a set of target names; a file has a list)
+        return sorted(value) if isinstance(value, (set, list)) else value
+
+    return [name for name in ADAPTER_FIELDS if comparable(getattr(config, name)) != comparable(getattr(saved, name))]
+
+
+def pefts_config(fields: dict, source: str) -> compat_config.LoraConfig:
+    """The compat ``LoraConfig`` of an adapter's config fields (every PEFT field), made before loading,
+    so that a field only this config checks is refused before anything changes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the loader warns about the file's fields)
+        return compat_config.LoraConfig.from_fields(fields, source)
+
+
+def keep_pefts_config(model: nn.Module, adapter_name: str, config: compat_config.LoraConfig,
+                      is_trainable: bool) -> None:
+    """After loading, the adapter's config is the compat ``LoraConfig`` read from the same file (every
+    PEFT field: task_type, base_model_name_or_path, use_dora, ...), as PEFT's ``peft_config[name]`` is,
+    with ``inference_mode = not is_trainable`` as PEFT sets it; minilora's loader recorded its own
+    LoRA-only config."""
+    config.inference_mode = not is_trainable
+    set_adapter_config(model, adapter_name, config)
+
+
+def load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, adapter_name: str) -> None:
+    """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
+    ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.
+
+    Raises:
+        MiniLoraError: when the saved config would compute something else (another lora_alpha, other
+            targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
+    """
+    different = _differing_fields(adapter_configs(model)[adapter_name],
+                                  config_from_fields(files.fields, files.config_origin))
+    if different:
+        raise MiniLoraError(f"{files.config_origin} differs from adapter {adapter_name!r} in the model in "
+                            f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
+                            "under a new adapter_name, or into a model made with the saved config.")
+    if not files.paired:
+        adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
+    tensors = files.tensors
+    adapters.check_file_keys(tensors, adapter_name, str(files.weights_path), from_file=True)
+    trains = {param: param.requires_grad for param in model.parameters()}
+    adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
+    for param, requires_grad in trains.items():
+        param.requires_grad_(requires_grad)

@@ -1,0 +1,170 @@
+"""PEFT's task wrappers: ``PeftModelForCausalLM``, ``PeftModelForSequenceClassification``, ... .
+
+``get_peft_model`` and ``PeftModel.from_pretrained`` (compat.py) build one of these subclasses of
+``PeftModel`` when the config has a ``task_type``, through ``TASK_MODELS`` (PEFT's
+``MODEL_TYPE_TO_PEFT_MODEL_MAPPING``, peft/auto.py). PEFT's classes (peft/peft_model.py) hold much
+code for prompt learning; for LoRA each one differs from ``PeftModel`` in what is here:
+
+- ``forward`` takes the task's arguments by name (``labels``, ``start_positions``,
+  ``decoder_input_ids``, ...), PEFT's signatures, which ``transformers.Trainer`` reads;
+- ``TASK_HEADS``: SEQ_CLS, TOKEN_CLS and QUESTION_ANS train the new, random head in full and save it
+  with the adapter, as PEFT adds its names (``classifier`` / ``score``, ``qa_outputs``) to the
+  config's ``modules_to_save`` (``add_task_head``; TOKEN_CLS and QUESTION_ANS only after injecting,
+  ``HEAD_AFTER_INJECTION``, hence ``check_head_not_targeted``);
+- ``GENERATES``: CAUSAL_LM and SEQ_2_SEQ_LM need a model that can generate.
+
+``PeftModel`` reads those class attributes. Import the wrappers from ``minilora.compat``, as PEFT's
+from ``peft``: this file subclasses ``PeftModel``, so compat.py imports it at its end, once
+``PeftModel`` exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .compat import PeftModel
+from .compat_config import LoraConfig
+from .config import MiniLoraError
+from .targets import find_targets
+
+
+# --------------------------------------------------------------------------------------------
+# The task head: trained in full and saved (modules_to_save)
+# --------------------------------------------------------------------------------------------
+def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: str) -> None:
+    """As PEFT's task models do (PeftModelForSequenceClassification: ``classifier`` / ``score``, ...):
+    append the task's head names to the config's ``modules_to_save`` (in place, as PEFT changes its
+    config), so that the new, random head trains in full and is saved with the adapter.
+
+    Raises:
+        MiniLoraError: when the model has no module of those names (e.g. T5ForSequenceClassification's
+            ``classification_head``) and ``modules_to_save`` names none either: PEFT then leaves the
+            random head frozen and unsaved, without a word.
+    """
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    wanted = (config.modules_to_save or []) + heads
+    wrapper_names = [name for name in ("base_model", "base_model.model") if any(name.endswith(m) for m in wanted)]
+    if wrapper_names:  # PEFT's task models match modules_to_save against the wrapper's own names too
+        raise MiniLoraError(f"task_type={task}: modules_to_save={config.modules_to_save} ends {wrapper_names[-1]!r}, a "
+                            "name of PEFT's wrapper itself, so PEFT would wrap the whole model as a module to save. "
+                            "Name the module by a longer, dotted name.")
+    if not any(name.endswith(head) for name in names for head in wanted):
+        raise MiniLoraError(
+            f"task_type={task}: PEFT trains and saves the task head by the names {heads}, but this "
+            f"{type(model).__name__} has no module of those names, so PEFT would leave its random head frozen and "
+            f"unsaved. Name the head: LoraConfig(..., modules_to_save=[...]) with one of "
+            f"{[name for name, _ in model.named_children()]}."
+        )
+    if config.modules_to_save is None:  # PEFT's: a new list, or the heads appended to the user's (repeats kept)
+        config.modules_to_save = list(heads)
+    else:
+        config.modules_to_save.extend(heads)
+
+
+def check_head_not_targeted(model: nn.Module, config: LoraConfig, heads: list[str], wrapper: str) -> None:
+    """PEFT's ``PeftModelForTokenClassification`` and ``...ForQuestionAnswering`` add their head to
+    ``modules_to_save`` only after injecting, so targets that reach the head (``"all-linear"``, a regex)
+    put LoRA on it first, and wrapping it then fails (a TypeError). Refused here, before anything changes."""
+    targets = find_targets(model, config)
+    hit = [name for name in targets if any(name.endswith(head) for head in heads)]
+    if hit:
+        raise MiniLoraError(f"{wrapper}: target_modules={config.target_modules!r} selects the task head {hit[0]!r}, "
+                            f"which PEFT then also trains in full (modules_to_save {heads}): a module cannot be both, "
+                            "and PEFT fails here with a TypeError. Leave the head out, e.g. "
+                            f"exclude_modules={heads[:1]}, or put it in modules_to_save yourself.")
+
+
+# --------------------------------------------------------------------------------------------
+# The task wrappers: the task's forward arguments, and the head they train
+# --------------------------------------------------------------------------------------------
+def _forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                         output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                         **kwargs: Any) -> Any:
+    """PEFT's forward arguments for CAUSAL_LM and SEQ_CLS (transformers.Trainer reads ``labels`` here)."""
+    with self._peft_forward_args(kwargs):
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict, **kwargs)
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
+
+    GENERATES = True
+    forward = _forward_with_labels
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """task_type SEQ_CLS: the head (``classifier`` or ``score``) trains in full and is saved."""
+
+    TASK_HEADS = ["classifier", "score"]
+
+    forward = _forward_with_labels
+
+
+class PeftModelForTokenClassification(PeftModelForSequenceClassification):
+    """task_type TOKEN_CLS: as SEQ_CLS, the head trains in full and is saved."""
+
+    HEAD_AFTER_INJECTION = True
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """task_type QUESTION_ANS: the head ``qa_outputs`` trains in full and is saved."""
+
+    TASK_HEADS = ["qa_outputs"]
+    HEAD_AFTER_INJECTION = True
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   start_positions=start_positions, end_positions=end_positions,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """task_type SEQ_2_SEQ_LM (T5, BART, ...): PEFT's forward arguments."""
+
+    GENERATES = True
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                                   decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """task_type FEATURE_EXTRACTION: PEFT's forward arguments."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        with self._peft_forward_args(kwargs):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                   return_dict=return_dict, **kwargs)
+
+
+# PEFT's MODEL_TYPE_TO_PEFT_MODEL_MAPPING: which wrapper get_peft_model and from_pretrained build.
+TASK_MODELS = {
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+# A pickled wrapper (torch.save of the whole model) names its class, and the forward it holds, by module: that is
+# minilora.compat, where they are imported from and where they were defined before this file existed. (Unpickling
+# by this file's name in a new process could import it before compat.py, and each needs the other's names.)
+for _pickled in (*TASK_MODELS.values(), _forward_with_labels):
+    _pickled.__module__ = PeftModel.__module__
