@@ -21,6 +21,7 @@ from .layer import LoraLinear, check_autocast_adapter_dtype, in_out_features
 from .saved_modules import (find_modules_to_save, mark_saved_modules_trainable, saved_modules, unwrap_saved_modules,
                             wrap_modules_to_save)
 from .targets import find_targets, layer_rank_and_alpha
+from .tied_config import update_tie_word_embeddings
 
 CONFIGS_ATTRIBUTE = "minilora_configs"  # where inject leaves {adapter name: its LoraConfig} on the model
 DEFAULT_ADAPTER = "default"  # the name of the first adapter, as in PEFT
@@ -270,22 +271,10 @@ def merge_and_unload(model: nn.Module, safe: bool = False, adapter_names: list[s
             layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
         _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)
-    _keep_untied(model, [name for name, layer in layers if layer.untied_weight is not None])
     unwrap_saved_modules(model, keep="trained")  # modules_to_save: the trained copies stay, as in PEFT
+    update_tie_word_embeddings(model)  # lm_head no longer the input embedding's weight: the config says so
     _forget_config(model)
     return model
-
-
-def _keep_untied(model: nn.Module, untied: list[str]) -> None:
-    """After merge_and_unload, layers whose tied weight was untied keep W0 + dW of their own: a
-    transformers config that says ``tie_word_embeddings=True`` would tie them again on save/load and
-    drop the update, so it is switched off (and said)."""
-    config = getattr(model, "config", None)
-    if untied and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-        warnings.warn(f"merge_and_unload: {untied} now hold W0 + dW and are no longer tied to the input "
-                      "embedding; model.config.tie_word_embeddings is set to False so that save_pretrained and "
-                      "from_pretrained keep them apart.", stacklevel=3)
 
 
 def _warn_if_biases_trained(model: nn.Module, action: str) -> None:

@@ -172,6 +172,18 @@ REPLAYS = {
                                          second=dict(target_modules=["h.0.attn.out_proj"], modules_to_save=["fc_in"]),
                                          ops=ALL_OPS),
                                 START + TRAIN + SECOND + MERGE_DISABLE + LOADED + UNLOAD),
+    # --examples 80 --seed 1, #63: PEFT's merge_and_unload sets tie_word_embeddings=False once lm_head is a trained
+    # copy; in Switch Transformers the flag also switches off the decoder output's d_model**-0.5 rescale, so PEFT's
+    # merged logits left its unmerged ones (82%). minilora keeps the flag (documented; tests/test_tied_config.py):
+    # its merged outputs are compared with PEFT's unmerged ones
+    "switch-transformers-tied-flag-kept": (Scenario(
+        "switch_transformers", "lm", dict(target_modules=["v", "expert_0.wi", "wi"], r=1, lora_alpha=8,
+                                          init_lora_weights=True, lora_dropout=0.1, bias="all",
+                                          modules_to_save=["decoder", "lm_head"], task_type="SEQ_2_SEQ_LM"),
+        ops=dict(train_step=True, merge=True, disable=True, merge_and_unload=True), seed=63),
+        START + [("AdamW step", EQUAL)] + MERGE_DISABLE + UNLOAD[:2]
+        + [("config.tie_word_embeddings", "stop: kept True, PEFT sets False (documented difference)"),
+           ("forward after merge_and_unload vs PEFT unmerged", EQUAL)]),
 }
 
 

@@ -333,7 +333,7 @@ def test_merge_and_unload_of_a_tied_target_saves_and_loads_as_merged(tied_adapte
     from transformers import AutoModelForCausalLM
 
     model, unmerged, wte = tied_adapted
-    with pytest.warns(UserWarning, match="tie_word_embeddings is set to False"):
+    with pytest.warns(UserWarning, match=r"Setting `tie_word_embeddings=False` in the model config"):
         plain = minilora.merge_and_unload(model)
     plain.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
