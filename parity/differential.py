@@ -745,7 +745,20 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
             for label, model in (("minilora loads PEFT's files", loaded_mini), ("peft loads minilora's files",
                                                                                  loaded_peft)):
                 model.eval()
-                compare_tensors(label, forward(model, inputs), expected)
+                try:
+                    compare_tensors(label, forward(model, inputs), expected)
+                except Finding as finding:  # say whether the loaded weights differ, or only the forward's rounding
+                    raise Finding(f"{finding}; {_weights_against(model, reference)}") from None
+
+
+def _weights_against(model: nn.Module, reference: nn.Module) -> str:
+    """Which tensors of ``model`` differ from ``reference``'s (by name), for a finding's message."""
+    ours, theirs = model.state_dict(), reference.state_dict()
+    differ = [key for key in ours if key in theirs and not torch.equal(ours[key], theirs[key])]
+    one_side = sorted(set(ours) ^ set(theirs))
+    if differ or one_side:
+        return f"loaded weights differing from PEFT's: {differ[:5]}, keys on one side only: {one_side[:5]}"
+    return "the same loaded weights as PEFT's"
 
 
 # --------------------------------------------------------------------------------------------

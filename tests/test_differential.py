@@ -184,6 +184,23 @@ REPLAYS = {
         START + [("AdamW step", EQUAL)] + MERGE_DISABLE + UNLOAD[:2]
         + [("config.tie_word_embeddings", "stop: kept True, PEFT sets False (documented difference)"),
            ("forward after merge_and_unload vs PEFT unmerged", EQUAL)]),
+    # --examples 60 --seed 2, #5 and --seed 5, #52 (found before 98e12f1): lm_head targeted, merge_adapter +
+    # unmerge_adapter, then files. PEFT's file also holds lm_head.base_layer.weight, its live W0 + dW - dW (a
+    # rounding away from W0); minilora's held A and B only, so PEFT loading minilora's files got the base's exact
+    # W0 and logits 6e-8 off PEFT loading its own. minilora now writes that weight as PEFT does (98e12f1). In the
+    # CLI's loop the rounding reached the logits; alone it may not: the steps are pinned here
+    "lm-head-base-weight-after-merge-second-adapter": (Scenario(
+        "opt", "lm", dict(target_modules=r".*\.(fc2)", exclude_modules=["v_proj"], r=2, lora_alpha=1,
+                          init_lora_weights="gaussian", lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"),
+        second=dict(target_modules=["q_proj", "lm_head", "1.fc2"], r=1, lora_alpha=3.5, init_lora_weights=False,
+                    lora_dropout=0.0, task_type="SEQ_CLS"), ops=dict(merge=True, files=True), seed=5),
+        START + SECOND[:5] + MERGE_DISABLE[:4] + LOADED),
+    "lm-head-base-weight-after-merge": (Scenario(
+        "stablelm", "lm", dict(target_modules=["o_proj", "lm_head", "self_attn.o_proj"], exclude_modules=["up_proj"],
+                               layers_to_transform=0, r=4, lora_alpha=16, init_lora_weights=False, lora_dropout=0.1,
+                               bias="none", task_type="SEQ_2_SEQ_LM"),
+        ops=dict(train_forward=True, train_step=True, merge=True, disable=True, files=True), seed=52),
+        START + [("forward train", EQUAL), ("AdamW step", EQUAL)] + MERGE_DISABLE + LOADED),
 }
 
 
@@ -336,3 +353,41 @@ def test_requires_grad_and_modes_after_loading_and_adding_are_pefts(tmp_path):
     assert modes[0] == {n: modes[1][n] for n in modes[0]}
     grads = [{n: p.requires_grad for n, p in model.named_parameters()} for model in (mini, twin)]
     assert grads[0] == grads[1]
+
+
+def test_files_after_merge_and_unmerge_hold_the_same_lm_head_w0_as_pefts(tmp_path):
+    """The cause of the two replays above, directly: after merge_adapter + unmerge_adapter PEFT's file holds
+    lm_head.base_layer.weight = W0 + dW - dW (not W0, a rounding); minilora's file holds the same tensor, bitwise,
+    so each library loading the other's files gives the other's outputs."""
+    from safetensors.torch import load_file
+
+    base, mini, twin = _both("stablelm", "lm", dict(target_modules=["lm_head"], r=4, lora_alpha=16))
+    differential.same_values(mini, twin, 52)
+    key = "base_model.model.lm_head.base_layer.weight"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, side in ((mini, "mini"), (twin, "peft")):
+            model.merge_adapter()
+            model.unmerge_adapter()
+            model.save_pretrained(tmp_path / side)
+    saved = {side: load_file(tmp_path / side / "adapter_model.safetensors")[key] for side in ("mini", "peft")}
+    assert not torch.equal(saved["peft"], base.lm_head.weight)  # the rounding is there
+    assert torch.equal(saved["mini"], saved["peft"])
+
+
+def test_a_cross_loading_finding_names_the_loaded_weights_that_differ(monkeypatch):
+    """Planted: PEFT loading minilora's files gets one weight perturbed. The finding says which."""
+    real = peft.PeftModel.from_pretrained.__func__
+
+    def perturbed(cls, model, model_id, *args, **kwargs):
+        loaded = real(cls, model, model_id, *args, **kwargs)
+        if str(model_id).endswith("mini"):
+            with torch.no_grad():
+                loaded.base_model.model.lm_head.base_layer.weight.add_(1e-3)
+        return loaded
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", classmethod(perturbed))
+    scenario, _ = REPLAYS["peft-file-with-lm-head-base-bias"]
+    with pytest.raises(differential.Finding, match=r"peft loads minilora's files: .* loaded weights differing from "
+                                                    r"PEFT's: \['base_model\.model\.lm_head\.base_layer\.weight'\]"):
+        run_scenario(scenario)
