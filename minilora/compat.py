@@ -79,7 +79,8 @@ from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
 from .saved_modules import ModulesToSave as ModulesToSaveWrapper  # PEFT's name, for isinstance checks
 from .saved_modules import saved_modules
-# TASK_MODELS, add_task_head and check_head_not_targeted come from compat_tasks.py, imported at the end of this file.
+# TASK_MODELS, add_task_head and check_head_not_targeted are imported from compat_tasks.py inside the functions that
+# use them: that file subclasses PeftModel, so it imports this one (see __getattr__ at the end).
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
@@ -116,6 +117,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
             warnings.warn(f"peft config has already set base model revision to {peft_config.revision}, overwriting "
                           f"with revision {revision}", stacklevel=2)
         peft_config.revision = revision
+    from .compat_tasks import TASK_MODELS
+
     task = _task(peft_config)
     return TASK_MODELS.get(task, PeftModel)(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                             low_cpu_mem_usage=low_cpu_mem_usage)
@@ -152,6 +155,8 @@ class PeftModel(nn.Module):
                                 "another adapter with peft_model.add_adapter(name, config) instead.")
         self._check_task_fits(model)
         if self.TASK_HEADS:
+            from .compat_tasks import add_task_head, check_head_not_targeted
+
             if self.HEAD_AFTER_INJECTION:
                 check_head_not_targeted(model, peft_config, self.TASK_HEADS, type(self).__name__)
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
@@ -343,6 +348,8 @@ class PeftModel(nn.Module):
             raise MiniLoraError(f"Adapter with name '{adapter_name}' already exists.")
         model = self.get_base_model()
         if self.TASK_HEADS:  # as PEFT's task models: every adapter trains and saves its own copy of the head
+            from .compat_tasks import add_task_head
+
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
@@ -456,6 +463,8 @@ class PeftModel(nn.Module):
         saved, peft_config = config_from_fields(fields, files.config_origin), pefts_config(fields, files.config_origin)
         if config is not None:
             check_given_config(config, saved, directory)
+        from .compat_tasks import TASK_MODELS
+
         task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
         if wrapper is None:
             (task_class or cls)._check_task_fits(inner)
@@ -530,16 +539,38 @@ __all__ = ["AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeature
            "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
            "PeftModelForTokenClassification", "TaskType", "get_peft_model", "ModulesToSaveWrapper"]
 
-# PEFT's task wrappers (compat_tasks.py). They subclass PeftModel, so they are imported here, once PeftModel exists;
-# the code above reads TASK_MODELS, add_task_head and check_head_not_targeted only when it runs. (PEFT breaks the
-# same cycle the other way: PeftModel.from_pretrained imports MODEL_TYPE_TO_PEFT_MODEL_MAPPING from peft/auto.py
-# inside the method.)
-from .compat_tasks import (TASK_MODELS, PeftModelForCausalLM, PeftModelForFeatureExtraction,  # noqa: E402
-                           PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
-                           PeftModelForTokenClassification, _forward_with_labels, add_task_head,
-                           check_head_not_targeted)  # (_forward_with_labels: pickled wrappers name it here)
+# PEFT's task wrappers (compat_tasks.py) and AutoPeftModel classes (compat_auto.py) are named here too, as PEFT's are
+# in `peft`, but they subclass PeftModel (or build on those that do), so their files import this one. This file
+# imports theirs only when one of their names is first asked for: `from minilora.compat import PeftModelForCausalLM`
+# or `minilora.compat.TASK_MODELS` calls the module's __getattr__ below (PEP 562), and the functions above import
+# what they need inside (as PEFT's PeftModel.from_pretrained imports MODEL_TYPE_TO_PEFT_MODEL_MAPPING from
+# peft/auto.py). So every file imports in one direction and may be imported first, and the classes keep their
+# own module: inspect.getsource finds them, and a pickled wrapper names minilora.compat_tasks. (The other cure,
+# PeftModel moved to a file of its own and this one a list of imports, would move this file's whole lesson away
+# from the name learners import.) Files pickled by minilora.compat's name before the split still load: unpickling
+# looks the name up here. (_forward_with_labels: the forward such a file holds.)
+_TASK_NAMES = ("TASK_MODELS", "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+               "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+               "add_task_head", "check_head_not_targeted", "_forward_with_labels")
+_AUTO_NAMES = ("AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+               "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM",
+               "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification")
 
-# PEFT's AutoPeftModel classes (compat_auto.py builds on the wrappers above).
-from .compat_auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,  # noqa: E402
-                          AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
-                          AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
+
+def __getattr__(name: str) -> Any:
+    """A name of compat_tasks.py or compat_auto.py, imported on first use (PEP 562: Python calls this
+    only for a name the module does not have)."""
+    if name in _TASK_NAMES:
+        from . import compat_tasks
+
+        return getattr(compat_tasks, name)
+    if name in _AUTO_NAMES:
+        from . import compat_auto
+
+        return getattr(compat_auto, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """dir(minilora.compat) lists those names too."""
+    return sorted({*globals(), *_TASK_NAMES, *_AUTO_NAMES})

@@ -26,10 +26,12 @@ from torch import nn
 from . import adapters
 from .adapter_config import CONFIG_NAME, config_from_fields
 from .adapter_files import read_saved_config_fields
-from .compat import (TASK_MODELS, LoraConfig, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
-                     PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
-                     PeftModelForTokenClassification)
+from .compat import PeftModel
+from .compat_config import LoraConfig
 from .compat_loading import HUB_OPTIONS, resolve_adapter_source
+from .compat_tasks import (TASK_MODELS, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                           PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
+                           PeftModelForTokenClassification)
 from .config import MiniLoraError
 
 IMPORT_ALLOWLIST = ["diffusers", "lerobot", "megatron-core", "transformers"]  # PEFT's get_default_import_allowlist()

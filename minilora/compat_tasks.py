@@ -14,8 +14,8 @@ code for prompt learning; for LoRA each one differs from ``PeftModel`` in what i
 - ``GENERATES``: CAUSAL_LM and SEQ_2_SEQ_LM need a model that can generate.
 
 ``PeftModel`` reads those class attributes. Import the wrappers from ``minilora.compat``, as PEFT's
-from ``peft``: this file subclasses ``PeftModel``, so compat.py imports it at its end, once
-``PeftModel`` exists.
+from ``peft``: this file subclasses ``PeftModel``, so it imports compat.py, and compat.py imports
+this file only when one of its names is first asked for (compat.py's ``__getattr__``).
 """
 
 from __future__ import annotations
@@ -162,9 +162,3 @@ TASK_MODELS = {
     "QUESTION_ANS": PeftModelForQuestionAnswering,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
-
-# A pickled wrapper (torch.save of the whole model) names its class, and the forward it holds, by module: that is
-# minilora.compat, where they are imported from and where they were defined before this file existed. (Unpickling
-# by this file's name in a new process could import it before compat.py, and each needs the other's names.)
-for _pickled in (*TASK_MODELS.values(), _forward_with_labels):
-    _pickled.__module__ = PeftModel.__module__
