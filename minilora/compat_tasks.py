@@ -66,7 +66,10 @@ def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: 
 def check_head_not_targeted(model: nn.Module, config: LoraConfig, heads: list[str], wrapper: str) -> None:
     """PEFT's ``PeftModelForTokenClassification`` and ``...ForQuestionAnswering`` add their head to
     ``modules_to_save`` only after injecting, so targets that reach the head (``"all-linear"``, a regex)
-    put LoRA on it first, and wrapping it then fails (a TypeError). Refused here, before anything changes."""
+    put LoRA on it first. Wrapping a head that is itself a LoRA layer then fails (a TypeError); a head
+    built of layers (RoBERTa's ``classifier.dense`` and ``.out_proj``) is wrapped with LoRA layers inside
+    its original and its trained copy, which minilora does not build. Both refused here, before anything
+    changes."""
     targets = find_targets(model, config)
     hit = [name for name in targets if any(name.endswith(head) for head in heads)]
     if hit:
@@ -74,6 +77,22 @@ def check_head_not_targeted(model: nn.Module, config: LoraConfig, heads: list[st
                             f"which PEFT then also trains in full (modules_to_save {heads}): a module cannot be both, "
                             "and PEFT fails here with a TypeError. Leave the head out, e.g. "
                             f"exclude_modules={heads[:1]}, or put it in modules_to_save yourself.")
+    # a layer inside the head: some dotted prefix of its name is a module PEFT wraps (its names end with a head's)
+    inside = [(name, prefix) for name in targets for prefix in _prefixes(name)[:-1]
+              if any(prefix.endswith(head) for head in heads)]
+    if inside:
+        name, head = inside[0]
+        raise MiniLoraError(f"{wrapper}: target_modules={config.target_modules!r} selects {name!r}, inside the task head "
+                            f"{head!r}, which PEFT then also trains in full (modules_to_save {heads}), copying the "
+                            "LoRA layers into the trained copy: LoRA inside a module trained in full, which minilora "
+                            f"does not build. Leave the head's layers out, e.g. exclude_modules=[{name!r}, ...], or "
+                            f"put the head in modules_to_save yourself (then no target lies inside it, as in PEFT).")
+
+
+def _prefixes(name: str) -> list[str]:
+    """'a.b.c' -> ['a', 'a.b', 'a.b.c']."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -391,3 +391,28 @@ def test_a_cross_loading_finding_names_the_loaded_weights_that_differ(monkeypatc
     with pytest.raises(differential.Finding, match=r"peft loads minilora's files: .* loaded weights differing from "
                                                     r"PEFT's: \['base_model\.model\.lm_head\.base_layer\.weight'\]"):
         run_scenario(scenario)
+
+
+def test_lora_inside_a_task_head_wrapped_after_injection_is_refused_before_anything_changes(unchanged):
+    """--examples 80 --seed 12, #73: RoBERTa's classifier is built of layers (dense, out_proj); "all-linear" with
+    task_type TOKEN_CLS puts LoRA on them, then PEFT wraps the head (modules_to_save, added after injecting) with the
+    LoRA layers inside its original and its trained copy. minilora built the wrapper without them (the LoRA layers
+    PEFT trains were silently missing): now a MiniLoraError before any change. Naming the head in modules_to_save
+    leaves its layers out of the targets in both libraries, and then every step agrees."""
+    fields = dict(target_modules="all-linear", r=8, lora_alpha=3.5, lora_dropout=0.1, bias="all", task_type="TOKEN_CLS")
+    base = build_base(ARCHITECTURES["roberta"], "seq_cls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields))
+    assert "classifier.modules_to_save.default.dense" in str(differential.lora_summary(twin)["layers"])
+    model = copy.deepcopy(base)
+    check = unchanged(model)
+    with pytest.raises(MiniLoraError, match=r"selects 'classifier.dense', inside the task head 'classifier'.*"
+                                            r"put the head in modules_to_save yourself"):
+        compat.get_peft_model(model, compat.LoraConfig(**fields))
+    check()
+    with pytest.raises(Refusal):
+        run_scenario(Scenario("roberta", "seq_cls", fields, seed=73))
+    done = run_scenario(Scenario("roberta", "seq_cls", dict(fields, modules_to_save=["classifier"]),
+                                 ops=dict(backward=True, merge_and_unload=True), seed=73))
+    assert done.steps == START + [("backward", EQUAL)] + UNLOAD
