@@ -37,9 +37,17 @@ through ``.data``) changes the buffer too. If one of them was *replaced* by anot
 (``model.to(...)``, ``merge(safe=True)``, ``weight.data = ...``, ``copy.deepcopy``), or another
 Parameter or module was put in its place (``setattr``, ``ModuleDict[name] = ...``, a write into
 ``_parameters`` as accelerate does), the next call sees it (``_is_current``: the dict entries and
-data pointers it was built from) and rebuilds the buffer from the current values. Selecting another path gives each its own contiguous storage back and drops the
-buffer. While fused, ``torch.save`` of ``lora_A`` alone would store the whole buffer (safetensors
-stores just the view): select another path before saving with ``torch.save``.
+data pointers it was built from) and rebuilds the buffer from the current values. A copy of the
+model (``copy.deepcopy``, pickling) builds its own. Selecting another path gives each its own
+contiguous storage back and drops the buffer. While fused, ``torch.save`` of ``lora_A`` alone
+would store the whole buffer (safetensors stores just the view): select another path before
+saving with ``torch.save``.
+
+Hooks: PEFT's layer calls ``base_layer``, ``lora_A``, ``lora_B`` and the dropout as modules, so
+hooks on them (a steering hook, accelerate's offloading) act on what they compute. The fused path
+calls none of them; while one of them has a hook, it computes the reference way instead
+(``_hooked``). Global hooks (``torch.nn.modules.module.register_module_forward_hook``) are not
+looked at: with one registered, select the reference path.
 
 Tolerances (checked in tests/test_fused.py against the reference path): float32 within 1e-5
 relative (max |difference| / max |reference|), forward and gradients. bfloat16 base weights:
@@ -83,7 +91,7 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
             if path == "compiled" else ""
         raise MiniLoraError(f"Unknown forward path {path!r}; choose one of {FORWARD_PATHS}.{hint}")
     layers = [layer for _, layer in require_lora_layers(model, "set_forward_path")]
-    if path == "fused" and any(any(layer.lora_bias.values()) for layer in layers):
+    if path == "fused" and any(layer.lora_bias[adapter] for layer in layers for adapter in _active(layer)):
         raise MiniLoraError(_LORA_BIAS_REFUSAL)
     if path == "fused" and concatenate and _sharded(layers):
         raise MiniLoraError(
@@ -93,7 +101,6 @@ def set_forward_path(model: nn.Module, path: str, concatenate: bool = True) -> n
         )
     for layer in layers:
         release_concatenated_weight(layer)
-        layer._concatenated = None  # (built below, with concatenate)
         store_B(layer, transposed=False)
         layer.forward_override = None
         if path == "merged" and not layer.merged:
@@ -166,6 +173,19 @@ class Concatenated(NamedTuple):
     registered: tuple[tuple[dict, str, object], ...]  # (dict, key, what it held at build time): see _is_current
     parameters: tuple[torch.Tensor, ...]  # W0, b (or None), A, B: the Parameters it was built from
     pointers: tuple[int, ...]        # where their data lived at build time (data_ptr; 0 for no bias)
+    hooks: tuple[dict, ...]          # the forward (pre-)hooks of the modules the fused call does not call
+
+    # A copy (copy.deepcopy, pickle) gives each weight storage of its own, and its pointers would name
+    # this process's memory: a copy of the layer gets None instead and builds its own on its first call.
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self):
+        return _no_concatenated, ()
+
+
+def _no_concatenated() -> None:
+    return None
 
 
 def build_concatenated_weight(layer: LoraLinear) -> None:
@@ -201,7 +221,9 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
         B_T = layer.lora_B[name].weight.detach().T                       # (r, out), a view (no autograd)
     registered, parameters = _registrations(layer, name)
     layer._concatenated = Concatenated(buffer, bias_buffer, name, B_T, (out, adapter.weight.shape[0]), registered,
-                                       parameters, tuple(0 if t is None else t.data_ptr() for t in parameters))
+                                       parameters, tuple(0 if t is None else t.data_ptr() for t in parameters),
+                                       tuple(hooks for module in _called_modules(layer, name)
+                                             for hooks in (module._forward_pre_hooks, module._forward_hooks)))
 
 
 def split_concatenated(layer: LoraLinear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,9 +271,25 @@ def _registrations(layer: LoraLinear, adapter: str) -> tuple[tuple[tuple[dict, s
     return registered, parameters
 
 
+def _called_modules(layer: LoraLinear, adapter: str) -> tuple[nn.Module, ...]:
+    """The modules the reference forward calls for ``adapter`` and the fused one does not."""
+    return (layer._modules["base_layer"], layer._modules["lora_A"]._modules[adapter],
+            layer._modules["lora_B"]._modules[adapter], layer._modules["lora_dropout"]._modules[adapter])
+
+
+def _hooked(layer: LoraLinear) -> bool:
+    """True if a module that the reference forward calls and the fused one skips has a hook: PEFT's
+    layer calls them, so their hooks (a steering hook, accelerate's offloading) see and may change
+    what they compute; the fused path then computes the reference way instead."""
+    return any(module._forward_pre_hooks or module._forward_hooks
+               or module._backward_pre_hooks or module._backward_hooks
+               for adapter in _active(layer) for module in _called_modules(layer, adapter))
+
+
 def _is_current(layer: LoraLinear, built: Concatenated) -> bool:
     """True if the buffer still holds the layer's W0, b and A, and B^T its B: same adapter, same
-    modules and Parameters in place, and each Parameter's data where it was at build time.
+    modules and Parameters in place, each Parameter's data where it was at build time, and no
+    forward hook on a module the fused call skips (``_hooked``).
 
     The data pointers are equal iff W0, b and A are still views of the buffer and B^T a view of
     B: the buffer and B^T keep that memory allocated, so no other tensor can have been given the
@@ -266,6 +304,9 @@ def _is_current(layer: LoraLinear, built: Concatenated) -> bool:
     for registry, key, held in built.registered:
         if registry.get(key) is not held:
             return False
+    for hooks in built.hooks:
+        if hooks:
+            return False
     W0, b, A, B = built.parameters
     pointers = built.pointers
     return (W0.data_ptr() == pointers[0] and A.data_ptr() == pointers[2] and B.data_ptr() == pointers[3]
@@ -274,7 +315,7 @@ def _is_current(layer: LoraLinear, built: Concatenated) -> bool:
 
 def release_concatenated_weight(layer: LoraLinear) -> None:
     """Give W0, its bias and A their own contiguous storage back and drop the buffer, if there is one."""
-    built = getattr(layer, "_concatenated", None)
+    built = layer._concatenated
     if built is None:
         return
     adapters = [layer.lora_A[built.adapter]] if built.adapter in layer.lora_A else []  # the one it was built for
@@ -318,9 +359,11 @@ def fused_forward(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         return concatenated_forward(layer, x, built)
     if layer.merged or layer.disabled:
         return layer.base_layer(x)
-    if True in layer.lora_bias.values():  # an adapter with lora_bias added after set_forward_path (~0.1 us)
+    if any(layer.lora_bias[adapter] for adapter in _active(layer)):  # an adapter with lora_bias, set active
         raise MiniLoraError(_LORA_BIAS_REFUSAL)
-    if getattr(layer, "fused_concatenate", True) and not _needs_grad(layer, x) and not (layer.training and _dropout_active(layer)):
+    if _hooked(layer):
+        return layer.forward(x, reference=True)
+    if layer.fused_concatenate and not _needs_grad(layer, x) and not (layer.training and _dropout_active(layer)):
         built = _concatenated_weight(layer)
         if built is not None:
             return concatenated_forward(layer, x, built)
@@ -340,7 +383,8 @@ def concatenated_forward(layer: LoraLinear, x: torch.Tensor, built: Concatenated
     else:                     # buffer (out + r, in): x @ buffer^T + b
         both = F.linear(x2d, built.buffer, built.bias)
     h, xa = both.split_with_sizes(built.sizes, 1)                      # (N, out) = x W0^T + b, (N, r) = x A^T
-    h.addmm_(xa, built.B_T, alpha=layer.scaling[built.adapter])   # (N, out) += s (N, r) @ (r, out)
+    B_T = built.B_T if built.B_T.dtype == h.dtype else built.B_T.to(h.dtype)  # (torch.autocast: h, xa half)
+    h.addmm_(xa, B_T, alpha=layer.scaling[built.adapter])          # (N, out) += s (N, r) @ (r, out)
     return h.view(*x.shape[:-1], out)
 
 

@@ -91,8 +91,10 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
     """
 
     # Another way to compute the same output, (layer, x) -> h, set by minilora.set_forward_path
-    # (minilora/fused.py); None runs the reference forward below.
+    # (minilora/fused.py); None runs the reference forward below. The fused path's state:
     forward_override = None
+    fused_concatenate = True   # set_forward_path(model, "fused", concatenate=...)
+    _concatenated = None       # its concatenated weight [W0; A] (fused.Concatenated), once built
 
     def __init__(
         self,
@@ -131,14 +133,16 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
     # ----------------------------------------------------------------------------------------
     # Forward: the math
     # ----------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """h = base_layer(x) + scaling * lora_B(lora_A(dropout(x))), PEFT's operations in PEFT's order.
 
         With several active adapters each adds its own ``scaling * B A dropout(x)`` in turn.
         Merged or disabled, the update is either inside W0 already or switched off: one matmul.
+        ``reference=True`` computes it so even where ``set_forward_path`` chose another path (the
+        fused path does, where a module it would not call has hooks).
         """
         try:
-            if self.forward_override is not None:
+            if self.forward_override is not None and not reference:
                 return self.forward_override(self, x)
             if self.disabled and self.merged_adapters:
                 self.unmerge()  # as PEFT: a disabled layer gives W0 x, so dW leaves W0 (minilora.disabled refuses this)

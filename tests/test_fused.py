@@ -285,6 +285,77 @@ def test_concatenated_weight_follows_the_active_adapter():
         assert _concatenated_weight(fused.transformer.h[0].attn.c_attn).adapter == name
 
 
+def test_copies_build_their_own_buffer():
+    """A deep copy or a pickled copy gets no Concatenated (its pointers would name the original's
+    memory) and builds its own; in-place changes to the copy are followed after the original is gone."""
+    import io
+    fused = lora_model(tiny_gpt2(), "fused")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused(ids)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    copies = {"deepcopy": copy.deepcopy(fused), "torch.save": torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)}
+    del fused
+    for how, model in copies.items():
+        layer = model.transformer.h[0].attn.c_attn
+        assert layer._concatenated is None, how
+        _check_fused_equals_fresh_reference(model, ids, f"a {how} copy")
+        with torch.no_grad():
+            layer.base_layer.weight.add_(0.5)   # in place, after the copy built its own buffer
+            layer.lora_A["default"].weight.mul_(2.0)
+        _check_fused_equals_fresh_reference(model, ids, f"a {how} copy changed in place")
+
+
+HOOKED = {
+    "base_layer forward hook": lambda layer: layer.base_layer.register_forward_hook(lambda m, i, o: o * 2),
+    "base_layer pre-hook": lambda layer: layer.base_layer.register_forward_pre_hook(lambda m, i: (i[0] + 1,)),
+    "lora_A forward hook": lambda layer: layer.lora_A["default"].register_forward_hook(lambda m, i, o: o * 3),
+    "lora_B forward hook": lambda layer: layer.lora_B["default"].register_forward_hook(lambda m, i, o: -o),
+    "dropout pre-hook": lambda layer: layer.lora_dropout["default"].register_forward_pre_hook(lambda m, i: (i[0] * 0,)),
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("what", list(HOOKED))
+def test_hooks_on_the_modules_the_fused_call_skips_are_honoured(what, grad):
+    """PEFT's layer calls base_layer, lora_A, lora_B and the dropout, so hooks on them act; the fused
+    path computes the reference way while one is there, and goes back to its own when it is removed."""
+    fused = lora_model(tiny_gpt2(), "fused")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = fused(ids).logits
+    reference = minilora.set_forward_path(copy.deepcopy(fused), "reference")
+    handles = [HOOKED[what](model.transformer.h[0].attn.c_attn) for model in (fused, reference)]
+    with torch.set_grad_enabled(grad):
+        hooked = fused(ids).logits
+        assert_close(hooked, reference(ids).logits, FLOAT32_RTOL, f"{what}, grad={grad}")
+    assert not torch.equal(hooked, before), "the hook changed nothing: the test proves nothing"
+    for handle in handles:
+        handle.remove()
+    layer = fused.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        assert_close(fused(ids).logits, before, FLOAT32_RTOL, "hook removed")
+    assert layer._concatenated is not None and minilora.forward_path(fused) == "fused"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_autocast_runs_within_bfloat16_tolerance(grad):
+    """Under torch.autocast the matmuls run in bfloat16 while B stays float32: the fused accumulate
+    must not mix them (it did: a RuntimeError). Its logits must be no farther from the float32
+    reference than the reference's own under autocast (here ~4e-2; the fused path rounds less
+    often, ~1e-2), nor than BFLOAT16_RTOL."""
+    fused = lora_model(tiny_gpt2(), "fused")
+    reference = minilora.set_forward_path(copy.deepcopy(fused), "reference")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = reference(ids).logits
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = reference(ids).logits.float()
+        assert_close(fused(ids).logits.float(), exact, max(BFLOAT16_RTOL, max_rel_diff(rounded, exact)),
+                     f"autocast, grad={grad}")
+
+
 def test_rebuilt_under_inference_mode_still_trains():
     fused = lora_model(tiny_gpt2(), "fused")
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -220,6 +220,11 @@ def test_fused_paths_refuse_an_adapter_with_a_bias():
     plain = minilora.inject(base(), LoraConfig(r=4, target_modules=["lin0"]))
     minilora.set_forward_path(plain, "fused")
     minilora.add_adapter(plain, "biased", LoraConfig(**fields()))
+    with torch.no_grad():  # inactive, the biased adapter takes no part: it runs with and without gradients
+        expected = minilora.set_forward_path(copy.deepcopy(plain), "reference")(X)
+        assert torch.equal(plain(X), expected)
+    assert torch.allclose(plain(X), expected, rtol=1e-5, atol=1e-6)
     minilora.set_adapter(plain, "biased")
-    with pytest.raises(MiniLoraError, match="does not add lora_B's bias"), torch.no_grad():
-        plain(X)
+    for grad in (False, True):  # active, it is refused in both modes (the no-grad call has a faster route)
+        with pytest.raises(MiniLoraError, match="does not add lora_B's bias"), torch.set_grad_enabled(grad):
+            plain(X)
