@@ -4,6 +4,7 @@ exit status 2, and nothing started before the input is checked (no progress line
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import time
 
@@ -47,18 +48,36 @@ def test_merge_out_dir_is_checked_before_loading(tiny_dir, capsys):
     assert "OUT_DIR '/proc/x/merged' cannot be written" in one_error_line(capsys)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root: chmod does not stop root writing")
+def _refuse_writes_in(parent, monkeypatch) -> None:
+    """Make every os.open of a new file directly in ``parent`` fail with EACCES, as a read-only folder
+    does for a user who is not root (chmod does not stop root, and CI may run as root)."""
+    real_open = os.open
+
+    def open_refusing(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and os.path.dirname(os.path.abspath(path)) == str(parent):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_refusing)
+
+
+@pytest.mark.parametrize("how", ["chmod", "EACCES planted"])
 @pytest.mark.parametrize("out_dir", ["absent", "empty"])
-def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path, capsys, out_dir):
+def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, out_dir, how):
     """A new or empty OUT_DIR is written as a temporary folder next to it, then renamed: OUT_DIR's parent
     must be writable. A read-only parent is one error line before any work (no progress line), not a
     failed rename after the merge; nothing changes on disk."""
+    if how == "chmod" and (not hasattr(os, "geteuid") or os.geteuid() == 0):
+        pytest.skip("root: chmod does not stop root writing (the planted EACCES case runs)")
     model_dir, adapter = tiny_dir
     parent = tmp_path / "read-only"
     parent.mkdir()
     if out_dir == "empty":
         (parent / "merged").mkdir()
-    parent.chmod(0o555)
+    if how == "chmod":
+        parent.chmod(0o555)
+    else:
+        _refuse_writes_in(parent, monkeypatch)
     try:
         assert minilora_main(["merge", str(adapter), str(parent / "merged"), "--model", str(model_dir)]) == 2
         line = one_error_line(capsys)
