@@ -18,6 +18,8 @@ Switch Transformers' merged outputs are no longer its unmerged ones, and ``save_
 Transformers; measured in tests/test_tied_config.py). So there minilora keeps the flag, says so, and
 relies on what transformers 5 does on loading: a tied weight whose saved values differ from its
 source's is loaded as saved, not tied (``PreTrainedModel.tie_weights``, with its own warning).
+transformers 4 ties whatever the flag says on loading, which would drop the output embedding that
+the merge produced: there minilora does what PEFT does in every model.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def update_tie_word_embeddings(model: nn.Module) -> None:
         return
     output_name = next(name for name, module in model.named_modules() if module is output)
     others = _other_tied_parameters(model, output_name)
-    if not others:
+    if not others or not hasattr(model, "get_expanded_tied_weights_keys"):  # (transformers 4: see the docstring)
         config.tie_word_embeddings = False
         warnings.warn(UNTIED_WARNING, stacklevel=3)
         return
@@ -62,9 +64,7 @@ def update_tie_word_embeddings(model: nn.Module) -> None:
 
 def _other_tied_parameters(model: nn.Module, output_name: str) -> list[str]:
     """The parameters that ``tie_word_embeddings`` ties, other than the output embedding's own."""
-    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5: {tied name: the name it shares}
-        tied = list(model.get_expanded_tied_weights_keys(all_submodels=True))
-    else:  # transformers 4 (not run by the tests here): a list of tied names on each module
-        tied = [f"{prefix}.{key}".lstrip(".") for prefix, module in model.named_modules()
-                for key in (getattr(module, "_tied_weights_keys", None) or ())]
+    if not hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 4: not asked (see the docstring)
+        return []
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)  # {tied name: the name it shares}
     return sorted(name for name in tied if not name.startswith(output_name + "."))

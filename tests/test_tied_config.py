@@ -92,6 +92,21 @@ def test_peft_merged_switch_transformers_is_not_its_unmerged_model_minilora_is()
         assert torch.allclose(peft_outputs[0][1], mini_outputs[0][1] * scale, rtol=1e-4, atol=1e-5)
 
 
+def test_with_transformers_4_merge_sets_the_flag_false_as_peft_in_every_model(monkeypatch):
+    """transformers 4 ties whatever tie_word_embeddings says when loading, which would drop the merged
+    lm_head: without transformers 5's get_expanded_tied_weights_keys minilora does what PEFT does,
+    even in Switch Transformers (flag False, PEFT's warning, PEFT's merged outputs)."""
+    _, inputs, mini, twin, _ = adapted_pair("switch_transformers", SAVED_LM_HEAD)
+    peft_merged, peft_words = merge_and_unload(twin)
+    monkeypatch.delattr(transformers.PreTrainedModel, "get_expanded_tied_weights_keys")
+    assert not hasattr(mini.get_base_model(), "get_expanded_tied_weights_keys")
+    mini_merged, mini_words = merge_and_unload(mini)
+    assert mini_words == peft_words == [UNTIED_WARNING]
+    assert mini_merged.config.tie_word_embeddings is peft_merged.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert relative_difference(forward(mini_merged, inputs), forward(peft_merged, inputs)) <= RTOL
+
+
 @pytest.mark.parametrize("arch, fields", [
     ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["lm_head"], r=4)),
     ("bert", dict(target_modules=["query"], modules_to_save=["decoder"], r=4)),
