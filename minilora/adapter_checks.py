@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from .bounded_regex import time_bound
 from .config import LoraConfig, MiniLoraError
 from .inject import DEFAULT_ADAPTER, adapter_config, lora_layers
 from .layer import HALF_DTYPES, LoraLinear, in_out_features
-from .saved_embeddings import loadable_keys
+from .saved_embeddings import base_tensor, loadable_keys
 from .saved_modules import (bias_all_keys, expected_saved_shapes, find_modules_to_save, is_saved_module_key,
                             original_key, saved_modules)
 from .targets import find_targets, is_target, layer_rank_and_alpha, resolve_target_modules
@@ -251,11 +251,13 @@ def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], s
 
 
 def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], lora_targets: list[str],
-                            source: str, adapter_keys: Mapping[str, object]) -> list[tuple[str, str, torch.Tensor]]:
+                            source: str, adapter_keys: Mapping[str, object], saved_names: Sequence[str] = (),
+                            ) -> list[tuple[str, str, torch.Tensor]]:
     """The embedding layers' own weights that PEFT's files may hold (saved_embeddings.py): an adapter
     on lm_head holds ``lm_head.base_layer.weight``, one saved after ``resize_token_embeddings`` (or with
-    ``save_embedding_layers=True``) ``transformer.wte.weight`` and ``lm_head.weight``; PEFT loads them
-    into the base model. Those keys are taken out of ``renamed`` and returned as (layer name, "weight"
+    ``save_embedding_layers=True``) ``transformer.wte.weight`` and ``lm_head.weight``, or for such a layer
+    in ``modules_to_save`` (``saved_names``) ``lm_head.original_module.weight``; PEFT loads them into the
+    base model (a saved module's original). Those keys are taken out of ``renamed`` and returned as (layer name, "weight"
     or "bias", tensor), checked like the adapter's own. Keys in ``adapter_keys`` (the adapter's own, e.g.
     the biases of bias="all") are left in ``renamed``.
 
@@ -264,10 +266,10 @@ def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], 
             dtype, or NaN / inf values.
     """
     found = []
-    for key, (name, attribute) in loadable_keys(model, lora_targets).items():
+    for key, (name, attribute) in loadable_keys(model, lora_targets, saved_names).items():
         if key not in renamed or key in adapter_keys:
             continue
-        value, own = renamed.pop(key), getattr(model.get_submodule(name), attribute)
+        value, own = renamed.pop(key), base_tensor(model, name, attribute)
         if value.shape != own.shape:
             resized = (" If the adapter was trained after resize_token_embeddings, resize this model the same way "
                        f"first: model.resize_token_embeddings({value.shape[0]}) (PEFT fails here too)."

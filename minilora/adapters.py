@@ -50,7 +50,7 @@ from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, confi
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
                             read_adapter_files, refuse_unpaired_config)
 from .compat_tying import check_saved_tying
-from .saved_embeddings import saved_embedding_state
+from .saved_embeddings import base_tensor, saved_embedding_state, wrapped_embedding_keys
 from .config import LoraConfig, MiniLoraError
 from .files import (commit, discard, remove_abandoned_temporaries, remove_atomically, stage, weights_metadata,
                     write_error_hint)
@@ -119,7 +119,7 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     saved = saved_state(model, state, adapter_name)  # modules_to_save: this adapter's copies
     tensors.update({PEFT_PREFIX + key: value for key, value in saved.items()})
     embeddings = saved_embedding_state(model, state, config, adapter_name, save_embedding_layers)
-    tensors.update({PEFT_PREFIX + file_key(key, adapter): value for key, value in embeddings.items()})
+    tensors.update({PEFT_PREFIX + key: value for key, value in embeddings.items()})
     return tensors
 
 
@@ -335,7 +335,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             nested_originals = {key: renamed.pop(key) for key in nested}  # (checked and loaded below)
             for key in repeats:
                 renamed.pop(key)
-        renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals}
+        # an embedding layer in modules_to_save: PEFT's file also holds the wrapper's keys (saved_embeddings.py)
+        wrapped_originals, ignored = wrapped_embedding_keys(model, saved_names)
+        for key in ignored:  # <name>.modules_to_save.weight: PEFT's loading ignores it
+            renamed.pop(key, None)
+        wrapped_originals = {key: renamed.pop(key) for key in wrapped_originals if key in renamed}  # (checked below)
+        renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals, **wrapped_originals}
     except MiniLoraError as error:
         raise MiniLoraError(f"{config_origin}: {error}") from None
     nested_original_biases(model, nested_originals, origin)
@@ -345,7 +350,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         shapes = expected_shapes(model, config, adapter_name)
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
-    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes)  # (taken out of ``renamed``)
+    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and not isinstance(source, Mapping):
         try:
@@ -369,7 +374,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         for key, value in renamed.items():
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
         for name, attribute, value in embeddings:  # PEFT loads the saved base weight too (the base model's, normally)
-            getattr(model.get_submodule(name), attribute).copy_(value)
+            base_tensor(model, name, attribute).copy_(value)  # (a saved module's original)
         current = model.state_dict(keep_vars=True)  # (saved modules are wrapped now)
         for key, value in nested_originals.items():  # the originals' biases inside saved modules, as PEFT loads them
             current[key].copy_(value)

@@ -27,19 +27,23 @@ This file mirrors PEFT 0.21.2's rules (``peft/utils/save_and_load.py::get_peft_m
     True, and the model has get_input_embeddings (a transformers model), for its input and output
     embedding layers:
         targeted: each one that is a LoRA layer over nn.Linear / nn.Embedding: "<name>.base_layer.*"
-        not targeted: each one, whole: "<name>.*"
+        not targeted: each one, whole: "<name>.*"; for one in ``modules_to_save`` that is the wrapper's
+            state, "<name>.original_module.*" and "<name>.modules_to_save.*" (this adapter's copy, its
+            name dropped), next to the copy that every such file holds as "<name>.*"
     True, and no get_input_embeddings: nothing, warning NOT_TRANSFORMERS
 
-Refused (MiniLoraError, before anything is written): a value other than True, False, "auto"; an
-embedding layer to save that is in ``modules_to_save`` (PEFT saves the wrapper's inner keys, e.g.
-``lm_head.modules_to_save.weight``, which its own loading then ignores).
+PEFT's loading puts "<name>.original_module.*" into the original (the base embedding of the resized
+vocabulary) and ignores "<name>.modules_to_save.*" (no parameter has that name once the adapter's
+name is added back); minilora's does the same (``wrapped_embedding_keys``).
+
+Refused (MiniLoraError, before anything is written): a value other than True, False, "auto".
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -134,10 +138,11 @@ def _config_on_hub(model_id: str) -> bool | None:
 def embedding_modules(model: nn.Module, targeted: bool) -> list[str]:
     """The names of the modules whose whole state PEFT adds to the file (``save_embedding_layers``
     decided True): ``["lm_head.base_layer"]`` for a targeted lm_head, ``["transformer.wte", "lm_head"]``
-    for a resized GPT-2.
+    for a resized GPT-2 (also when they are in ``modules_to_save``: then their state is the wrapper's,
+    ``original_module.weight`` and ``modules_to_save.<adapter>.weight``).
 
     Raises:
-        MiniLoraError: the model's ``get_input_embeddings`` fails, or a layer to save is in ``modules_to_save``.
+        MiniLoraError: the model's ``get_input_embeddings`` fails.
     """
     if not hasattr(model, "get_input_embeddings"):
         warnings.warn(NOT_TRANSFORMERS)
@@ -157,70 +162,113 @@ def embedding_modules(model: nn.Module, targeted: bool) -> list[str]:
                      if (not targeted and module is layer) or (base is not None and module is base)), None)
         if name is None:
             continue
-        if any(isinstance(inner, ModulesToSave) for inner in model.get_submodule(name).modules()):
-            raise MiniLoraError(
-                f"save_embedding_layers: the embedding layer {name!r} is in modules_to_save. PEFT then saves "
-                "the wrapper's inner keys (original_module, modules_to_save) under the layer's name, which its "
-                "own loading ignores; minilora does not write them. Pass save_embedding_layers=False (the "
-                "trained copy is saved anyway, as a module to save).")
         names.append(name)
     return names
 
 
-def embedding_state(state: Mapping[str, torch.Tensor], names: list[str],
+def embedding_state(state: Mapping[str, torch.Tensor], names: list[str], adapter_name: str,
                     other_adapters: list[str]) -> dict[str, torch.Tensor]:
     """The entries of ``state`` (your model's keys) under the modules ``names``, as PEFT takes them:
     every key under ``<name>.``, except other adapters' (a key holding ``.<other>.`` or ending in
-    ``.<other>``: PEFT's filter). A LoRA layer's own A and B are among them, under the same keys as the
-    adapter's (the caller keeps one of each)."""
+    ``.<other>``: PEFT's filter), under the file's key (``without_adapter_name``). A LoRA layer's own A
+    and B are among them, under the same keys as the adapter's (the caller keeps one of each)."""
     def others(key: str) -> bool:
         return any(f".{other}." in key or key.endswith(f".{other}") for other in other_adapters)
 
-    return {key: value for name in names for key, value in state.items()
+    return {without_adapter_name(key, adapter_name): value for name in names for key, value in state.items()
             if key.startswith(f"{name}.") and not others(key)}
+
+
+def without_adapter_name(key: str, adapter_name: str) -> str:
+    """The file's key for a key of the model, as PEFT 0.21.2 makes it
+    (``tuners_utils.py::_remove_adapter_name_from_state_dict_key``): the adapter's name is dropped where
+    it is the last part, or the last but one (``lm_head.modules_to_save.default.weight`` ->
+    ``lm_head.modules_to_save.weight``; ``lm_head.original_module.weight`` stays)."""
+    if "." not in key:
+        return key
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, last = key.rpartition(".")
+    return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
 
 
 def saved_embedding_state(model: nn.Module, state: Mapping[str, torch.Tensor], config: Any, adapter_name: str,
                           save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
-    """What PEFT adds to the file of adapter ``adapter_name`` for ``save_embedding_layers``, under your
-    model's keys, taken from ``state``; ``{}`` when it adds nothing."""
+    """What PEFT adds to the file of adapter ``adapter_name`` for ``save_embedding_layers``, under the
+    file's keys (without ``base_model.model.``), taken from ``state``; ``{}`` when it adds nothing."""
     model_id = (config.base_model_name_or_path if hasattr(config, "base_model_name_or_path")  # compat's config
                 else getattr(model, "name_or_path", None))  # (as adapter_config.json records it)
     save, targeted = decide(model, resolve_target_modules(model, config), model_id, save_embedding_layers)
     if not save:
         return {}
     others = [name for name in adapter_configs(model) if name != adapter_name]
-    return embedding_state(state, embedding_modules(model, targeted), others)
+    return embedding_state(state, embedding_modules(model, targeted), adapter_name, others)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def loadable_keys(model: nn.Module, lora_targets: list[str]) -> dict[str, tuple[str, str]]:
-    """The keys (your model's) under which a file may hold embedding weights for ``model``, each ->
-    (module name, "weight" or "bias"), in the model's module order (for a tied pair, PEFT's loading
-    writes the later one last). ``lora_targets``: the layers that hold, or will hold, LoRA layers.
-
-    A LoRA target whose last name part is lm_head / embed_tokens, or an input / output embedding that
-    is (or becomes) a LoRA layer: ``<name>.base_layer.weight`` (and ``.bias``); an input / output
-    embedding that stays plain: ``<name>.weight`` (and ``.bias``). Nothing for a module in ``modules_to_save``.
-    """
-    names = [name for name in lora_targets if name.split(".")[-1] in EMBEDDING_LAYER_NAMES]
+def embedding_layer_names(model: nn.Module) -> list[str]:
+    """The names of the model's input and output embedding layers (``get_input_embeddings`` /
+    ``get_output_embeddings``; a saved module's wrapper under its own name), [] where it has none."""
     layers: list[Any] = []
     if hasattr(model, "get_input_embeddings"):
         try:
             layers = [model.get_input_embeddings(), model.get_output_embeddings()]
         except (NotImplementedError, AttributeError):
             layers = []
-    names += [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
+    return [name for name, module in model.named_modules() if any(module is layer for layer in layers)]
+
+
+def loadable_keys(model: nn.Module, lora_targets: list[str], saved_names: Sequence[str] = ()
+                  ) -> dict[str, tuple[str, str]]:
+    """The keys (your model's) under which a file may hold embedding weights for ``model``, each ->
+    (module name, "weight" or "bias"), in the model's module order (for a tied pair, PEFT's loading
+    writes the later one last). ``lora_targets``: the layers that hold, or will hold, LoRA layers;
+    ``saved_names``: the modules that are, or will be, in ``modules_to_save``.
+
+    A LoRA target whose last name part is lm_head / embed_tokens, or an input / output embedding that
+    is (or becomes) a LoRA layer: ``<name>.base_layer.weight`` (and ``.bias``); an input / output
+    embedding that stays plain: ``<name>.weight`` (and ``.bias``); one in ``modules_to_save``:
+    ``<name>.original_module.weight`` (and ``.bias``), for its original (``base_tensor``).
+    """
+    names = [name for name in lora_targets if name.split(".")[-1] in EMBEDDING_LAYER_NAMES]
+    names += embedding_layer_names(model)
     order = {name: index for index, (name, _) in enumerate(model.named_modules())}
     keys = {}
     for name in sorted(set(names), key=lambda name: order.get(name, -1)):
         module = model.get_submodule(name)
-        if isinstance(module, ModulesToSave):
+        if isinstance(module, ModulesToSave) or name in saved_names:
+            keys.update(wrapped_embedding_keys(model, [name])[0])
             continue
         lora = name in lora_targets or isinstance(module, LoraLinear)
         for attribute in ("weight", "bias"):
             if isinstance(getattr(module, attribute, None), torch.Tensor):
                 keys[f"{name}.base_layer.{attribute}" if lora else f"{name}.{attribute}"] = (name, attribute)
     return keys
+
+
+def wrapped_embedding_keys(model: nn.Module, saved_names: Sequence[str]) -> tuple[dict[str, tuple[str, str]],
+                                                                                   list[str]]:
+    """The wrapper's keys that PEFT's files hold for an input / output embedding layer in
+    ``modules_to_save`` (``saved_names``: wrapped already or not yet): ``<name>.original_module.weight``
+    (and ``.bias``) -> (name, attribute), which PEFT's loading copies into the original, and the list of
+    ``<name>.modules_to_save.weight`` (and ``.bias``), which PEFT's loading ignores: it adds the
+    adapter's name back to ``<name>.weight`` only, so no parameter has that name."""
+    loaded, ignored = {}, []
+    for name in embedding_layer_names(model):
+        if name not in saved_names:
+            continue
+        for attribute in ("weight", "bias"):
+            if isinstance(base_tensor(model, name, attribute), torch.Tensor):
+                loaded[f"{name}.original_module.{attribute}"] = (name, attribute)
+                ignored.append(f"{name}.modules_to_save.{attribute}")
+    return loaded, ignored
+
+
+def base_tensor(model: nn.Module, name: str, attribute: str) -> Any:
+    """The base model's tensor that a loaded embedding key goes into: ``attribute`` of the module
+    ``name``, or of its original where it is in ``modules_to_save`` (a wrapper's ``weight`` is its
+    active copy's)."""
+    module = model.get_submodule(name)
+    return getattr(module.original_module if isinstance(module, ModulesToSave) else module, attribute, None)

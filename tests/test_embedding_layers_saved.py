@@ -284,6 +284,108 @@ def test_a_llama_with_embed_tokens_saves_and_loads_as_peft(targets, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Embedding layers in modules_to_save (PEFT's recipe for adding tokens): resize, then
+# modules_to_save=[the input embedding, lm_head]. PEFT's file holds, per layer, the trained copy
+# (<name>.weight) and the wrapper's inner keys (<name>.original_module.weight, which its loading puts
+# into the original, <name>.modules_to_save.weight, which its loading ignores).
+# --------------------------------------------------------------------------------------------
+SAVED_EMBEDDINGS = {"llama": ["embed_tokens", "lm_head"], "gpt2": ["wte", "lm_head"]}
+
+
+@pytest.fixture(scope="module")
+def saved_bases(tmp_path_factory):
+    """A tiny Llama (untied lm_head, vocabulary 40) and a tiny GPT-2 (tied, 64), saved to local folders."""
+    path = tmp_path_factory.mktemp("bases")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(path / "llama")
+    tiny_gpt2().save_pretrained(path / "gpt2")
+    return path
+
+
+def resized(saved_bases, model: str, seed: int = 3) -> nn.Module:
+    """The saved base, its vocabulary grown by 4 (the new rows drawn from the generator seeded with ``seed``)."""
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(saved_bases / model).eval()
+    torch.manual_seed(seed)
+    base_model.resize_token_embeddings(base_model.config.vocab_size + 4)
+    return base_model
+
+
+def with_saved_embeddings(lib, saved_bases, model: str) -> nn.Module:
+    """PEFT's recipe, then training-like changes: B non-zero, each copy of the embeddings changed."""
+    names = SAVED_EMBEDDINGS[model]
+    config = lib.LoraConfig(r=2, target_modules=["q_proj"] if model == "llama" else ["c_attn"], modules_to_save=names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tying warning for GPT-2: tested elsewhere)
+        wrapped_model = lib.get_peft_model(resized(saved_bases, model), config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in sorted(wrapped_model.named_parameters()):
+            if ".lora_B." in name or ".modules_to_save." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return wrapped_model
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", True, False])
+@pytest.mark.parametrize("model", list(SAVED_EMBEDDINGS))
+def test_embedding_layers_in_modules_to_save_are_saved_as_peft(model, save_embedding_layers, saved_bases, tmp_path):
+    results = {}
+    for lib in (peft, compat):
+        trained = with_saved_embeddings(lib, saved_bases, model)
+        results[lib] = recorded(lambda: trained.save_pretrained(tmp_path / lib.__name__,
+                                                                save_embedding_layers=save_embedding_layers))
+    theirs, ours = (load_file(tmp_path / name / WEIGHTS) for name in ("peft", "minilora.compat"))
+    assert_same_tensors(ours, theirs)
+    assert results[compat][1] == results[peft][1]
+    prefix = "base_model.model."
+    inner = {"llama": ["lm_head", "model.embed_tokens"], "gpt2": ["lm_head", "transformer.wte"]}[model]
+    parts = ["original_module.weight", "modules_to_save.weight", "weight"] if save_embedding_layers else ["weight"]
+    assert sorted(key for key in theirs if ".lora_" not in key) == sorted(
+        f"{prefix}{name}.{part}" for name in inner for part in parts)
+    if save_embedding_layers == "auto":
+        assert (UserWarning, RESIZED) in results[peft][1]
+
+
+@pytest.mark.parametrize("save_embedding_layers", ["auto", False])
+@pytest.mark.parametrize("model", list(SAVED_EMBEDDINGS))
+def test_embedding_layers_in_modules_to_save_load_both_ways(model, save_embedding_layers, saved_bases, tmp_path):
+    """Each library loads each file (onto a base whose new rows were drawn differently: the file's
+    original_module.weight replaces them, as in PEFT) to PEFT's logits, bitwise, with the adapter and
+    without it (disable_adapter: the originals run)."""
+    for lib in (peft, compat):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with_saved_embeddings(lib, saved_bases, model).save_pretrained(
+                tmp_path / lib.__name__, save_embedding_layers=save_embedding_layers)
+    old = {"llama": 40, "gpt2": 64}[model]
+    ids = torch.tensor([[1, 5, old - 1, old, old + 3, 2]])  # (B, T); old.. are new tokens
+
+    def outputs(lib, directory) -> tuple[torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded_model = lib.PeftModel.from_pretrained(resized(saved_bases, model, seed=11), directory)
+        with loaded_model.disable_adapter():
+            disabled = logits(loaded_model, ids)
+        return logits(loaded_model, ids), disabled
+
+    reference = outputs(peft, tmp_path / "peft")  # PEFT's own round trip
+    for source in ("peft", "minilora.compat"):
+        for lib in (peft, compat):
+            got = outputs(lib, tmp_path / source)
+            assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1]), (source, lib.__name__)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            native = minilora.load_adapter(resized(saved_bases, model, seed=11), tmp_path / source)
+        assert torch.equal(logits(native, ids), reference[0]), source
+    fresh = outputs(peft, tmp_path / "peft")[1]
+    assert torch.equal(fresh, reference[1])
+    base_logits = logits(resized(saved_bases, model, seed=11), ids)
+    # the file's original_module.weight replaced the base's new rows (drawn with another seed) only when saved
+    assert torch.equal(reference[1], base_logits) is (save_embedding_layers is False)
+
+
+# --------------------------------------------------------------------------------------------
 # Refused: what minilora cannot write or load as PEFT does
 # --------------------------------------------------------------------------------------------
 def test_a_resized_file_on_a_base_of_the_old_size_is_refused_with_a_hint(saved_base, tmp_path):
@@ -298,20 +400,6 @@ def test_a_resized_file_on_a_base_of_the_old_size_is_refused_with_a_hint(saved_b
             load()
         assert list(model.state_dict()) == list(before)  # nothing changed
         assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
-
-
-def test_an_embedding_layer_in_modules_to_save_is_refused_before_writing(saved_base, tmp_path):
-    """PEFT saves the wrapper's inner keys, one of which its own loading ignores: refused."""
-    fields = dict(targets=["c_attn"], modules_to_save=["lm_head"])
-    wrapped(peft, "untied", saved_base, **fields).save_pretrained(tmp_path / "peft", save_embedding_layers=True)
-    assert "base_model.model.lm_head.modules_to_save.weight" in load_file(tmp_path / "peft" / WEIGHTS)
-    ours = wrapped(compat, "untied", saved_base, **fields)
-    with pytest.raises(MiniLoraError, match="modules_to_save.*save_embedding_layers=False"):
-        ours.save_pretrained(tmp_path / "ours", save_embedding_layers=True)
-    assert not (tmp_path / "ours").exists()
-    ours.save_pretrained(tmp_path / "ours", save_embedding_layers=False)  # as PEFT's with False
-    wrapped(peft, "untied", saved_base, **fields).save_pretrained(tmp_path / "peft2", save_embedding_layers=False)
-    assert_same_tensors(load_file(tmp_path / "ours" / WEIGHTS), load_file(tmp_path / "peft2" / WEIGHTS))
 
 
 @pytest.mark.parametrize("value", ["false", 1, None])
