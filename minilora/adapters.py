@@ -154,33 +154,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
 def prepare_save(model: nn.Module, directory: str | os.PathLike, safe_serialization: bool = True,
                  state_dict: Mapping[str, torch.Tensor] | None = None,
                  adapter_name: str = DEFAULT_ADAPTER, save_embedding_layers: bool | str = "auto") -> PreparedSave:
-    """Every check of ``save_adapter`` (the model, the folder), and the bytes of both files; writes nothing.
+    """Every check of ``save_adapter`` (the model, the folder, with PEFT's warnings); writes nothing, and
+    holds the tensors to write, not their bytes (``PreparedSave.write`` makes those, one adapter at a time).
 
     Raises:
         MiniLoraError: as ``save_adapter``, for everything but a write that fails.
     """
     config = saved_config(model, adapter_name)
-    # A copy of each tensor, not a view: on the fused path lora_A is a view into [W0; A], and
-    # torch.save would write the whole buffer that a view points into.
-    taken = adapter_state_dict(model, state_dict, adapter_name, save_embedding_layers)
-    check_not_sharded(taken)
-    tensors = {key: value.detach().clone(memory_format=torch.contiguous_format) for key, value in taken.items()}
+    tensors = adapter_state_dict(model, state_dict, adapter_name, save_embedding_layers)
+    check_not_sharded(tensors)
     directory = Path(directory)
     check_save_folder(directory)
     fields = config_fields(model, config)
     text = config_text(fields)
     # Binds the weights to this config, and says which config they replace (minilora/files.py)
     metadata = weights_metadata(fields, text, _config_in(directory), DIGESTED_FIELDS)
-    if safe_serialization:
-        from safetensors.torch import save
-        data = save(tensors, metadata={"format": "pt", **metadata})
-    else:
-        ordered = OrderedDict(tensors)
-        ordered._metadata = metadata  # type: ignore[attr-defined]  # torch.load keeps it
-        buffer = io.BytesIO()
-        torch.save(ordered, buffer)
-        data = buffer.getvalue()
-    return PreparedSave(directory, WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME, data,
+    return PreparedSave(directory, WEIGHTS_NAME if safe_serialization else LEGACY_WEIGHTS_NAME, tensors, metadata,
                         text.encode("utf-8"))
 
 
@@ -200,18 +189,36 @@ def check_save_folder(directory: Path) -> None:
 
 @dataclasses.dataclass
 class PreparedSave:
-    """One adapter's save, checked and turned into bytes: ``write()`` only puts them on disk. Several
-    adapters (``minilora.save_adapters``) are all prepared before the first is written."""
+    """One adapter's save, checked: ``write()`` turns its tensors into bytes and puts them on disk.
+    Several adapters (``minilora.save_adapters``) are all checked before the first is written; each
+    one's bytes exist only while it is written (with whole embedding matrices in every adapter's file,
+    holding all of them at once would cost that many copies)."""
 
     directory: Path
     weights_name: str  # WEIGHTS_NAME, or LEGACY_WEIGHTS_NAME with safe_serialization=False
-    weights: bytes
+    tensors: dict[str, torch.Tensor]  # the model's own tensors (not copies), under the file's keys
+    metadata: dict[str, str]
     config: bytes
+
+    def weights(self) -> bytes:
+        """The weights file's bytes. Each tensor is copied first, not taken as a view: on the fused path
+        lora_A is a view into [W0; A], and torch.save would write the whole buffer that a view points into."""
+        tensors = {key: value.detach().clone(memory_format=torch.contiguous_format)
+                   for key, value in self.tensors.items()}
+        if self.weights_name == WEIGHTS_NAME:
+            from safetensors.torch import save
+            return save(tensors, metadata={"format": "pt", **self.metadata})
+        ordered = OrderedDict(tensors)
+        ordered._metadata = self.metadata  # type: ignore[attr-defined]  # torch.load keeps it
+        buffer = io.BytesIO()
+        torch.save(ordered, buffer)
+        return buffer.getvalue()
 
     def write(self) -> None:
         directory = self.directory
         missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
         staged = []
+        data = self.weights()  # (this adapter's bytes only, made before any folder is)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             remove_abandoned_temporaries(directory)
@@ -219,7 +226,7 @@ class PreparedSave:
             # config second (files.py). Readers prefer safetensors: a .bin is in place before the old
             # safetensors file goes (until then readers find the old pair), a safetensors file before the old .bin goes.
             weights = directory / self.weights_name
-            staged.append(stage(weights, self.weights))
+            staged.append(stage(weights, data))
             staged.append(stage(directory / CONFIG_NAME, self.config))
             commit(staged[0], weights)
             if self.weights_name == LEGACY_WEIGHTS_NAME:

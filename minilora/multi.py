@@ -216,7 +216,8 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
 
 def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[str], **kwargs) -> list[PreparedSave]:
     """``adapters.prepare_save`` of each named adapter in its folder (``adapter_directories``): every check
-    of every adapter, and the bytes, before anything is written. ``kwargs`` go to ``prepare_save``."""
+    of every adapter, before anything is written (each one's bytes are made when it is written).
+    ``kwargs`` go to ``prepare_save``."""
     from .adapters import prepare_save
 
     paths = adapter_directories(directory, names)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import minilora
 from minilora import MiniLoraError
@@ -361,3 +362,29 @@ def test_a_later_adapter_that_cannot_be_saved_is_found_before_anything_is_writte
     with pytest.raises(MiniLoraError, match=r"target_modules was changed after inject"):
         save(wrapper_with_two_adapters, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("save", list(SAVES_OF_TWO.values()), ids=list(SAVES_OF_TWO))
+def test_each_adapters_bytes_are_made_when_it_is_written(wrapper_with_two_adapters, tmp_path, monkeypatch, save):
+    """Several adapters: all checked first (tests above), then each one's bytes made and written before
+    the next one's are made, so that at most one adapter's bytes (whole embedding matrices, with
+    save_embedding_layers) are held at a time. The files are those of one save_adapter per adapter."""
+    from minilora import adapters
+
+    events = []
+    make, stage = adapters.PreparedSave.weights, adapters.stage
+    monkeypatch.setattr(adapters.PreparedSave, "weights",
+                        lambda self: events.append(("bytes", self.directory.name)) or make(self))
+    monkeypatch.setattr(adapters, "stage", lambda path, data: events.append(("write", path.parent.name)) or
+                        stage(path, data))
+    save(wrapper_with_two_adapters, tmp_path / "both")
+    assert events == [("bytes", "both"), ("write", "both"), ("write", "both"),
+                      ("bytes", "other"), ("write", "other"), ("write", "other")]
+    monkeypatch.undo()
+    base = wrapper_with_two_adapters.get_base_model()
+    for name, path in (("default", tmp_path / "both"), ("other", tmp_path / "both" / "other")):
+        minilora.save_adapter(base, tmp_path / name, adapter_name=name)
+        assert load_file(path / "adapter_model.safetensors").keys() == load_file(
+            tmp_path / name / "adapter_model.safetensors").keys()
+        for key, value in load_file(path / "adapter_model.safetensors").items():
+            assert torch.equal(value, load_file(tmp_path / name / "adapter_model.safetensors")[key]), key
