@@ -320,6 +320,9 @@ def release_concatenated_weight(layer: LoraLinear) -> None:
         return
     adapters = [layer.lora_A[built.adapter]] if built.adapter in layer.lora_A else []  # the one it was built for
     tensors = [layer.base_layer.weight, layer.base_layer.bias, *(adapter.weight for adapter in adapters)]
+    # and the Parameters it was built from, if another one took their place in the layer: a tied lm_head
+    # is untied by merging (layer.py), and the input embedding keeps the old Parameter, a view of the buffer
+    tensors += [t for t in built.parameters[:3] if t is not None and not any(t is u for u in tensors)]
     with torch.inference_mode(False), torch.no_grad():
         for tensor in tensors:
             if tensor is not None:

@@ -384,6 +384,26 @@ def test_leaving_fused_gives_w0_its_own_storage_back():
     assert minilora.forward_path(fused) == "reference"
 
 
+def test_merge_and_unload_of_a_fused_tied_lm_head_leaves_no_view_of_the_buffer():
+    """An adapter on GPT-2's tied lm_head: merging unties it, so the input embedding keeps the Parameter
+    the buffer was built from. After merge_and_unload no Parameter may still be a view of a buffer with
+    A's rows (torch.save of the state dict would store them), and the outputs are the reference's."""
+    base = tiny_gpt2()
+    model = copy.deepcopy(base)
+    minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=12, target_modules=["c_attn", "lm_head"]))
+    randomize_adapters(model, seed=1, std=0.2)
+    reference = copy.deepcopy(model)
+    minilora.set_forward_path(model, "fused")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids)
+        minilora.merge_and_unload(model)
+        minilora.merge_and_unload(reference)
+        assert_close(model(ids).logits, reference(ids).logits, FLOAT32_RTOL, "merged and unloaded")
+    for name, param in model.named_parameters():
+        assert param.untyped_storage().nbytes() == param.nbytes, f"{name} is a view into a larger storage"
+
+
 def test_disabled_fused_model_gives_base_outputs():
     base = tiny_gpt2()
     fused = lora_model(base, "fused")
