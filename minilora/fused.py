@@ -259,15 +259,14 @@ def _registrations(layer: LoraLinear, adapter: str) -> tuple[tuple[tuple[dict, s
     A module or Parameter put in place of another, by ``setattr``, ``ModuleDict[name] = ...`` or
     a write straight into ``_modules`` / ``_parameters`` (accelerate and quantizers do that),
     changes one of these dict entries."""
+    W0, b, A, B = parameters = weights(layer, adapter)
     modules = layer._modules
     base, lora_A, lora_B = modules["base_layer"], modules["lora_A"], modules["lora_B"]
     module_A, module_B = lora_A._modules[adapter], lora_B._modules[adapter]
-    parameters = (base._parameters["weight"], base._parameters.get("bias"),
-                  module_A._parameters["weight"], module_B._parameters["weight"])
     registered = ((modules, "base_layer", base), (modules, "lora_A", lora_A), (modules, "lora_B", lora_B),
                   (lora_A._modules, adapter, module_A), (lora_B._modules, adapter, module_B),
-                  (base._parameters, "weight", parameters[0]), (base._parameters, "bias", parameters[1]),
-                  (module_A._parameters, "weight", parameters[2]), (module_B._parameters, "weight", parameters[3]))
+                  (base._parameters, "weight", W0), (base._parameters, "bias", b),
+                  (module_A._parameters, "weight", A), (module_B._parameters, "weight", B))
     return registered, parameters
 
 
