@@ -260,7 +260,7 @@ def test_what_peft_fails_on_is_refused_before_anything_changes(name, unchanged):
     check()
 
 
-def test_second_adapter_refusals_as_peft_fails():
+def test_second_adapter_refusals_as_peft_fails(tmp_path):
     """A second adapter whose modules_to_save is a LoRA layer of the first, or whose targets lie inside
     the first's modules_to_save: PEFT raises (TypeError on wrapping; a KeyError on saving later)."""
     base = build_base(ARCHITECTURES["gemma"], "lm")
@@ -272,7 +272,7 @@ def test_second_adapter_refusals_as_peft_fails():
         twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first))
         twin.add_adapter("other", peft.LoraConfig(**inside))
         with pytest.raises(KeyError):
-            twin.save_pretrained("/nonexistent-never-written")
+            twin.save_pretrained(tmp_path / "peft")  # (it makes the folder, then raises)
         with pytest.raises(TypeError):
             peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first)).add_adapter(
                 "other", peft.LoraConfig(**on_lora))

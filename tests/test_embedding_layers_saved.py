@@ -378,8 +378,6 @@ def test_embedding_layers_in_modules_to_save_load_both_ways(model, save_embeddin
             warnings.simplefilter("ignore")
             native = minilora.load_adapter(resized(saved_bases, model, seed=11), tmp_path / source)
         assert torch.equal(logits(native, ids), reference[0]), source
-    fresh = outputs(peft, tmp_path / "peft")[1]
-    assert torch.equal(fresh, reference[1])
     base_logits = logits(resized(saved_bases, model, seed=11), ids)
     # the file's original_module.weight replaced the base's new rows (drawn with another seed) only when saved
     assert torch.equal(reference[1], base_logits) is (save_embedding_layers is False)
