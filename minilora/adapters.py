@@ -382,7 +382,6 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             current[key].copy_(value)  # in place, cast to the parameter's dtype and device
         for name, attribute, value in embeddings:  # PEFT loads the saved base weight too (the base model's, normally)
             base_tensor(model, name, attribute).copy_(value)  # (a saved module's original)
-        current = model.state_dict(keep_vars=True)  # (saved modules are wrapped now)
         for key, value in nested_originals.items():  # the originals' biases inside saved modules, as PEFT loads them
             current[key].copy_(value)
     if adding:  # the other adapters keep their state; the new one (A, B, its modules_to_save copies) trains if asked

@@ -138,6 +138,7 @@ class PeftModelForQuestionAnswering(PeftModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        # (as PEFT 0.21's: token_type_ids and position_ids are accepted and not passed on)
         with self._peft_forward_args(kwargs):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    start_positions=start_positions, end_positions=end_positions,

@@ -378,7 +378,7 @@ def concatenated_forward(layer: LoraLinear, x: torch.Tensor, built: Concatenated
 
     The output is a view of the (N, out + r) result (rows ``out + r`` apart): no copy is made.
     """
-    out, r = built.sizes
+    out = built.sizes[0]
     x2d = x.reshape(-1, layer.in_features)                        # (N, in)
     if layer.fan_in_fan_out:  # buffer (in, out + r): b + x @ buffer
         both = torch.addmm(built.bias, x2d, built.buffer) if built.bias is not None else x2d @ built.buffer

@@ -95,15 +95,15 @@ def decide(model: nn.Module, targets: Any, model_id: str | None, save_embedding_
     """
     check_value(save_embedding_layers)
     targeted = embedding_is_targeted(model, targets)
-    if save_embedding_layers == "auto" and targeted:
+    if save_embedding_layers != "auto":
+        return save_embedding_layers, targeted
+    if targeted:
         warnings.warn(TARGETED)
         return True, targeted
-    if save_embedding_layers == "auto":
-        resized = _vocabulary_resized(model, model_id)
-        if resized:
-            warnings.warn(RESIZED)
-        return resized, targeted
-    return save_embedding_layers, targeted
+    resized = _vocabulary_resized(model, model_id)
+    if resized:
+        warnings.warn(RESIZED)
+    return resized, targeted
 
 
 def _vocabulary_resized(model: nn.Module, model_id: str | None) -> bool:
@@ -160,9 +160,8 @@ def embedding_modules(model: nn.Module, targeted: bool) -> list[str]:
             continue  # (targeted: only LoRA layers' base weights are saved)
         name = next((name for name, module in model.named_modules()
                      if (not targeted and module is layer) or (base is not None and module is base)), None)
-        if name is None:
-            continue
-        names.append(name)
+        if name is not None:
+            names.append(name)
     return names
 
 

@@ -49,7 +49,7 @@ def update_tie_word_embeddings(model: nn.Module) -> None:
         return
     output_name = next(name for name, module in model.named_modules() if module is output)
     others = _other_tied_parameters(model, output_name)
-    if not others or not hasattr(model, "get_expanded_tied_weights_keys"):  # (transformers 4: see the docstring)
+    if not others:  # (always so with transformers 4: _other_tied_parameters)
         config.tie_word_embeddings = False
         warnings.warn(UNTIED_WARNING, stacklevel=3)
         return
