@@ -418,8 +418,7 @@ class PeftModel(nn.Module):
         # (every adapter checked, its warnings given, before anything is written)
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         write_model_card(self.get_base_model(), Path(save_directory))
-        for save in saves:
-            save.write()
+        multi.write_all(saves, names)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Out of scope: save_pretrained, then upload the directory with huggingface_hub."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from .config import LoraConfig, MiniLoraError
+from .files import check_writable
 from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
                      check_adapter_name, require_lora_layers, set_adapter_config)
 from .layer import LoraLinear, check_autocast_adapter_dtype
@@ -184,11 +185,11 @@ def adapter_directory(directory: str | os.PathLike, adapter_name: str) -> Path:
 
     Raises:
         MiniLoraError: if the name is an absolute path (``/tmp/x``): PEFT writes that adapter there, outside
-            ``directory``; minilora does not. (Names cannot hold dots, so ``..`` cannot climb out.)
+            ``directory``; minilora does not. (Names cannot hold dots, inject.py, so ``..`` cannot climb out.)
     """
     if adapter_name == DEFAULT_ADAPTER:
         return Path(directory)
-    if os.path.isabs(adapter_name) or Path(adapter_name).anchor or ".." in Path(adapter_name).parts:
+    if os.path.isabs(adapter_name) or Path(adapter_name).anchor:
         raise MiniLoraError(f"Adapter name {adapter_name!r} is a path that leads out of {str(directory)!r}: PEFT's "
                             "save_pretrained would write this adapter outside the folder it is given. Saving it is "
                             "refused; rename the adapter (a name that does not start with '/' or '\\'), then save.")
@@ -210,8 +211,20 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
     """
     names = adapter_names(model) if selected_adapters is None else list(selected_adapters)
     _check_known(model, names, "save_adapters")
-    for save in prepare_saves(model, directory, names, **kwargs):
-        save.write()
+    write_all(prepare_saves(model, directory, names, **kwargs), names)
+
+
+def write_all(saves: list, names: list[str]) -> None:
+    """Write prepared saves in turn. A write that fails after others succeeded (a full disk cannot be
+    checked beforehand) says which adapters already hold their new files."""
+    for done, save in enumerate(saves):
+        try:
+            save.write()
+        except MiniLoraError as error:
+            if not done:
+                raise
+            raise MiniLoraError(f"Saving adapter {names[done]!r} failed after {names[:done]} were saved (their folders "
+                                f"hold the new files; {names[done]!r} and the rest are as before): {error}") from None
 
 
 def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[str], **kwargs) -> list[PreparedSave]:
@@ -221,7 +234,10 @@ def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[st
     from .adapters import prepare_save
 
     paths = adapter_directories(directory, names)
-    return [prepare_save(model, path, adapter_name=name, **kwargs) for name, path in zip(names, paths)]
+    saves = [prepare_save(model, path, adapter_name=name, **kwargs) for name, path in zip(names, paths)]
+    for path in paths:  # (a folder that cannot be written found now, not after the first adapters are saved)
+        check_writable(path, "Adapter folder", directory=True)
+    return saves
 
 
 def adapter_directories(directory: str | os.PathLike, names: list[str]) -> list[Path]:

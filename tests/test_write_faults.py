@@ -388,3 +388,49 @@ def test_each_adapters_bytes_are_made_when_it_is_written(wrapper_with_two_adapte
             tmp_path / name / "adapter_model.safetensors").keys()
         for key, value in load_file(path / "adapter_model.safetensors").items():
             assert torch.equal(value, load_file(tmp_path / name / "adapter_model.safetensors")[key]), key
+
+
+def _two_adapters(base):
+    model = adapted(base, 8, seed=1)
+    minilora.add_adapter(model, "b", minilora.LoraConfig(r=2, target_modules=["c_attn"]))
+    return model
+
+
+def test_save_adapters_probes_every_folder_before_the_first_write(tiny_gpt2, tmp_path, monkeypatch):
+    """A second adapter's folder that cannot be written (EACCES planted on files made in it: chmod does not
+    stop root) is found before the first adapter is written: nothing on disk changes."""
+    model = _two_adapters(tiny_gpt2)
+    minilora.save_adapters(model, tmp_path)
+    before = files_state(tmp_path)
+    real_open = os.open
+
+    def open_refusing(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(path).parent == tmp_path / "b":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    randomize_adapters(model, seed=5, std=0.2)  # (other values: a write would change the files)
+    monkeypatch.setattr(os, "open", open_refusing)
+    with pytest.raises(MiniLoraError, match="Adapter folder .*/b' cannot be written"):
+        minilora.save_adapters(model, tmp_path)
+    assert files_state(tmp_path) == before
+
+
+def test_save_adapters_failing_after_a_first_write_says_which_were_saved(tiny_gpt2, tmp_path, monkeypatch):
+    """A write that fails after the first adapter was saved (a full disk, not checkable beforehand) must not
+    say that nothing changed: it names the adapters saved and the one that failed."""
+    from minilora import adapters
+
+    model = _two_adapters(tiny_gpt2)
+    real_stage = adapters.stage
+
+    def stage_full(path, data):
+        if Path(path).parent.name == "b":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_stage(path, data)
+
+    monkeypatch.setattr(adapters, "stage", stage_full)
+    with pytest.raises(MiniLoraError, match=r"Saving adapter 'b' failed after \['default'\] were saved") as error:
+        minilora.save_adapters(model, tmp_path)
+    assert "unchanged" not in str(error.value).split("failed after")[0]
+    assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "b" / "adapter_model.safetensors").exists()
