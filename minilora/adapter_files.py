@@ -76,8 +76,7 @@ def read_adapter_weights(directory: Path, device: torch.device) -> tuple[Path, d
             tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
                        for key, value in tensors.items()}
     except Exception as error:  # a corrupt file can fail in many ways inside either reader
-        raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
-                            "or corrupt: save the adapter again.") from None
+        raise _unreadable(path, error) from None
     if not isinstance(tensors, dict):
         raise MiniLoraError(f"{path} does not hold a dict of named tensors ({type(tensors).__name__}). "
                             f"{PAIRS_HINT}")
@@ -94,6 +93,11 @@ def _weights_path(directory: Path) -> Path:
                             "adapter's weights are missing. Save the adapter again.")
     check_regular_file(path)
     return path
+
+
+def _unreadable(path: Path, error: Exception) -> MiniLoraError:
+    return MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                         "or corrupt: save the adapter again.")
 
 
 def _safetensors_metadata(data: bytes) -> dict | None:
@@ -145,8 +149,7 @@ def read_saved_config_fields(directory: Path) -> tuple[dict, str]:
             with safe_open(path, "pt") as file:
                 metadata = file.metadata()
         except Exception as error:
-            raise MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
-                                "or corrupt: save the adapter again.") from None
+            raise _unreadable(path, error) from None
     else:
         metadata = read_adapter_weights(directory, torch.device("cpu"))[2]
     fields, origin, _ = paired_config_fields(directory, file_fields, path, metadata)
