@@ -116,6 +116,9 @@ def run_merge(args: argparse.Namespace) -> None:
     out_dir = args.out_dir
     if os.path.isfile(out_dir):
         raise MiniLoraError(f"OUT_DIR {out_dir!r} is a file. Pass a new or empty directory.")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise MiniLoraError(f"OUT_DIR {out_dir!r} is a symlink to nothing ({os.readlink(out_dir)!r}). Pass a new or "
+                            "empty directory, or make the folder the link points to first.")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to write into it.")

@@ -167,3 +167,12 @@ def test_a_deeply_nested_config_is_one_error_line(tiny_dir, capsys):
     assert minilora_main(["diff", str(adapter), "--model", str(model_dir)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("minilora: error: ") and "nests JSON values too deeply" in err[-1]
+
+
+def test_merge_into_a_symlink_to_nothing_is_refused_before_loading(tiny_dir, tmp_path, capsys):
+    model_dir, adapter = tiny_dir
+    link = tmp_path / "merged"
+    link.symlink_to(tmp_path / "nowhere")
+    assert minilora_main(["merge", str(adapter), str(link), "--model", str(model_dir)]) == 2
+    assert "is a symlink to nothing" in one_error_line(capsys)  # and no "loading model" line
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
