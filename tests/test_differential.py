@@ -244,6 +244,12 @@ REFUSED = {
 }
 
 
+# PEFT 0.21.2's exception for each (measured), so that another failure of PEFT's cannot pass for it
+PEFT_ERRORS = {"causal-lm-task-on-classifier": "AttributeError", "qa-head-targeted": "TypeError",
+               "token-cls-all-linear": "TypeError", "modules-to-save-reaches-lora-dropout": "TypeError",
+               "modules-to-save-wrapper-name": "NoMatchingPeftModuleError"}
+
+
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_what_peft_fails_on_is_refused_before_anything_changes(name, unchanged):
     arch, head, fields = REFUSED[name]
@@ -252,7 +258,7 @@ def test_what_peft_fails_on_is_refused_before_anything_changes(name, unchanged):
         warnings.simplefilter("ignore")
         with pytest.raises(Exception) as peft_error:  # noqa: PT011 - PEFT's own exception types vary
             peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(fields)))
-    assert not isinstance(peft_error.value, MiniLoraError)
+    assert type(peft_error.value).__name__ == PEFT_ERRORS[name], peft_error.value
     model = copy.deepcopy(base)
     check = unchanged(model)
     with pytest.raises(MiniLoraError):
@@ -351,6 +357,9 @@ def test_requires_grad_and_modes_after_loading_and_adding_are_pefts(tmp_path):
         twin.add_adapter("other", peft.LoraConfig(**second))
     modes = [{n: m.training for n, m in model.named_modules()} for model in (mini, twin)]
     assert modes[0] == {n: modes[1][n] for n in modes[0]}
+    # every module of PEFT's that minilora lacks is one of its layer's containers for other methods (empty)
+    assert {n.rsplit(".", 1)[-1] for n in set(modes[1]) - set(modes[0])} <= {
+        "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
     grads = [{n: p.requires_grad for n, p in model.named_parameters()} for model in (mini, twin)]
     assert grads[0] == grads[1]
 
