@@ -13,17 +13,12 @@ prints one ``minilora: error: ...`` line that says what to do, and exits with st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import secrets
-import shutil
 import sys
-from pathlib import Path
 
 from .config import LoraConfig, MiniLoraError
-from .files import (TEMP_SUFFIX, _sync_directory, check_writable, remove_abandoned_temporaries, write_error_hint,
-                    write_problem)
+from .files import check_writable, replaced_folder, write_problem
 from .inject import inject, lora_layers, merge_and_unload
 from .models import DEFAULT_MODEL, load_model
 from .params import layer_table, trainable_parameters_line
@@ -114,6 +109,26 @@ def run_inspect(args: argparse.Namespace) -> None:
 def run_merge(args: argparse.Namespace) -> None:
     """Fold the adapter into W0 and save a plain transformers model."""
     out_dir = args.out_dir
+    check_merge_out_dir(out_dir, args)
+    model = load_adapted(args.adapter_dir, args.model)
+    layers = len(list(lora_layers(model)))
+    progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
+    merge_and_unload(model, safe=True)
+    progress(f"saving: {out_dir}")
+    with replaced_folder(out_dir, "the merged model") as writing_dir:  # OUT_DIR: all old or all new (files.py)
+        model.save_pretrained(writing_dir)
+        save_tokenizer_if_any(model, args.model, writing_dir)
+    print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
+    print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
+
+
+def check_merge_out_dir(out_dir: str, args: argparse.Namespace) -> None:
+    """Raise MiniLoraError, before any work, if merge could not (or must not) replace ``out_dir``.
+
+    The merged model is written into a temporary folder next to OUT_DIR (next to the folder it links to,
+    for a symlink), which then takes OUT_DIR's place (``replaced_folder``): that parent must be writable,
+    and with --force OUT_DIR's old files go, so it must not hold the adapter or the base model.
+    """
     if os.path.isfile(out_dir):
         raise MiniLoraError(f"OUT_DIR {out_dir!r} is a file. Pass a new or empty directory.")
     if os.path.islink(out_dir) and not os.path.exists(out_dir):
@@ -121,40 +136,13 @@ def run_merge(args: argparse.Namespace) -> None:
                             "empty directory, or make the folder the link points to first.")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not args.force:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
-                            "or --force to write into it.")
-    check_merge_writable(out_dir)
-    model = load_adapted(args.adapter_dir, args.model)
-    layers = len(list(lora_layers(model)))
-    progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
-    merge_and_unload(model, safe=True)
-    progress(f"saving: {out_dir}")
-    with complete_or_absent(out_dir) as writing_dir:
-        try:
-            model.save_pretrained(writing_dir)
-        except OSError as error:
-            hint = write_error_hint(error) if writing_dir != out_dir else (
-                "The files were being written into OUT_DIR itself (--force into a folder that holds files), "
-                "so it may now mix new and old files: write the merged model to a new directory.")
-            raise MiniLoraError(f"Could not write the merged model to {out_dir!r}: {error}. {hint}") from error
-        save_tokenizer_if_any(model, args.model, writing_dir)
-    print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
-    print(f"It is a plain transformers model: {type(model).__name__}.from_pretrained({out_dir!r}).")
-
-
-def writes_in_place(out_dir: str) -> bool:
-    """Whether merge writes its files into ``out_dir`` itself (--force into a folder that holds files, or a
-    symlink to a folder), rather than into a temporary folder next to it (``complete_or_absent``)."""
-    return os.path.islink(out_dir) or (os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
-
-
-def check_merge_writable(out_dir: str) -> None:
-    """Raise MiniLoraError, before any work, if merge could not write where it will: into ``out_dir``
-    itself, or (a new or empty OUT_DIR) into the folder that holds it, where the temporary folder is
-    made and renamed to OUT_DIR."""
-    if writes_in_place(out_dir):
-        check_writable(out_dir, "OUT_DIR", directory=True)
-        return
-    parent = os.path.dirname(os.path.abspath(out_dir))
+                            "or --force to replace it (its files are removed once the merged model is complete).")
+    target = os.path.realpath(out_dir)
+    for what, path in (("ADAPTER_DIR", args.adapter_dir), ("--model", args.model)):
+        if path is not None and os.path.exists(path) and _inside(os.path.realpath(path), target):
+            raise MiniLoraError(f"OUT_DIR {out_dir!r} holds {what} {path!r}, and merging replaces OUT_DIR with all it "
+                                "holds. Pass an OUT_DIR outside it.")
+    parent = os.path.dirname(target)
     problem = write_problem(parent, directory=True)
     if problem:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} cannot be written: the merged model is written into a temporary "
@@ -162,44 +150,9 @@ def check_merge_writable(out_dir: str) -> None:
                             f"({problem}). Pass an OUT_DIR in a directory you can write to.")
 
 
-@contextlib.contextmanager
-def complete_or_absent(out_dir: str):
-    """Yield the folder to write a model into. A new (or empty) ``out_dir`` is written as a hidden
-    temporary folder next to it, renamed to ``out_dir`` once complete: a crash or an error leaves no
-    ``out_dir`` rather than a half-written model (a config.json without its weights loads with random
-    weights). With --force into a folder that holds files, or into a symlink to a folder, the files are
-    written there, one by one."""
-    if writes_in_place(out_dir):
-        yield out_dir
-        return
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    remove_abandoned_temporaries(Path(parent), folders=True)
-    temp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out_dir))}.{os.getpid()}."
-                                f"{secrets.token_hex(4)}{TEMP_SUFFIX}")
-    try:
-        yield temp
-        try:
-            _sync_tree(Path(temp))  # the files on disk before the rename makes them the model
-            if os.path.isdir(out_dir):
-                os.rmdir(out_dir)  # (empty: checked above)
-            os.replace(temp, out_dir)
-            _sync_directory(Path(parent))  # and the rename itself
-        except OSError as error:
-            raise MiniLoraError(f"Could not move the merged model into {out_dir!r}: {error}. "
-                                f"{write_error_hint(error)}") from error
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _sync_tree(folder: Path) -> None:
-    """fsync every file under ``folder``, then the folders: after a power loss, the renamed folder
-    holds complete files, not empty or truncated ones."""
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as file:
-                os.fsync(file.fileno())
-        _sync_directory(Path(root))
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved)."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
@@ -287,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "AutoModelForCausalLM.from_pretrained(OUT_DIR) for GPT-2, the same class for any other.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     merge_parser.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="directory with adapter_config.json")
-    merge_parser.add_argument("out_dir", metavar="OUT_DIR", help="where to save the merged model (new or empty)")
+    merge_parser.add_argument("out_dir", metavar="OUT_DIR", help="where to save the merged model (new or empty; "
+                                                                                     "see --force)")
     merge_parser.add_argument("--model", default=None, help=MODEL_HELP)
-    merge_parser.add_argument("--force", action="store_true", help="write into OUT_DIR even if it is not empty")
+    merge_parser.add_argument("--force", action="store_true", help="replace OUT_DIR even if it is not empty (its old files are "
+                                                                     "removed once the merged model is complete)")
     merge_parser.set_defaults(run=run_merge)
 
     diff_parser = commands.add_parser(

@@ -25,21 +25,27 @@ processes writing into one directory at once, one whole save or a clear error:
 
 A temporary file that a killed process left behind has a name no reader looks at, ``.NAME.PID.
 RANDOM.minilora-tmp``; the next save removes those whose process is gone.
+
+A whole folder (``minilora merge``'s OUT_DIR, a saved transformers model) is replaced the same way, one
+level up (``replaced_folder``): written as a temporary folder next to it, then swapped in by renames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 TEMP_SUFFIX = ".minilora-tmp"
+OLD_SUFFIX = ".minilora-old"  # a replaced folder, renamed aside until the new one is in (replaced_folder)
 # In the safetensors metadata, or the .bin dict's _metadata (strings, as safetensors requires):
 DIGEST_KEY = "minilora_config_sha256"  # the config the weights were saved with
 CONFIG_KEY = "minilora_config"  # ... that config's text, as adapter_config.json holds it
@@ -114,7 +120,7 @@ def stage(path: Path, data: bytes) -> Path:
     Staging every file of a save before committing any means that a write that fails leaves the
     directory as it was.
     """
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    temp = _sibling(path, TEMP_SUFFIX)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     descriptor = os.open(temp, flags, 0o666)
     try:
@@ -155,11 +161,19 @@ def remove_atomically(path: Path) -> None:
 
 def remove_abandoned_temporaries(directory: Path, folders: bool = False) -> None:
     """Remove the temporary files (with ``folders``, also folders) of saves whose process no longer
-    runs (killed mid-save)."""
-    for temp in directory.glob(f".*{TEMP_SUFFIX}"):
-        parts = temp.name.split(".")  # ['', NAME..., PID, RANDOM, 'minilora-tmp']
+    runs (killed mid-save).
+
+    With ``folders``, also the old folders that ``replaced_folder`` renamed aside, but only where the new
+    folder took their place: one whose name is free again was left by a process killed between its two
+    renames, and is the only copy of that folder (kept for its owner to rename back).
+    """
+    aside = directory.glob(f".*{OLD_SUFFIX}") if folders else ()
+    for temp in [*directory.glob(f".*{TEMP_SUFFIX}"), *aside]:
+        parts = temp.name.split(".")  # ['', NAME..., PID, RANDOM, 'minilora-tmp' or 'minilora-old']
         pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
         if pid is None or pid == os.getpid() or _process_exists(pid):
+            continue
+        if temp.name.endswith(OLD_SUFFIX) and not (directory / ".".join(parts[1:-3])).exists():
             continue
         if temp.is_dir() and not temp.is_symlink():
             if folders:
@@ -190,6 +204,86 @@ def _sync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    """A hidden name next to ``path`` that no reader looks at: ``.NAME.PID.RANDOM<suffix>``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+@contextlib.contextmanager
+def replaced_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Yield a new, empty temporary folder next to ``path`` to write ``what`` into; once the block ends
+    without an error, that folder takes ``path``'s place whole. After a crash or an error at any instant,
+    ``path`` holds its old contents or the new ones, never a mix (a new config.json next to old weights
+    loads as neither model):
+
+    1. the block writes into ``.NAME.PID.RANDOM.minilora-tmp``; its files are flushed to disk;
+    2. an existing ``path`` (empty or not) is renamed aside, to ``.NAME.PID.RANDOM.minilora-old``;
+    3. the new folder is renamed to ``path``;
+    4. the old one is removed.
+
+    An error in 1 or 2 leaves ``path`` as it was; in 3, the old folder is renamed back, and if even that
+    fails the MiniLoraError says where each one is. Only a process killed between 2 and 3 (two system
+    calls apart) leaves no ``path``; its old contents are then in the ``-old`` folder, kept until a later
+    call puts a folder at ``path`` again. The next call in the same parent removes what killed processes
+    left behind (``remove_abandoned_temporaries``). A symlink to a folder stays a link: the folder it
+    points to is replaced.
+    """
+    from .config import MiniLoraError
+
+    path = Path(os.path.realpath(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_temporaries(path.parent, folders=True)
+    temp = _sibling(path, TEMP_SUFFIX)
+    temp.mkdir()
+    try:
+        yield temp
+        _sync_tree(temp)  # the files on disk before a rename makes them the folder
+    except BaseException as error:
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise MiniLoraError(f"Could not write {what} to {path}: {error}. {write_error_hint(error)}") from error
+        raise
+    old = _sibling(path, OLD_SUFFIX) if path.is_dir() else None
+    try:
+        if old is not None:
+            os.rename(path, old)
+        os.rename(temp, path)  # (fails, rather than mixing, if a folder with files appeared at ``path`` meanwhile)
+    except BaseException as error:
+        if old is not None and old.exists() and not _renamed(old, path):
+            raise MiniLoraError(f"Could not move {what} into {path}: {error}. {path} is now absent: its old contents "
+                                f"are in {old}, and {what} is in {temp}. Rename one of them to {path}.") from error
+        shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise MiniLoraError(f"Could not move {what} into {path}: {error}. {write_error_hint(error)}") from error
+        raise
+    _sync_directory(path.parent)  # the renames are durable
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            warnings.warn(f"{what} is in {path}, but its old contents, renamed to {old}, could not all be removed. "
+                          "Remove that folder by hand.", stacklevel=3)
+    remove_abandoned_temporaries(path.parent, folders=True)  # (an -old folder kept because ``path`` was absent)
+
+
+def _renamed(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target``; whether that worked (an undo, which must not raise)."""
+    try:
+        os.rename(source, target)
+    except OSError:
+        return False
+    return True
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then the folders: after a power loss, the renamed folder
+    holds complete files, not empty or truncated ones."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        _sync_directory(Path(root))
 
 
 def check_writable(path: str | os.PathLike, what: str, directory: bool = False, parents: bool = False) -> None:

@@ -62,27 +62,32 @@ def _refuse_writes_in(parent, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("how", ["chmod", "EACCES planted"])
-@pytest.mark.parametrize("out_dir", ["absent", "empty"])
+@pytest.mark.parametrize("out_dir", ["absent", "empty", "full"])
 def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, out_dir, how):
-    """A new or empty OUT_DIR is written as a temporary folder next to it, then renamed: OUT_DIR's parent
-    must be writable. A read-only parent is one error line before any work (no progress line), not a
-    failed rename after the merge; nothing changes on disk."""
+    """OUT_DIR (new, empty, or with files and --force) is written as a temporary folder next to it, then
+    renamed: OUT_DIR's parent must be writable. A read-only parent is one error line before any work (no
+    progress line), not a failed rename after the merge; nothing changes on disk."""
     if how == "chmod" and (not hasattr(os, "geteuid") or os.geteuid() == 0):
         pytest.skip("root: chmod does not stop root writing (the planted EACCES case runs)")
     model_dir, adapter = tiny_dir
     parent = tmp_path / "read-only"
     parent.mkdir()
-    if out_dir == "empty":
+    if out_dir != "absent":
         (parent / "merged").mkdir()
+    if out_dir == "full":
+        (parent / "merged" / "config.json").write_text("{}")
     if how == "chmod":
         parent.chmod(0o555)
     else:
         _refuse_writes_in(parent, monkeypatch)
     try:
-        assert minilora_main(["merge", str(adapter), str(parent / "merged"), "--model", str(model_dir)]) == 2
+        force = ["--force"] if out_dir == "full" else []
+        assert minilora_main(["merge", str(adapter), str(parent / "merged"), "--model", str(model_dir), *force]) == 2
         line = one_error_line(capsys)
         assert f"OUT_DIR '{parent / 'merged'}' cannot be written" in line and f"temporary folder in '{parent}'" in line
-        assert sorted(os.listdir(parent)) == (["merged"] if out_dir == "empty" else [])
+        assert sorted(os.listdir(parent)) == ([] if out_dir == "absent" else ["merged"])
+        if out_dir == "full":
+            assert os.listdir(parent / "merged") == ["config.json"]
     finally:
         parent.chmod(0o755)
 
