@@ -52,8 +52,8 @@ from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHT
 from .compat_tying import check_saved_tying
 from .saved_embeddings import base_tensor, saved_embedding_state, wrapped_embedding_keys
 from .config import LoraConfig, MiniLoraError
-from .files import (commit, discard, remove_abandoned_temporaries, remove_atomically, stage, weights_metadata,
-                    write_error_hint)
+from .files import (check_writable, commit, discard, remove_abandoned_temporaries, remove_atomically, stage,
+                    weights_metadata, write_error_hint)
 from .inject import (DEFAULT_ADAPTER, adapter_config, inject, is_lora_parameter, lora_layers,
                      mark_only_lora_as_trainable, set_adapter_config)
 from .layer import check_autocast_adapter_dtype
@@ -146,7 +146,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, safe_serializat
 
     Raises:
         MiniLoraError: if the model has no minilora layers, its layers no longer agree with its config,
-            an embedding layer to save is in modules_to_save, or the directory cannot be written.
+            an embedding layer to save is in modules_to_save, or the directory cannot be written (probed
+            before the weights' bytes are made; a write that still fails, a full disk, changes nothing).
     """
     prepare_save(model, directory, safe_serialization, state_dict, adapter_name, save_embedding_layers).write()
 
@@ -165,6 +166,7 @@ def prepare_save(model: nn.Module, directory: str | os.PathLike, safe_serializat
     check_not_sharded(tensors)
     directory = Path(directory)
     check_save_folder(directory)
+    check_writable(directory, "Adapter folder", directory=True)  # (a missing one: its nearest existing parent)
     fields = config_fields(model, config)
     text = config_text(fields)
     # Binds the weights to this config, and says which config they replace (minilora/files.py)

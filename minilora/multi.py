@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from .config import LoraConfig, MiniLoraError
-from .files import check_writable
 from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
                      check_adapter_name, require_lora_layers, set_adapter_config)
 from .layer import LoraLinear, check_autocast_adapter_dtype
@@ -234,10 +233,9 @@ def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[st
     from .adapters import prepare_save
 
     paths = adapter_directories(directory, names)
-    saves = [prepare_save(model, path, adapter_name=name, **kwargs) for name, path in zip(names, paths)]
-    for path in paths:  # (a folder that cannot be written found now, not after the first adapters are saved)
-        check_writable(path, "Adapter folder", directory=True)
-    return saves
+    # (each folder is probed for writing there: one that cannot be written is found now, not after the first
+    # adapters are saved)
+    return [prepare_save(model, path, adapter_name=name, **kwargs) for name, path in zip(names, paths)]
 
 
 def adapter_directories(directory: str | os.PathLike, names: list[str]) -> list[Path]:

@@ -434,3 +434,33 @@ def test_save_adapters_failing_after_a_first_write_says_which_were_saved(tiny_gp
         minilora.save_adapters(model, tmp_path)
     assert "unchanged" not in str(error.value).split("failed after")[0]
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("existing", ["absent", "saved"])
+def test_save_adapter_probes_its_folder_before_any_work(tiny_gpt2, tmp_path, monkeypatch, existing):
+    """A single save_adapter into a folder that cannot be written (EACCES planted on files made in it, or in
+    its parent for a new folder) fails on the same probe as save_adapters, before the weights' bytes are made:
+    one MiniLoraError naming the folder, nothing on disk changed."""
+    from minilora.adapters import PreparedSave
+
+    directory = tmp_path / "adapter"
+    if existing == "saved":
+        minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), directory)
+    before = files_state(tmp_path)
+    refused = directory if existing == "saved" else tmp_path
+    real_open = os.open
+
+    def open_refusing(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and Path(path).parent == refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def no_bytes(self):
+        raise AssertionError("the weights' bytes were made before the folder was probed")
+
+    monkeypatch.setattr(os, "open", open_refusing)
+    monkeypatch.setattr(PreparedSave, "weights", no_bytes)
+    with pytest.raises(MiniLoraError, match=rf"Adapter folder '{directory}' cannot be written \(Permission denied\)"):
+        minilora.save_adapter(adapted(tiny_gpt2, 32, seed=2), directory)
+    monkeypatch.undo()
+    assert files_state(tmp_path) == before
