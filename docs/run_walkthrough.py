@@ -9,7 +9,10 @@ block right after it; a block that prints nothing has none. The test suite runs 
 page cannot drift away from what the code really does.
 
 The page shows CPU outputs (training on a GPU rounds differently), so the runner hides any GPU
-from the blocks: the check gives the same answer on every machine.
+from the blocks: the check gives the same answer on every machine. It also runs them with one torch
+thread: the page compares GPT-2 small outputs bitwise (``torch.equal``), and multithreaded MKL does
+not promise the same summation order from run to run (measured: 34 s with one thread, about 40 s
+with two before).
 """
 
 from __future__ import annotations
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the page never needs the hub
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU outputs everywhere (set before the blocks import torch)
+    import torch
+
+    torch.set_num_threads(1)  # a fixed summation order: the page's torch.equal lines cannot flip run to run
     timings: list[float] = []
     before, after = check(args.page, timings)
     if args.timings:

@@ -72,7 +72,7 @@ def test_runner_reports_the_failing_block():
 
 @pytest.mark.slow
 def test_walkthrough_prints_what_the_page_shows():
-    """Runs every block of docs/walkthrough.md: GPT-2 small on CPU, about 40 s on 2 idle cores.
+    """Runs every block of docs/walkthrough.md: GPT-2 small on CPU, one torch thread, about 35 s.
 
     In a fresh process: the page sets seeds, trains and holds a few GPT-2s (about 2 GB), none of
     which should leak into the other tests; the runner hides GPUs so the outputs are CPU outputs.
