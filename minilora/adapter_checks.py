@@ -10,6 +10,7 @@ Before loading, every problem is found before the model is touched, as torchtune
     check_tensors         missing or unexpected keys, shapes, dtypes, NaN / inf (after the cast to
                           the dtype the model will hold them in: ``held_dtype``)
     saved_embedding_weights   the embedding weights PEFT saves with some adapters (saved_embeddings.py)
+    other_layers_biases   the biases of other adapters' LoRA layers that PEFT saves with bias != "none"
     check_config_selects_the_layers   a config that would not describe the model's existing layers
 """
 
@@ -282,6 +283,30 @@ def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], 
                                 f"holds {value.dtype}, or NaN / inf values. The file is corrupt: save it again.")
         found.append((name, attribute, value))
     return found
+
+
+def other_layers_biases(model: nn.Module, renamed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                        lora_targets: Sequence[str]) -> None:
+    """The biases of *other* adapters' layers that PEFT's file of a bias="lora_only" or "all" adapter
+    holds: PEFT saves the bias of every LoRA layer (``<layer>.base_layer.bias``), and with "all" of every
+    saved module's original (``<module>.original_module.bias``), whichever adapter wrapped it. Where
+    another adapter has wrapped the layer in this model too, PEFT loads that key, and so does minilora
+    (the key joins ``shapes``). Where the layer is a plain one, PEFT's loader ignores the key and keeps the
+    model's bias, which loses a bias trained beside the other adapter (README, "Where minilora differs from
+    PEFT on purpose"); minilora loads it into the plain layer's ``<layer>.bias``: the saved model. (An
+    untrained bias equals the model's own: then both give the same model.)
+    """
+    state = model.state_dict()
+    ours = {f"{name}.base_layer.bias" for name in lora_targets}
+    wrapped = re.compile(r"\.(base_layer|original_module)\.")
+    for key in [key for key in renamed if key.endswith("bias") and wrapped.search(key) and key not in shapes
+                and key not in ours]:
+        plain = wrapped.sub(".", key, count=1)
+        if key in state:  # a layer another adapter wrapped in this model too: PEFT loads its bias
+            shapes[key] = tuple(state[key].shape)
+        elif plain in state and plain not in renamed:
+            renamed[plain] = renamed.pop(key)
+            shapes[plain] = tuple(state[plain].shape)  # (checked like the adapter's own tensors)
 
 
 def held_dtype(model: nn.Module, key: str, autocast_adapter_dtype: bool = True) -> torch.dtype:

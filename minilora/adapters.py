@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .adapter_checks import (check_config_selects_the_layers, check_file_keys, check_not_sharded, check_rank_agrees,
-                             check_tensors, expected_shapes, few, nested_original_biases, saved_config,
-                             saved_embedding_weights, saved_module_names)
+                             check_tensors, expected_shapes, few, nested_original_biases, other_layers_biases,
+                             saved_config, saved_embedding_weights, saved_module_names)
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
@@ -112,6 +112,9 @@ def adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] 
             module = key.removesuffix(f".{BIAS_ALL_ORIGINAL}")
             lora[key] = key
             lora[f"{module}{copy_part(adapter)}bias"] = f"{module}.{BIAS_ALL_COPY}"
+        others = tuple(f"{name}.original_module." for name, wrapper in saved_modules(model) if name not in holding)
+        lora.update({name: name for name in state if name.startswith(others) and name.endswith(".bias")})
+        # (PEFT saves every bias: those of other adapters' saved modules as their originals' keys, too)
     elif config.bias == "lora_only":
         lora.update({f"{layer}.base_layer.bias": f"{layer}.base_layer.bias" for layer, _ in lora_layers(model)
                      if f"{layer}.base_layer.bias" in state})
@@ -360,6 +363,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
+    other_layers_biases(model, renamed, shapes, lora_targets)
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and not isinstance(source, Mapping):
         try:

@@ -425,3 +425,88 @@ def test_lora_inside_a_task_head_wrapped_after_injection_is_refused_before_anyth
     done = run_scenario(Scenario("roberta", "seq_cls", dict(fields, modules_to_save=["classifier"]),
                                  ops=dict(backward=True, merge_and_unload=True), seed=73))
     assert done.steps == START + [("backward", EQUAL)] + UNLOAD
+
+
+# A first adapter with bias != "none" and a second beside it: PEFT's file of the first also holds the biases of
+# the second's layers (<layer>.base_layer.bias of its LoRA layers; with bias="all" also <module>.original_module.bias
+# of its modules_to_save). minilora refused to load those files, PEFT's and its own (found by a probe of the
+# fuzzer's scenarios that loads the first adapter's folder: --seed 1 #29, --seed 3 #61), and with bias="all" did not
+# write the original_module biases.
+BESIDE = {
+    "lora-only-beside-all-linear": ("qwen2", "seq_cls", dict(target_modules=["mlp.gate_proj", "down_proj"], r=1,
+                                                              bias="lora_only", init_lora_weights=False),
+                                    dict(target_modules="all-linear", r=2, task_type="SEQ_CLS")),
+    "bias-all-beside-saved-module": ("gpt_neo", "base", dict(target_modules=["c_proj"], layers_to_transform=[1],
+                                                             layers_pattern="h", r=2, bias="all",
+                                                             init_lora_weights=False),
+                                     dict(target_modules=r".*\.(out_proj)", r=2, modules_to_save=["c_fc"])),
+}
+
+
+def _with_second(arch, head, first, second, tmp_path):
+    """Both libraries: the first adapter, the second beside it, both saved; (base, inputs, saved outputs)."""
+    base, mini, twin = _both(arch, head, first)
+    inputs = differential.model_inputs(ARCHITECTURES[arch], head)
+    outputs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for side, model, library in (("mini", mini, compat), ("peft", twin, peft)):
+            model.add_adapter("other", library.LoraConfig(**second))
+            with torch.no_grad():
+                outputs[side] = differential.forward(model.eval(), inputs)
+            model.save_pretrained(tmp_path / side)
+    return base, inputs, outputs
+
+
+@pytest.mark.parametrize("name", list(BESIDE))
+def test_a_bias_adapter_saved_beside_another_loads_as_peft(name, tmp_path):
+    """Both files hold the same tensors, bitwise; each library loads each file into a fresh base model and
+    gets the saved model's outputs, bitwise (the other layers' biases in the file equal the base's)."""
+    from safetensors.torch import load_file
+
+    arch, head, first, second = BESIDE[name]
+    base, inputs, outputs = _with_second(arch, head, first, second, tmp_path)
+    differential.compare_tensors(name, outputs["mini"], outputs["peft"])
+    files = {side: load_file(tmp_path / side / "adapter_model.safetensors") for side in ("mini", "peft")}
+    assert files["mini"].keys() == files["peft"].keys()
+    assert any(".base_layer.bias" in key and ".mlp." not in key for key in files["peft"])  # the second's layers
+    assert all(torch.equal(value, files["peft"][key]) for key, value in files["mini"].items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for side in ("mini", "peft"):
+            for library in (compat, peft):
+                loaded = library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / side).eval()
+                with torch.no_grad():
+                    differential.compare_tensors(f"{library.__name__} loads {side}", differential.forward(
+                        loaded, inputs), outputs["peft"])
+
+
+def test_a_trained_bias_of_another_adapters_layer_is_loaded_where_peft_drops_it(tmp_path):
+    """bias="all" trains every bias, those of the second adapter's LoRA layers too; the first's file holds them as
+    <layer>.base_layer.bias. PEFT loading that file into a fresh base ignores those keys: its outputs are not the
+    saved model's. Loaded after the second adapter (which wraps those layers) PEFT gives the saved outputs; minilora
+    gives them loading the file alone (README, "Where minilora differs from PEFT on purpose"), bitwise."""
+    arch, head = "qwen2", "seq_cls"
+    first = dict(target_modules=["mlp.gate_proj", "down_proj"], r=1, bias="all", init_lora_weights=False)
+    base = build_base(ARCHITECTURES[arch], head)
+    inputs = differential.model_inputs(ARCHITECTURES[arch], head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**first))
+        twin.add_adapter("other", peft.LoraConfig(target_modules=["k_proj"], r=2))
+        with torch.no_grad():
+            for key, param in twin.named_parameters():
+                if key.endswith(".bias") and param.requires_grad:
+                    param.add_(0.3)  # trained biases, the second adapter's k_proj among them
+            saved = differential.forward(twin.eval(), inputs)
+        twin.save_pretrained(tmp_path)
+        dropped = differential.forward(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval(), inputs)
+        assert not torch.equal(dropped[0][1], saved[0][1])  # PEFT's answer: the trained k_proj biases are gone
+        both = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "other", adapter_name="other")
+        both.load_adapter(tmp_path, "default")
+        both.set_adapter("default")
+        ours = compat.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        with torch.no_grad():
+            differential.compare_tensors("PEFT, after the other adapter", differential.forward(both.eval(), inputs),
+                                         saved)
+            differential.compare_tensors("minilora, alone", differential.forward(ours.eval(), inputs), saved)
