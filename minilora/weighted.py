@@ -24,10 +24,12 @@ import warnings
 import torch
 from torch import nn
 
+from .adapter_checks import few
 from .config import MiniLoraError
 from .inject import adapter_configs, lora_layers
 from .multi import _check_known, add_adapter
-from .targets import resolve_target_modules
+from .saved_modules import saved_modules
+from .targets import find_targets, resolve_target_modules
 
 COMBINATIONS = ("svd", "linear", "cat")
 
@@ -43,7 +45,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     Raises:
         MiniLoraError: before anything changes, for unknown adapters, a combination other than
             svd / linear / cat (PEFT's ties, dare and magnitude_prune are not in minilora), unequal ranks
-            with "linear", or adapters whose target_modules mix a regex and a list.
+            with "linear", adapters whose target_modules mix a regex and a list, adapters sharing a
+            modules_to_save module, or new targets that select a layer none of the adapters is on.
     """
     if adapter_name in adapter_configs(model):
         warnings.warn(f"add_weighted_adapter: the model has an adapter {adapter_name!r} already; it is left as it "
@@ -53,6 +56,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     first = adapter_configs(model)[adapters[0]]
     config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=targets,
                                  rank_pattern={}, alpha_pattern={})
+    _check_every_layer_has_one(model, list(adapters), config)
     add_adapter(model, adapter_name, config)
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
@@ -85,6 +89,12 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
     if combination_type not in COMBINATIONS:
         raise MiniLoraError(f"combination_type={combination_type!r}: minilora has {list(COMBINATIONS)} (PEFT's ties, "
                             "dare_* and magnitude_prune variants are not in minilora).")
+    shared = [name for name, wrapper in saved_modules(model) if sum(a in wrapper.modules_to_save for a in adapters) > 1]
+    if shared:
+        raise MiniLoraError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                            f"found {len(shared)} such instance(s). (PEFT's words: {few(shared)} hold a trained copy "
+                            "for several of them, and copies cannot be combined.) Combine adapters whose "
+                            "modules_to_save differ.")
     configs = [adapter_configs(model)[name] for name in adapters]
     resolved = [resolve_target_modules(model, config) for config in configs]  # None / "all-linear": the names
     combination_type = "linear" if len(adapters) == 1 else combination_type
@@ -114,6 +124,19 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
     else:
         targets = sorted(set().union(*resolved))
     return combination_type, new_rank, targets
+
+
+def _check_every_layer_has_one(model: nn.Module, adapters: list[str], config) -> None:
+    """The new adapter's targets (the union of the adapters', with the first one's other fields, e.g.
+    layers_to_transform) may select a layer that none of the adapters is on: PEFT fails there, after
+    adding the adapter ("No matching LoRAs found"; an IndexError with "linear")."""
+    holding = {name for name, layer in lora_layers(model) if any(adapter in layer.lora_A for adapter in adapters)}
+    empty = [name for name in find_targets(model, config) if name not in holding]
+    if empty:
+        raise MiniLoraError(f"add_weighted_adapter: the new adapter's targets (target_modules={config.target_modules!r}"
+                            f", layers_to_transform={config.layers_to_transform!r}) select {few(empty)}, where none "
+                            f"of {adapters} has a LoRA layer: no matching LoRAs to combine there (PEFT fails after "
+                            "adding the adapter). Combine adapters that target the same layers.")
 
 
 def _svd(layer, present: list[tuple[str, float]], rank: int, clamp: float | None, full_matrices: bool,

@@ -510,3 +510,39 @@ def test_a_trained_bias_of_another_adapters_layer_is_loaded_where_peft_drops_it(
             differential.compare_tensors("PEFT, after the other adapter", differential.forward(both.eval(), inputs),
                                          saved)
             differential.compare_tensors("minilora, alone", differential.forward(ours.eval(), inputs), saved)
+
+
+# add_weighted_adapter where PEFT fails after adding the new adapter (found by a probe of the fuzzer's scenarios
+# with add_weighted_adapter, --seed 4 #31 and #45): minilora raised an IndexError, or ran; now a MiniLoraError
+# before any change. (first adapter, second adapter, combination_type, PEFT 0.21.2's exception)
+WEIGHTED_REFUSED = {
+    # the union of the targets, with the first adapter's (absent) layers_to_transform, selects layers that the
+    # second adapter (layers_to_transform=1) left out: "No matching LoRAs found" (svd), IndexError (linear)
+    "no-matching-loras-svd": ("longt5", "lm", dict(target_modules=["DenseReluDense.wo"], r=4),
+                              dict(target_modules=["k"], layers_to_transform=1, layers_pattern="layer", r=1), "svd",
+                              "ValueError"),
+    "no-matching-loras-linear": ("longt5", "lm", dict(target_modules=["DenseReluDense.wo"], r=4),
+                                 dict(target_modules=["k"], layers_to_transform=1, layers_pattern="layer", r=4),
+                                 "linear", "IndexError"),
+    # both adapters train a copy of the same module (the task head)
+    "shared-modules-to-save": ("falcon", "seq_cls", dict(exclude_modules=["dense"], r=4, task_type="TOKEN_CLS"),
+                               dict(r=4, task_type="SEQ_CLS"), "linear", "ValueError"),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHTED_REFUSED))
+def test_add_weighted_adapter_where_peft_fails_is_refused_before_anything_changes(name, unchanged):
+    arch, head, first, second, combination, peft_error = WEIGHTED_REFUSED[name]
+    base, mini, twin = _both(arch, head, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin.add_adapter("other", peft.LoraConfig(**second))
+        mini.add_adapter("other", compat.LoraConfig(**second))
+        with pytest.raises(Exception) as raised:  # noqa: PT011 - PEFT's own exception types vary
+            twin.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", combination_type=combination)
+        assert type(raised.value).__name__ == peft_error, raised.value
+        check = unchanged(mini)
+        with pytest.raises(MiniLoraError, match="no matching LoRAs|same module with modules_to_save"):
+            mini.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", combination_type=combination)
+        check()
+    assert list(mini.peft_config) == ["default", "other"]
