@@ -80,16 +80,19 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str], inference_mode
 def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
     """Switch every LoRA layer (and saved module) on or off, as PEFT's enable/disable_adapter_layers.
 
-    Off: the base model's outputs, and no adapter requires grad. On again: the active adapters
-    require grad (PEFT's ``set_adapter``). ``minilora.disabled(model)`` is the block form that only
-    switches, leaving requires_grad alone.
+    Off: the base model's outputs, and no adapter requires grad (no LoRA layer, no modules_to_save
+    copy, of any adapter). On again: the active adapters require grad (PEFT's ``set_adapter``).
+    ``minilora.disabled(model)`` is the block form that only switches, leaving requires_grad alone.
     """
     for _, layer in require_lora_layers(model, "enable_adapters"):
         layer.enable_adapters(enabled)
     for _, wrapper in saved_modules(model):
         wrapper.disabled = not enabled
-        if wrapper.trained is not None:
-            wrapper.trained.requires_grad_(enabled)
+        if not enabled:  # every copy, the inactive adapters' too (PEFT's ModulesToSaveWrapper.enable_adapters)
+            for trained in wrapper.modules_to_save.values():
+                trained.requires_grad_(False)
+        elif wrapper.trained is not None:
+            wrapper.trained.requires_grad_(True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -546,3 +546,22 @@ def test_add_weighted_adapter_where_peft_fails_is_refused_before_anything_change
             mini.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", combination_type=combination)
         check()
     assert list(mini.peft_config) == ["default", "other"]
+
+
+def test_disable_adapter_layers_freezes_every_adapters_copies_as_peft():
+    """--seed 4 #71 of the probe with disable/enable_adapter_layers: a task head wrapped for two adapters; PEFT's
+    disable_adapter_layers freezes every modules_to_save copy (the inactive adapter's too, whose bias bias="all"
+    made trainable), minilora only the active one's. requires_grad of every parameter, off and on again, as PEFT."""
+    base, mini, twin = _both("falcon", "token_cls", dict(target_modules="all-linear", r=2, bias="all",
+                                                         modules_to_save=["input_layernorm"], task_type="SEQ_CLS"))
+    grads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("other", library.LoraConfig(target_modules=["dense"], r=8))
+            model.base_model.disable_adapter_layers()
+            off = {name: p.requires_grad for name, p in model.named_parameters()}
+            model.base_model.enable_adapter_layers()
+            grads.append((off, {name: p.requires_grad for name, p in model.named_parameters()}))
+    assert grads[1][0]["base_model.model.classifier.modules_to_save.other.bias"] is False  # PEFT's, the case found
+    assert grads[0] == grads[1]
