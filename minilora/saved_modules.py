@@ -249,12 +249,18 @@ def mark_saved_modules_trainable(model: nn.Module) -> None:
 
 
 def delete_saved_copies(model: nn.Module, adapter_name: str, new_active: list[str]) -> None:
-    """Drop ``adapter_name``'s copies; each wrapper then runs the copy of ``new_active`` (the adapters the
-    LoRA layers kept active) if it has one, else its original. A wrapper left without copies stays, as
-    PEFT's does (so the model's keys stay PEFT's)."""
+    """Drop ``adapter_name``'s copies, as PEFT's ``ModulesToSaveWrapper.delete_adapter``: a wrapper with
+    such a copy then runs the copy of ``new_active[0]`` (the first adapter the first LoRA layer kept active)
+    if it has one, else its original. A wrapper without such a copy is left as it is, even if it runs
+    no copy because the deleted adapter was the active one (PEFT's rule: ``set_adapter`` again to switch
+    it to a remaining adapter's copy). A wrapper left without copies stays (the model's keys stay PEFT's)."""
     for _, wrapper in saved_modules(model):
+        if adapter_name not in wrapper.modules_to_save:
+            continue
         wrapper.delete(adapter_name)
-        wrapper.set_adapter([adapter for adapter in new_active if adapter in wrapper.modules_to_save][:1])
+        new = new_active[:1] if new_active and new_active[0] in wrapper.modules_to_save else []
+        if new != wrapper.active_adapters:  # (PEFT calls set_adapter only for another copy)
+            wrapper.set_adapter(new)
 
 
 def unwrap_saved_modules(model: nn.Module, keep: str) -> None:

@@ -565,3 +565,30 @@ def test_disable_adapter_layers_freezes_every_adapters_copies_as_peft():
             grads.append((off, {name: p.requires_grad for name, p in model.named_parameters()}))
     assert grads[1][0]["base_model.model.classifier.modules_to_save.other.bias"] is False  # PEFT's, the case found
     assert grads[0] == grads[1]
+
+
+@pytest.mark.parametrize("victim", ["default", "other"])
+def test_deleting_the_active_adapter_leaves_modules_to_save_as_peft(victim):
+    """--seed 1 #70 of the probe with delete_adapter: the first adapter trains copies of down_proj and the head,
+    the second of the head only; the second is active, then one is deleted. PEFT's ModulesToSaveWrapper only
+    changes a wrapper that holds a copy of the deleted adapter: down_proj keeps running its original (frozen)
+    after the second is deleted, though the first becomes the active adapter. minilora switched it to the first's
+    copy. Now every requires_grad, each wrapper's active copy and the outputs (bitwise) are PEFT's."""
+    fields = dict(r=2, modules_to_save=["down_proj", "score"], task_type="SEQ_CLS")
+    base, mini, twin = _both("llama", "seq_cls", fields)
+    inputs = differential.model_inputs(ARCHITECTURES["llama"], "seq_cls")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("other", library.LoraConfig(target_modules=["k_proj"], modules_to_save=["score"]))
+        differential.same_values(mini, twin, 70)  # trained copies: the original and the copies differ
+        for model in (mini, twin):
+            model.set_adapter("other")
+            model.delete_adapter(victim)
+    assert mini.active_adapters == twin.active_adapters
+    wrappers = [{name: list(module.active_adapters) for name, module in model.named_modules()
+                 if hasattr(module, "original_module")} for model in (mini, twin)]
+    assert wrappers[0] == wrappers[1]
+    assert wrappers[1]["base_model.model.model.layers.0.mlp.down_proj"] == []  # PEFT's: no copy runs there
+    differential.compare_structure("after delete_adapter", mini, twin)  # names, requires_grad, modes
+    differential.compare_forward("forward after delete_adapter", mini, twin, inputs)
