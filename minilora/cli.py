@@ -85,9 +85,52 @@ def load_adapted(adapter_dir: str, model_arg: str | None):
     check_adapter_dir(adapter_dir)
     note_adapter_base(adapter_dir, model_arg)
     model = open_model(model_arg)
+    resize_to_adapter_vocabulary(model, adapter_dir)
     progress(f"loading adapter: {adapter_dir}")
     load_adapter(model, adapter_dir)
     return model
+
+
+def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
+    """Resize the base model's vocabulary to the adapter's, where the adapter file holds the resized
+    embedding layers whole (PEFT's ``save_embedding_layers``, after ``resize_token_embeddings``).
+
+    In Python, a user loading such an adapter first calls ``model.resize_token_embeddings(n)`` on the
+    base model, as PEFT requires; the command does it for them. Only where the file holds every
+    embedding weight that resizing would leave new random rows in (the input embedding, and an
+    untied output embedding): loading then overwrites every row. Otherwise nothing is resized, and
+    load_adapter refuses the mismatched shapes with the details.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from .adapter_files import read_adapter_weights
+
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()] \
+        if hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings") else []
+    if not embeddings or embeddings[0] is None:
+        return
+    if embeddings[1] is None or embeddings[1].weight is embeddings[0].weight:
+        embeddings = embeddings[:1]  # no output embedding, or tied to the input one: one weight to fill
+    names = {id(module): name for name, module in model.named_modules()}
+    try:
+        tensors = read_adapter_weights(Path(adapter_dir), torch.device("cpu"))[1]
+    except MiniLoraError:
+        return  # load_adapter reports the unreadable file
+    rows = set()
+    for module in embeddings:
+        prefix = f"base_model.model.{names.get(id(module))}."
+        found = [value for key, value in tensors.items() if key.startswith(prefix) and "lora_" not in key
+                 and key[len(prefix):] in ("weight", "base_layer.weight", "original_module.weight")]
+        if not found or any(value.dim() != 2 or value.shape[1] != module.weight.shape[1] for value in found):
+            return  # this weight is not in the file whole: resizing would leave random rows
+        rows.update(value.shape[0] for value in found)
+    current = embeddings[0].weight.shape[0]
+    if len(rows) == 1 and (size := rows.pop()) != current:
+        progress(f"resizing the base model's vocabulary {current} -> {size}: the adapter was saved with resized "
+                 "embedding layers (model.resize_token_embeddings)")
+        model.resize_token_embeddings(size, mean_resizing=False)  # every row is overwritten by the adapter's
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,6 +174,36 @@ def test_merge_peft_adapter_gives_peft_outputs(capsys, tiny_dir, tmp_path):
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_merge_resizes_the_vocabulary_to_the_adapters(capsys, tiny_dir, tmp_path, tied):
+    """An adapter trained after resize_token_embeddings (PEFT saves the embedding layers whole): the
+    command resizes the base model as a Python user would before loading, and the merged model gives
+    PEFT's outputs, on the new tokens too. (Before, the shapes were refused.)"""
+    import peft
+
+    source = tmp_path / "base"
+    tiny_gpt2(tie_word_embeddings=tied).save_pretrained(source)
+    model = GPT2LMHeadModel.from_pretrained(source).eval()
+    model.resize_token_embeddings(110)
+    torch.manual_seed(2)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"],
+                                                            init_lora_weights=False, fan_in_fan_out=True))
+    with torch.no_grad():  # trained rows for the new tokens
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            layer.weight.add_(torch.randn(layer.weight.shape) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")  # "auto": the vocabulary differs from source's config
+    tokens = torch.tensor([[3, 105, 7, 109]])
+    with torch.no_grad():
+        peft_logits = peft_model(tokens).logits
+
+    status, _, err = run(capsys, "merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model", str(source))
+    assert status == 0, err
+    assert "resizing the base model's vocabulary 101 -> 110" in err
+    with torch.no_grad():
+        merged_logits = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()(tokens).logits
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_warns_when_the_adapter_names_another_base_model(capsys, monkeypatch, tiny_dir, minilora_adapter,
                                                               tmp_path):
     """The adapter records its base model (tiny_dir); without --model the default is used, with a warning."""
