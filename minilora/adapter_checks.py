@@ -130,6 +130,17 @@ def check_file_keys(tensors: Mapping[str, torch.Tensor], adapter_name: str, orig
                                 f"{named.group(1)!r}.")
 
 
+def check_dense(tensors: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Adapters hold plain (strided) tensors with data: a sparse or nested tensor (a ``.bin`` can hold one),
+    or one on the meta device (no values), would fail in the checks or the copy with a bare torch error."""
+    odd = [key for key, value in tensors.items() if value.layout != torch.strided or value.is_nested or value.is_meta]
+    if odd:
+        value = tensors[odd[0]]
+        kind = "on the meta device (it has no values)" if value.is_meta else f"a {value.layout} tensor"
+        raise MiniLoraError(f"{origin}: {odd[0]} is {kind}; adapters hold dense tensors with values ({len(odd)} such "
+                            "tensors). The file was not written by PEFT or minilora: save the adapter again.")
+
+
 def expected_shapes(model: nn.Module, config: LoraConfig | None,
                     adapter_name: str = DEFAULT_ADAPTER) -> dict[str, tuple[int, ...]]:
     """Every tensor the adapter must hold for this model, by the model's key after loading, with its shape.

@@ -13,6 +13,7 @@ Any other field (written by a newer PEFT) is ignored with one warning, as PEFT i
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -193,6 +194,9 @@ def read_adapter_config(directory: Path) -> LoraConfig:
 def read_config_fields(directory: Path) -> dict[str, Any]:
     """The fields of ``directory/adapter_config.json``, as JSON gives them (checked by config_from_fields)."""
     path = directory / CONFIG_NAME
+    if not path.exists() and path.is_symlink():
+        raise MiniLoraError(f"{path} is a symlink that leads nowhere (to {os.readlink(path)!r}: missing, or a loop of "
+                            "links). Replace it by the adapter's config file, or save the adapter again.")
     if not path.exists():
         raise MiniLoraError(f"{path} is missing. An adapter directory holds {CONFIG_NAME} and the weights, "
                             "as minilora.save_adapter and PEFT's save_pretrained write them.")
@@ -227,6 +231,9 @@ def read_json_fields(path: Path) -> dict[str, Any]:
             from None
     except RecursionError:
         raise MiniLoraError(f"{path} nests JSON values too deeply to read: it is not an adapter config. "
+                            "Save the adapter again.") from None
+    except ValueError as error:  # an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise MiniLoraError(f"{path} could not be read as JSON ({error}): it is not an adapter config. "
                             "Save the adapter again.") from None
     if not isinstance(fields, dict):
         kind = {"NoneType": "null", "str": "string", "int": "number", "float": "number", "bool": "true/false"}.get(

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_checks import (check_config_selects_the_layers, check_file_keys, check_not_sharded, check_rank_agrees,
-                             check_tensors, expected_shapes, few, nested_original_biases, other_layers_biases,
-                             saved_config, saved_embedding_weights, saved_module_names)
+from .adapter_checks import (check_config_selects_the_layers, check_dense, check_file_keys, check_not_sharded,
+                             check_rank_agrees, check_tensors, expected_shapes, few, nested_original_biases,
+                             other_layers_biases, saved_config, saved_embedding_weights, saved_module_names)
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
 from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
@@ -330,6 +330,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         check_can_add(model, adapter_name, config)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
+    check_dense(tensors, origin)
     check_file_keys(tensors, adapter_name, origin, from_file=not isinstance(source, Mapping))
     renamed = {minilora_key(key, adapter_name): value for key, value in tensors.items()}
     if len(renamed) != len(tensors):

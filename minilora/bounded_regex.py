@@ -9,14 +9,21 @@ such blow-ups outright, and takes a ``timeout``. Inside ``with time_bound():`` (
 target modules) all matches together get ``MATCH_SECONDS``; a single match outside one gets as
 much. Then a MiniLoraError.
 
-Validity is still judged by ``re`` (``re.compile`` in targets.py), so a pattern PEFT rejects is
-rejected here too.
+The time bound covers matching, not compiling: ``regex`` unrolls counted repeats when it compiles, so
+``a{1000000000}`` would take tens of gigabytes before the first match. A pattern that unrolls to more
+than ``MAX_PATTERN_SIZE`` positions (``_unrolled_size``, measured on ``re``'s parse of it) is refused
+before it is compiled.
+
+Validity is still judged by ``re`` (``compile_error``, also before each match), so a pattern PEFT
+rejects is rejected here too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import re
 import time
 from typing import Iterator, Optional
 
@@ -25,6 +32,12 @@ import regex
 from .config import MiniLoraError
 
 MATCH_SECONDS = 2.0
+MAX_PATTERN_SIZE = 10_000  # positions a pattern may unroll to: far beyond any module name's length
+
+try:  # re's own parser (Python 3.11+), sre_parse before
+    from re import _parser as _re_parser
+except ImportError:  # pragma: no cover
+    import sre_parse as _re_parser  # type: ignore[no-redef]
 
 _deadline: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar("minilora_regex_deadline", default=None)
 
@@ -54,6 +67,7 @@ def match(pattern: str, name: str) -> Optional["regex.Match"]:
 
 
 def _bounded(function, pattern: str, name: str):
+    _check_size(pattern)
     deadline = _deadline.get()
     timeout = MATCH_SECONDS if deadline is None else max(deadline - time.monotonic(), 1e-6)
     try:
@@ -64,3 +78,60 @@ def _bounded(function, pattern: str, name: str):
             "(it backtracks: nested quantifiers such as (.+)+ try exponentially many ways). Nothing was "
             "changed. Simplify the pattern, or list the module names instead."
         ) from None
+
+
+def compile_error(pattern: str) -> str | None:
+    """Why Python's ``re`` (PEFT's engine) cannot compile ``pattern``, or None if it can. A pattern nested
+    thousands of groups deep exhausts the recursion limit rather than raising re.error: that is an answer too."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
+        return str(error) if isinstance(error, re.error) else f"{type(error).__name__}: {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _check_size(pattern: str) -> None:
+    """Raise MiniLoraError if ``pattern`` is not one ``re`` reads (PEFT matches with ``re``), or unrolls to
+    more than MAX_PATTERN_SIZE positions."""
+    try:
+        size = _unrolled_size(_re_parser.parse(pattern))
+    except (re.error, RecursionError, OverflowError) as error:
+        raise MiniLoraError(f"The regex {short(pattern)} is not a valid regex for Python's re, which PEFT matches "
+                            f"with ({type(error).__name__}: {error}). Fix the pattern, or list the module names "
+                            "instead.") from None
+    if size > MAX_PATTERN_SIZE:
+        raise MiniLoraError(
+            f"The regex {short(pattern)} repeats so much that it unrolls to about {size:.3g} positions (counted "
+            f"repeats such as {{1000}} multiply), more than the {MAX_PATTERN_SIZE} any module name could need; "
+            "compiling it would take gigabytes. Nothing was changed. Use * or + for an open repeat, or list the "
+            "module names instead."
+        )
+
+
+def _unrolled_size(parsed) -> int:
+    """How many positions a parsed pattern unrolls to: each counted repeat multiplies what it repeats by its
+    bound (its minimum, for an open one such as ``{3,}``); groups, alternatives and lookarounds add up."""
+    size = 0
+    for op, value in parsed:
+        name = str(op)
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, item = value
+            size += max(low if high == _re_parser.MAXREPEAT else high, 1) * _unrolled_size(item)
+        elif name == "SUBPATTERN":  # (group, add_flags, del_flags, pattern)
+            size += _unrolled_size(value[-1])
+        elif name in ("ASSERT", "ASSERT_NOT"):  # (direction, pattern)
+            size += _unrolled_size(value[1])
+        elif name == "ATOMIC_GROUP":
+            size += _unrolled_size(value)
+        elif name == "BRANCH":  # (None, [alternatives])
+            size += sum(_unrolled_size(part) for part in value[1])
+        elif name == "GROUPREF_EXISTS":  # (group, yes, no or None)
+            size += sum(_unrolled_size(part) for part in value[1:] if part is not None)
+        else:
+            size += 1
+    return size
+
+
+def short(pattern: str, limit: int = 80) -> str:
+    return repr(pattern) if len(pattern) <= limit else f"{pattern[:limit]!r}... ({len(pattern)} characters)"

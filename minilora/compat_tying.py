@@ -26,7 +26,6 @@ those two words).
 
 from __future__ import annotations
 
-import re
 import types
 import warnings
 from typing import Any
@@ -81,9 +80,7 @@ def tied_module_names(model: nn.Module) -> list[str]:
 def _names_an_embedding_layer(names: Any) -> bool:
     """PEFT's test: a name whose last part is embed_tokens / lm_head (a regex string: that matches one)."""
     if isinstance(names, str):
-        try:
-            re.compile(names)
-        except re.error:
+        if bounded_regex.compile_error(names):
             return False  # (not a valid regex: inject's target check says so, in its own words)
         return any(bounded_regex.fullmatch(names, layer) for layer in EMBEDDING_LAYER_NAMES)
     return any(str(name).split(".")[-1] in EMBEDDING_LAYER_NAMES for name in (names or []))

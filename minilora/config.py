@@ -11,7 +11,6 @@ is touched.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -96,10 +95,9 @@ class LoraConfig(PeftConfigAttributes):
         since a dataclass field can be changed after construction)."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise MiniLoraError(f"r must be a positive int (the rank of B A), got r={self.r!r}. Try r=8.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
-                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+        if not _is_alpha(self.lora_alpha):
             raise MiniLoraError(
-                f"lora_alpha must be a positive number, got lora_alpha={self.lora_alpha!r}. "
+                f"lora_alpha must be a positive number (finite as a float), got lora_alpha={self.lora_alpha!r}. "
                 "A common choice is lora_alpha = 2 * r or 4 * r."
             )
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
@@ -174,17 +172,19 @@ class LoraConfig(PeftConfigAttributes):
             raise MiniLoraError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
                                 f"layers_pattern={pattern!r} needs layers_to_transform (the indices to keep), as in "
                                 "PEFT.")
+        from .bounded_regex import compile_error, short  # (it imports MiniLoraError from here)
+
         for name, patterns, check, what in (("rank_pattern", self.rank_pattern, _is_rank, "a positive int"),
-                                            ("alpha_pattern", self.alpha_pattern, _is_alpha, "a positive number")):
+                                            ("alpha_pattern", self.alpha_pattern, _is_alpha,
+                                             "a positive number (finite as a float)")):
             if not isinstance(patterns, dict):
                 raise MiniLoraError(f"{name} must be a dict {{layer-name regex: value}}, got {patterns!r}.")
             for key, value in patterns.items():
                 if not isinstance(key, str) or not key:
                     raise MiniLoraError(f"{name} keys are layer-name regexes (non-empty strings), got {key!r}.")
-                try:
-                    re.compile(key)
-                except re.error as error:
-                    raise MiniLoraError(f"{name} key {key!r} is not a valid regex ({error}).") from None
+                error = compile_error(key)
+                if error:
+                    raise MiniLoraError(f"{name} key {short(key)} is not a valid regex ({error}).")
                 if not check(value):
                     raise MiniLoraError(f"{name}[{key!r}] must be {what}, got {value!r}.")
 
@@ -203,4 +203,10 @@ def _is_rank(value: object) -> bool:
 
 
 def _is_alpha(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    """A positive number that a float holds (an int beyond 1.8e308 overflows in ``lora_alpha / r``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:  # math.isfinite(10**400)
+        return False

@@ -20,7 +20,6 @@ per-layer ``r`` / ``lora_alpha`` by PEFT's ``get_pattern_key`` rule (``layer_ran
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from typing import Any, Optional
 
@@ -313,14 +312,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         MiniLoraError: if none match, or one is not linear, or the targets cannot be resolved.
     """
     targets = resolve_target_modules(model, config)
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as error:
-            raise MiniLoraError(
-                f"target_modules={targets!r} is a string, so it is read as a regex, and it is not a valid one "
-                f"({error}). Fix the regex, or pass a list of names such as {suggest_targets(model)[:3]}."
-            ) from None
+    error = bounded_regex.compile_error(targets) if isinstance(targets, str) else None
+    if error:
+        raise MiniLoraError(
+            f"target_modules={bounded_regex.short(targets)} is a string, so it is read as a regex, and it is not a "
+            f"valid one ({error}). Fix the regex, or pass a list of names such as {suggest_targets(model)[:3]}."
+        )
     # a LoRA layer already there is a target as the layer it wraps (another adapter goes in it); its insides are not
     inside_lora = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, LoraLinear))
     with bounded_regex.time_bound():

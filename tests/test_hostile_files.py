@@ -171,6 +171,23 @@ def overlapping(header: dict) -> None:
     header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
 
 
+def bin_holding(change):
+    """adapter_model.bin (torch.save) in place of the safetensors file, its dict changed by ``change``."""
+    def spoil(d: Path) -> None:
+        tensors = change(dict(load_file(d / WEIGHTS_NAME)))
+        (d / WEIGHTS_NAME).unlink()
+        torch.save(tensors, d / LEGACY_WEIGHTS_NAME)
+    return spoil
+
+
+def config_text_replaced(old: str, new: str):
+    def spoil(d: Path) -> None:
+        text = (d / CONFIG_NAME).read_text()
+        assert old in text
+        (d / CONFIG_NAME).write_text(text.replace(old, new))
+    return spoil
+
+
 def catastrophic_regex(d: Path) -> None:
     edit_config(target_modules="(" * 30 + "a" + ")*" * 30 + "$")(d)
 
@@ -198,6 +215,14 @@ CASES = [
     ("metadata-not-strings", edit_header(lambda h: h.__setitem__("__metadata__", {"format": 5})), NOT_READ),
     ("metadata-absent", edit_header(lambda h: h.pop("__metadata__")), LOAD),
     ("metadata-format-np", edit_header(lambda h: h["__metadata__"].__setitem__("format", "np")), LOAD),
+    ("header-length-2**64-1", lambda d: (d / WEIGHTS_NAME).write_bytes(
+        struct.pack("<Q", 2**64 - 1) + (d / WEIGHTS_NAME).read_bytes()[8:]), NOT_READ),
+    ("offsets-reversed", edit_header(lambda h: h[A0].__setitem__("data_offsets", h[A0]["data_offsets"][::-1])),
+     NOT_READ),
+    ("shape-product-overflows", edit_header(lambda h: h[A0].__setitem__("shape", [2**32, 2**32, 0])), NOT_READ),
+    ("dtype-not-a-string", edit_header(lambda h: h[A0].__setitem__("dtype", 5)), NOT_READ),
+    ("bytes-after-the-last-tensor", lambda d: (d / WEIGHTS_NAME).write_bytes(
+        (d / WEIGHTS_NAME).read_bytes() + bytes(64)), NOT_READ),
     ("metadata-digest-of-another-config", edit_header(
         lambda h: h["__metadata__"].__setitem__("minilora_config_sha256", "0" * 64)), r"is not the config .* saved with"),
     # truncated, empty, absent, not a file
@@ -212,11 +237,24 @@ CASES = [
     ("weights-symlink-dangling", replace_by_symlink(WEIGHTS_NAME, "/nonexistent/minilora"), r"has no adapter_model"),
     ("weights-symlink-loop", lambda d: ((d / WEIGHTS_NAME).unlink(), (d / WEIGHTS_NAME).symlink_to(d / WEIGHTS_NAME)),
      r"has no adapter_model"),
+    ("config-symlink-loop", lambda d: ((d / CONFIG_NAME).unlink(), (d / CONFIG_NAME).symlink_to(d / CONFIG_NAME)),
+     r"adapter_config\.json is a symlink that leads nowhere"),
+    ("config-symlink-dangling", replace_by_symlink(CONFIG_NAME, "/nonexistent/minilora"),
+     r"adapter_config\.json is a symlink that leads nowhere \(to '/nonexistent/minilora'"),
     # pickles (adapter_model.bin)
     ("bin", as_bin, LOAD),
     ("bin-pickle-that-runs-code", pickled_bin(pickle.dump), r"adapter_model\.bin could not be read"),
     ("bin-torch-save-that-runs-code", pickled_bin(torch.save), r"adapter_model\.bin could not be read"),
     ("bin-garbage-next-to-safetensors", write(LEGACY_WEIGHTS_NAME, b"junk"), LOAD),  # (both prefer safetensors)
+    ("bin-empty", lambda d: ((d / WEIGHTS_NAME).unlink(), (d / LEGACY_WEIGHTS_NAME).write_bytes(b"")),
+     r"adapter_model\.bin could not be read"),
+    ("bin-keys-not-strings", bin_holding(lambda t: {i: value for i, value in enumerate(t.values())}),
+     r"adapter_model\.bin is not a dict of named tensors"),
+    ("bin-a-dict-of-dicts", bin_holding(lambda t: {"state_dict": t}), r"adapter_model\.bin is not a dict of named"),
+    ("bin-meta-tensor", bin_holding(lambda t: {**t, A0: torch.empty(4, 32, device="meta")}),
+     r"adapter_model\.bin could not be read"),
+    ("bin-sparse-tensor", bin_holding(lambda t: {**t, A0: t[A0].to_sparse()}), r"lora_A\.weight is a torch\.sparse_coo "
+     r"tensor; adapters hold dense tensors"),
     # tensors that do not fit the model
     ("A-transposed", edit_weights(lambda t: t.__setitem__(A0, t[A0].T.contiguous())), r"i\.e\. r=32"),
     ("B-transposed", edit_weights(lambda t: t.__setitem__(B0, t[B0].T.contiguous())), r"i\.e\. r=96"),
@@ -224,6 +262,9 @@ CASES = [
                                                                    .contiguous()) for k, v in list(t.items())]),
      r"says r=4 but .* i\.e\. r=2"),
     ("key-missing", edit_weights(lambda t: t.pop(A0)), r"missing keys \[transformer\.h\.0\.attn\.c_attn\.lora_A"),
+    ("key-a-base-weight", edit_weights(  # (PEFT loads it into the base model: strict=False)
+        lambda t: t.__setitem__(PEFT_PREFIX + "transformer.h.0.mlp.c_fc.weight", torch.zeros(32, 128))),
+     r"unexpected keys \[transformer\.h\.0\.mlp\.c_fc\.weight\]"),
     ("key-extra", edit_weights(lambda t: t.__setitem__(PEFT_PREFIX + "junk", torch.zeros(1))), r"unexpected keys \[junk\]"),
     ("key-of-an-embedding-adapter", edit_weights(
         lambda t: t.__setitem__(PEFT_PREFIX + "transformer.wte.lora_embedding_A", torch.zeros(4, 64))),
@@ -245,6 +286,13 @@ CASES = [
     ("config-a-list", write(CONFIG_NAME, b"[]"), r"holds a JSON list"),
     ("config-null", write(CONFIG_NAME, b"null"), r"holds a JSON null"),
     ("config-nesting", write(CONFIG_NAME, b"[" * 100000 + b"]" * 100000), r"nests JSON values too deeply"),
+    ("config-nesting-in-a-field", config_text_replaced('"bias": "none"', '"bias": "none", "x": ' + "[" * 10000
+                                                       + "]" * 10000), r"nests JSON values too deeply"),
+    ("config-not-utf8", write(CONFIG_NAME, b'{"peft_type": "LORA", "r": 4, "x": "\xff"}'), r"is not valid JSON"),
+    ("config-utf8-bom", lambda d: (d / CONFIG_NAME).write_bytes(b"\xef\xbb\xbf" + (d / CONFIG_NAME).read_bytes()),
+     r"is not valid JSON"),
+    ("config-integer-of-5000-digits", config_text_replaced('"r": 4', '"r": ' + "4" * 5000),
+     r"could not be read as JSON \(Exceeds the limit \(4300 digits\)"),
     ("config-NaN-literal", lambda d: (d / CONFIG_NAME).write_text(
         (d / CONFIG_NAME).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')), r"lora_alpha must be"),
     ("config-duplicate-field", lambda d: (d / CONFIG_NAME).write_text(
@@ -258,12 +306,21 @@ CASES = [
     ("lora_alpha-inf", edit_config(lora_alpha=math.inf), r"lora_alpha must be"),
     ("lora_alpha-null", edit_config(lora_alpha=None), r"lora_alpha must be"),
     ("lora_alpha-zero", edit_config(lora_alpha=0), r"lora_alpha must be"),
+    ("lora_alpha-beyond-float", edit_config(lora_alpha=10**400), r"lora_alpha must be a positive number \(finite as a "
+     r"float\), got lora_alpha=1000"),
+    ("alpha_pattern-beyond-float", edit_config(alpha_pattern={"c_attn": 10**400}),
+     r"alpha_pattern\['c_attn'\] must be a positive number \(finite as a float\)"),
     ("target_modules-int", edit_config(target_modules=5), r"target_modules must be"),
     ("target_modules-list-of-int", edit_config(target_modules=[5]), r"target_modules"),
     ("target_modules-empty", edit_config(target_modules=[]), r"target_modules"),
     ("target_modules-object", edit_config(target_modules={"c_attn": 1}), r"target_modules"),
     ("target_modules-invalid-regex", edit_config(target_modules="[unclosed"), r"not a valid"),
     ("target_modules-catastrophic-regex", catastrophic_regex, r"regex|matches no module"),
+    # (a counted repeat that the regex engine would unroll into gigabytes: found before it is compiled)
+    ("target_modules-huge-repeat", edit_config(target_modules="(c_attn){1000000000}"), r"unrolls to about 6e\+09"),
+    ("modules_to_save-huge-repeat", edit_config(modules_to_save=["((lm_head){1000}){1000}"]), r"unrolls to about 7e\+06"),
+    ("target_modules-10000-nested-groups", edit_config(target_modules="(" * 5000 + "c_attn" + ")" * 5000),
+     r"is not a valid one \(RecursionError"),
     ("peft_type-LOHA", edit_config(peft_type="LOHA"), r"peft_type is 'LOHA'"),
     ("peft_type-lowercase", edit_config(peft_type="lora"), r"peft_type is 'lora'"),
     ("peft_type-missing", lambda d: (d / CONFIG_NAME).write_text(json.dumps(
@@ -516,7 +573,7 @@ def tiny_model_dir(tiny_gpt2, tmp_path) -> Path:
 
 CLI_CASES = ["weights-truncated", "header-length-past-the-end", "bin-pickle-that-runs-code", "keys-naming-adapter-other",
              "nan", "config-a-list", "r-huge", "task_type-unknown", "target_modules-catastrophic-regex",
-             "weights-symlink-to-dev-zero", "config-a-directory"]
+             "weights-symlink-to-dev-zero", "config-a-directory", "target_modules-huge-repeat", "bin-sparse-tensor"]
 
 
 @pytest.mark.parametrize("command", ["merge", "diff"])
