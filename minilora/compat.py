@@ -464,7 +464,7 @@ class PeftModel(nn.Module):
             check_given_config(config, saved, directory)
         from .compat_tasks import TASK_MODELS
 
-        task_class = TASK_MODELS.get(_task(saved)) if cls is PeftModel else None
+        task_class = TASK_MODELS.get(_task(peft_config)) if cls is PeftModel else None  # (PEFT's field)
         if wrapper is None:
             (task_class or cls)._check_task_fits(inner)
         had_layers = any(True for _ in lora_layers(inner))

@@ -730,6 +730,8 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
             lambda: peft.PeftModel.from_pretrained(copy.deepcopy(base), mini_dir / subdir))
         if not ran:
             return
+        if type(loaded_mini).__name__ != type(loaded_peft).__name__:  # the task's subclass, by the file's task_type
+            raise Finding(f"from_pretrained: {type(loaded_mini).__name__} vs PEFT's {type(loaded_peft).__name__}")
         compare_structure("from_pretrained", loaded_mini, loaded_peft)
         # and each loads its own files as a further adapter of the live model, which then runs it
         _, _, ran = run_both("load_adapter", lambda: mini.load_adapter(mini_dir / subdir, "loaded"),

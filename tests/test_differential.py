@@ -592,3 +592,19 @@ def test_deleting_the_active_adapter_leaves_modules_to_save_as_peft(victim):
     assert wrappers[1]["base_model.model.model.layers.0.mlp.down_proj"] == []  # PEFT's: no copy runs there
     differential.compare_structure("after delete_adapter", mini, twin)  # names, requires_grad, modes
     differential.compare_forward("forward after delete_adapter", mini, twin, inputs)
+
+
+@pytest.mark.parametrize("arch, head, task", [("llama", "lm", "CAUSAL_LM"), ("bert", "seq_cls", "SEQ_CLS"),
+                                              ("whisper", "base", "FEATURE_EXTRACTION"), ("gpt2", "base", None)])
+def test_from_pretrained_builds_the_task_wrapper_of_the_files_task_type(arch, head, task, tmp_path):
+    """PeftModel.from_pretrained wraps the model in the class of the saved task_type (PEFT's
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING): compat read the task from minilora's own config, which has none, and always
+    built a plain PeftModel (found by a probe of the fuzzer's scenarios: whisper, seed 6 #40). The fuzzer now
+    compares the loaded class too."""
+    fields = dict(r=2, target_modules=["q_proj"] if arch == "whisper" else None, task_type=task)
+    base, mini, twin = _both(arch, head, fields)
+    twin.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = [library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path) for library in (compat, peft)]
+    assert type(loaded[0]).__name__ == type(loaded[1]).__name__ == type(twin).__name__ == type(mini).__name__
