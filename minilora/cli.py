@@ -170,7 +170,8 @@ def check_merge_out_dir(out_dir: str, args: argparse.Namespace) -> None:
 
     The merged model is written into a temporary folder next to OUT_DIR (next to the folder it links to,
     for a symlink), which then takes OUT_DIR's place (``replaced_folder``): that parent must be writable,
-    and with --force OUT_DIR's old files go, so it must not hold the adapter or the base model.
+    and with --force OUT_DIR's old files go, so it must not hold the adapter, the base model or the current
+    directory (which would be left as a removed folder).
     """
     if os.path.isfile(out_dir):
         raise MiniLoraError(f"OUT_DIR {out_dir!r} is a file. Pass a new or empty directory.")
@@ -181,7 +182,7 @@ def check_merge_out_dir(out_dir: str, args: argparse.Namespace) -> None:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to replace it (its files are removed once the merged model is complete).")
     target = os.path.realpath(out_dir)
-    for what, path in (("ADAPTER_DIR", args.adapter_dir), ("--model", args.model)):
+    for what, path in (("ADAPTER_DIR", args.adapter_dir), ("--model", args.model), ("the current directory", ".")):
         if path is not None and os.path.exists(path) and _inside(os.path.realpath(path), target):
             raise MiniLoraError(f"OUT_DIR {out_dir!r} holds {what} {path!r}, and merging replaces OUT_DIR with all it "
                                 "holds. Pass an OUT_DIR outside it.")

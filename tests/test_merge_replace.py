@@ -202,10 +202,13 @@ def test_a_crash_at_any_step_leaves_the_old_folder_or_the_new_one(setup, step, o
     assert sorted(os.listdir(setup.root)) == setup.listing  # the dead child's folders are gone
 
 
-def test_out_dir_holding_the_adapter_or_the_model_is_refused(setup, capsys):
-    """--force replaces OUT_DIR with all it holds: an OUT_DIR that holds ADAPTER_DIR or --model (or is one
-    of them) is refused before any work."""
-    for out, what in [(setup.root / "base", "--model"), (setup.root / "adapter-new", "ADAPTER_DIR")]:
+def test_out_dir_holding_the_adapter_the_model_or_the_current_directory_is_refused(setup, capsys, monkeypatch):
+    """--force replaces OUT_DIR with all it holds: an OUT_DIR that holds ADAPTER_DIR, --model or the current
+    directory (or is one of them) is refused before any work."""
+    (setup.root / "work").mkdir()
+    monkeypatch.chdir(setup.root / "work")
+    for out, what in [(setup.root / "base", "--model"), (setup.root / "adapter-new", "ADAPTER_DIR"),
+                      (setup.root / "work", "the current directory"), (Path("."), "the current directory")]:
         before = files_state(setup.root)
         argv = ["merge", str(setup.root / "adapter-new"), str(out), "--model", str(setup.root / "base"), "--force"]
         assert cli.main(argv) == cli.ERROR_EXIT
