@@ -301,7 +301,8 @@ def _agree(values: list) -> bool | Literal["irregular"]:
 
 
 def layer_status(model: nn.Module, module_type: str = "LoraLinear") -> list[LayerStatus]:
-    """The state of each LoRA layer and saved module, in module order (PEFT's ``get_layer_status``)."""
+    """The state of each LoRA layer and saved module, in module order (PEFT's ``get_layer_status``). A saved
+    module without parameters (a rotary embedding) has no requires_grad entry, as in PEFT."""
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
@@ -314,7 +315,7 @@ def layer_status(model: nn.Module, module_type: str = "LoraLinear") -> list[Laye
         elif type(module).__name__ == "ModulesToSave":
             params = {adapter: list(copy.parameters()) for adapter, copy in module.modules_to_save.items()}
             rows.append(LayerStatus(name, "ModulesToSaveWrapper", not module.disabled, list(module.active_adapters),
-                                    [], {k: _agree([p.requires_grad for p in v]) for k, v in params.items()},
+                                    [], {k: _agree([p.requires_grad for p in v]) for k, v in params.items() if v},
                                     sorted(params), {k: sorted({p.device.type for p in v}) for k, v in params.items()}))
     if not rows:
         raise MiniLoraError("layer_status: this model has no minilora layers. Call minilora.inject(model, config) "

@@ -608,3 +608,17 @@ def test_from_pretrained_builds_the_task_wrapper_of_the_files_task_type(arch, he
         warnings.simplefilter("ignore")
         loaded = [library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path) for library in (compat, peft)]
     assert type(loaded[0]).__name__ == type(loaded[1]).__name__ == type(twin).__name__ == type(mini).__name__
+
+
+def test_layer_and_model_status_of_a_saved_module_without_parameters_are_pefts():
+    """modules_to_save=["rotary_emb"] (buffers only): PEFT's get_layer_status has no requires_grad entry for it, so
+    get_model_status says False for the frozen adapter (inference_mode); minilora said True, and "irregular"
+    (found by a probe of the fuzzer's scenarios with the status calls, seed 23 #13)."""
+    fields = dict(target_modules="all-linear", r=8, modules_to_save=["rotary_emb"], inference_mode=True)
+    _, mini, twin = _both("gemma3", "base", fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("other", library.LoraConfig(target_modules=["q_proj"], r=4))
+    assert [vars(row) for row in mini.get_layer_status()] == [vars(row) for row in twin.get_layer_status()]
+    assert vars(mini.get_model_status()) == vars(twin.get_model_status())
