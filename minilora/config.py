@@ -18,7 +18,19 @@ from .peft_attributes import PeftConfigAttributes
 
 
 class MiniLoraError(ValueError):
-    """The one error minilora raises for bad input. The message says what was wrong and what to do."""
+    """The one error minilora raises for bad input. The message says what was wrong and what to do.
+
+    A message that quotes a huge value whole (a megabyte-long target_modules from a hostile file) keeps its
+    first and last ``MAX_MESSAGE // 2`` characters, what was wrong and what to do, and leaves out the middle.
+    """
+
+    MAX_MESSAGE = 4000
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        if isinstance(message, str) and len(message) > self.MAX_MESSAGE:
+            half = self.MAX_MESSAGE // 2
+            message = f"{message[:half]} ... ({len(message) - 2 * half} characters left out) ... {message[-half:]}"
+        super().__init__(message, *args)
 
 
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer except the output layer

@@ -709,6 +709,23 @@ def test_auto_peft_model_refuses_hostile_configs_as_peft_does(fields, words, goo
             minilora.compat.AutoPeftModel.from_pretrained(str(directory))
 
 
+@pytest.mark.parametrize("fields", [{"target_modules": "x" * 90_000}, {"target_modules": ["x" * 10**6]},
+                                    {"rank_pattern": {"c_attn": [[0] * 10**5]}}], ids=["regex", "names", "value"])
+def test_a_huge_value_is_not_quoted_whole(fields, good, tiny_gpt2, tmp_path):
+    """A megabyte-long value in adapter_config.json is refused with a message of a few thousand characters
+    that still starts with the file and ends with what to do (MiniLoraError.MAX_MESSAGE)."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    edit_config(**fields)(directory)
+    for reader in (native, compat_from_pretrained):
+        model, load = reader(tiny_gpt2, directory, good)
+        with pytest.raises(MiniLoraError) as error:
+            load()
+        message = str(error.value)
+        assert len(message) < 4100 and "characters left out" in message, len(message)
+        assert message.startswith(str(directory)) and message.rstrip().endswith(".")
+
+
 @pytest.mark.parametrize("target", ["/dev/zero", "fifo", "directory"])
 def test_config_readers_do_not_read_forever(tmp_path, target):
     """LoraConfig.from_json_file and from_pretrained on a device, a FIFO or a folder named like a config."""
