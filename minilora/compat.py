@@ -289,6 +289,13 @@ class PeftModel(nn.Module):
     def _peft_forward_args(self, kwargs: dict) -> Iterator[None]:
         """Take PEFT's own arguments out of ``kwargs``; ``adapter_names=[...]`` runs a mixed batch
         (one adapter per row, "__base__" for none; mixed.py) while the adapters are enabled."""
+        deleted = self.__dict__.get("_deleted_active")
+        if deleted is not None:
+            hint = (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
+                    "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
+            raise MiniLoraError(f"delete_adapter({deleted!r}) deleted the active adapter and left none active (PEFT "
+                                "picks the next one in the first LoRA layer, which held no other), so PEFT's forward "
+                                f"fails here (a KeyError: {deleted!r}). {hint}")
         adapter_names = kwargs.pop("adapter_names", None)
         if kwargs.pop("alora_offsets", None) is not None:
             raise MiniLoraError("alora_offsets are for PEFT's activated LoRA (alora_invocation_tokens), which "
@@ -376,9 +383,14 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        self.__dict__["_deleted_active"] = None
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """As PEFT's; where no adapter stays active, forward refuses until set_adapter (PEFT's PeftModel
+        keeps the deleted name as its active adapter then, and its forward fails with a KeyError)."""
         self.base_model.delete_adapter(adapter_name)
+        if not self.active_adapters:
+            self.__dict__["_deleted_active"] = adapter_name
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         self.base_model.set_requires_grad(adapter_names, requires_grad)
