@@ -19,8 +19,11 @@ operations to run. ``run_scenario`` runs it with both libraries from the same se
     merge_adapter           outputs merged and unmerged again (merged: 1e-5 relative, the sums differ)
     disable_adapter         the base outputs
     save_pretrained         the files: adapter_config.json's shared fields, every tensor bitwise;
-                            then each library loads the other's files: PEFT's outputs
+                            then each library loads the other's files: the loaded class, PEFT's outputs
     merge_and_unload        outputs and state-dict keys of the plain model
+    or, last, one of        get_layer_status / get_model_status, disable / enable_adapter_layers,
+                            set_requires_grad, a mixed batch (adapter_names), delete_adapter of the active
+                            adapter, add_weighted_adapter ("cat"): what each changed, outputs bitwise
 
 Anything else (a different number, a different set of layers, an exception other than
 MiniLoraError, PEFT refusing what minilora runs) is a finding. minilora refusing what PEFT runs is
@@ -231,7 +234,13 @@ def draw_scenario(draw: Draw, seed: int = 0) -> Scenario:
     second = draw_config(draw, model, spec, head, second=True) if draw.boolean(0.3) else None
     ops = {name: draw.boolean() for name in ("train_forward", "backward", "train_step", "merge", "disable", "files",
                                               "merge_and_unload")}
+    ops["extra"] = draw.choice([None, *EXTRA_OPS])  # one more of PEFT's calls, last (without merge_and_unload)
     return Scenario(arch, head, config, second, ops, seed)
+
+
+# PEFT's calls a scenario may end with (``_compare_extra``); the two-adapter ones need a second adapter
+EXTRA_OPS = ("get_layer_status", "disable_adapter_layers", "set_requires_grad", "mixed batch", "delete_adapter",
+             "add_weighted_adapter")
 
 
 def draw_config(draw: Draw, model: nn.Module, spec: Architecture, head: str, second: bool = False) -> dict:
@@ -639,6 +648,8 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
                 compare_structure("after disable_adapter", mini, twin)
         if scenario.ops.get("files"):
             _compare_save_load(scenario, mini, twin, base, inputs)
+        if scenario.ops.get("extra") and not scenario.ops.get("merge_and_unload"):
+            return _compare_extra(scenario.ops["extra"], mini, twin, inputs)
         if scenario.ops.get("merge_and_unload"):
             compare_forward("before merge_and_unload", mini, twin, inputs, rtol=1e-5)
             if any(getattr(layer, "tied_to", None) for _, layer in lora_layers(mini)):
@@ -672,6 +683,56 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
                 if flags[0] != flags[1]:
                     raise Finding(f"merge_and_unload: config.tie_word_embeddings {flags[0]} vs PEFT's {flags[1]}")
                 compare_forward("forward after merge_and_unload", a, b, inputs, rtol=1e-5)
+
+
+def _compare_extra(kind: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
+    """One more of PEFT's calls on the adapted models, then what it changed (structure, outputs)."""
+    names = list(mini.peft_config)
+    if kind == "get_layer_status":
+        for step, call in (("get_layer_status", lambda m: [vars(row) for row in m.get_layer_status()]),
+                           ("get_model_status", lambda m: vars(m.get_model_status()))):
+            a, b, ran = run_both(step, lambda: call(mini), lambda: call(twin))
+            if ran and a != b:
+                raise Finding(f"{step}: {a} vs PEFT's {b}")
+            if ran:
+                trace().equal(step)
+    elif kind == "disable_adapter_layers":
+        for step, on in (("disable_adapter_layers", False), ("enable_adapter_layers", True)):
+            method = "enable_adapter_layers" if on else "disable_adapter_layers"
+            _, _, ran = run_both(step, getattr(mini.base_model, method), getattr(twin.base_model, method))
+            if not ran:
+                return
+            compare_structure(f"after {step}", mini, twin)
+            compare_forward(f"forward after {step}", mini, twin, inputs)
+    elif kind == "set_requires_grad":
+        _, _, ran = run_both("set_requires_grad", lambda: mini.set_requires_grad(names[-1], False),
+                             lambda: twin.set_requires_grad(names[-1], False))
+        if ran:
+            compare_structure("after set_requires_grad", mini, twin)
+    elif kind == "mixed batch":
+        rows = next(iter(inputs.values())).shape[0]
+        mixed = {**inputs, "adapter_names": [([*names, "__base__"] * rows)[row] for row in range(rows)]}
+        a, b, ran = run_both("mixed batch", lambda: forward(mini.eval(), mixed), lambda: forward(twin.eval(), mixed))
+        if ran:
+            compare_tensors("mixed batch", a, b)
+    elif kind == "delete_adapter" and len(names) > 1:
+        victim = mini.active_adapters[0] if mini.active_adapters else names[0]
+        _, _, ran = run_both("delete_adapter", lambda: mini.delete_adapter(victim), lambda: twin.delete_adapter(victim))
+        if ran:
+            compare_structure("after delete_adapter", mini, twin)
+            if mini.active_adapters != twin.active_adapters:
+                raise Finding(f"delete_adapter: active adapters {mini.active_adapters} vs PEFT's {twin.active_adapters}")
+            compare_forward("forward after delete_adapter", mini, twin, inputs)
+    elif kind == "add_weighted_adapter" and len(names) > 1:
+        def weighted(model):
+            model.add_weighted_adapter(names, [1.0, -0.5][:len(names)], "mix", combination_type="cat")
+            model.set_adapter("mix")
+
+        _, _, ran = run_both("add_weighted_adapter", lambda: weighted(mini), lambda: weighted(twin))
+        if ran:
+            compare_structure("after add_weighted_adapter", mini, twin)
+            compare_values("add_weighted_adapter values", mini, twin)
+            compare_forward("forward (mix)", mini, twin, inputs)
 
 
 def _compare_printed(mini: nn.Module, twin: nn.Module) -> None:

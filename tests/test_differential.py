@@ -195,6 +195,18 @@ REPLAYS = {
         second=dict(target_modules=["q_proj", "lm_head", "1.fc2"], r=1, lora_alpha=3.5, init_lora_weights=False,
                     lora_dropout=0.0, task_type="SEQ_CLS"), ops=dict(merge=True, files=True), seed=5),
         START + SECOND[:5] + MERGE_DISABLE[:4] + LOADED),
+    # the scenarios' last call (ops["extra"]), found by a probe before it was in the fuzzer: deleting the active
+    # adapter where the first LoRA layer holds no other (PEFT's forward: KeyError; minilora ran, now refuses) ...
+    "delete-active-adapter-none-left-active": (Scenario(
+        "opt", "lm", dict(target_modules=r".*\.(fc2)", r=2, task_type="CAUSAL_LM"),
+        second=dict(target_modules=["q_proj", "1.fc2"], r=1), ops=dict(extra="delete_adapter"), seed=5),
+        START + SECOND[:5] + [("delete_adapter", RAN), ("after delete_adapter", EQUAL),
+                              ("forward after delete_adapter", "both refused (MiniLoraError / KeyError)")]),
+    # ... and get_layer_status of a saved module without parameters (minilora: requires_grad True, PEFT: none)
+    "layer-status-parameterless-saved-module": (Scenario(
+        "gemma3", "base", dict(target_modules="all-linear", r=8, modules_to_save=["rotary_emb"], inference_mode=True),
+        second=dict(target_modules=["q_proj"], r=4), ops=dict(extra="get_layer_status"), seed=13),
+        START + SECOND[:5] + [("get_layer_status", EQUAL), ("get_model_status", EQUAL)]),
     "lm-head-base-weight-after-merge": (Scenario(
         "stablelm", "lm", dict(target_modules=["o_proj", "lm_head", "self_attn.o_proj"], exclude_modules=["up_proj"],
                                layers_to_transform=0, r=4, lora_alpha=16, init_lora_weights=False, lora_dropout=0.1,
