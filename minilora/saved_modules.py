@@ -199,6 +199,13 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
         raise MiniLoraError(f"modules_to_save={names} selects {holding[0]!r}, which holds LoRA layers of another "
                             "adapter: training it in full would train copies of those adapters too (PEFT copies "
                             "them, minilora does not). Name a module without LoRA layers in it.")
+    wrappers = [name for name, module in modules.items() if isinstance(module, ModulesToSave)]
+    nesting = [(key, inner) for key in chosen for inner in wrappers if inner.startswith(f"{key}.")]
+    if nesting:  # the same: PEFT copies the inner wrapper (its modes then differ from minilora's copy)
+        raise MiniLoraError(f"modules_to_save={names} selects {nesting[0][0]!r}, which holds {nesting[0][1]!r}, a "
+                            "module another adapter trains in full (modules_to_save): training the outer one in "
+                            "full would train copies of that adapter's copy too (PEFT nests the wrappers, minilora "
+                            "does not). Name a module without such a module in it.")
     for key in chosen:
         if key in lora_targets or any(key.startswith(f"{target}.") or target.startswith(f"{key}.")
                                       for target in lora_targets):

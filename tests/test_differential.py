@@ -659,3 +659,23 @@ def test_forward_after_deleting_the_active_adapter_that_leaves_none_active_refus
             model.set_adapter("default")
     differential.same_values(mini, twin, 5)
     differential.compare_forward("forward after set_adapter", mini, twin, inputs)
+
+
+def test_a_second_adapters_modules_to_save_holding_the_firsts_is_refused_before_anything_changes(unchanged):
+    """The first adapter trains Switch Transformers' router classifiers in full, the second names the encoder,
+    which holds two of them: PEFT nests the wrappers (and its copies' train/eval modes then differ from the
+    copies minilora made: found by a probe of the fuzzer's scenarios, seed 36 #55). As with LoRA layers inside,
+    minilora refuses, before any change."""
+    _, mini, twin = _both("switch_transformers", "lm", dict(target_modules=["EncDecAttention.v"], r=8,
+                                                            modules_to_save=["classifier"], task_type="SEQ_2_SEQ_LM"))
+    second = dict(target_modules=["wi"], r=1, modules_to_save=["encoder"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin.add_adapter("other", peft.LoraConfig(**second))  # PEFT runs it, the wrappers nested
+    nested = "encoder.modules_to_save.other.block.1.layer.1.mlp.router.classifier.modules_to_save"
+    assert any(name.endswith(nested) for name, _ in twin.named_modules())
+    check = unchanged(mini)
+    with pytest.raises(MiniLoraError, match=r"selects 'encoder', which holds 'encoder.block.1.layer.1.mlp.router."
+                                            r"classifier', a module another adapter trains in full"):
+        mini.add_adapter("other", compat.LoraConfig(**second))
+    check()
