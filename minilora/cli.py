@@ -13,6 +13,7 @@ prints one ``minilora: error: ...`` line that says what to do, and exits with st
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -130,7 +131,8 @@ def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
     if len(rows) == 1 and (size := rows.pop()) != current:
         progress(f"resizing the base model's vocabulary {current} -> {size}: the adapter was saved with resized "
                  "embedding layers (model.resize_token_embeddings)")
-        model.resize_token_embeddings(size, mean_resizing=False)  # every row is overwritten by the adapter's
+        resize = model.resize_token_embeddings  # (mean_resizing: transformers >= 4.46; every row is overwritten anyway)
+        resize(size, mean_resizing=False) if "mean_resizing" in inspect.signature(resize).parameters else resize(size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def run_merge(args: argparse.Namespace) -> None:
     progress(f"merging {layers} LoRA layers: W0 <- W0 + scaling * B A")
     merge_and_unload(model, safe=True)
     progress(f"saving: {out_dir}")
-    with replaced_folder(out_dir, "the merged model") as writing_dir:  # OUT_DIR: all old or all new (files.py)
+    with replaced_folder(out_dir, "the merged model", replace=args.force) as writing_dir:  # OUT_DIR: all old or all new (files.py)
         model.save_pretrained(writing_dir)
         save_tokenizer_if_any(model, args.model, writing_dir)
     print(f"Merged {layers} LoRA layers into the base model and saved it to {out_dir}.")
@@ -182,6 +184,10 @@ def check_merge_out_dir(out_dir: str, args: argparse.Namespace) -> None:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to replace it (its files are removed once the merged model is complete).")
     target = os.path.realpath(out_dir)
+    if os.path.isdir(target) and (os.path.ismount(target) or os.stat(target).st_dev != os.stat(os.path.dirname(target)).st_dev):
+        raise MiniLoraError(f"OUT_DIR {out_dir!r} is a mount point: the merged model is written next to it and then "
+                            "renamed into its place, which a mount point cannot take. Pass a folder inside it, e.g. "
+                            f"{os.path.join(out_dir, 'merged')!r}.")
     for what, path in (("ADAPTER_DIR", args.adapter_dir), ("--model", args.model), ("the current directory", ".")):
         if path is not None and os.path.exists(path) and _inside(os.path.realpath(path), target):
             raise MiniLoraError(f"OUT_DIR {out_dir!r} holds {what} {path!r}, and merging replaces OUT_DIR with all it "

@@ -212,15 +212,17 @@ def _sibling(path: Path, suffix: str) -> Path:
 
 
 @contextlib.contextmanager
-def replaced_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
+def replaced_folder(path: str | os.PathLike, what: str, replace: bool) -> Iterator[Path]:
     """Yield a new, empty temporary folder next to ``path`` to write ``what`` into; once the block ends
     without an error, that folder takes ``path``'s place whole. After a crash or an error at any instant,
     ``path`` holds its old contents or the new ones, never a mix (a new config.json next to old weights
     loads as neither model):
 
     1. the block writes into ``.NAME.PID.RANDOM.minilora-tmp``; its files are flushed to disk;
-    2. an existing ``path`` (empty or not) is renamed aside, to ``.NAME.PID.RANDOM.minilora-old``;
-    3. the new folder is renamed to ``path``;
+    2. with ``replace``, an existing ``path`` (empty or not) is renamed aside, to
+       ``.NAME.PID.RANDOM.minilora-old``; without, nothing is (``path`` must be absent or empty);
+    3. the new folder is renamed to ``path`` (onto an empty folder, which POSIX's rename replaces; one
+       that something wrote into meanwhile makes it fail, and its files are kept: a MiniLoraError);
     4. the old one is removed.
 
     An error in 1 or 2 leaves ``path`` as it was; in 3, the old folder is renamed back, and if even that
@@ -245,16 +247,25 @@ def replaced_folder(path: str | os.PathLike, what: str) -> Iterator[Path]:
         if isinstance(error, OSError):
             raise MiniLoraError(f"Could not write {what} to {path}: {error}. {write_error_hint(error)}") from error
         raise
-    old = _sibling(path, OLD_SUFFIX) if path.is_dir() else None
+    old = _sibling(path, OLD_SUFFIX) if replace and path.is_dir() else None
     try:
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # the folder keeps its permissions, where they can be copied
+                os.chmod(temp, path.stat().st_mode & 0o7777)
         if old is not None:
             os.rename(path, old)
         os.rename(temp, path)  # (fails, rather than mixing, if a folder with files appeared at ``path`` meanwhile)
     except BaseException as error:
         if old is not None and old.exists() and not _renamed(old, path):
-            raise MiniLoraError(f"Could not move {what} into {path}: {error}. {path} is now absent: its old contents "
-                                f"are in {old}, and {what} is in {temp}. Rename one of them to {path}.") from error
+            now = (f"{path} now holds a folder that another process put there" if path.exists()
+                   else f"{path} is now absent")
+            raise MiniLoraError(f"Could not move {what} into {path}: {error}. {now}: its old contents are in {old}, "
+                                f"and {what} is in {temp}. Rename one of them to {path}.") from error
         shutil.rmtree(temp, ignore_errors=True)
+        if not replace and isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise MiniLoraError(f"{path} was empty when this began, and files were written into it meanwhile: they "
+                                f"are kept, and {what} was not saved. Pass a new directory (or --force to replace "
+                                "it).") from error
         if isinstance(error, OSError):
             raise MiniLoraError(f"Could not move {what} into {path}: {error}. {write_error_hint(error)}") from error
         raise

@@ -174,11 +174,12 @@ def test_merge_peft_adapter_gives_peft_outputs(capsys, tiny_dir, tmp_path):
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_merge_resizes_the_vocabulary_to_the_adapters(capsys, tiny_dir, tmp_path, tied):
+@pytest.mark.parametrize("tied, old_transformers", [(True, False), (False, False), (True, True)])
+def test_merge_resizes_the_vocabulary_to_the_adapters(capsys, monkeypatch, tiny_dir, tmp_path, tied, old_transformers):
     """An adapter trained after resize_token_embeddings (PEFT saves the embedding layers whole): the
     command resizes the base model as a Python user would before loading, and the merged model gives
-    PEFT's outputs, on the new tokens too. (Before, the shapes were refused.)"""
+    PEFT's outputs, on the new tokens too. (Before, the shapes were refused.) ``old_transformers``: a
+    resize_token_embeddings without the mean_resizing keyword (transformers < 4.46)."""
     import peft
 
     source = tmp_path / "base"
@@ -196,6 +197,9 @@ def test_merge_resizes_the_vocabulary_to_the_adapters(capsys, tiny_dir, tmp_path
     with torch.no_grad():
         peft_logits = peft_model(tokens).logits
 
+    if old_transformers:
+        real = GPT2LMHeadModel.resize_token_embeddings
+        monkeypatch.setattr(GPT2LMHeadModel, "resize_token_embeddings", lambda self, new_num_tokens: real(self, new_num_tokens))
     status, _, err = run(capsys, "merge", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--model", str(source))
     assert status == 0, err
     assert "resizing the base model's vocabulary 101 -> 110" in err

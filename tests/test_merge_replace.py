@@ -225,3 +225,57 @@ def test_force_through_a_symlink_replaces_the_folder_it_points_to(setup):
     assert setup.out.is_symlink() and os.readlink(setup.out) == str(target)
     assert setup.holds(target) == "new"
     assert sorted(os.listdir(setup.root)) == sorted([*setup.listing, "target"])
+
+
+def test_without_force_files_written_into_the_empty_out_dir_meanwhile_are_kept(setup, monkeypatch, capsys):
+    """OUT_DIR was empty when the merge began (so no --force), and another program wrote into it while the
+    model was merged: the merge refuses at the swap and OUT_DIR keeps that file; nothing is deleted."""
+    shutil.rmtree(setup.out)
+    setup.out.mkdir()
+    real = transformers.PreTrainedModel.save_pretrained
+
+    def with_a_writer_meanwhile(self, directory, *args, **kwargs):
+        (setup.out / "written-meanwhile.txt").write_text("someone else's")
+        return real(self, directory, *args, **kwargs)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", with_a_writer_meanwhile)
+    assert setup.merge("new", force=False) == cli.ERROR_EXIT
+    monkeypatch.undo()
+    assert "files were written into it meanwhile: they are kept" in capsys.readouterr().err
+    assert sorted(os.listdir(setup.out)) == ["written-meanwhile.txt"]
+    assert sorted(os.listdir(setup.root)) == setup.listing  # the merged model's temporary folder removed
+
+
+def test_an_undo_that_fails_because_another_folder_took_the_place_says_so(setup, monkeypatch, capsys):
+    """The merged model cannot be renamed in and the old folder cannot go back because another process put
+    a folder at OUT_DIR meanwhile: the message must not say OUT_DIR is absent."""
+    real = os.rename
+
+    def another_process_wins(source, target, *args, **kwargs):
+        if Path(source).name.endswith(TEMP_SUFFIX):  # the merged model's rename into OUT_DIR
+            Path(target).mkdir()
+            (Path(target) / "theirs.txt").write_text("another merge")
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(target))
+        return real(source, target, *args, **kwargs)
+    monkeypatch.setattr(os, "rename", another_process_wins)
+    assert setup.merge("new") == cli.ERROR_EXIT
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "now holds a folder that another process put there" in err and "is now absent" not in err, err
+    assert sorted(os.listdir(setup.out)) == ["theirs.txt"]
+    assert setup.holds(next(setup.root.glob(f".out.*{OLD_SUFFIX}"))) == "old"
+
+
+def test_a_mount_point_out_dir_is_refused_before_loading(setup, monkeypatch, capsys):
+    """A mount point cannot be renamed: refused before the model is loaded, with a folder inside it offered."""
+    target = os.path.realpath(setup.out)
+    monkeypatch.setattr(os.path, "ismount", lambda path: os.path.realpath(path) == target)
+    monkeypatch.setattr(cli, "open_model", lambda *args: pytest.fail("loaded the model before refusing"))
+    assert setup.merge("new") == cli.ERROR_EXIT
+    assert "is a mount point" in capsys.readouterr().err
+    assert setup.holds(setup.out) == "old"
+
+
+def test_the_replaced_folder_keeps_its_permissions(setup):
+    os.chmod(setup.out, 0o750)
+    assert setup.merge("new") == 0
+    assert setup.out.stat().st_mode & 0o7777 == 0o750
