@@ -207,6 +207,15 @@ REPLAYS = {
         "gemma3", "base", dict(target_modules="all-linear", r=8, modules_to_save=["rotary_emb"], inference_mode=True),
         second=dict(target_modules=["q_proj"], r=4), ops=dict(extra="get_layer_status"), seed=13),
         START + SECOND[:5] + [("get_layer_status", EQUAL), ("get_model_status", EQUAL)]),
+    # --examples 80 --seed 61, #3: add_weighted_adapter of "default" and the adapter loaded from the files: PEFT's new
+    # modules start in train mode (as add_adapter's), minilora's followed the model's eval mode
+    "add-weighted-adapter-modes": (Scenario(
+        "stablelm", "lm", dict(target_modules=["o_proj"], exclude_modules=["k_proj"], r=8, lora_alpha=8,
+                               init_lora_weights="gaussian", lora_dropout=0.1, bias="none", task_type="CAUSAL_LM"),
+        ops=dict(train_forward=True, disable=True, files=True, extra="add_weighted_adapter"), seed=3),
+        START + [("forward train", EQUAL), ("disable_adapter", EQUAL), ("after disable_adapter", EQUAL)] + LOADED
+        + [("add_weighted_adapter", RAN), ("after add_weighted_adapter", EQUAL), ("add_weighted_adapter values", EQUAL),
+           ("forward (mix)", EQUAL)]),
     "lm-head-base-weight-after-merge": (Scenario(
         "stablelm", "lm", dict(target_modules=["o_proj", "lm_head", "self_attn.o_proj"], exclude_modules=["up_proj"],
                                layers_to_transform=0, r=4, lora_alpha=16, init_lora_weights=False, lora_dropout=0.1,
