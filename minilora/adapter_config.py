@@ -26,6 +26,8 @@ from .inject import lora_layers
 from .targets import resolve_target_modules
 
 CONFIG_NAME = "adapter_config.json"
+# Read no more of a config file than this: PEFT's largest (every target module named) is a few MB
+MAX_CONFIG_BYTES = 64 * 2**20
 
 # The fields minilora uses, ...
 HONOURED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out", "bias", "use_rslora",
@@ -218,9 +220,15 @@ def read_json_fields(path: Path) -> dict[str, Any]:
     if path.exists():
         check_regular_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)  # (bounded: a file that is huge, or grows while it is read)
     except OSError as error:
         raise MiniLoraError(f"{path} could not be read ({error}).") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MiniLoraError(f"{path} holds more than {MAX_CONFIG_BYTES // 2**20} MiB; an adapter config is a few "
+                            "kilobytes, so this file is not one. Save the adapter again.")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise MiniLoraError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the adapter again.") \
             from None
