@@ -78,7 +78,7 @@ from .inject import adapter_configs, inject, lora_layers, set_adapter_config
 from .mixed import mixed_batch
 from .params import count_parameters, trainable_parameters_line
 from .saved_modules import ModulesToSave as ModulesToSaveWrapper  # PEFT's name, for isinstance checks
-from .saved_modules import saved_modules
+from .saved_modules import is_saved_module_key, saved_modules
 # TASK_MODELS, add_task_head and check_head_not_targeted are imported from compat_tasks.py inside the functions that
 # use them: that file subclasses PeftModel, so it imports this one (see __getattr__ at the end).
 
@@ -372,12 +372,17 @@ class PeftModel(nn.Module):
         requires_grad is left so); with bias="all" on an active adapter the biases too (PEFT switches every
         bias on before it copies). A new wrapper's copies are frozen (PEFT sets that wrapper's adapter)."""
         bias_all = any(self.peft_config[name].bias == "all" for name in self.active_adapters)
+        # PEFT freezes every parameter outside the wrappers before it copies: an original's parameter shared with
+        # one outside (BERT's decoder.bias is cls.predictions.bias, listed under that name) is copied frozen
+        outside = {id(param) for name, param in self.get_base_model().named_parameters()
+                   if not is_saved_module_key(name)}
         for _, wrapper in saved_modules(self.get_base_model()):
             if adapter_name in wrapper.modules_to_save and len(wrapper.modules_to_save) > 1 \
                     and adapter_name not in wrapper.active_adapters:
                 originals = dict(wrapper.original_module.named_parameters())
                 for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
-                    param.requires_grad_(originals[name].requires_grad or (
+                    original = originals[name]
+                    param.requires_grad_((original.requires_grad and id(original) not in outside) or (
                         bias_all and (name == "bias" or name.endswith(".bias"))))
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

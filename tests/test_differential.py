@@ -216,6 +216,13 @@ REPLAYS = {
         START + [("forward train", EQUAL), ("disable_adapter", EQUAL), ("after disable_adapter", EQUAL)] + LOADED
         + [("add_weighted_adapter", RAN), ("after add_weighted_adapter", EQUAL), ("add_weighted_adapter values", EQUAL),
            ("forward (mix)", EQUAL)]),
+    # --examples 80 --seed 62, #73: load_adapter (inference) of an adapter with a copy of BERT's decoder, whose bias
+    # is cls.predictions.bias (bias="all" trains it): PEFT freezes every parameter outside the wrappers before it
+    # copies the original, so its new copy's bias is frozen; minilora's took the shared bias's requires_grad
+    "new-copy-of-a-shared-bias": (Scenario("bert", "lm", dict(target_modules=["output.dense"], r=2, bias="all"),
+                                           second=dict(r=4, modules_to_save=["decoder"]), ops=dict(files=True),
+                                           seed=73),
+                                  START + SECOND[:5] + LOADED),
     "lm-head-base-weight-after-merge": (Scenario(
         "stablelm", "lm", dict(target_modules=["o_proj", "lm_head", "self_attn.o_proj"], exclude_modules=["up_proj"],
                                layers_to_transform=0, r=4, lora_alpha=16, init_lora_weights=False, lora_dropout=0.1,
