@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
+from pathlib import Path
 
 from .config import LoraConfig, MiniLoraError
 from .files import check_writable, replaced_folder, write_problem
@@ -69,10 +69,11 @@ def check_adapter_dir(path: str) -> None:
 
 def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
     """Say so when the adapter names a base model other than the one we are about to use."""
-    try:
-        with open(os.path.join(adapter_dir, "adapter_config.json")) as file:
-            base = json.load(file).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError, RecursionError):
+    from .adapter_config import read_json_fields
+
+    try:  # (a bounded read: a config of gigabytes is load_adapter's to refuse, not a MemoryError here)
+        base = read_json_fields(Path(adapter_dir, "adapter_config.json")).get("base_model_name_or_path")
+    except MiniLoraError:
         return  # load_adapter reports a broken config with the details
     if base and model_arg is None and base not in (DEFAULT_MODEL,):
         progress(f"warning: the adapter was saved from base model {base!r}, but --model is not given: using "

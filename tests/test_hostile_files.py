@@ -600,6 +600,24 @@ def test_cli_on_hostile_files(case, command, good, tiny_model_dir, tmp_path, cap
     assert files_state(tmp_path) == before, "the command wrote something"
 
 
+@pytest.mark.parametrize("command", ["merge", "diff"])
+def test_cli_on_a_config_of_64_gib(command, good, tiny_model_dir, tmp_path, capsys):
+    """A sparse 64 GiB adapter_config.json (nothing on disk; not in the corpus, whose checks read every file):
+    one error line from load_adapter's bounded read, not a MemoryError from the command reading it whole
+    first (for its note about the adapter's base model)."""
+    from minilora import cli
+
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    os.truncate(directory / CONFIG_NAME, 64 * 2**30)
+    argv = [command, str(directory), *([str(tmp_path / "merged")] if command == "merge" else []),
+            "--model", str(tiny_model_dir)]
+    assert cli.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minilora: error:")]
+    assert len(errors) == 1 and "holds more than 64 MiB" in errors[0]
+    assert not (tmp_path / "merged").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # State dicts handed to set_peft_model_state_dict
 # --------------------------------------------------------------------------------------------
