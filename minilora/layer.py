@@ -275,17 +275,24 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                 self.lora_B[name].requires_grad_(False)
         self.disabled = not enabled
 
+    def active_after_delete(self, adapter_name: str) -> list[str]:
+        """The active adapters once ``adapter_name`` is deleted: the others, or (none left) the first
+        remaining name in sorted order, as in PEFT."""
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        if adapter_name in self.active_adapters and not remaining:
+            remaining = sorted(name for name in self.lora_A if name != adapter_name)[:1]
+        return remaining
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's A, B, dropout and numbers. If it was active, the others stay active,
         or (none left) the first remaining name in sorted order becomes active, as in PEFT."""
+        remaining = self.active_after_delete(adapter_name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
                       self.lora_bias):
             if adapter_name in table:
                 del table[adapter_name]
         if adapter_name in self.active_adapters:
-            remaining = [name for name in self.active_adapters if name != adapter_name]
-            if not remaining and self.lora_A:
-                remaining = sorted(self.lora_A)[:1]
+            if remaining and remaining[0] not in self.active_adapters:
                 warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
                               f"{remaining[0]}.", stacklevel=2)
             self.set_adapter(remaining)

@@ -32,8 +32,8 @@ from .config import LoraConfig, MiniLoraError
 from .inject import (CONFIGS_ATTRIBUTE, DEFAULT_ADAPTER, _replace_module, adapter_configs, build_adapter,
                      check_adapter_name, require_lora_layers, set_adapter_config)
 from .layer import LoraLinear, check_autocast_adapter_dtype
-from .saved_modules import (delete_saved_copies, find_modules_to_save, saved_modules, set_saved_modules_adapter,
-                            wrap_modules_to_save)
+from .saved_modules import (check_can_delete_copies, delete_saved_copies, find_modules_to_save, saved_modules,
+                            set_saved_modules_adapter, wrap_modules_to_save)
 from .targets import find_targets
 
 if TYPE_CHECKING:
@@ -165,9 +165,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if merged:
         raise MiniLoraError(f"Cannot delete adapter {adapter_name!r} while it is merged (e.g. in {merged[0]!r}): "
                             "W0 holds its dW. Call minilora.unmerge(model) first.")
+    new_active = layers[0][1].active_after_delete(adapter_name)  # (PEFT: the first LoRA layer's choice)
+    check_can_delete_copies(model, adapter_name, new_active)
     for _, layer in layers:
         layer.delete_adapter(adapter_name)
-    delete_saved_copies(model, adapter_name, list(layers[0][1].active_adapters))
+    delete_saved_copies(model, adapter_name, new_active)
     getattr(model, CONFIGS_ATTRIBUTE).pop(adapter_name)
 
 

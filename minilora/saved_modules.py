@@ -72,14 +72,17 @@ class ModulesToSave(nn.Module):
 
     def set_adapter(self, adapter_names: list[str], inference_mode: bool = False) -> None:
         """Of ``adapter_names``, the one with a copy here becomes active and trains (unless
-        ``inference_mode``); the other copies are frozen. None of them: the original runs.
+        ``inference_mode``); the copy that was active is frozen. None of them: the original runs.
+
+        The other copies keep their requires_grad, as in PEFT's ``ModulesToSaveWrapper.set_adapter``
+        (with bias="all" an inactive copy's bias may train: PEFT leaves it so).
 
         Raises:
             MiniLoraError: if two of them have a copy here (PEFT: only one can be active at a time).
         """
         here = self.copies_among(adapter_names)
-        for module in self.modules_to_save.values():
-            module.requires_grad_(False)
+        for name in self.active_adapters:
+            self.modules_to_save[name].requires_grad_(False)
         if here:
             self.modules_to_save[here[0]].requires_grad_(not inference_mode)
         self.active_adapters = here
@@ -252,22 +255,45 @@ def mark_saved_modules_trainable(model: nn.Module) -> None:
     """Trainable active copies, frozen originals and other copies (after the rest of the model was frozen)."""
     for _, wrapper in saved_modules(model):
         wrapper.original_module.requires_grad_(False)  # (bias="all" switched its bias on with every other bias)
-        wrapper.set_adapter(wrapper.active_adapters)
+        for name, trained in wrapper.modules_to_save.items():
+            trained.requires_grad_(name in wrapper.active_adapters)
+
+
+def check_can_delete_copies(model: nn.Module, adapter_name: str, new_active: list[str]) -> None:
+    """Raise MiniLoraError, before anything changes, where PEFT's ``ModulesToSaveWrapper.delete_adapter``
+    fails: a wrapper holds a copy of ``adapter_name`` and ``new_active`` (the adapters the first LoRA
+    layer will keep active) names several adapters (PEFT's ValueError), or names first an adapter with a
+    copy there while that wrapper runs no copy (PEFT reads ``active_adapters[0]`` of an empty list)."""
+    for name, wrapper in saved_modules(model):
+        if adapter_name not in wrapper.modules_to_save:
+            continue
+        if len(new_active) > 1:
+            raise MiniLoraError(f"Attempted to set multiple ({new_active}) adapters at once for ModulesToSaveWrapper, "
+                                f"which is not allowed (PEFT's words): deleting {adapter_name!r} leaves {new_active} "
+                                f"active, and {name!r} holds a copy of {adapter_name!r} in modules_to_save, which "
+                                "runs one copy at a time. set_adapter to a single adapter first, then delete.")
+        if new_active and new_active[0] in wrapper.modules_to_save and not wrapper.active_adapters:
+            raise MiniLoraError(f"Deleting {adapter_name!r} would switch {name!r} (modules_to_save) to the copy of "
+                                f"{new_active[0]!r} while it runs no copy now, where PEFT fails (an IndexError in "
+                                f"ModulesToSaveWrapper.delete_adapter). Call set_adapter({new_active[0]!r}) first, "
+                                "then delete.")
 
 
 def delete_saved_copies(model: nn.Module, adapter_name: str, new_active: list[str]) -> None:
     """Drop ``adapter_name``'s copies, as PEFT's ``ModulesToSaveWrapper.delete_adapter``: a wrapper with
-    such a copy then runs the copy of ``new_active[0]`` (the first adapter the first LoRA layer kept active)
-    if it has one, else its original. A wrapper without such a copy is left as it is, even if it runs
+    such a copy then runs the copy of ``new_active`` (the one adapter the first LoRA layer kept active;
+    ``check_can_delete_copies`` refuses several) if it has one, else its original. A wrapper without such a copy is left as it is, even if it runs
     no copy because the deleted adapter was the active one (PEFT's rule: ``set_adapter`` again to switch
     it to a remaining adapter's copy). A wrapper left without copies stays (the model's keys stay PEFT's)."""
     for _, wrapper in saved_modules(model):
         if adapter_name not in wrapper.modules_to_save:
             continue
-        wrapper.delete(adapter_name)
-        new = new_active[:1] if new_active and new_active[0] in wrapper.modules_to_save else []
-        if new != wrapper.active_adapters:  # (PEFT calls set_adapter only for another copy)
+        new = new_active if new_active and new_active[0] in wrapper.modules_to_save else []
+        if new and new != wrapper.active_adapters:  # (PEFT calls set_adapter only for another copy)
             wrapper.set_adapter(new)
+        elif not new:
+            wrapper.active_adapters = []  # (no copy runs; PEFT leaves every requires_grad as it was)
+        wrapper.delete(adapter_name)
 
 
 def unwrap_saved_modules(model: nn.Module, keep: str) -> None:

@@ -695,3 +695,71 @@ def test_a_second_adapters_modules_to_save_holding_the_firsts_is_refused_before_
                                             r"classifier', a module another adapter trains in full"):
         mini.add_adapter("other", compat.LoraConfig(**second))
     check()
+
+
+def _three_copies(library, model, second=("ln_f",)):
+    """Adapters "b" (modules_to_save ``second``), "c" (ln_f) and "n" (none) added to ``model``."""
+    model.add_adapter("b", library.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=list(second)))
+    model.add_adapter("c", library.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"]))
+    model.add_adapter("n", library.LoraConfig(r=2, target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize("calls", [[("set_adapter", "b")], [("set_adapter", "default")],
+                                   [("set_adapter", "c"), ("delete_adapter", "c")],
+                                   [("set_adapter", "b"), ("disable_adapter_layers",), ("enable_adapter_layers",)],
+                                   [("set_adapter", "n"), ("set_adapter", "b"), ("delete_adapter", "default")]])
+def test_modules_to_save_copies_of_other_adapters_keep_their_requires_grad_as_peft(calls):
+    """Review finding: PEFT's ModulesToSaveWrapper.set_adapter (and delete_adapter through it) freezes only the copy
+    that was active, so with bias="all" on "default" the bias of "c"'s copy of ln_f, switched on with every bias
+    when "c" was added, still trains after set_adapter("b"). minilora froze every copy, so the trainable parameters
+    (and training) differed. requires_grad of every parameter and each wrapper's active copy, after every call."""
+    _, mini, twin = _both("gpt2", "lm", dict(r=2, target_modules=["c_attn"], bias="all", modules_to_save=["ln_f"]))
+    states = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            _three_copies(library, model, second=("ln_f", "wpe"))
+            steps = []
+            for name, *args in calls:
+                getattr(model.base_model if name.endswith("_layers") else model, name)(*args)
+                steps.append(({name: p.requires_grad for name, p in model.named_parameters()},
+                              {name: list(module.active_adapters) for name, module in model.named_modules()
+                               if hasattr(module, "original_module")}))
+            states.append(steps)
+    if calls == [("set_adapter", "b")]:
+        assert states[1][0][0]["base_model.model.transformer.ln_f.modules_to_save.c.bias"] is True  # the case found
+    assert states[0] == states[1]
+
+
+def test_delete_adapter_where_pefts_modules_to_save_wrapper_fails_is_refused_before_anything_changes(unchanged):
+    """PEFT's ModulesToSaveWrapper.delete_adapter raises a ValueError when the deleted adapter has a copy there and
+    several adapters stay active (its LoRA layers are changed by then), and an IndexError when it must switch to a
+    copy while it runs none. minilora kept the first of the active adapters and switched; now a MiniLoraError,
+    raised before any change."""
+    def build(library):
+        _, mini, twin = _both("gpt2", "lm", dict(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"]))
+        model = mini if library is compat else twin
+        _three_copies(library, model, second=())
+        return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for library in (peft, compat):
+            model = build(library)
+            model.base_model.set_adapter(["default", "n"])
+            check = unchanged(model)
+            with pytest.raises(MiniLoraError if library is compat else ValueError,
+                               match=r"Attempted to set multiple \(\['default', 'n'\]\) adapters at once"):
+                model.delete_adapter("c")
+            if library is compat:
+                check()
+            model = build(library)
+            model.set_adapter("b")  # ln_f runs no copy ("b" has none); deleting "b" makes "c" active
+            model.delete_adapter("b")
+            assert model.active_adapters == ["c"]
+            check = unchanged(model)
+            with pytest.raises(MiniLoraError if library is compat else IndexError,
+                               match=r"set_adapter\('c'\) first" if library is compat else "out of range"):
+                model.delete_adapter("default")
+            if library is compat:
+                check()
