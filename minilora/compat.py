@@ -66,7 +66,8 @@ from . import adapters, multi
 from .adapter_config import config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
-from .compat_loading import (check_flag, check_given_config, check_load_options, drawing_nothing, draw_like_peft_rewrap,
+from .compat_loading import (check_flag, check_given_config, check_load_options, check_task_head_saved, drawing_nothing,
+                             draw_like_peft_rewrap,
                              freeze_for_inference, keep_pefts_config, leave_new_layers_in_train_mode,
                              load_into_existing_adapter, pefts_config, read_files, resolve_adapter_source)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
@@ -458,7 +459,8 @@ class PeftModel(nn.Module):
                         **kwargs: Any) -> "PeftModel":
         """Load the adapter ``model_id`` (a directory saved by minilora or PEFT, or a Hugging Face hub id,
         with PEFT's ``subfolder=`` and ``revision=``) into ``model``: a ``PeftModel`` (the task's
-        subclass by the adapter's task_type, as PEFT).
+        subclass by the task_type of ``config`` if given, else of the adapter's file, whatever class
+        this is called on, as PEFT).
 
         ``model`` may be a base model (injected with the adapter's config), or one that has matching
         LoRA layers already, e.g. from ``get_peft_model``: its layers get the trained weights (a new
@@ -481,9 +483,12 @@ class PeftModel(nn.Module):
             check_given_config(config, saved, directory)
         from .compat_tasks import TASK_MODELS
 
-        task_class = TASK_MODELS.get(_task(peft_config)) if cls is PeftModel else None  # (PEFT's field)
+        # PEFT's class is the one of the task_type of the config it loads with: the caller's config= if given, else
+        # the file's; ``cls`` only where that task has no class of its own (peft_model.py, PeftModel.from_pretrained)
+        task_class = TASK_MODELS.get(_task(config if config is not None else peft_config), cls)
         if wrapper is None:
-            (task_class or cls)._check_task_fits(inner)
+            task_class._check_task_fits(inner)
+            check_task_head_saved(inner, task_class, saved, directory)
         had_layers = any(True for _ in lora_layers(inner))
         existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
         if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
@@ -507,7 +512,7 @@ class PeftModel(nn.Module):
         else:
             keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
         if wrapper is None:
-            wrapper = (task_class or cls)._wrapping(inner)
+            wrapper = task_class._wrapping(inner)
         if not is_trainable:
             wrapper.eval()
         return wrapper

@@ -199,6 +199,20 @@ def read_files(model: nn.Module, directory: Path) -> adapters.AdapterFiles:
     return adapters.read_adapter_files(directory, adapters._device_of(model))
 
 
+def check_task_head_saved(model: nn.Module, task_class: type, saved: LoraConfig, directory: Path) -> None:
+    """A task class with a head (PeftModelForSequenceClassification: ``classifier`` / ``score``, ...) adds
+    it to modules_to_save before loading, in PEFT, and then fails (a KeyError) where the file holds no
+    saved copy of it: refused here, before anything changes."""
+    saved_names = saved.modules_to_save or []
+    missing = [name for name, _ in model.named_modules() if any(name.endswith(head) for head in task_class.TASK_HEADS)
+               and not any(name.endswith(kept) for kept in saved_names)]
+    if missing:
+        raise MiniLoraError(f"{task_class.__name__} trains and loads the task head {missing[0]!r} (modules_to_save), "
+                            f"but {directory} saved no copy of it (its modules_to_save: {saved_names}); PEFT fails "
+                            "here (a KeyError). Load with PeftModel.from_pretrained and no config=, or a config= "
+                            "whose task_type matches the saved adapter's.")
+
+
 def check_given_config(config: Any, saved: Any, directory: Path) -> None:
     """``from_pretrained(config=...)`` must describe the saved adapter: minilora loads strictly. (Its
     init_lora_weights must agree too: PEFT builds the adapter with it before loading, and that draws

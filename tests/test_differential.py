@@ -763,3 +763,59 @@ def test_delete_adapter_where_pefts_modules_to_save_wrapper_fails_is_refused_bef
                 model.delete_adapter("default")
             if library is compat:
                 check()
+
+
+def _saved(head, task, tmp_path):
+    """(base, directory of a PEFT adapter on llama ``head`` saved with ``task``)."""
+    base, _, twin = _both("llama", head, dict(r=2, target_modules=["q_proj"], task_type=task))
+    twin.save_pretrained(tmp_path / f"{head}-{task}")
+    return base, tmp_path / f"{head}-{task}"
+
+
+@pytest.mark.parametrize("head, task, cls, given", [
+    ("lm", "CAUSAL_LM", "PeftModelForSequenceClassification", None),
+    ("lm", "CAUSAL_LM", "PeftModelForFeatureExtraction", None),
+    ("seq_cls", "SEQ_CLS", "PeftModelForCausalLM", None),
+    ("seq_cls", "SEQ_CLS", "PeftModelForFeatureExtraction", None),
+    ("lm", "CAUSAL_LM", "PeftModel", "FEATURE_EXTRACTION"),
+    ("lm", "CAUSAL_LM", "PeftModelForSequenceClassification", "FEATURE_EXTRACTION"),
+    ("lm", None, "PeftModel", "CAUSAL_LM"),
+    ("seq_cls", None, "PeftModel", "FEATURE_EXTRACTION"),
+    ("seq_cls", None, "PeftModelForFeatureExtraction", None)])
+def test_from_pretrained_builds_the_class_of_the_task_type_it_loads_with_as_peft(head, task, cls, given, tmp_path):
+    """Review finding B: PEFT's from_pretrained picks the class of the task_type of the config it loads with, the
+    caller's config= if given (else the file's), whatever class it is called on (cls only where that task has no
+    class). minilora used the file's task_type, and only on PeftModel. The class and the outputs (bitwise)."""
+    base, directory = _saved(head, task, tmp_path)
+    inputs = differential.model_inputs(ARCHITECTURES["llama"], head)
+    loaded = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for library in (compat, peft):
+            extra = {} if given is None else {"config": library.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                           task_type=given)}
+            loaded.append(getattr(library, cls).from_pretrained(copy.deepcopy(base), directory, **extra))
+    assert type(loaded[0]).__name__ == type(loaded[1]).__name__
+    if cls != "PeftModel" and (task or given):
+        assert type(loaded[1]).__name__ != cls  # the case found: the class called on is not the one PEFT builds
+    differential.compare_forward("forward after from_pretrained", loaded[0], loaded[1], inputs)
+
+
+@pytest.mark.parametrize("cls, given", [("PeftModelForSequenceClassification", None), ("PeftModel", "SEQ_CLS")])
+def test_from_pretrained_as_a_task_with_a_head_the_files_do_not_hold_is_refused_before_anything_changes(
+        cls, given, tmp_path, unchanged):
+    """A classifier's adapter saved without task_type (so without its head): loaded as SEQ_CLS (the class, or a
+    config= with that task_type), PEFT adds the head to modules_to_save and fails with a KeyError on the missing
+    weights. minilora built the class; now a MiniLoraError, before any change."""
+    base, directory = _saved("seq_cls", None, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for library, error in ((peft, KeyError), (compat, MiniLoraError)):
+            extra = {} if given is None else {"config": library.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                           task_type=given)}
+            model = copy.deepcopy(base)
+            check = unchanged(model)
+            with pytest.raises(error, match="score"):
+                getattr(library, cls).from_pretrained(model, directory, **extra)
+            if library is compat:
+                check()
