@@ -297,7 +297,7 @@ def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], 
 
 
 def other_layers_biases(model: nn.Module, renamed: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
-                        lora_targets: Sequence[str]) -> None:
+                        lora_targets: Sequence[str], bias: str) -> None:
     """The biases of *other* adapters' layers that PEFT's file of a bias="lora_only" or "all" adapter
     holds: PEFT saves the bias of every LoRA layer (``<layer>.base_layer.bias``), and with "all" of every
     saved module's original (``<module>.original_module.bias``), whichever adapter wrapped it. Where
@@ -305,8 +305,11 @@ def other_layers_biases(model: nn.Module, renamed: dict[str, torch.Tensor], shap
     (the key joins ``shapes``). Where the layer is a plain one, PEFT's loader ignores the key and keeps the
     model's bias, which loses a bias trained beside the other adapter (README, "Where minilora differs from
     PEFT on purpose"); minilora loads it into the plain layer's ``<layer>.bias``: the saved model. (An
-    untrained bias equals the model's own: then both give the same model.)
+    untrained bias equals the model's own: then both give the same model.) A bias="none" file holds no such
+    keys: there they stay unexpected (check_tensors refuses them).
     """
+    if bias == "none":
+        return
     state = model.state_dict()
     ours = {f"{name}.base_layer.bias" for name in lora_targets}
     wrapped = re.compile(r"\.(base_layer|original_module)\.")

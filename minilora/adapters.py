@@ -364,7 +364,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
-    other_layers_biases(model, renamed, shapes, lora_targets)
+    other_layers_biases(model, renamed, shapes, lora_targets, config.bias if config is not None else "none")
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and not isinstance(source, Mapping):
         try:

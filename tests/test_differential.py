@@ -819,3 +819,21 @@ def test_from_pretrained_as_a_task_with_a_head_the_files_do_not_hold_is_refused_
                 getattr(library, cls).from_pretrained(model, directory, **extra)
             if library is compat:
                 check()
+
+
+def test_another_layers_bias_in_a_bias_none_file_is_still_refused(tmp_path, unchanged):
+    """Only bias="lora_only" / "all" files hold other layers' biases (PEFT's save); in a bias="none" file such a key
+    was not written by PEFT and stays an unexpected key, refused before any change."""
+    from safetensors.torch import load_file, save_file
+
+    base, _, twin = _both("qwen2", "seq_cls", dict(target_modules=["down_proj"], r=1))
+    twin.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.base_layer.bias"] = \
+        base.model.layers[0].self_attn.k_proj.bias.detach().clone()
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    model = copy.deepcopy(base)
+    check = unchanged(model)
+    with pytest.raises(MiniLoraError, match=r"unexpected keys \[model.layers.0.self_attn.k_proj.base_layer.bias\]"):
+        compat.PeftModel.from_pretrained(model, tmp_path)
+    check()
