@@ -11,8 +11,9 @@ much. Then a MiniLoraError.
 
 The time bound covers matching, not compiling: ``regex`` unrolls counted repeats when it compiles, so
 ``a{1000000000}`` would take tens of gigabytes before the first match. A pattern that unrolls to more
-than ``MAX_PATTERN_SIZE`` positions (``_unrolled_size``, measured on ``re``'s parse of it) is refused
-before it is compiled.
+than ``MAX_PATTERN_SIZE`` positions (``_unrolled_size``, measured on ``re``'s parse of it) and more
+than ``BLOWUP`` times its own length is refused before it is compiled; so is any pattern of more than
+``MAX_PLAIN_SIZE`` positions. A long plain regex (a full-name alternation over an MoE's experts) reads.
 
 Validity is still judged by ``re`` (``compile_error``, also before each match), so a pattern PEFT
 rejects is rejected here too.
@@ -32,9 +33,15 @@ import regex
 from .config import MiniLoraError
 
 MATCH_SECONDS = 2.0
-# Positions a pattern may unroll to: about 26 MB compiled, and 5 times a regex that lists every linear
-# module of an 80-layer model by its full name (~20,000 characters)
+# Positions a pattern that repeats may unroll to: about 26 MB compiled, and 5 times a regex that lists every
+# linear module of an 80-layer model by its full name (~20,000 characters)
 MAX_PATTERN_SIZE = 100_000
+# A pattern unrolling to at most BLOWUP positions per character repeats little (a plain one, literals and
+# alternatives, unrolls to at most its length): it may reach MAX_PLAIN_SIZE positions (and as many characters),
+# about 700 MB and 20 s to compile (measured: 340 bytes, ~10 us a position), 1.6 times a regex naming every expert
+# projection of a 61-layer, 256-expert MoE by full name (2.2 million characters, 1.25 million positions)
+BLOWUP = 4
+MAX_PLAIN_SIZE = 2_000_000
 
 try:  # re's own parser (Python 3.11+), sre_parse before
     from re import _parser as _re_parser
@@ -60,20 +67,24 @@ def time_bound(seconds: Optional[float] = None) -> Iterator[None]:
 
 def fullmatch(pattern: str, name: str) -> bool:
     """``re.fullmatch(pattern, name) is not None``, within the time bound."""
-    return _bounded(regex.fullmatch, pattern, name) is not None
+    return _bounded("fullmatch", pattern, name) is not None
 
 
 def match(pattern: str, name: str) -> Optional["regex.Match"]:
     """``re.match(pattern, name)``, within the time bound."""
-    return _bounded(regex.match, pattern, name)
+    return _bounded("match", pattern, name)
 
 
-def _bounded(function, pattern: str, name: str):
-    _check_size(pattern)
+def _bounded(function: str, pattern: str, name: str):
+    start = time.monotonic()
+    compiled = _compiled(pattern)  # (outside the time bound: its cost is bounded by the size limits)
     deadline = _deadline.get()
+    if deadline is not None:  # the shared budget is for matching: the block's deadline moves by the compile time
+        deadline += time.monotonic() - start
+        _deadline.set(deadline)
     timeout = MATCH_SECONDS if deadline is None else max(deadline - time.monotonic(), 1e-6)
     try:
-        return function(pattern, name, timeout=timeout)
+        return getattr(compiled, function)(name, timeout=timeout)
     except TimeoutError:
         raise MiniLoraError(
             f"The regex {pattern!r} took more than {MATCH_SECONDS:g} s to match this model's module names "
@@ -92,23 +103,43 @@ def compile_error(pattern: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> "regex.Pattern":
+    """``pattern`` compiled by ``regex`` once its size is checked (a long full-name alternation takes seconds
+    to compile, and its matches then take microseconds)."""
+    _check_size(pattern)
+    return regex.compile(pattern)
+
+
 @functools.lru_cache(maxsize=256)
 def _check_size(pattern: str) -> None:
     """Raise MiniLoraError if ``pattern`` is not one ``re`` reads (PEFT matches with ``re``), or unrolls to
-    more than MAX_PATTERN_SIZE positions."""
+    more than MAX_PATTERN_SIZE positions and BLOWUP times its length (its repeats blow it up), or to more
+    than MAX_PLAIN_SIZE."""
+    if len(pattern) > MAX_PLAIN_SIZE:  # (before parsing: re's parse of it takes ~100 bytes a character)
+        _refuse_plain(pattern, len(pattern))
     try:
         size = _unrolled_size(_re_parser.parse(pattern))
     except (re.error, RecursionError, OverflowError) as error:
         raise MiniLoraError(f"The regex {short(pattern)} is not a valid regex for Python's re, which PEFT matches "
                             f"with ({type(error).__name__}: {error}). Fix the pattern, or list the module names "
                             "instead.") from None
-    if size > MAX_PATTERN_SIZE:
+    if size > MAX_PLAIN_SIZE and size <= BLOWUP * len(pattern):
+        _refuse_plain(pattern, size)
+    if size > MAX_PATTERN_SIZE and size > BLOWUP * len(pattern):
         raise MiniLoraError(
             f"The regex {short(pattern)} repeats so much that it unrolls to about {size:.3g} positions (counted "
             f"repeats such as {{1000}} multiply), more than the {MAX_PATTERN_SIZE} any list of module names needs; "
             "compiling it would take gigabytes. Nothing was changed. Use * or + for an open repeat, or list the "
             "module names instead."
         )
+
+
+def _refuse_plain(pattern: str, size: int) -> None:
+    raise MiniLoraError(
+        f"The regex {short(pattern)} is about {size:.3g} positions long, more than the {MAX_PLAIN_SIZE} minilora "
+        "compiles (about 700 MB); nothing was changed. List the module names (target_modules as a list), or match "
+        "them with a shorter pattern (\\d+ for the layer and expert numbers).")
 
 
 def _unrolled_size(parsed) -> int:

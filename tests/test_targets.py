@@ -343,3 +343,35 @@ def test_model_type_from_a_plain_dict_config_as_peft(config):
             self.v_proj = nn.Linear(4, 4)
 
     assert_same_choice(*both(Custom(), target_modules=None))
+
+
+def test_a_long_plain_full_name_regex_selects_as_peft(built):
+    """Review finding: bounded_regex counted each literal character as one position and refused any regex over
+    100,000 of them, so a plain full-name alternation as long as an MoE's expert list (here the model's attention
+    names among 5,400 experts' made-up names, ~245,000 characters, ~135,000 positions once re has factored the
+    common prefix, no repeat) was refused, though PEFT reads it. Now only a blow-up (repeats unrolling to more
+    than 4 positions a character) is bounded at 100,000."""
+    from minilora import bounded_regex
+
+    model = built("llama")
+    real = [name for name, _ in model.named_modules() if name.endswith(("q_proj", "v_proj"))]
+    experts = [f"model.layers.{i}.mlp.experts.{j}.{p}" for i in range(18) for j in range(100)
+               for p in ("gate_proj", "up_proj", "down_proj")]
+    pattern = "|".join(re.escape(name) for name in experts[:1200] + real + experts[1200:])
+    assert bounded_regex._unrolled_size(bounded_regex._re_parser.parse(pattern)) > 120_000  # (re factors prefixes)
+    mine, theirs = both(model, target_modules=pattern)
+    assert not isinstance(theirs, Exception) and sorted(theirs) == sorted(real)
+    assert mine == theirs or sorted(mine) == sorted(theirs)
+
+
+def test_a_regex_that_repeats_is_still_bounded_as_before():
+    """The hostile cases stay refused before compiling: a counted repeat of a short pattern, and a plain regex
+    over MAX_PLAIN_SIZE characters (refused before re parses it)."""
+    from minilora import bounded_regex
+
+    with pytest.raises(MiniLoraError, match=r"unrolls to about 6e\+09"):
+        bounded_regex.fullmatch("(c_attn){1000000000}", "c_attn")
+    with pytest.raises(MiniLoraError, match=r"repeats so much"):
+        bounded_regex.fullmatch("x" * 30_000 + "(ab){10}" * 1 + "(c){200000}", "x")
+    with pytest.raises(MiniLoraError, match=r"positions long, more than the 2000000"):
+        bounded_regex.fullmatch("a" * (bounded_regex.MAX_PLAIN_SIZE + 1), "a")
