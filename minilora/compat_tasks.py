@@ -112,7 +112,15 @@ class PeftModelForCausalLM(PeftModel):
     """PEFT's model for causal language models (task_type CAUSAL_LM): PEFT's forward arguments."""
 
     GENERATES = True
-    forward = _forward_with_labels
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("adapter_names") is not None and getattr(getattr(self.get_base_model(), "config", None),
+                                                               "model_type", None) == "mpt":
+            raise MiniLoraError("adapter_names with an MPT model: PEFT's PeftModelForCausalLM calls MPT without its "
+                                "mixed-batch hooks, so every row runs the active adapter and adapter_names is silently "
+                                "ignored. Run the rows of each adapter as separate batches (set_adapter, or "
+                                "disable_adapter() for the base model's rows).")
+        return _forward_with_labels(self, *args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):

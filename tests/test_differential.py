@@ -223,6 +223,11 @@ REPLAYS = {
                                            second=dict(r=4, modules_to_save=["decoder"]), ops=dict(files=True),
                                            seed=73),
                                   START + SECOND[:5] + LOADED),
+    # --examples 80 --seed 120, #46: a mixed batch on MPT under CAUSAL_LM: PEFT's PeftModelForCausalLM calls MPT without
+    # its mixed-batch hooks (adapter_names silently ignored, every row runs the active adapter); minilora ran the mixed
+    # batch. Now both refuse (MiniLoraError / PEFT's rows are not the ones asked for: compared as refused by minilora)
+    "mixed-batch-mpt-causal-lm": (Scenario("mpt", "lm", dict(r=2, lora_alpha=1, bias="all", task_type="CAUSAL_LM"),
+                                           ops=dict(extra="mixed batch"), seed=46), None),
     "lm-head-base-weight-after-merge": (Scenario(
         "stablelm", "lm", dict(target_modules=["o_proj", "lm_head", "self_attn.o_proj"], exclude_modules=["up_proj"],
                                layers_to_transform=0, r=4, lora_alpha=16, init_lora_weights=False, lora_dropout=0.1,
@@ -232,7 +237,7 @@ REPLAYS = {
 }
 
 
-@pytest.mark.parametrize("name", list(REPLAYS))
+@pytest.mark.parametrize("name", [name for name, (_, steps) in REPLAYS.items() if steps is not None])
 def test_replayed_findings_agree_with_peft(name):
     scenario, expected = REPLAYS[name]
     done = run_scenario(scenario)
@@ -837,3 +842,21 @@ def test_another_layers_bias_in_a_bias_none_file_is_still_refused(tmp_path, unch
     with pytest.raises(MiniLoraError, match=r"unexpected keys \[model.layers.0.self_attn.k_proj.base_layer.bias\]"):
         compat.PeftModel.from_pretrained(model, tmp_path)
     check()
+
+
+def test_a_mixed_batch_on_mpt_under_causal_lm_is_refused_where_peft_ignores_it():
+    """--examples 80 --seed 120, #46: PEFT's PeftModelForCausalLM passes adapter_names to MPT's own forward, which
+    ignores it: the "__base__" row gets the adapter's outputs. minilora refuses (a Refusal in the fuzzer)."""
+    scenario, _ = REPLAYS["mixed-batch-mpt-causal-lm"]
+    _, mini, twin = _both("mpt", "lm", scenario.config)
+    differential.same_values(mini, twin, 46)  # B != 0: the adapter changes the outputs
+    inputs = differential.model_inputs(ARCHITECTURES["mpt"], "lm")
+    with torch.no_grad():
+        mixed = twin.eval()(**inputs, adapter_names=["default", "__base__"]).logits
+        assert torch.equal(mixed, twin(**inputs).logits)  # PEFT: every row ran the adapter
+        with twin.disable_adapter():
+            assert not torch.equal(mixed[1], twin(**inputs).logits[1])  # not the base model's row
+        with pytest.raises(MiniLoraError, match="adapter_names is silently ignored"):
+            mini.eval()(**inputs, adapter_names=["default", "__base__"])
+    with pytest.raises(Refusal, match="mixed batch"):
+        run_scenario(scenario)
