@@ -539,6 +539,8 @@ class PeftModel(nn.Module):
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
             self._new_copies_biases_like_peft(adapter_name)
+            if is_trainable:  # PEFT's new modules start in train mode; is_trainable=False then calls eval()
+                leave_new_layers_in_train_mode(self.get_base_model(), adapter_name)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])

@@ -209,6 +209,12 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]], lora_targ
                             "module another adapter trains in full (modules_to_save): training the outer one in "
                             "full would train copies of that adapter's copy too (PEFT nests the wrappers, minilora "
                             "does not). Name a module without such a module in it.")
+    inside = [(key, outer) for key in chosen for outer in wrappers if key.startswith(f"{outer}.")]
+    if inside:  # PEFT adds this adapter's copy of the whole outer module; minilora does not nest them
+        raise MiniLoraError(f"modules_to_save={names} selects {inside[0][0]!r}, inside {inside[0][1]!r}, a module "
+                            "another adapter trains in full (modules_to_save): PEFT then trains a copy of the whole "
+                            f"{inside[0][1]!r} for this adapter, minilora does not nest them. Name {inside[0][1]!r} "
+                            "itself, or a module outside it.")
     for key in chosen:
         if key in lora_targets or any(key.startswith(f"{target}.") or target.startswith(f"{key}.")
                                       for target in lora_targets):

@@ -397,6 +397,37 @@ def test_requires_grad_and_modes_after_loading_and_adding_are_pefts(tmp_path):
     assert grads[0] == grads[1]
 
 
+def test_modes_after_loading_a_trainable_adapter_into_an_eval_model_are_pefts(tmp_path):
+    """load_adapter(is_trainable=True) into a model in eval mode: PEFT's new modules start in train mode
+    (dropout on), so the outputs differ from eval's; minilora's must be the same modules in the same modes."""
+    base, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj", "v_proj"]))
+    twin.save_pretrained(tmp_path)
+    saved = dict(target_modules=["fc1"], lora_dropout=0.5)
+    other = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**saved))
+    other.save_pretrained(tmp_path / "trainable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (mini, twin):
+            model.eval()
+            model.load_adapter(tmp_path / "trainable", adapter_name="trainable", is_trainable=True)
+    modes = [{n: m.training for n, m in model.named_modules()} for model in (mini, twin)]
+    assert modes[0] == {n: modes[1][n] for n in modes[0]}
+    assert any(training for name, training in modes[1].items() if "lora_dropout.trainable" in name)
+
+
+def test_modules_to_save_inside_another_adapters_copy_is_refused_before_any_change():
+    """A second adapter's modules_to_save names a module inside the first adapter's wrapper: PEFT trains a
+    copy of the whole wrapper for it (its state dict then fails); minilora refuses before any change."""
+    base, mini, _ = _both("opt", "lm", dict(target_modules=["q_proj"], modules_to_save=["layers.1"]))
+    before = {n: (p.clone(), p.requires_grad) for n, p in mini.named_parameters()}
+    with pytest.raises(compat.MiniLoraError, match="inside .*layers.1"):
+        mini.add_adapter("other", compat.LoraConfig(target_modules=["layers.0.self_attn.k_proj"], modules_to_save=["fc2"]))
+    assert "other" not in mini.peft_config
+    after = dict(mini.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.equal(after[n], value) and after[n].requires_grad == grad for n, (value, grad) in before.items())
+
+
 def test_files_after_merge_and_unmerge_hold_the_same_lm_head_w0_as_pefts(tmp_path):
     """The cause of the two replays above, directly: after merge_adapter + unmerge_adapter PEFT's file holds
     lm_head.base_layer.weight = W0 + dW - dW (not W0, a rounding); minilora's file holds the same tensor, bitwise,
