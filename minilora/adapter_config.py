@@ -225,8 +225,9 @@ def read_json_fields(path: Path) -> dict[str, Any]:
     except OSError as error:
         raise MiniLoraError(f"{path} could not be read ({error}).") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise MiniLoraError(f"{path} holds more than {MAX_CONFIG_BYTES // 2**20} MiB; an adapter config is a few "
-                            "kilobytes, so this file is not one. Save the adapter again.")
+        raise MiniLoraError(f"{path} holds more than {MAX_CONFIG_BYTES // 2**20} MiB, more than any config PEFT "
+                            "writes (a few MB at most, every target module named), so it is not one: minilora reads "
+                            f"at most {MAX_CONFIG_BYTES // 2**20} MiB. Save the adapter again.")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -132,8 +132,11 @@ def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
     if len(rows) == 1 and (size := rows.pop()) != current:
         progress(f"resizing the base model's vocabulary {current} -> {size}: the adapter was saved with resized "
                  "embedding layers (model.resize_token_embeddings)")
-        resize = model.resize_token_embeddings  # (mean_resizing: transformers >= 4.46; every row is overwritten anyway)
-        resize(size, mean_resizing=False) if "mean_resizing" in inspect.signature(resize).parameters else resize(size)
+        resize = model.resize_token_embeddings
+        if "mean_resizing" in inspect.signature(resize).parameters:  # (transformers >= 4.46)
+            resize(size, mean_resizing=False)  # (no mean/covariance of the old rows: every row is overwritten)
+        else:
+            resize(size)
 
 
 # --------------------------------------------------------------------------------------------

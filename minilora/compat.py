@@ -294,9 +294,10 @@ class PeftModel(nn.Module):
         if deleted is not None:
             hint = (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
                     "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
-            raise MiniLoraError(f"delete_adapter({deleted!r}) deleted the active adapter and left none active (PEFT "
-                                "picks the next one in the first LoRA layer, which held no other), so PEFT's forward "
-                                f"fails here (a KeyError: {deleted!r}). {hint}")
+            why = ("PEFT picks the next one in the first LoRA layer, which held no other" if self.peft_config
+                   else "it was the last adapter")
+            raise MiniLoraError(f"delete_adapter({deleted!r}) deleted the active adapter and left none active ({why}), "
+                                f"so PEFT's forward fails here (a KeyError: {deleted!r}). {hint}")
         adapter_names = kwargs.pop("adapter_names", None)
         if kwargs.pop("alora_offsets", None) is not None:
             raise MiniLoraError("alora_offsets are for PEFT's activated LoRA (alora_invocation_tokens), which "
@@ -395,8 +396,8 @@ class PeftModel(nn.Module):
         """As PEFT's; where no adapter stays active, forward refuses until set_adapter (PEFT's PeftModel
         keeps the deleted name as its active adapter then, and its forward fails with a KeyError)."""
         self.base_model.delete_adapter(adapter_name)
-        if not self.active_adapters:
-            self.__dict__["_deleted_active"] = adapter_name
+        if not self.active_adapters and self.__dict__.get("_deleted_active") is None:
+            self.__dict__["_deleted_active"] = adapter_name  # (PEFT keeps the first deleted name as active)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         self.base_model.set_requires_grad(adapter_names, requires_grad)

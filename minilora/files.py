@@ -238,6 +238,7 @@ def replaced_folder(path: str | os.PathLike, what: str, replace: bool) -> Iterat
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_temporaries(path.parent, folders=True)
     temp = _sibling(path, TEMP_SUFFIX)
+    existed = path.is_dir()  # (for the message, should files appear at ``path`` meanwhile)
     temp.mkdir()
     try:
         yield temp
@@ -263,7 +264,8 @@ def replaced_folder(path: str | os.PathLike, what: str, replace: bool) -> Iterat
                                 f"and {what} is in {temp}. Rename one of them to {path}.") from error
         shutil.rmtree(temp, ignore_errors=True)
         if not replace and isinstance(error, OSError) and error.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise MiniLoraError(f"{path} was empty when this began, and files were written into it meanwhile: they "
+            began = "was empty" if existed else "did not exist"
+            raise MiniLoraError(f"{path} {began} when this began, and files were written into it meanwhile: they "
                                 f"are kept, and {what} was not saved. Pass a new directory (or --force to replace "
                                 "it).") from error
         if isinstance(error, OSError):

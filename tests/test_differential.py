@@ -713,6 +713,25 @@ def test_forward_after_deleting_the_active_adapter_that_leaves_none_active_refus
     differential.compare_forward("forward after set_adapter", mini, twin, inputs)
 
 
+def test_a_second_delete_while_none_is_active_keeps_the_first_deleted_name_as_peft():
+    """After the delete above, deleting the last adapter too: PEFT's PeftModel keeps the first deleted name as
+    its active adapter (its KeyError names it); minilora's refusal names the same one, and why none is left."""
+    _, mini, twin = _both("opt", "lm", dict(target_modules=r".*\.(fc2)", r=2, task_type="CAUSAL_LM"))
+    inputs = differential.model_inputs(ARCHITECTURES["opt"], "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("other", library.LoraConfig(target_modules=["q_proj", "1.fc2"], r=1))
+            model.set_adapter("other")
+            model.delete_adapter("other")
+            model.delete_adapter("default")
+        with pytest.raises(KeyError, match="other"):
+            twin(**inputs)
+        with pytest.raises(MiniLoraError, match=r"delete_adapter\('other'\) .*\(it was the last adapter\).*"
+                                                r"KeyError: 'other'"):
+            mini(**inputs)
+
+
 def test_a_second_adapters_modules_to_save_holding_the_firsts_is_refused_before_anything_changes(unchanged):
     """The first adapter trains Switch Transformers' router classifiers in full, the second names the encoder,
     which holds two of them: PEFT nests the wrappers (and its copies' train/eval modes then differ from the

@@ -227,20 +227,23 @@ def test_force_through_a_symlink_replaces_the_folder_it_points_to(setup):
     assert sorted(os.listdir(setup.root)) == sorted([*setup.listing, "target"])
 
 
-def test_without_force_files_written_into_the_empty_out_dir_meanwhile_are_kept(setup, monkeypatch, capsys):
-    """OUT_DIR was empty when the merge began (so no --force), and another program wrote into it while the
-    model was merged: the merge refuses at the swap and OUT_DIR keeps that file; nothing is deleted."""
+@pytest.mark.parametrize("began", ["was empty", "did not exist"])
+def test_without_force_files_written_into_the_empty_out_dir_meanwhile_are_kept(setup, monkeypatch, capsys, began):
+    """OUT_DIR was empty (or absent) when the merge began (so no --force), and another program wrote into it
+    while the model was merged: the merge refuses at the swap and OUT_DIR keeps that file; nothing is deleted."""
     shutil.rmtree(setup.out)
-    setup.out.mkdir()
+    if began == "was empty":
+        setup.out.mkdir()
     real = transformers.PreTrainedModel.save_pretrained
 
     def with_a_writer_meanwhile(self, directory, *args, **kwargs):
+        setup.out.mkdir(exist_ok=True)
         (setup.out / "written-meanwhile.txt").write_text("someone else's")
         return real(self, directory, *args, **kwargs)
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", with_a_writer_meanwhile)
     assert setup.merge("new", force=False) == cli.ERROR_EXIT
     monkeypatch.undo()
-    assert "files were written into it meanwhile: they are kept" in capsys.readouterr().err
+    assert f"{began} when this began, and files were written into it meanwhile: they are kept" in capsys.readouterr().err
     assert sorted(os.listdir(setup.out)) == ["written-meanwhile.txt"]
     assert sorted(os.listdir(setup.root)) == setup.listing  # the merged model's temporary folder removed
 
