@@ -77,7 +77,7 @@ def test_the_classes_keep_their_module_and_source():
         module = compat_auto if cls.__name__.startswith("Auto") else compat_tasks
         assert cls.__module__ == module.__name__ and getattr(module, cls.__name__) is cls
         assert inspect.getsource(cls).startswith(f"class {cls.__name__}("), cls.__name__
-    assert inspect.getsource(compat.PeftModelForCausalLM.forward).startswith("def _forward_with_labels(")
+    assert inspect.getsource(compat.PeftModelForSequenceClassification.forward).startswith("def _forward_with_labels(")
 
 
 def _qa_model() -> torch.nn.Module:
@@ -121,6 +121,8 @@ def test_a_whole_wrapper_saved_loads_in_a_fresh_process(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # pickled by the old names (compat's __getattr__ finds the same objects)
         patch.setattr(compat.PeftModelForCausalLM, "__module__", "minilora.compat")
         patch.setattr(compat_tasks._forward_with_labels, "__module__", "minilora.compat")
+        patch.setattr(compat.PeftModelForCausalLM, "forward", compat_tasks._forward_with_labels)  # (its forward then)
+        causal._show_model_signature(causal.get_base_model())  # (the instance's forward: a partial of the class's)
         torch.save(causal, tmp_path / "old.pt")
     pickled = {}
     for name in expected:  # the pickle inside torch.save's zip file: protocol 2 names a global "module\nname\n"
