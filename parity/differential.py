@@ -102,7 +102,7 @@ class Refusal(Exception):
 class Trace:
     """What a scenario ran: (step, outcome) in order, and how many comparisons of numbers passed
     (outputs, gradients, parameters, file tensors). Outcomes: "equal", "ran", "both refused (A / B)",
-    "stop: why"."""
+    "stop: why", "skipped: why" (a drawn call that does not apply to this scenario)."""
 
     steps: list[tuple[str, str]] = field(default_factory=list)
     numbers: int = 0
@@ -115,6 +115,9 @@ class Trace:
 
     def stop(self, step: str, why: str) -> None:
         self.steps.append((step, f"stop: {why}"))
+
+    def skipped(self, step: str, why: str) -> None:
+        self.steps.append((step, f"skipped: {why}"))
 
     def equal(self, step: str, numbers: bool = False) -> None:
         """``step`` was compared with PEFT's and agrees: its "ran" entry becomes "equal" (or a new entry)."""
@@ -648,7 +651,9 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
                 compare_structure("after disable_adapter", mini, twin)
         if scenario.ops.get("files"):
             _compare_save_load(scenario, mini, twin, base, inputs)
-        if scenario.ops.get("extra") and not scenario.ops.get("merge_and_unload"):
+        if scenario.ops.get("extra") and scenario.ops.get("merge_and_unload"):
+            record.skipped(scenario.ops["extra"], "merge_and_unload was drawn too; it ends the scenario instead")
+        elif scenario.ops.get("extra"):
             return _compare_extra(scenario.ops["extra"], mini, twin, inputs)
         if scenario.ops.get("merge_and_unload"):
             compare_forward("before merge_and_unload", mini, twin, inputs, rtol=1e-5)
@@ -723,7 +728,9 @@ def _compare_extra(kind: str, mini: nn.Module, twin: nn.Module, inputs: dict) ->
             if mini.active_adapters != twin.active_adapters:
                 raise Finding(f"delete_adapter: active adapters {mini.active_adapters} vs PEFT's {twin.active_adapters}")
             compare_forward("forward after delete_adapter", mini, twin, inputs)
-    elif kind == "add_weighted_adapter" and len(names) > 1:
+    elif kind in ("delete_adapter", "add_weighted_adapter") and len(names) < 2:
+        trace().skipped(kind, "the scenario has one adapter")
+    elif kind == "add_weighted_adapter":
         def weighted(model):
             model.add_weighted_adapter(names, [1.0, -0.5][:len(names)], "mix", combination_type="cat")
             model.set_adapter("mix")

@@ -910,3 +910,18 @@ def test_a_mixed_batch_on_mpt_under_causal_lm_is_refused_where_peft_ignores_it()
             mini.eval()(**inputs, adapter_names=["default", "__base__"])
     with pytest.raises(Refusal, match="mixed batch"):
         run_scenario(scenario)
+
+
+@pytest.mark.parametrize("extra, merge_and_unload, why", [
+    ("delete_adapter", False, "the scenario has one adapter"),
+    ("add_weighted_adapter", False, "the scenario has one adapter"),
+    ("get_layer_status", True, "merge_and_unload was drawn too"),
+])
+def test_a_drawn_last_call_that_does_not_apply_is_recorded_as_skipped(extra, merge_and_unload, why):
+    """The fuzzer's last call is drawn for every scenario; where it cannot run (a two-adapter call with one
+    adapter, or merge_and_unload ending the scenario) the trace says so instead of leaving it out."""
+    scenario = Scenario("gpt2", "lm", dict(target_modules=["c_attn"], r=2), None,
+                        {"extra": extra, "merge_and_unload": merge_and_unload}, seed=0)
+    steps = differential.run_scenario(scenario).steps
+    skipped = [outcome for step, outcome in steps if step == extra]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped: {why}"), steps
