@@ -87,7 +87,7 @@ def _bounded(function: str, pattern: str, name: str):
         return getattr(compiled, function)(name, timeout=timeout)
     except TimeoutError:
         raise MiniLoraError(
-            f"The regex {pattern!r} took more than {MATCH_SECONDS:g} s to match this model's module names "
+            f"The regex {short(pattern)} took more than {MATCH_SECONDS:g} s to match this model's module names "
             "(it backtracks: nested quantifiers such as (.+)+ try exponentially many ways). Nothing was "
             "changed. Simplify the pattern, or list the module names instead."
         ) from None
@@ -111,7 +111,6 @@ def _compiled(pattern: str) -> "regex.Pattern":
     return regex.compile(pattern)
 
 
-@functools.lru_cache(maxsize=256)
 def _check_size(pattern: str) -> None:
     """Raise MiniLoraError if ``pattern`` is not one ``re`` reads (PEFT matches with ``re``), or unrolls to
     more than MAX_PATTERN_SIZE positions and BLOWUP times its length (its repeats blow it up), or to more
@@ -121,9 +120,7 @@ def _check_size(pattern: str) -> None:
     try:
         size = _unrolled_size(_re_parser.parse(pattern))
     except (re.error, RecursionError, OverflowError) as error:
-        raise MiniLoraError(f"The regex {short(pattern)} is not a valid regex for Python's re, which PEFT matches "
-                            f"with ({type(error).__name__}: {error}). Fix the pattern, or list the module names "
-                            "instead.") from None
+        _refuse_invalid(pattern, f"{type(error).__name__}: {error}")
     if size > MAX_PLAIN_SIZE and size <= BLOWUP * len(pattern):
         _refuse_plain(pattern, size)
     if size > MAX_PATTERN_SIZE and size > BLOWUP * len(pattern):
@@ -133,6 +130,14 @@ def _check_size(pattern: str) -> None:
             "compiling it would take gigabytes. Nothing was changed. Use * or + for an open repeat, or list the "
             "module names instead."
         )
+    error = compile_error(pattern)  # what only re's compile step finds (a look-behind of varying width): the
+    if error:                       # regex module would accept it, where PEFT fails
+        _refuse_invalid(pattern, error)
+
+
+def _refuse_invalid(pattern: str, error: str) -> None:
+    raise MiniLoraError(f"The regex {short(pattern)} is not a valid regex for Python's re, which PEFT matches "
+                        f"with ({error}). Fix the pattern, or list the module names instead.") from None
 
 
 def _refuse_plain(pattern: str, size: int) -> None:

@@ -375,3 +375,13 @@ def test_a_regex_that_repeats_is_still_bounded_as_before():
         bounded_regex.fullmatch("x" * 30_000 + "(ab){10}" * 1 + "(c){200000}", "x")
     with pytest.raises(MiniLoraError, match=r"positions long, more than the 2000000"):
         bounded_regex.fullmatch("a" * (bounded_regex.MAX_PLAIN_SIZE + 1), "a")
+
+
+def test_a_regex_only_res_compile_step_rejects_is_refused_as_peft_fails():
+    """A look-behind of varying width parses, and the regex module compiles it; Python's re (PEFT's engine)
+    refuses it at compile time, so PEFT fails: minilora must refuse too, not match with regex's meaning."""
+    fields = dict(target_modules=["c_attn"], exclude_modules="(?<=a+)1")
+    with pytest.raises(re.error):
+        peft.get_peft_model(minilora.models.tiny_gpt2(0), peft.LoraConfig(**fields))
+    with pytest.raises(minilora.MiniLoraError, match="look-behind requires fixed-width pattern"):
+        minilora.inject(minilora.models.tiny_gpt2(0), minilora.LoraConfig(**fields))
