@@ -82,19 +82,23 @@ def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
 
 def load_adapted(adapter_dir: str, model_arg: str | None):
     """The base model with the adapter loaded into it (all checks before any loading)."""
+    import torch
+
+    from .adapter_files import read_adapter_files
     from .adapters import load_adapter
 
     check_adapter_dir(adapter_dir)
     note_adapter_base(adapter_dir, model_arg)
     model = open_model(model_arg)
-    resize_to_adapter_vocabulary(model, adapter_dir)
     progress(f"loading adapter: {adapter_dir}")
-    load_adapter(model, adapter_dir)
+    files = read_adapter_files(Path(adapter_dir), torch.device("cpu"))  # once: the resize and the load read one version
+    resize_to_adapter_vocabulary(model, files.tensors)
+    load_adapter(model, files)
     return model
 
 
-def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
-    """Resize the base model's vocabulary to the adapter's, where the adapter file holds the resized
+def resize_to_adapter_vocabulary(model, tensors: dict) -> None:
+    """Resize the base model's vocabulary to the adapter's, where the adapter's ``tensors`` hold the resized
     embedding layers whole (PEFT's ``save_embedding_layers``, after ``resize_token_embeddings``).
 
     In Python, a user loading such an adapter first calls ``model.resize_token_embeddings(n)`` on the
@@ -103,11 +107,7 @@ def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
     untied output embedding): loading then overwrites every row. Otherwise nothing is resized, and
     load_adapter refuses the mismatched shapes with the details.
     """
-    from pathlib import Path
-
-    import torch
-
-    from .adapter_files import read_adapter_weights
+    from .adapter_files import PEFT_PREFIX
 
     embeddings = [model.get_input_embeddings(), model.get_output_embeddings()] \
         if hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings") else []
@@ -116,13 +116,9 @@ def resize_to_adapter_vocabulary(model, adapter_dir: str) -> None:
     if embeddings[1] is None or embeddings[1].weight is embeddings[0].weight:
         embeddings = embeddings[:1]  # no output embedding, or tied to the input one: one weight to fill
     names = {id(module): name for name, module in model.named_modules()}
-    try:
-        tensors = read_adapter_weights(Path(adapter_dir), torch.device("cpu"))[1]
-    except MiniLoraError:
-        return  # load_adapter reports the unreadable file
     rows = set()
     for module in embeddings:
-        prefix = f"base_model.model.{names.get(id(module))}."
+        prefix = f"{PEFT_PREFIX}{names.get(id(module))}."
         found = [value for key, value in tensors.items() if key.startswith(prefix) and "lora_" not in key
                  and key[len(prefix):] in ("weight", "base_layer.weight", "original_module.weight")]
         if not found or any(value.dim() != 2 or value.shape[1] != module.weight.shape[1] for value in found):
@@ -188,7 +184,7 @@ def check_merge_out_dir(out_dir: str, args: argparse.Namespace) -> None:
         raise MiniLoraError(f"OUT_DIR {out_dir!r} already exists and is not empty. Pass a new directory, "
                             "or --force to replace it (its files are removed once the merged model is complete).")
     target = os.path.realpath(out_dir)
-    if os.path.isdir(target) and (os.path.ismount(target) or os.stat(target).st_dev != os.stat(os.path.dirname(target)).st_dev):
+    if os.path.isdir(target) and os.path.ismount(target):  # (ismount: another device than its parent's, or /)
         raise MiniLoraError(f"OUT_DIR {out_dir!r} is a mount point: the merged model is written next to it and then "
                             "renamed into its place, which a mount point cannot take. Pass a folder inside it, e.g. "
                             f"{os.path.join(out_dir, 'merged')!r}.")

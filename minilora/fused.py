@@ -228,10 +228,12 @@ def build_concatenated_weight(layer: LoraLinear) -> None:
     right = buffer if layer.fan_in_fan_out else buffer.T
     parameters = weights(layer, name)
     layer._concatenated = Concatenated(
-        right, bias_buffer, B_T, (out, adapter.weight.shape[0]), name,
-        _registrations(layer, name, parameters), parameters, tuple(0 if t is None else t.data_ptr() for t in parameters),
-        tuple(hooks for module in _called_modules(layer, name) for hooks in (module._forward_pre_hooks, module._forward_hooks)),
-        buffer)
+        right=right, bias=bias_buffer, B_T=B_T, sizes=(out, adapter.weight.shape[0]), adapter=name,
+        registered=_registrations(layer, name, parameters), parameters=parameters,
+        pointers=tuple(0 if t is None else t.data_ptr() for t in parameters),
+        hooks=tuple(hooks for module in _called_modules(layer, name)
+                    for hooks in (module._forward_pre_hooks, module._forward_hooks)),
+        buffer=buffer)
 
 
 def split_concatenated(layer: LoraLinear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +294,9 @@ def _hooked(layer: LoraLinear) -> bool:
                for adapter in _active(layer) for module in _called_modules(layer, adapter))
 
 
+_data_ptr = torch.Tensor.data_ptr  # (read once here rather than looked up on each tensor's type per call)
+
+
 def _is_current(state: dict, built: Concatenated) -> bool:
     """True if the buffer still holds the layer's W0, b and A, and B^T its B: same adapter, same
     modules and Parameters in place, each Parameter's data where it was at build time, and no
@@ -316,9 +321,6 @@ def _is_current(state: dict, built: Concatenated) -> bool:
             return False
     return (_data_ptr(W0) == pointers[0] and _data_ptr(A) == pointers[2] and _data_ptr(B) == pointers[3]
             and (b is None or _data_ptr(b) == pointers[1]))
-
-
-_data_ptr = torch.Tensor.data_ptr  # (read once here rather than looked up on each tensor's type per call)
 
 
 def release_concatenated_weight(layer: LoraLinear) -> None:

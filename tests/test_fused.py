@@ -432,3 +432,11 @@ def test_unknown_path_is_a_clear_error_and_changes_nothing(path, message):
     assert minilora.forward_path(model) == "fused"
     with pytest.raises(minilora.MiniLoraError, match="inject"):
         minilora.set_forward_path(tiny_gpt2(), "fused")
+
+
+def test_concatenated_fields_are_in_the_order_its_readers_unpack():
+    """fused_forward's check and concatenated_forward unpack Concatenated by position, for speed: a field moved
+    would hand them another tensor without an error. This pins the order those lines assume."""
+    from minilora.fused import Concatenated
+    assert Concatenated._fields == ("right", "bias", "B_T", "sizes", "adapter", "registered", "parameters",
+                                    "pointers", "hooks", "buffer")

@@ -163,7 +163,7 @@ def crash_at(step: str, setup: Setup) -> None:
         if step == "writing":
             def half_written(self, directory, *args, **kwargs):
                 Path(directory, "config.json").write_text("{}")
-                os._exit(0)
+                os._exit(CRASHED)
             transformers.PreTrainedModel.save_pretrained = half_written
 
         def rename(source, target, *args, **kwargs):
@@ -171,17 +171,20 @@ def crash_at(step: str, setup: Setup) -> None:
             if Path(source).parent == setup.root:
                 renames.append(target)
                 if (step, len(renames)) in (("after-aside", 1), ("after-in", 2)):
-                    os._exit(0)
+                    os._exit(CRASHED)
 
         def rmtree(path, *args, **kwargs):
             if str(path).endswith(OLD_SUFFIX) and step == "removing":
                 os.unlink(Path(path, "config.json"))  # one file of the old folder gone, then the crash
-                os._exit(0)
+                os._exit(CRASHED)
             real_rmtree(path, *args, **kwargs)
         os.rename, shutil.rmtree = rename, rmtree
         setup.merge("new")
     finally:
-        os._exit(0)
+        os._exit(1)  # the planted crash never came: the test fails on this status
+
+
+CRASHED = 17  # the child's exit status at a planted crash
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
@@ -192,7 +195,7 @@ def test_a_crash_at_any_step_leaves_the_old_folder_or_the_new_one(setup, step, o
     pid = os.fork()
     if pid == 0:
         crash_at(step, setup)  # never returns
-    os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == CRASHED, "the planted crash did not happen"
     if outcome == "absent":
         assert not setup.out.exists()
         assert setup.holds(next(setup.root.glob(f".out.{pid}.*{OLD_SUFFIX}"))) == "old"
