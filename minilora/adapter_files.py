@@ -38,6 +38,21 @@ PAIRS_HINT = (
     "          (every weight of the model)"
 )
 
+
+def file_key(key: str, adapter_name: str) -> str:
+    """The file's key for a key of the model, as PEFT 0.21.2 makes it
+    (``tuners_utils.py::_remove_adapter_name_from_state_dict_key``): the adapter's name is dropped where
+    it is the last part, or the last but one (``h.0.attn.c_attn.lora_A.default.weight`` ->
+    ``h.0.attn.c_attn.lora_A.weight``; ``lm_head.modules_to_save.default.weight`` ->
+    ``lm_head.modules_to_save.weight``; ``lm_head.original_module.weight`` stays). Never in the middle:
+    a module may happen to have the adapter's name."""
+    if "." not in key:
+        return key
+    if key.endswith(f".{adapter_name}"):  # an nn.Parameter held under the adapter's name
+        return key.removesuffix(f".{adapter_name}")
+    head, _, last = key.rpartition(".")
+    return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
+
 @dataclasses.dataclass(frozen=True)
 class AdapterFiles:
     """An adapter directory read once: the config fields its weights are read with, and its tensors.

@@ -47,7 +47,7 @@ from .adapter_checks import (check_config_selects_the_layers, check_dense, check
                              other_layers_biases, saved_config, saved_embedding_weights, saved_module_names)
 from .adapter_config import (ADAPTER_FIELDS, CONFIG_NAME, DIGESTED_FIELDS, config_fields, config_from_fields,
                              config_text, read_config_fields)
-from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles,
+from .adapter_files import (LEGACY_WEIGHTS_NAME, PAIRS_HINT, PEFT_PREFIX, WEIGHTS_NAME, AdapterFiles, file_key,
                             read_adapter_files, refuse_unpaired_config)
 from .compat_tying import check_saved_tying
 from .saved_embeddings import base_tensor, saved_embedding_state, wrapped_embedding_keys
@@ -67,9 +67,8 @@ from .targets import find_targets, layer_rank_and_alpha
 # --------------------------------------------------------------------------------------------
 # Keys: the model's <-> the file's
 # --------------------------------------------------------------------------------------------
-def file_key(name: str, adapter: str) -> str:
-    """The model's key -> the file's: ``h.0.attn.c_attn.lora_A.default.weight`` -> ``h.0.attn.c_attn.lora_A.weight``."""
-    return name.replace(f".lora_A.{adapter}.", ".lora_A.").replace(f".lora_B.{adapter}.", ".lora_B.")
+# The model's key -> the file's: ``file_key`` (adapter_files.py, PEFT's rule; saved modules use it too):
+# ``h.0.attn.c_attn.lora_A.default.weight`` -> ``h.0.attn.c_attn.lora_A.weight``.
 
 
 def minilora_key(key: str, adapter: str = "default") -> str:

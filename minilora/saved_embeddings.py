@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from . import bounded_regex
+from .adapter_files import file_key
 from .compat_tying import EMBEDDING_LAYER_NAMES
 from .config import MiniLoraError
 from .inject import adapter_configs
@@ -169,26 +170,13 @@ def embedding_state(state: Mapping[str, torch.Tensor], names: list[str], adapter
                     other_adapters: list[str]) -> dict[str, torch.Tensor]:
     """The entries of ``state`` (your model's keys) under the modules ``names``, as PEFT takes them:
     every key under ``<name>.``, except other adapters' (a key holding ``.<other>.`` or ending in
-    ``.<other>``: PEFT's filter), under the file's key (``without_adapter_name``). A LoRA layer's own A
+    ``.<other>``: PEFT's filter), under the file's key (``file_key``). A LoRA layer's own A
     and B are among them, under the same keys as the adapter's (the caller keeps one of each)."""
     def others(key: str) -> bool:
         return any(f".{other}." in key or key.endswith(f".{other}") for other in other_adapters)
 
-    return {without_adapter_name(key, adapter_name): value for name in names for key, value in state.items()
+    return {file_key(key, adapter_name): value for name in names for key, value in state.items()
             if key.startswith(f"{name}.") and not others(key)}
-
-
-def without_adapter_name(key: str, adapter_name: str) -> str:
-    """The file's key for a key of the model, as PEFT 0.21.2 makes it
-    (``tuners_utils.py::_remove_adapter_name_from_state_dict_key``): the adapter's name is dropped where
-    it is the last part, or the last but one (``lm_head.modules_to_save.default.weight`` ->
-    ``lm_head.modules_to_save.weight``; ``lm_head.original_module.weight`` stays)."""
-    if "." not in key:
-        return key
-    if key.endswith(f".{adapter_name}"):
-        return key.removesuffix(f".{adapter_name}")
-    head, _, last = key.rpartition(".")
-    return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
 
 
 def saved_embedding_state(model: nn.Module, state: Mapping[str, torch.Tensor], config: Any, adapter_name: str,

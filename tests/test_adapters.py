@@ -89,6 +89,23 @@ def test_files_are_peft_files(tiny_gpt2, tmp_path):
         assert ours[field] == theirs[field], field
 
 
+@pytest.mark.parametrize("adapter", ["default", "other", "weight", "lora_A"])
+def test_file_key_is_pefts(adapter):
+    """One mapping from the model's keys to the file's, for A and B and for saved modules alike, and it is
+    PEFT's own (tuners_utils._remove_adapter_name_from_state_dict_key), including a module that happens
+    to bear the adapter's name."""
+    from peft.tuners.tuners_utils import _remove_adapter_name_from_state_dict_key
+
+    from minilora.adapters import file_key  # (defined in adapter_files.py; saved_embeddings.py uses it too)
+
+    keys = [f"transformer.h.0.attn.c_attn.lora_A.{adapter}.weight", f"transformer.h.0.attn.c_attn.lora_B.{adapter}.bias",
+            f"score.modules_to_save.{adapter}.weight", f"lm_head.modules_to_save.{adapter}.bias",
+            "lm_head.original_module.weight", f"transformer.{adapter}.c_attn.lora_A.{adapter}.weight",
+            f"trainable_tokens.{adapter}", "bias", f"{adapter}.weight", "transformer.h.0.ln_1.bias"]
+    for key in keys:
+        assert file_key(key, adapter) == _remove_adapter_name_from_state_dict_key(key, adapter), key
+
+
 @pytest.mark.usefixtures("one_thread")  # (one run of the full suite saw the twins 4.5e-5 apart with 2 threads)
 def test_gpt2_round_trips_both_directions(gpt2_pair, tmp_path):
     """GPT-2 small, r=8 on c_attn and c_proj, non-zero adapters: each library loads the other's file.
