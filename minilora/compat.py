@@ -272,6 +272,11 @@ class PeftModel(nn.Module):
         """``trainable params: ... || all params: ... || trainable%: ...``, PEFT's line, same numbers."""
         print(trainable_parameters_line(self))
 
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
+        """PEFT's: make ``model``'s input embeddings' output require grad (what the constructor does when the
+        model checkpoints already), so that gradient checkpointing turned on later still reaches the adapters."""
+        _inputs_require_grad(model)
+
     def get_layer_status(self) -> list:
         """The state of each LoRA layer, with PEFT's names: module type "lora.Linear", and each layer's
         name as PEFT's LoraModel sees it (under ``model.``)."""

@@ -366,3 +366,30 @@ def many_calls(lib, directory) -> list[float]:
 
 def test_every_wrapper_call_draws_peft_s_random_numbers(tmp_path):
     assert many_calls(compat, tmp_path / "ours") == many_calls(peft, tmp_path / "peft")
+
+
+def test_prepare_model_for_gradient_checkpointing_as_peft():
+    """A model that does not checkpoint yet gets no hook from the wrapper; the public method adds PEFT's
+    (input embeddings' output requires grad), returns what PEFT's returns, and then checkpointing trains
+    the adapters: the same gradients with both libraries."""
+    from conftest import make_tiny_gpt2
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    grads, returned, required = {}, {}, {}
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(make_tiny_gpt2(), lib.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                     init_lora_weights=False))
+        embeddings = model.get_base_model().get_input_embeddings()
+        before = embeddings(ids).requires_grad
+        returned[lib] = model.prepare_model_for_gradient_checkpointing(model.get_base_model())
+        required[lib] = (before, embeddings(ids).requires_grad)
+        model.train()
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+        (model(input_ids=ids).logits ** 2).sum().backward()
+        grads[lib] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert returned[compat] is returned[peft] is None
+    assert required[compat] == required[peft] == (False, True)
+    assert grads[compat].keys() == grads[peft].keys() and len(grads[peft]) == 4
+    for name, grad in grads[peft].items():
+        assert grad is not None and grad.abs().sum() > 0 and torch.equal(grads[compat][name], grad), name
