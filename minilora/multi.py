@@ -220,15 +220,23 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike, selected_adapt
 
 def write_all(saves: list, names: list[str]) -> None:
     """Write prepared saves in turn. A write that fails after others succeeded (a full disk cannot be
-    checked beforehand) says which adapters already hold their new files."""
+    checked beforehand; making a later adapter's bytes can run out of memory) says which adapters already
+    hold their new files: a MiniLoraError chained from the original error, or, for an interrupt
+    (KeyboardInterrupt, SystemExit), the interrupt itself with that note added."""
     for done, save in enumerate(saves):
         try:
             save.write()
-        except MiniLoraError as error:
+        except BaseException as error:
             if not done:
                 raise
-            raise MiniLoraError(f"Saving adapter {names[done]!r} failed after {names[:done]} were saved (their folders "
-                                f"hold the new files; {names[done]!r} and the rest are as before): {error}") from None
+            saved = (f"Saving adapter {names[done]!r} failed after {names[:done]} were saved (their folders hold the "
+                     f"new files; {names[done]!r} and the rest are as before)")
+            if not isinstance(error, Exception):  # an interrupt stays one
+                error.add_note(f"minilora: {saved}.")
+                raise
+            what = str(error) if isinstance(error, MiniLoraError) else f"{type(error).__name__}: {error}"
+            raise MiniLoraError(f"{saved}: {what} Then save the rest again: selected_adapters={names[done:]!r}.") \
+                from (None if isinstance(error, MiniLoraError) else error)
 
 
 def prepare_saves(model: nn.Module, directory: str | os.PathLike, names: list[str], **kwargs) -> list[PreparedSave]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -434,6 +435,47 @@ def test_save_adapters_failing_after_a_first_write_says_which_were_saved(tiny_gp
         minilora.save_adapters(model, tmp_path)
     assert "unchanged" not in str(error.value).split("failed after")[0]
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError(), OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()],
+                         ids=["MemoryError", "OSError", "KeyboardInterrupt"])
+@pytest.mark.parametrize("save", list(SAVES_OF_TWO.values()), ids=list(SAVES_OF_TWO))
+def test_any_failure_after_a_first_write_says_which_were_saved(wrapper_with_two_adapters, tmp_path, monkeypatch,
+                                                               error, save):
+    """Not only a MiniLoraError: any error while making or writing a later adapter's bytes (planted: out of
+    memory, an I/O error, an interrupt) names the adapters already saved, whose files are complete on disk
+    (they load back as the model's), and leaves the failed one's folder as it was. An error is a
+    MiniLoraError chained from the original; an interrupt stays an interrupt, with that note."""
+    from minilora import adapters
+
+    base = wrapper_with_two_adapters.get_base_model()
+    minilora.save_adapters(base, tmp_path)
+    before = files_state(tmp_path / "other")
+    randomize_adapters(base, seed=4, std=0.2)  # (new values: each adapter's files differ from the saved ones)
+    make = adapters.PreparedSave.weights
+
+    def failing(self):
+        if self.directory.name == "other":
+            raise error
+        return make(self)
+
+    monkeypatch.setattr(adapters.PreparedSave, "weights", failing)
+    saved = r"Saving adapter 'other' failed after \['default'\] were saved \(their folders hold the new files"
+    if isinstance(error, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as raised:
+            save(wrapper_with_two_adapters, tmp_path)
+        assert raised.value is error and re.search(saved, "\n".join(raised.value.__notes__))
+    else:
+        with pytest.raises(MiniLoraError, match=saved + rf".*{type(error).__name__}.*selected_adapters=\['other'\]") \
+                as raised:
+            save(wrapper_with_two_adapters, tmp_path)
+        assert raised.value.__cause__ is error
+    monkeypatch.undo()
+    assert files_state(tmp_path / "other") == before
+    loaded = load_file(tmp_path / "adapter_model.safetensors")
+    expected = {f"base_model.model.{key}".replace(".default.", "."): value for key, value in base.state_dict().items()
+                if ".default." in key}
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[key], expected[key]) for key in loaded)
 
 
 @pytest.mark.parametrize("existing", ["absent", "saved"])
