@@ -50,7 +50,7 @@ def random_outcomes(examples: int) -> collections.Counter:
               phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     @given(st.data())
     def one(data):
-        scenario = draw_scenario(Draw(data=data))
+        scenario = draw_scenario(Draw(data=data), wide=Draw(data=data))  # (with the wide draws: differential_wide.py)
         try:
             done = run_scenario(scenario)  # raises Finding (an AssertionError) on any difference
         except Refusal as refusal:  # minilora refused with a MiniLoraError where PEFT ran (documented scope)

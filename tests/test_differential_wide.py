@@ -1,0 +1,105 @@
+"""The differential fuzzer's wider draws (parity/differential_wide.py): more of PEFT's config fields and
+calls, drawn without changing the scenarios a seed drew before; one scenario that runs each new call,
+with the exact steps it must take (each compared with PEFT); and what they found, each fixed and
+compared with PEFT directly (each test fails on the code before its fix).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import warnings
+
+import peft
+import pytest
+import torch
+
+from minilora import compat
+from parity import differential
+from parity.architectures import ARCHITECTURES
+from parity.differential import Draw, Scenario, build_base, draw_scenario, run_scenario
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_wide_draws_leave_a_seeds_scenarios_unchanged():
+    """The CLI draws each scenario from the seed's stream and its wide part from a stream of its own, so
+    ``--seed N`` replays the scenarios N gave before the wide draws existed (and ``--narrow`` them alone)."""
+    for seed in (31, 120):
+        narrow_rng, wide_rng = random.Random(seed), random.Random(seed)
+        for index in range(6):
+            narrow = draw_scenario(Draw(narrow_rng), seed=index)
+            wide = draw_scenario(Draw(wide_rng), seed=index, wide=Draw(random.Random(f"{seed}/{index}")))
+            assert narrow.wide == {}
+            assert (narrow.arch, narrow.head, narrow.config, narrow.second, narrow.ops) == (
+                wide.arch, wide.head, wide.config, wide.second, wide.ops)
+
+
+EQUAL, RAN = "equal", "ran"
+
+# Every wide call in one scenario (OPT has biases, so lora_bias can merge): the steps it must take, in order
+WIDE = Scenario(
+    "opt", "lm", dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4, lora_bias=True, use_rslora=True,
+                      rank_pattern={r"\d+\.self_attn.v_proj": 3}),
+    second=dict(target_modules=["v_proj", "fc1"], r=4, lora_dropout=0.1),
+    ops=dict(train_forward=True, backward=True, merge=True, disable=True, files=True), seed=3,
+    wide=dict(merge_names=["default", "other"], multi_active=True, merge_enable=True, train_step=True,
+              load=dict(cross=True, is_trainable=True, name="loaded", from_name="x"),
+              ending=("merge_and_unload", ["default", "other"]), dtype_start=("bfloat16", True)))
+HALF = "get_peft_model(bfloat16 base, autocast_adapter_dtype=True)"
+WIDE_STEPS = [
+    ("LoraConfig", RAN), ("get_peft_model", EQUAL), ("init", EQUAL), ("counts and config", EQUAL),
+    ("forward eval", EQUAL), ("forward train", EQUAL), ("backward", EQUAL),
+    (HALF, EQUAL), (f"{HALF} dtypes", EQUAL), (f"{HALF} values", EQUAL), ("forward (bfloat16 base)", EQUAL),
+    ("LoraConfig (second)", RAN), ("add_adapter", EQUAL), ("add_adapter init", EQUAL), ("set_adapter", EQUAL),
+    ("forward (other)", EQUAL), ("backward (other)", EQUAL),
+    ("merge_adapter(adapter_names=['default', 'other'])", RAN), ("after merge_adapter(adapter_names)", EQUAL),
+    ("forward merged (adapter_names)", EQUAL), ("unmerge_adapter (adapter_names)", RAN),
+    ("forward unmerged (adapter_names)", EQUAL),
+    ("base_model.set_adapter([...])", RAN), ("after base_model.set_adapter([...])", EQUAL),
+    ("forward (both active)", EQUAL), ("backward (both active)", EQUAL), ("AdamW step (both active)", EQUAL),
+    ("merge_adapter (then disable)", RAN), ("disable_adapter_layers (merged)", RAN),
+    ("after disable_adapter_layers (merged)", EQUAL), ("forward after disable_adapter_layers (merged)", EQUAL),
+    ("enable_adapter_layers (after merge)", RAN), ("after enable_adapter_layers (after merge)", EQUAL),
+    ("forward after enable_adapter_layers (after merge)", EQUAL), ("unmerge_adapter (after enable)", RAN),
+    ("forward after unmerge (after enable)", EQUAL),
+    ("AdamW step (before saving)", EQUAL), ("forward after the AdamW step", EQUAL),
+    ("merge_adapter", RAN), ("forward merged", EQUAL), ("unmerge_adapter", RAN), ("forward unmerged", EQUAL),
+    ("disable_adapter", EQUAL), ("after disable_adapter", EQUAL),
+    ("save_pretrained", EQUAL), ("from_pretrained(adapter_name='x', is_trainable=True)", EQUAL),
+    ("load_adapter(the other library's files, adapter_name='loaded', is_trainable=True)", EQUAL),
+    ("set_adapter(loaded)", EQUAL), ("forward (loaded)", EQUAL),
+    ("minilora loads PEFT's files", EQUAL), ("peft loads minilora's files", EQUAL),
+    ("before merge_and_unload", EQUAL), ("merge_and_unload(safe_merge=True, adapter_names=['default', 'other'])", EQUAL),
+    ("forward after merge_and_unload", EQUAL)]
+
+
+def test_every_wide_call_runs_and_agrees_with_peft():
+    done = run_scenario(WIDE)
+    assert done.steps == WIDE_STEPS
+    assert done.numbers > 20
+
+
+@pytest.mark.parametrize("ending", ["unload", "get_base_model", "float16"])
+def test_the_other_wide_endings_agree_with_peft(ending):
+    scenario = Scenario("gpt2", "lm", dict(target_modules=["c_attn"], r=2, bias="lora_only"), seed=1,
+                        wide=dict(ending=(ending, None)))
+    steps = run_scenario(scenario).steps
+    expected = {"unload": [("unload", EQUAL), ("forward after unload", EQUAL)],
+                "get_base_model": [("get_base_model", RAN), ("forward after get_base_model", EQUAL)],
+                "float16": [("to(float16)", RAN), ("after to(float16)", EQUAL), ("forward in float16", EQUAL)]}
+    assert steps[-len(expected[ending]):] == expected[ending], steps
+
+
+# --------------------------------------------------------------------------------------------
+# What the wide draws found, fixed, each compared with PEFT directly
+# --------------------------------------------------------------------------------------------
+def _both(arch, head, fields, seed=0):
+    base = build_base(ARCHITECTURES[arch], head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(fields)))
+        torch.manual_seed(seed)
+        mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(**copy.deepcopy(fields)))
+    return base, mini, twin
