@@ -547,6 +547,9 @@ class PeftModel(nn.Module):
             self._new_copies_biases_like_peft(adapter_name)
             if is_trainable:  # PEFT's new modules start in train mode; is_trainable=False then calls eval()
                 leave_new_layers_in_train_mode(self.get_base_model(), adapter_name)
+                # and everything of the new adapter trains, its copies in modules_to_save wrappers that another adapter
+                # made too (inactive copies start frozen): PEFT's load_adapter calls set_requires_grad(adapter_name)
+                self.base_model.set_requires_grad(adapter_name, True)
         if not is_trainable:
             self.eval()
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])

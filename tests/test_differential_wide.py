@@ -6,18 +6,15 @@ compared with PEFT directly (each test fails on the code before its fix).
 
 from __future__ import annotations
 
-import copy
 import random
 import warnings
 
 import peft
 import pytest
-import torch
 
-from minilora import compat
 from parity import differential
-from parity.architectures import ARCHITECTURES
-from parity.differential import Draw, Scenario, build_base, draw_scenario, run_scenario
+from parity.differential import Draw, Scenario, draw_scenario, run_scenario
+from test_differential import _both  # the same model made by both libraries from the same seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,12 +91,23 @@ def test_the_other_wide_endings_agree_with_peft(ending):
 # --------------------------------------------------------------------------------------------
 # What the wide draws found, fixed, each compared with PEFT directly
 # --------------------------------------------------------------------------------------------
-def _both(arch, head, fields, seed=0):
-    base = build_base(ARCHITECTURES[arch], head)
+def _grads(model) -> dict[str, bool]:
+    return {name: param.requires_grad for name, param in model.named_parameters()}
+
+
+def test_load_adapter_trainable_trains_its_copies_in_another_adapters_wrappers_as_peft(tmp_path):
+    """--examples 80 --seed 147, #68: load_adapter(is_trainable=True) of an adapter whose modules_to_save the
+    model wraps already (another adapter's): PEFT's load_adapter calls set_requires_grad(adapter_name), so the
+    new, inactive copy trains; minilora's stayed frozen."""
+    fields = dict(target_modules=["k_proj"], r=2, modules_to_save=["down_proj"])
+    _, mini, twin = _both("qwen2", "qa", fields)
+    twin.save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        twin = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**copy.deepcopy(fields)))
-        torch.manual_seed(seed)
-        mini = compat.get_peft_model(copy.deepcopy(base), compat.LoraConfig(**copy.deepcopy(fields)))
-    return base, mini, twin
+        for model in (mini, twin):
+            model.load_adapter(tmp_path, adapter_name="loaded", is_trainable=True)
+    grads = [_grads(model) for model in (mini, twin)]
+    copies = [name for name in grads[1] if ".modules_to_save.loaded." in name]
+    assert copies and all(grads[1][name] for name in copies)  # PEFT's answer: they train
+    assert grads[0] == grads[1]
+    differential.compare_structure("load_adapter(is_trainable=True)", mini, twin)
