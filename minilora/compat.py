@@ -170,6 +170,7 @@ class PeftModel(nn.Module):
         if getattr(peft_config, "inference_mode", False):
             freeze_for_inference(model, peft_config.bias)
         self._hold(model)
+        self.__dict__["_active_name"] = adapter_name
 
     def _hold(self, model: nn.Module) -> None:
         """Wrap ``model`` (injected already) and do what PEFT's constructor does to it besides injecting."""
@@ -238,11 +239,19 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str | list[str]:
-        """The active adapter's name (a list when several are active, as PEFT's LoraModel says)."""
-        return self.base_model.active_adapter
+        """The name PEFT's PeftModel keeps as its active adapter: set when it is made (get_peft_model,
+        from_pretrained), by its set_adapter, and by a delete_adapter that leaves one adapter active.
+        ``base_model.set_adapter`` (LoraModel's; a list makes several active) leaves it as it was, as in
+        PEFT, so after ``base_model.set_adapter(["a", "b"])`` it still names one adapter;
+        ``active_adapters`` says which run."""
+        name = self.__dict__.get("_active_name")
+        return self.base_model.active_adapter if name is None else name
 
     @property
     def active_peft_config(self) -> LoraConfig:
+        if isinstance(self.active_adapter, list):  # (minilora's set_adapter takes a list; PEFT's PeftModel does not)
+            raise MiniLoraError(f"Several adapters are active ({self.active_adapter}, from set_adapter with a list), "
+                                "so there is no one active_peft_config: read peft_config[name] for the one you mean.")
         return self.peft_config[self.active_adapter]
 
     @property
@@ -396,6 +405,7 @@ class PeftModel(nn.Module):
         """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         self.__dict__["_deleted_active"] = None
+        self.__dict__["_active_name"] = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
         """As PEFT's; where no adapter stays active, forward refuses until set_adapter (PEFT's PeftModel
@@ -403,6 +413,10 @@ class PeftModel(nn.Module):
         self.base_model.delete_adapter(adapter_name)
         if not self.active_adapters and self.__dict__.get("_deleted_active") is None:
             self.__dict__["_deleted_active"] = adapter_name  # (PEFT keeps the first deleted name as active)
+        if len(self.active_adapters) == 1:  # (else PEFT's PeftModel keeps the name it had, the deleted one too)
+            self.__dict__["_active_name"] = self.active_adapters[0]
+        elif self.__dict__.get("_active_name") is None:
+            self.__dict__["_active_name"] = adapter_name
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         self.base_model.set_requires_grad(adapter_names, requires_grad)
@@ -519,6 +533,7 @@ class PeftModel(nn.Module):
             keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
         if wrapper is None:
             wrapper = task_class._wrapping(inner)
+        wrapper.__dict__["_active_name"] = adapter_name  # (PEFT's new PeftModel is made with it)
         if not is_trainable:
             wrapper.eval()
         return wrapper

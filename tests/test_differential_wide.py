@@ -12,6 +12,7 @@ import warnings
 import peft
 import pytest
 
+from minilora import compat
 from parity import differential
 from parity.differential import Draw, Scenario, draw_scenario, run_scenario
 from test_differential import _both  # the same model made by both libraries from the same seed
@@ -111,3 +112,37 @@ def test_load_adapter_trainable_trains_its_copies_in_another_adapters_wrappers_a
     assert copies and all(grads[1][name] for name in copies)  # PEFT's answer: they train
     assert grads[0] == grads[1]
     differential.compare_structure("load_adapter(is_trainable=True)", mini, twin)
+
+
+def _names(model) -> tuple:
+    try:
+        config = model.active_peft_config.r
+    except Exception as error:  # noqa: BLE001 - PEFT's exception type is the answer there
+        config = type(error).__name__
+    return model.active_adapter, list(model.active_adapters), config
+
+
+@pytest.mark.parametrize("calls", [
+    [("base_model.set_adapter", ["default", "other"])],
+    [("base_model.set_adapter", "other"), ("set_adapter", "third"), ("base_model.set_adapter", "default")],
+    [("base_model.set_adapter", ["other", "third"]), ("delete_adapter", "default")],
+    [("base_model.set_adapter", ["other", "third"]), ("delete_adapter", "other")],
+    [("set_adapter", "other"), ("delete_adapter", "other")],
+])
+def test_the_active_adapter_a_peft_model_keeps_is_pefts(calls):
+    """PEFT's PeftModel keeps its own active_adapter (and active_peft_config): set by get_peft_model, its
+    set_adapter, and a delete_adapter that leaves one adapter active; base_model.set_adapter (the widened
+    fuzzer's multi-active call) leaves it unchanged. minilora answered the LoraModel's, a list where PEFT
+    names one adapter, and active_peft_config raised a TypeError."""
+    _, mini, twin = _both("llama", "lm", dict(target_modules=["q_proj"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, r in (("other", 4), ("third", 8)):
+            mini.add_adapter(name, compat.LoraConfig(target_modules=["v_proj"], r=r))
+            twin.add_adapter(name, peft.LoraConfig(target_modules=["v_proj"], r=r))
+        for method, argument in calls:
+            for model in (mini, twin):
+                owner = model.base_model if method.startswith("base_model.") else model
+                getattr(owner, method.removeprefix("base_model."))(argument)
+            assert _names(mini) == _names(twin), (method, argument)
+
