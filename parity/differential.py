@@ -430,12 +430,23 @@ def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
     if mini_keys != peft_keys:
         raise Finding(f"{step}: state_dict keys: minilora only {sorted(mini_keys - peft_keys)[:5]}, "
                       f"PEFT only {sorted(peft_keys - mini_keys)[:5]}")
+    if hasattr(twin, "active_adapter") and hasattr(twin, "base_model"):  # a PeftModel: the name it keeps
+        names = [_active_name(model) for model in (mini, twin)]
+        if names[0] != names[1]:
+            raise Finding(f"{step}: active_adapter {names[0]!r} vs PEFT's {names[1]!r}")
     mini_modes = {name: m.training for name, m in mini.named_modules()}
     peft_modes = {name: m.training for name, m in twin.named_modules()}
     modes = [name for name in mini_modes if name in peft_modes and mini_modes[name] != peft_modes[name]]
     if modes:
         raise Finding(f"{step}: train/eval mode differs on {modes[:5]} (minilora {[mini_modes[n] for n in modes[:3]]})")
     trace().equal(step)
+
+
+def _active_name(model: nn.Module) -> Any:
+    try:
+        return model.active_adapter
+    except Exception as error:  # noqa: BLE001 - what it raises is compared
+        return type(error).__name__
 
 
 def compare_values(step: str, mini: nn.Module, twin: nn.Module) -> None:
@@ -868,6 +879,7 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
         compare_structure(step, loaded_mini, loaded_peft)
         # and each loads its own files (wide: the other's) as a further adapter of the live model, which then runs it
         name, trainable = (load["name"], load["is_trainable"]) if load else ("loaded", False)
+        name = active if name == "same" else name
         mini_files, peft_files = (peft_dir, mini_dir) if load.get("cross") else (mini_dir, peft_dir)
         whose = "the other library's" if load.get("cross") else "its own"
         step = f"load_adapter({whose} files, adapter_name={name!r}, is_trainable={trainable})" if load else "load_adapter"

@@ -20,8 +20,8 @@ here is the scenario's ``wide`` dict:
     merge_enable        merge_adapter(), disable_adapter_layers(), enable_adapter_layers(): forwards after each
     train_step          an AdamW step before the save (so the files hold trained numbers)
     load                the save step's loads: from_pretrained(..., adapter_name=..., is_trainable=...) and
-                        load_adapter of the *other* library's files (adapter_name=..., is_trainable=...), then
-                        set_adapter to it
+                        load_adapter of the *other* library's files (adapter_name=..., is_trainable=...; "same":
+                        the saved adapter's own name, loading into it as Trainer's resume does), then set_adapter to it
     ending              after the scenario's last call: merge_and_unload(safe_merge=True, adapter_names=[...]),
                         unload(), get_base_model(), or model.to(float16 / bfloat16) then forward
     dtype_start         a fresh pair built on a float16 / bfloat16 base with get_peft_model(...,
@@ -88,7 +88,7 @@ def draw_wide(draw, model: nn.Module, spec: Architecture, head: str, config: dic
         if draw.boolean(p):
             wide[name] = draw.choice([["default"], ["other"], ["default", "other"]]) if name == "merge_names" else True
     if draw.boolean(0.5):
-        wide["load"] = dict(cross=draw.boolean(), is_trainable=draw.boolean(), name=draw.choice(["loaded", "default"]),
+        wide["load"] = dict(cross=draw.boolean(), is_trainable=draw.boolean(), name=draw.choice(["loaded", "same"]),
                             from_name=draw.choice(["default", "x"]))
     ending = draw.choice([None, "merge_and_unload", "unload", "get_base_model", "float16", "bfloat16"])
     if ending == "merge_and_unload":
