@@ -622,12 +622,13 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
                                                  lambda: make(peft, config))
         if not ran:
             return
+        first = wide.get("adapter_name", "default")  # (get_peft_model's adapter_name: a wide draw)
         torch.manual_seed(scenario.seed)
-        mini_call = lambda: compat.get_peft_model(mini_base, mini_config)  # noqa: E731
+        mini_call = lambda: compat.get_peft_model(mini_base, mini_config, adapter_name=first)  # noqa: E731
 
         def peft_call():
             torch.manual_seed(scenario.seed)
-            return peft.get_peft_model(peft_base, peft_config)
+            return peft.get_peft_model(peft_base, peft_config, adapter_name=first)
 
         mini, twin, ran = run_both("get_peft_model", mini_call, peft_call)
         if not ran:
@@ -640,7 +641,7 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
             raise Finding(f"counts: {mini.get_nb_trainable_parameters()} vs PEFT's "
                           f"{twin.get_nb_trainable_parameters()}")
         _compare_printed(mini, twin)
-        _compare_config("peft_config", mini.peft_config["default"], twin.peft_config["default"])
+        _compare_config("peft_config", mini.peft_config[first], twin.peft_config[first])
         record.equal("counts and config")
         same_values(mini, twin, scenario.seed)
         compare_forward("forward eval", mini, twin, inputs)
@@ -651,7 +652,7 @@ def _run_scenario(scenario: Scenario, record: Trace) -> None:
         if scenario.ops.get("train_step"):
             compare_train_step("AdamW step", mini, twin, inputs)
         if wide.get("dtype_start"):
-            differential_wide.run_dtype_start(wide, config, base, inputs, scenario.seed)
+            differential_wide.run_dtype_start(wide, config, second, base, inputs, scenario.seed)
         if second is not None:
             second_mini, second_peft, ran = run_both("LoraConfig (second)", lambda: make(compat, second),
                                                      lambda: make(peft, second))

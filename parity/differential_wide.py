@@ -25,7 +25,11 @@ here is the scenario's ``wide`` dict:
     ending              after the scenario's last call: merge_and_unload(safe_merge=True, adapter_names=[...]),
                         unload(), get_base_model(), or model.to(float16 / bfloat16) then forward
     dtype_start         a fresh pair built on a float16 / bfloat16 base with get_peft_model(...,
-                        autocast_adapter_dtype=True / False): dtypes, values, forward
+                        autocast_adapter_dtype=True / False): dtypes, values, forward, backward; the second
+                        adapter (add_adapter with the same flag), merge_adapter / unmerge_adapter (1e-2
+                        relative: half-precision sums), save_pretrained, from_pretrained into a half base
+    adapter_name        get_peft_model(..., adapter_name=...) other than "default" (the rest of the
+                        scenario uses it where it names the first adapter)
 """
 
 from __future__ import annotations
@@ -97,7 +101,15 @@ def draw_wide(draw, model: nn.Module, spec: Architecture, head: str, config: dic
         wide["ending"] = (ending, None)
     if draw.boolean(0.25):
         wide["dtype_start"] = (draw.choice(list(DTYPES)), draw.boolean())
+    if draw.boolean(0.15):
+        wide["adapter_name"] = draw.choice(["x", "lora"])
     return wide
+
+
+def _named(wanted: list, model: nn.Module) -> list:
+    """The drawn names, "default" being the first adapter's (get_peft_model's adapter_name), those the model has."""
+    first = next(iter(model.peft_config))
+    return [name for name in (first if name == "default" else name for name in wanted) if name in model.peft_config]
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +123,7 @@ def run_middle(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> No
 
     names = list(mini.peft_config)
     if wide.get("merge_names"):
-        wanted = [name for name in wide["merge_names"] if name in names]
+        wanted = _named(wide["merge_names"], mini)
         if not wanted or len(names) < 2:
             trace().skipped("merge_adapter(adapter_names)", "the scenario has one adapter")
         else:
@@ -180,7 +192,7 @@ def run_ending(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> No
 
     kind, adapter_names = wide["ending"]
     if kind == "merge_and_unload":
-        names = None if adapter_names is None else [name for name in adapter_names if name in mini.peft_config]
+        names = None if adapter_names is None else _named(adapter_names, mini)
         if names == []:
             return trace().skipped("merge_and_unload(safe_merge=True, adapter_names)", "no such adapter")
         return compare_merge_and_unload(mini, twin, inputs, dict(safe_merge=True, adapter_names=names))
@@ -241,16 +253,22 @@ def _tied(model: nn.Module) -> bool:
     return any(getattr(layer, "tied_to", None) for _, layer in lora_layers(model))
 
 
-def run_dtype_start(wide: dict, config: dict, base: nn.Module, inputs: dict, seed: int) -> None:
-    """A fresh pair on a half-precision base, get_peft_model(..., autocast_adapter_dtype=...)."""
+def run_dtype_start(wide: dict, config: dict, second: Any, base: nn.Module, inputs: dict, seed: int) -> None:
+    """A fresh pair on a half-precision base, get_peft_model(..., autocast_adapter_dtype=...), and what
+    follows on it (module docstring)."""
+    import tempfile
+    from pathlib import Path
+
     import peft
 
     from minilora import compat
-    from parity.differential import (Finding, compare_forward, compare_structure, run_both, same_values, trace)
+    from parity.differential import (Finding, compare_backward, compare_files, compare_forward, compare_structure,
+                                     compare_values, run_both, same_values, trace)
 
     kind, autocast = wide["dtype_start"]
     dtype = DTYPES[kind]
     step = f"get_peft_model({kind} base, autocast_adapter_dtype={autocast})"
+    inputs = cast_inputs(inputs, dtype)
 
     def build(library):
         model = copy.deepcopy(base).to(dtype)
@@ -265,10 +283,48 @@ def run_dtype_start(wide: dict, config: dict, base: nn.Module, inputs: dict, see
         raise Finding(f"{step}: {type(mini).__name__} vs PEFT's {type(twin).__name__}")
     compare_structure(step, mini, twin)
     _compare_dtypes(f"{step} dtypes", mini, twin)
-    peft_state = twin.state_dict()
-    for key, value in mini.state_dict().items():
-        if not torch.equal(value, peft_state[key]):
-            raise Finding(f"{step}: {key} differs from PEFT's")
-    trace().equal(f"{step} values", numbers=True)
+    compare_values(f"{step} values", mini, twin)
     same_values(mini, twin, seed)
-    compare_forward(f"forward ({kind} base)", mini, twin, cast_inputs(inputs, dtype))
+    compare_forward(f"forward ({kind} base)", mini, twin, inputs)
+    compare_backward(f"backward ({kind} base)", mini, twin, inputs)
+    if second is not None:
+        def add(model, library):
+            torch.manual_seed(seed + 1)
+            model.add_adapter("other", library.LoraConfig(**copy.deepcopy(second)), autocast_adapter_dtype=autocast)
+            model.set_adapter("other")
+
+        _, _, ran = run_both(f"add_adapter ({kind} base)", lambda: add(mini, compat), lambda: add(twin, peft))
+        if not ran:
+            return trace().stop(f"add_adapter ({kind} base)", "both refused")
+        compare_structure(f"after add_adapter ({kind} base)", mini, twin)
+        _compare_dtypes(f"after add_adapter ({kind} base) dtypes", mini, twin)
+        compare_values(f"add_adapter ({kind} base) values", mini, twin)
+        compare_forward(f"forward (other, {kind} base)", mini, twin, inputs)
+    _, _, ran = run_both(f"merge_adapter ({kind} base)", mini.merge_adapter, twin.merge_adapter)
+    if not ran:
+        return trace().stop(f"merge_adapter ({kind} base)", "both refused")
+    if _tied(mini):
+        return trace().stop(f"merge_adapter ({kind} base)", "a tied weight (documented difference)")
+    compare_forward(f"forward merged ({kind} base)", mini, twin, inputs, rtol=1e-2)
+    run_both(f"unmerge_adapter ({kind} base)", mini.unmerge_adapter, twin.unmerge_adapter)
+    compare_forward(f"forward unmerged ({kind} base)", mini, twin, inputs, rtol=1e-2)
+    with tempfile.TemporaryDirectory() as tmp:
+        mini_dir, peft_dir = Path(tmp) / "mini", Path(tmp) / "peft"
+        _, _, ran = run_both(f"save_pretrained ({kind} base)", lambda: mini.save_pretrained(mini_dir),
+                             lambda: twin.save_pretrained(peft_dir))
+        if not ran:
+            return
+        for directory in (mini_dir, peft_dir):
+            (directory / "README.md").unlink(missing_ok=True)
+        compare_files(f"save_pretrained ({kind} base)", mini_dir, peft_dir)
+
+        def load(library, directory):
+            model = copy.deepcopy(base).to(dtype)
+            return library.PeftModel.from_pretrained(model, directory, autocast_adapter_dtype=autocast).eval()
+
+        loaded_mini, loaded_peft, ran = run_both(f"from_pretrained ({kind} base)", lambda: load(compat, peft_dir),
+                                                 lambda: load(peft, mini_dir))
+        if ran:
+            compare_structure(f"from_pretrained ({kind} base)", loaded_mini, loaded_peft)
+            _compare_dtypes(f"from_pretrained ({kind} base) dtypes", loaded_mini, loaded_peft)
+            compare_forward(f"forward loaded ({kind} base)", loaded_mini, loaded_peft, inputs)
