@@ -130,10 +130,12 @@ def check_file_keys(tensors: Mapping[str, torch.Tensor], adapter_name: str, orig
                                 f"{named.group(1)!r}.")
 
 
-def check_dense(tensors: Mapping[str, torch.Tensor], origin: str) -> None:
+def check_dense(tensors: Mapping[str, torch.Tensor], origin: str, unread: bool = False) -> None:
     """Adapters hold plain (strided) tensors with data: a sparse or nested tensor (a ``.bin`` can hold one),
-    or one on the meta device (no values), would fail in the checks or the copy with a bare torch error."""
-    odd = [key for key, value in tensors.items() if value.layout != torch.strided or value.is_nested or value.is_meta]
+    or one on the meta device (no values), would fail in the checks or the copy with a bare torch error.
+    ``unread``: the tensors are a safetensors header's entries, on the meta device until their values are read."""
+    odd = [key for key, value in tensors.items()
+           if value.layout != torch.strided or value.is_nested or (value.is_meta and not unread)]
     if odd:
         value = tensors[odd[0]]
         kind = "on the meta device (it has no values)" if value.is_meta else f"a {value.layout} tensor"
@@ -238,13 +240,19 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
                                 "adapter again.")
         # The values the model will hold: float64 values beyond float32's range become inf in the cast.
         held = held_dtype(model, key, autocast_adapter_dtype)
-        if not bool(torch.isfinite(tensor.to(held)).all()):
+        if not all_finite(tensor.to(held)):
             cast = f" once cast to the model's {held}" if tensor.dtype != held else ""
             raise MiniLoraError(f"{source}: {key} holds NaN or inf values{cast}: the file is corrupt or the "
                                 "training diverged. Nothing was loaded.")
 
 
 LOADABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf. A tensor on the meta device is a safetensors header's entry whose values are not read
+    yet (adapter_files.py): ``load_adapter`` checks them again once read."""
+    return tensor.is_meta or bool(torch.isfinite(tensor).all())
 
 
 def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -257,7 +265,7 @@ def nested_original_biases(model: nn.Module, tensors: dict[str, torch.Tensor], s
     state = model.state_dict()
     for key, value in tensors.items():
         own = state[key if key in state else original_key(key)]
-        if value.shape != own.shape or value.dtype not in LOADABLE_DTYPES or not bool(torch.isfinite(value).all()):
+        if value.shape != own.shape or value.dtype not in LOADABLE_DTYPES or not all_finite(value):
             raise MiniLoraError(f"{source}: {key} has shape {tuple(value.shape)} and dtype {value.dtype}, or NaN / "
                                 f"inf values; this model's is {tuple(own.shape)}. The file does not belong to it.")
 
@@ -289,7 +297,7 @@ def saved_embedding_weights(model: nn.Module, renamed: dict[str, torch.Tensor], 
             raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with the embedding layers) has "
                                 f"shape {tuple(value.shape)}; this model's is {tuple(own.shape)}. The file does not "
                                 f"belong to this model.{resized}")
-        if value.dtype not in LOADABLE_DTYPES or not bool(torch.isfinite(value.to(own.dtype)).all()):
+        if value.dtype not in LOADABLE_DTYPES or not all_finite(value.to(own.dtype)):
             raise MiniLoraError(f"{source}: {key} (the base {attribute} PEFT saves with the embedding layers) "
                                 f"holds {value.dtype}, or NaN / inf values. The file is corrupt: save it again.")
         found.append((name, attribute, value))

@@ -306,72 +306,32 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                             "would leave the old update inside W0. Call minilora.unmerge(model) first.")
 
     device = _device_of(model)
+    files = None
     if isinstance(source, Mapping):
         if not layers:
             raise MiniLoraError("A dict of tensors carries no config (r, lora_alpha, target_modules), so it can "
                                 "only be loaded into a model that already has minilora layers. Pass the adapter "
                                 "directory instead, or minilora.inject(model, config) first.")
-        config, config_origin, origin = adapter_config(model, adapter_name), "the model's config", "the state dict"
+        config = adapter_config(model, adapter_name)
         if config is None:
             raise MiniLoraError(f"The model has no adapter {adapter_name!r} to load a dict of tensors into. Pass "
                                 "the adapter directory (it holds the config) instead.")
+        source_of = _Source("the state dict", config, "the model's config")
         tensors = dict(source)
     else:
-        files = source if isinstance(source, AdapterFiles) else read_adapter_files(_adapter_directory(source), device)
-        directory, fields, config_origin, paired = files.directory, files.fields, files.config_origin, files.paired
-        tensors = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                   for key, value in files.tensors.items()}
-        config = config_from_fields(fields, config_origin)
-        path, origin = files.weights_path, str(files.weights_path)
+        files = source if isinstance(source, AdapterFiles) else read_adapter_files(_adapter_directory(source))
+        config = config_from_fields(files.fields, files.config_origin)
+        source_of = _Source(str(files.weights_path), config, files.config_origin, files)
         if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
-            check_saved_tying(model, fields)
+            check_saved_tying(model, files.fields)
     if adding:
         check_can_add(model, adapter_name, config)
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-        raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
-    check_dense(tensors, origin)
-    check_file_keys(tensors, adapter_name, origin, from_file=not isinstance(source, Mapping))
-    renamed = {minilora_key(key, adapter_name): value for key, value in tensors.items()}
-    if len(renamed) != len(tensors):
-        raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
-    try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
-        lora_targets = [name for name, _ in layers] or find_targets(model, config)
-        saved_names = saved_module_names(model, config, lora_targets, adapter_name)
-        extra = bias_all_keys(model, saved_names) if config.bias == "all" else []  # PEFT's (saved_modules.py)
-        originals = {key: renamed.pop(key) for key in extra if key in renamed}
-        for key in extra:  # the copy's bias a second time, which PEFT's loading ignores too
-            renamed.pop(key.replace(BIAS_ALL_ORIGINAL, BIAS_ALL_COPY), None)
-        nested_originals = {}
-        if config.bias == "all":  # the same for biases inside a saved module (PEFT writes those keys too)
-            nested, repeats = nested_bias_all_keys(model, saved_names, list(renamed))
-            nested_originals = {key: renamed.pop(key) for key in nested}  # (checked and loaded below)
-            for key in repeats:
-                renamed.pop(key)
-        # an embedding layer in modules_to_save: PEFT's file also holds the wrapper's keys (saved_embeddings.py)
-        wrapped_originals, ignored = wrapped_embedding_keys(model, saved_names)
-        for key in ignored:  # <name>.modules_to_save.weight: PEFT's loading ignores it
-            renamed.pop(key, None)
-        wrapped_originals = {key: renamed.pop(key) for key in wrapped_originals if key in renamed}  # (checked below)
-        renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals, **wrapped_originals}
-    except MiniLoraError as error:
-        raise MiniLoraError(f"{config_origin}: {error}") from None
-    nested_original_biases(model, nested_originals, origin)
-    if not isinstance(source, Mapping):
-        check_rank_agrees(renamed, config, str(directory))
-    try:
-        shapes = expected_shapes(model, config, adapter_name)
-    except MiniLoraError as error:  # the config's targets are not in this model
-        raise MiniLoraError(f"{config_origin}: {error}") from None
-    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
-    other_layers_biases(model, renamed, shapes, lora_targets, config.bias if config is not None else "none")
-    check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
-    if layers and not adding and not isinstance(source, Mapping):
-        try:
-            check_config_selects_the_layers(model, config, adapter_name)
-        except MiniLoraError as error:
-            raise MiniLoraError(f"{config_origin}: {error}") from None
-    if not isinstance(source, Mapping) and not paired:  # last, so that a more specific problem is named first
-        refuse_unpaired_config(directory / CONFIG_NAME, path)
+    if files is not None:  # names, shapes and dtypes first (a safetensors file's header), then the values used
+        header = _checked(model, files.tensors, source_of, adapter_name, layers, adding, autocast_adapter_dtype,
+                          unread=True)
+        tensors = files.read(_keys_used(files.tensors, header), device)
+    renamed, embeddings, nested_originals = _checked(model, tensors, source_of, adapter_name, layers, adding,
+                                                     autocast_adapter_dtype)
 
     # Everything is checked: from here on nothing can fail.
     if not layers:
@@ -404,6 +364,92 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where the tensors being loaded come from, for the checks and their messages."""
+
+    origin: str  # the weights file, or "the state dict"
+    config: LoraConfig | None
+    config_origin: str
+    files: AdapterFiles | None = None  # (None: a dict of tensors, loaded with the model's config)
+
+
+def _checked(model: nn.Module, tensors: dict, source: _Source, adapter_name: str, layers: list, adding: bool,
+             autocast_adapter_dtype: bool, unread: bool = False) -> tuple[dict, list, dict]:
+    """Every check of ``tensors`` against the model (nothing changes): (the tensors under the model's keys,
+    the embedding weights PEFT saves, the originals' biases inside saved modules), each holding the very
+    tensor objects of ``tensors``. Tensors on the meta device (a safetensors header's entries, no values
+    read yet) pass the checks of values; the values are checked once read."""
+    config, config_origin, origin, files = source.config, source.config_origin, source.origin, source.files
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
+    check_dense(tensors, origin, unread)
+    check_file_keys(tensors, adapter_name, origin, from_file=files is not None)
+    renamed = {minilora_key(key, adapter_name): value for key, value in tensors.items()}
+    if len(renamed) != len(tensors):
+        raise MiniLoraError(f"{origin} holds two keys for one tensor (e.g. with and without base_model.model.).")
+    try:  # modules_to_save are stored under their own names: classifier.weight -> classifier.modules_to_save...
+        lora_targets = [name for name, _ in layers] or find_targets(model, config)
+        saved_names = saved_module_names(model, config, lora_targets, adapter_name)
+        extra = bias_all_keys(model, saved_names) if config.bias == "all" else []  # PEFT's (saved_modules.py)
+        originals = {key: renamed.pop(key) for key in extra if key in renamed}
+        for key in extra:  # the copy's bias a second time, which PEFT's loading ignores too
+            renamed.pop(key.replace(BIAS_ALL_ORIGINAL, BIAS_ALL_COPY), None)
+        nested_originals = {}
+        if config.bias == "all":  # the same for biases inside a saved module (PEFT writes those keys too)
+            nested, repeats = nested_bias_all_keys(model, saved_names, list(renamed))
+            nested_originals = {key: renamed.pop(key) for key in nested}  # (checked and loaded below)
+            for key in repeats:
+                renamed.pop(key)
+        # an embedding layer in modules_to_save: PEFT's file also holds the wrapper's keys (saved_embeddings.py)
+        wrapped_originals, ignored = wrapped_embedding_keys(model, saved_names)
+        for key in ignored:  # <name>.modules_to_save.weight: PEFT's loading ignores it
+            renamed.pop(key, None)
+        wrapped_originals = {key: renamed.pop(key) for key in wrapped_originals if key in renamed}  # (checked below)
+        renamed = {**to_model_keys(renamed, saved_names, adapter_name), **originals, **wrapped_originals}
+    except MiniLoraError as error:
+        raise MiniLoraError(f"{config_origin}: {error}") from None
+    nested_original_biases(model, nested_originals, origin)
+    if files is not None:
+        check_rank_agrees(renamed, config, str(files.directory))
+    try:
+        shapes = expected_shapes(model, config, adapter_name)
+    except MiniLoraError as error:  # the config's targets are not in this model
+        raise MiniLoraError(f"{config_origin}: {error}") from None
+    embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
+    other_layers_biases(model, renamed, shapes, lora_targets, config.bias if config is not None else "none")
+    check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
+    if layers and not adding and files is not None:
+        try:
+            check_config_selects_the_layers(model, config, adapter_name)
+        except MiniLoraError as error:
+            raise MiniLoraError(f"{config_origin}: {error}") from None
+    if files is not None and not files.paired:  # last, so that a more specific problem is named first
+        refuse_unpaired_config(files.directory / CONFIG_NAME, files.weights_path)
+    return renamed, embeddings, nested_originals
+
+
+def _keys_used(tensors: dict, checked: tuple[dict, list, dict]) -> list[str]:
+    """The keys of ``tensors`` whose tensors ``_checked`` kept (PEFT's loading ignores a few: their values
+    are never read)."""
+    renamed, embeddings, nested_originals = checked
+    kept = {id(value) for value in [*renamed.values(), *(value for *_, value in embeddings),
+                                    *nested_originals.values()]}
+    return [key for key, value in tensors.items() if id(value) in kept]
+
+
+def read_for_existing_adapter(model: nn.Module, files: AdapterFiles, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``files`` that ``load_adapter(model, <them>, adapter_name=adapter_name)`` (a dict: the
+    model's config) loads, read after every check of their names, shapes and dtypes against the model."""
+    config = adapter_config(model, adapter_name)
+    layers = list(lora_layers(model))
+    if config is None or not layers:  # (load_adapter refuses it, with its words)
+        return files.read(files.tensors, _device_of(model))
+    source = _Source(str(files.weights_path), config, "the model's config")
+    checked = _checked(model, files.tensors, source, adapter_name, layers, False, True, unread=True)
+    return files.read(_keys_used(files.tensors, checked), _device_of(model))
 
 
 def reject_whole_module(source: object, action: str) -> None:

@@ -82,8 +82,6 @@ def note_adapter_base(adapter_dir: str, model_arg: str | None) -> None:
 
 def load_adapted(adapter_dir: str, model_arg: str | None):
     """The base model with the adapter loaded into it (all checks before any loading)."""
-    import torch
-
     from .adapter_files import read_adapter_files
     from .adapters import load_adapter
 
@@ -91,7 +89,7 @@ def load_adapted(adapter_dir: str, model_arg: str | None):
     note_adapter_base(adapter_dir, model_arg)
     model = open_model(model_arg)
     progress(f"loading adapter: {adapter_dir}")
-    files = read_adapter_files(Path(adapter_dir), torch.device("cpu"))  # once: the resize and the load read one version
+    files = read_adapter_files(Path(adapter_dir))  # once: the resize and the load read one version
     resize_to_adapter_vocabulary(model, files.tensors)
     load_adapter(model, files)
     return model

@@ -192,11 +192,11 @@ def check_load_options(autocast_adapter_dtype: object, ephemeral_gpu_offload: ob
 
 
 def read_files(model: nn.Module, directory: Path) -> adapters.AdapterFiles:
-    """The adapter's files, read once, with the tensors on the model's device."""
+    """The adapter's files, read once (a safetensors file: its header; load_adapter reads the values it loads)."""
     if not isinstance(model, nn.Module):
         raise MiniLoraError(f"load_adapter(model, source) needs the model (an nn.Module) first, got "
                             f"{type(model).__name__}.")
-    return adapters.read_adapter_files(directory, adapters._device_of(model))
+    return adapters.read_adapter_files(directory)
 
 
 def check_task_head_saved(model: nn.Module, task_class: type, saved: LoraConfig, directory: Path) -> None:
@@ -266,8 +266,8 @@ def load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, a
                             "under a new adapter_name, or into a model made with the saved config.")
     if not files.paired:
         adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
-    tensors = files.tensors
-    adapters.check_file_keys(tensors, adapter_name, str(files.weights_path), from_file=True)
+    adapters.check_file_keys(files.tensors, adapter_name, str(files.weights_path), from_file=True)
+    tensors = adapters.read_for_existing_adapter(model, files, adapter_name)  # (names and shapes checked first)
     trains = {param: param.requires_grad for param in model.parameters()}
     adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
     for param, requires_grad in trains.items():

@@ -92,6 +92,31 @@ def edit_header(change):
     return spoil
 
 
+def sparse_tensor(key: str, shape: list[int]):
+    """The file with ``key`` declared as a float32 tensor of ``shape`` whose bytes are a hole (a sparse file:
+    nothing on disk), every other tensor's bytes as they were: a valid header over gigabytes of data."""
+    def spoil(d: Path) -> None:
+        header, data = split_safetensors(d / WEIGHTS_NAME)
+        entries, start = {"__metadata__": header.pop("__metadata__", {"format": "pt"})}, 0
+        placed = []
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+            begin, end = entry["data_offsets"]
+            size = math.prod(shape) * 4 if name == key else end - begin
+            entries[name] = {**entry, **({"dtype": "F32", "shape": shape} if name == key else {}),
+                             "data_offsets": [start, start + size]}
+            placed.append((start, None if name == key else data[begin:end]))
+            start += size
+        text = json.dumps(entries).encode()
+        with open(d / WEIGHTS_NAME, "wb") as file:
+            file.write(struct.pack("<Q", len(text)) + text)
+            file.truncate(8 + len(text) + start)
+            for offset, values in placed:
+                if values is not None:
+                    file.seek(8 + len(text) + offset)
+                    file.write(values)
+    return spoil
+
+
 def edit_weights(change):
     def spoil(d: Path) -> None:
         tensors = load_file(d / WEIGHTS_NAME)
@@ -166,6 +191,17 @@ def duplicate_key_in_header(d: Path) -> None:
     (d / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
+def header_text_replaced(old: str, new: str):
+    """The header's JSON text with its first ``old`` replaced by ``new`` (e.g. a field written twice)."""
+    def spoil(d: Path) -> None:
+        header, data = split_safetensors(d / WEIGHTS_NAME)
+        text = json.dumps(header)
+        assert old in text
+        text = text.replace(old, new, 1).encode()
+        (d / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return spoil
+
+
 def overlapping(header: dict) -> None:
     names = sorted(key for key in header if key != "__metadata__")
     header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
@@ -207,6 +243,10 @@ CASES = [
     ("offsets-overlapping", edit_header(overlapping), NOT_READ),
     ("offsets-negative", edit_header(lambda h: h[A0].__setitem__("data_offsets", [-8, 8])), NOT_READ),
     ("duplicate-key", duplicate_key_in_header, LOAD),
+    ("duplicate-field-in-an-entry", header_text_replaced('"dtype": "F32"', '"dtype": "F32", "dtype": "F32"'), NOT_READ),
+    ("metadata-twice", header_text_replaced('"__metadata__": {"format": "pt"}',
+                                            '"__metadata__": {"format": "pt"}, "__metadata__": {"format": "pt"}'), NOT_READ),
+    ("metadata-key-twice", header_text_replaced('{"format": "pt"}', '{"format": "np", "format": "pt"}'), LOAD),
     ("unknown-dtype", edit_header(lambda h: h[A0].__setitem__("dtype", "Q7")), NOT_READ),
     ("dtype-size-mismatch", edit_header(lambda h: h[A0].__setitem__("dtype", "F16")), NOT_READ),
     ("negative-dim", edit_header(lambda h: h[A0].__setitem__("shape", [-4, 32])), NOT_READ),
@@ -223,6 +263,8 @@ CASES = [
     ("dtype-not-a-string", edit_header(lambda h: h[A0].__setitem__("dtype", 5)), NOT_READ),
     ("bytes-after-the-last-tensor", lambda d: (d / WEIGHTS_NAME).write_bytes(
         (d / WEIGHTS_NAME).read_bytes() + bytes(64)), NOT_READ),
+    ("sparse-64-MiB-A-of-another-shape", sparse_tensor(A0, [4, 2**22]),  # (refused from the header: never read)
+     r"lora_A\.default\.weight has shape \(4, 4194304\) but this model needs \(4, 32\)"),
     ("metadata-digest-of-another-config", edit_header(
         lambda h: h["__metadata__"].__setitem__("minilora_config_sha256", "0" * 64)), r"is not the config .* saved with"),
     # truncated, empty, absent, not a file
@@ -778,3 +820,204 @@ def test_a_fifo_in_place_of_a_file_is_refused_not_read(name, good, tiny_gpt2, tm
         with pytest.raises(MiniLoraError, match=r"is not a regular file"):
             load()
         assert_same_state(before, model_state(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Weights of gigabytes, and weights that change while they are read (not in the corpus, whose checks
+# read every file whole)
+# --------------------------------------------------------------------------------------------
+GIB_A = [4, 2**26]  # float32: 1 GiB
+
+
+def peak_python_bytes(call) -> int:
+    """The peak of the memory Python allocates (bytes read from files among it) while ``call()`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("reader", [native, native_into_layers, compat_from_pretrained, compat_load_adapter],
+                         ids=["native", "native-into-layers", "compat-from_pretrained", "compat-load_adapter"])
+def test_a_gigabyte_tensor_of_another_shape_is_refused_from_the_header(reader, good, tiny_gpt2, tmp_path):
+    """A sparse file (nothing on disk) whose valid header declares lora_A as 1 GiB: PEFT memory-maps it and
+    refuses the shape; minilora refuses it from the header, before reading any of its data."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    sparse_tensor(A0, GIB_A)(directory)
+    assert peft_outcome(tiny_gpt2, directory, good, second=reader is compat_load_adapter) is None
+    model, load = reader(tiny_gpt2, directory, good)
+    before = model_state(model)
+
+    def refused():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(MiniLoraError, match=r"has shape \(4, 67108864\) but this model needs \(4, 32\)"):
+                load()
+    assert peak_python_bytes(refused) < 2**28  # (the old read of the whole file: > 1 GiB; the config read: 64 MiB)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_gigabyte_tensor_peft_ignores_is_not_read(tiny_gpt2, tmp_path):
+    """lm_head in modules_to_save: PEFT's loading ignores ``lm_head.modules_to_save.weight`` (saved_embeddings.py),
+    whatever its shape. A file that declares it as 1 GiB loads as PEFT loads it, without reading it."""
+    trained = copy.deepcopy(tiny_gpt2)
+    minilora.inject(trained, minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    randomize_adapters(trained, seed=1)
+    directory = tmp_path / "adapter"
+    minilora.save_adapter(trained, directory)
+    tensors = load_file(directory / WEIGHTS_NAME)
+    ignored = PEFT_PREFIX + "lm_head.modules_to_save.weight"
+    save_file({**tensors, ignored: torch.zeros(1)}, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    sparse_tensor(ignored, GIB_A)(directory)
+    peft_logits = peft_outcome(tiny_gpt2, directory, directory, second=False)
+    assert peft_logits is not None
+    model = copy.deepcopy(tiny_gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert peak_python_bytes(lambda: minilora.load_adapter(model, directory)) < 2**28
+    with torch.no_grad():
+        assert torch.equal(model(INPUT).logits, peft_logits)
+
+
+def truncated_after_the_header(monkeypatch, cut: int = 5) -> list[Path]:
+    """Every adapter_model.safetensors opened from now on loses its last ``cut`` bytes right after its header
+    was read and checked (a process writing it in place), before any tensor is read. Returns the paths cut."""
+    from minilora import adapter_files
+
+    cut_paths, opened = [], adapter_files.SafetensorsFile.__init__
+
+    def open_then_cut(self, path):
+        opened(self, path)
+        os.truncate(path, os.path.getsize(path) - cut)
+        cut_paths.append(Path(path))
+    monkeypatch.setattr(adapter_files.SafetensorsFile, "__init__", open_then_cut)
+    return cut_paths
+
+
+@pytest.mark.parametrize("reader", list(READERS.values()), ids=list(READERS))
+def test_weights_truncated_after_their_header_was_read(reader, good, tiny_gpt2, tmp_path, monkeypatch):
+    """A clear MiniLoraError, the model as it was (no SIGBUS: the file is read, not memory-mapped)."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    model, load = reader(tiny_gpt2, directory, good)
+    before = model_state(model)
+    cut = truncated_after_the_header(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(MiniLoraError, match=r"adapter_model\.safetensors changed while it was read .*truncated "
+                                                r"after its header was read.*Nothing was loaded"):
+            load()
+    assert cut == [directory / WEIGHTS_NAME]
+    assert_same_state(before, model_state(model))
+
+
+@pytest.mark.parametrize("command", ["merge", "diff"])
+def test_cli_on_weights_truncated_after_their_header_was_read(command, good, tiny_model_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    from minilora import cli
+
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    truncated_after_the_header(monkeypatch)
+    argv = [command, str(directory), *([str(tmp_path / "merged")] if command == "merge" else []),
+            "--model", str(tiny_model_dir)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("minilora: error:")]
+    assert len(errors) == 1 and "changed while it was read" in errors[0]
+    assert not (tmp_path / "merged").exists()
+
+
+def test_auto_peft_model_on_weights_truncated_between_its_two_reads(good, tiny_gpt2, tmp_path, monkeypatch):
+    """AutoPeftModel reads the weights' header for the config (read_saved_config_fields), loads the base
+    model, then reads the files again: truncated in between, the second read refuses them."""
+    tiny_gpt2.save_pretrained(tmp_path / "base")
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    edit_config(base_model_name_or_path=str(tmp_path / "base"), task_type=None)(directory)
+    cut = truncated_after_the_header(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(MiniLoraError, match=r"adapter_model\.safetensors (could not be read|changed while it was "
+                                                r"read).*(truncated|corrupt)"):
+            minilora.compat.AutoPeftModel.from_pretrained(str(directory))
+    assert cut and cut[0] == directory / WEIGHTS_NAME
+
+
+# --------------------------------------------------------------------------------------------
+# minilora's safetensors reader against safetensors' own, on random files
+# --------------------------------------------------------------------------------------------
+REAL_DTYPES = ["BOOL", "F4", "F6_E2M3", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "I16", "U16", "F16",
+               "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+BITS = {"F4": 4, "F6_E2M3": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+        "F64": 64, "I64": 64, "U64": 64}  # (8 for the others)
+ODD_NUMBERS = st.sampled_from([-1, 2**32, 2**62, 2**64 - 1, 2**64, 4.0, True, "4", None])
+
+
+def mostly(good, bad):
+    """``good`` nine times in ten, else ``bad``."""
+    return st.integers(0, 9).flatmap(lambda roll: good if roll else bad)
+
+
+@st.composite
+def safetensors_files(draw):
+    """Bytes that are, or are almost, a safetensors file: entries laid out in order or not, any dtype, shape
+    and offsets, metadata of any kind, a length that may disagree."""
+    count, start, header = draw(st.integers(0, 3)), 0, {}
+    for i in range(count):
+        dtype = draw(mostly(st.sampled_from(REAL_DTYPES), st.sampled_from(["Q7", "f32", 5, None])))
+        shape = draw(mostly(st.lists(st.integers(0, 5), max_size=3),
+                            st.lists(st.integers(0, 5) | ODD_NUMBERS, min_size=1, max_size=3)))
+        size = math.prod(x for x in shape if type(x) is int and 0 <= x < 100) * BITS.get(dtype, 8) // 8
+        offsets = draw(mostly(st.just([start, start + size]),
+                              st.lists(st.integers(0, 40) | ODD_NUMBERS, min_size=0, max_size=3)))
+        entry = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        if draw(st.integers(0, 19)) == 0:
+            entry.pop(draw(st.sampled_from(sorted(entry))))
+        header[f"t{i}"] = entry
+        start += size
+    metadata = draw(mostly(st.sampled_from([{"format": "pt"}, "absent"]), st.sampled_from([None, {"format": 5}, [1],
+                                                                                            "x", {}])))
+    if metadata != "absent":
+        header["__metadata__"] = metadata
+    data = draw(st.binary(min_size=start, max_size=start)) + bytes(draw(mostly(st.just(0), st.sampled_from([1, 8]))))
+    text = json.dumps(header).encode() + b" " * draw(st.integers(0, 3))
+    length = draw(mostly(st.just(len(text)), st.sampled_from([len(text) + 1, len(text) - 1, 0, 2**64 - 1])))
+    return struct.pack("<Q", length) + text + data
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=safetensors_files())
+def test_the_safetensors_reader_accepts_what_safetensors_accepts(raw, tmp_path_factory):
+    """minilora reads a file (header first, then each tensor with plain reads) exactly when safetensors reads
+    it (except an entry with fields beyond dtype, shape and data_offsets: refused, though no writer makes one),
+    and gives the same tensors, bitwise: it is never more lenient than PEFT's reader."""
+    from safetensors.torch import load
+
+    from minilora.adapter_files import SafetensorsFile
+
+    path = tmp_path_factory.mktemp("st") / WEIGHTS_NAME
+    path.write_bytes(raw)
+    try:
+        theirs = load(raw)
+    except Exception:
+        theirs = None
+    try:
+        opened = SafetensorsFile(path)
+        ours = opened.read(opened.entries)
+    except MiniLoraError:
+        ours = None
+    assert (ours is None) == (theirs is None), f"safetensors {'reads' if ours is None else 'refuses'} {raw[:300]!r}"
+    if ours is not None:
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape
+            assert torch.equal(ours[key].view(-1).view(torch.uint8), theirs[key].view(-1).view(torch.uint8)) \
+                if ours[key].numel() else True
