@@ -509,10 +509,15 @@ def compare_backward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) 
     if mini_grads.keys() != peft_grads.keys():
         raise Finding(f"{step}: gradients for {sorted(mini_grads.keys() ^ peft_grads.keys())[:5]} on one side only")
     for name, grad in mini_grads.items():
-        if not torch.equal(grad, peft_grads[name]):
+        if not _same(grad, peft_grads[name]):
             diff = (grad.double() - peft_grads[name].double()).abs().max().item()
             raise Finding(f"{step}: grad of {name} differs (max abs {diff:.3e})")
     trace().equal(step, numbers=bool(mini_grads))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN where the other has NaN (half-precision backward passes overflow alike)."""
+    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 def compare_train_step(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
