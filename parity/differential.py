@@ -430,10 +430,13 @@ def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
     if mini_keys != peft_keys:
         raise Finding(f"{step}: state_dict keys: minilora only {sorted(mini_keys - peft_keys)[:5]}, "
                       f"PEFT only {sorted(peft_keys - mini_keys)[:5]}")
-    if hasattr(twin, "active_adapter") and hasattr(twin, "base_model"):  # a PeftModel: the name it keeps
+    if hasattr(twin, "active_adapter") and hasattr(twin, "base_model"):  # a PeftModel: the name it keeps, its counts
         names = [_active_name(model) for model in (mini, twin)]
         if names[0] != names[1]:
             raise Finding(f"{step}: active_adapter {names[0]!r} vs PEFT's {names[1]!r}")
+        counts = [tuple(model.get_nb_trainable_parameters()) for model in (mini, twin)]
+        if counts[0] != counts[1]:
+            raise Finding(f"{step}: get_nb_trainable_parameters {counts[0]} vs PEFT's {counts[1]}")
     mini_modes = {name: m.training for name, m in mini.named_modules()}
     peft_modes = {name: m.training for name, m in twin.named_modules()}
     modes = [name for name in mini_modes if name in peft_modes and mini_modes[name] != peft_modes[name]]

@@ -16,7 +16,9 @@ here is the scenario's ``wide`` dict:
                         unmerge_adapter(), forward
     multi_active        base_model.set_adapter([both]) (PEFT's LoraModel takes a list; its PeftModel
                         does not): structure, forward, backward, an AdamW step, PeftModel.active_adapters
-    base_set_adapter    base_model.set_adapter(one name)
+    base_set_adapter    base_model.set_adapter(one name) or PeftModel's, with inference_mode True / False
+    save_merged         merge_adapter(), save_pretrained while merged (the files), unmerge_adapter()
+    selected_adapters   save_pretrained(selected_adapters=[...]) (the files)
     merge_enable        merge_adapter(), disable_adapter_layers(), enable_adapter_layers(): forwards after each
     train_step          an AdamW step before the save (so the files hold trained numbers)
     load                the save step's loads: from_pretrained(..., adapter_name=..., is_trainable=...) and
@@ -88,9 +90,13 @@ def draw_wide(draw, model: nn.Module, spec: Architecture, head: str, config: dic
     if second is None and draw.boolean(0.5):
         wide["second"] = draw_config(draw, model, spec, head, second=True)
     for name, p in (("merge_names", 0.4), ("multi_active", 0.4), ("base_set_adapter", 0.2), ("merge_enable", 0.3),
-                    ("train_step", 0.3)):
+                    ("train_step", 0.3), ("save_merged", 0.2)):
         if draw.boolean(p):
             wide[name] = draw.choice([["default"], ["other"], ["default", "other"]]) if name == "merge_names" else True
+    if wide.get("base_set_adapter"):
+        wide["base_set_adapter"] = draw.choice([(True, False), (True, True), (False, True)])  # (base_model's, inference_mode)
+    if draw.boolean(0.2):
+        wide["selected_adapters"] = draw.choice([["default"], ["other"], ["default", "other"]])
     if draw.boolean(0.5):
         wide["load"] = dict(cross=draw.boolean(), is_trainable=draw.boolean(), name=draw.choice(["loaded", "same"]),
                             from_name=draw.choice(["default", "x"]))
@@ -157,13 +163,25 @@ def run_middle(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> No
                 compare_train_step("AdamW step (both active)", mini, twin, inputs)
     if wide.get("base_set_adapter"):
         name = names[-1]
-        _, _, ran = run_both("base_model.set_adapter", lambda: mini.base_model.set_adapter(name),
-                             lambda: twin.base_model.set_adapter(name))
+        on_base, frozen = wide["base_set_adapter"] if isinstance(wide["base_set_adapter"], tuple) else (True, False)
+        step = f"{'base_model.' if on_base else ''}set_adapter(inference_mode={frozen})"
+        _, _, ran = run_both(step, lambda: (mini.base_model if on_base else mini).set_adapter(name, inference_mode=frozen),
+                             lambda: (twin.base_model if on_base else twin).set_adapter(name, inference_mode=frozen))
         if not ran:
-            return trace().stop("base_model.set_adapter", "both refused")
-        if ran:
-            compare_structure("after base_model.set_adapter", mini, twin)
-            compare_forward("forward after base_model.set_adapter", mini, twin, inputs)
+            return trace().stop(step, "both refused")
+        compare_structure(f"after {step}", mini, twin)
+        compare_forward(f"forward after {step}", mini, twin, inputs)
+    if wide.get("save_merged"):
+        _, _, ran = run_both("merge_adapter (then save)", mini.merge_adapter, twin.merge_adapter)
+        if not ran:
+            return trace().stop("merge_adapter (then save)", "both refused")
+        _compare_saved("save_pretrained (merged)", mini, twin, {})
+        run_both("unmerge_adapter (after save)", mini.unmerge_adapter, twin.unmerge_adapter)
+        compare_forward("forward after unmerge (after save)", mini, twin, inputs, rtol=1e-5)
+    if wide.get("selected_adapters"):
+        chosen = _named(wide["selected_adapters"], mini)
+        if chosen:
+            _compare_saved(f"save_pretrained(selected_adapters={chosen})", mini, twin, dict(selected_adapters=chosen))
     if wide.get("merge_enable"):
         _, _, ran = run_both("merge_adapter (then disable)", mini.merge_adapter, twin.merge_adapter)
         if not ran:
@@ -183,6 +201,23 @@ def run_middle(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> No
     if wide.get("train_step"):
         compare_train_step("AdamW step (before saving)", mini, twin, inputs)
         compare_forward("forward after the AdamW step", mini, twin, inputs)
+
+
+def _compare_saved(step: str, mini: nn.Module, twin: nn.Module, kwargs: dict) -> None:
+    """save_pretrained(**kwargs) on both: the files (parity.differential.compare_files)."""
+    import tempfile
+    from pathlib import Path
+
+    from parity.differential import compare_files, run_both
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mini_dir, peft_dir = Path(tmp) / "mini", Path(tmp) / "peft"
+        _, _, ran = run_both(step, lambda: mini.save_pretrained(mini_dir, **kwargs),
+                             lambda: twin.save_pretrained(peft_dir, **kwargs))
+        if ran:
+            for directory in (mini_dir, peft_dir):
+                (directory / "README.md").unlink(missing_ok=True)
+            compare_files(step, mini_dir, peft_dir)
 
 
 def run_ending(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
