@@ -25,7 +25,8 @@ here is the scenario's ``wide`` dict:
                         load_adapter of the *other* library's files (adapter_name=..., is_trainable=...; "same":
                         the saved adapter's own name, loading into it as Trainer's resume does), then set_adapter to it
     ending              after the scenario's last call: merge_and_unload(safe_merge=True, adapter_names=[...]),
-                        unload(), get_base_model(), or model.to(float16 / bfloat16) then forward
+                        unload(), get_base_model(), or model.to(float16 / bfloat16) then forward, backward,
+                        merge / unmerge (1e-2 relative), save_pretrained
     dtype_start         a fresh pair built on a float16 / bfloat16 base with get_peft_model(...,
                         autocast_adapter_dtype=True / False): dtypes, values, forward, backward; the second
                         adapter (add_adapter with the same flag), merge_adapter / unmerge_adapter (1e-2
@@ -222,8 +223,8 @@ def _compare_saved(step: str, mini: nn.Module, twin: nn.Module, kwargs: dict) ->
 
 def run_ending(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:
     """The last call: what it returns and the outputs after it."""
-    from parity.differential import (compare_forward, compare_merge_and_unload, compare_structure, compare_tensors,
-                                     forward, run_both, trace)
+    from parity.differential import compare_backward, compare_forward, compare_merge_and_unload, compare_structure, \
+        run_both, trace
 
     kind, adapter_names = wide["ending"]
     if kind == "merge_and_unload":
@@ -250,9 +251,18 @@ def run_ending(wide: dict, mini: nn.Module, twin: nn.Module, inputs: dict) -> No
     dtype = DTYPES[kind]
     _, _, ran = run_both(f"to({kind})", lambda: mini.to(dtype), lambda: twin.to(dtype))
     if ran:
+        inputs = cast_inputs(inputs, dtype)
         compare_structure(f"after to({kind})", mini, twin)
         _compare_dtypes(f"after to({kind})", mini, twin)
-        compare_forward(f"forward in {kind}", mini, twin, cast_inputs(inputs, dtype))
+        compare_forward(f"forward in {kind}", mini, twin, inputs)
+        compare_backward(f"backward in {kind}", mini, twin, inputs)
+        _, _, ran = run_both(f"merge_adapter in {kind}", mini.merge_adapter, twin.merge_adapter)
+        if not ran or _tied(mini):
+            return trace().stop(f"merge_adapter in {kind}", "both refused" if not ran else "a tied weight (documented)")
+        compare_forward(f"forward merged in {kind}", mini, twin, inputs, rtol=1e-2)
+        run_both(f"unmerge_adapter in {kind}", mini.unmerge_adapter, twin.unmerge_adapter)
+        compare_forward(f"forward unmerged in {kind}", mini, twin, inputs, rtol=1e-2)
+        _compare_saved(f"save_pretrained in {kind}", mini, twin, {})
 
 
 def _compare_unloaded(a: nn.Module, b: nn.Module) -> None:

@@ -92,7 +92,10 @@ def test_the_other_wide_endings_agree_with_peft(ending):
     steps = run_scenario(scenario).steps
     expected = {"unload": [("unload", EQUAL), ("forward after unload", EQUAL)],
                 "get_base_model": [("get_base_model", RAN), ("forward after get_base_model", EQUAL)],
-                "float16": [("to(float16)", RAN), ("after to(float16)", EQUAL), ("forward in float16", EQUAL)]}
+                "float16": [("to(float16)", RAN), ("after to(float16)", EQUAL), ("forward in float16", EQUAL),
+                             ("backward in float16", EQUAL), ("merge_adapter in float16", RAN),
+                             ("forward merged in float16", EQUAL), ("unmerge_adapter in float16", RAN),
+                             ("forward unmerged in float16", EQUAL), ("save_pretrained in float16", EQUAL)]}
     assert steps[-len(expected[ending]):] == expected[ending], steps
 
 
