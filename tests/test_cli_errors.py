@@ -4,7 +4,6 @@ exit status 2, and nothing started before the input is checked (no progress line
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import time
 
@@ -16,6 +15,8 @@ import minilora
 from minilora.adapters import PEFT_PREFIX, WEIGHTS_NAME
 from minilora.cli import main as minilora_main
 from parity.twins import randomize_adapters
+
+from disk import refuse_new_files_in
 
 
 @pytest.fixture
@@ -48,19 +49,6 @@ def test_merge_out_dir_is_checked_before_loading(tiny_dir, capsys):
     assert "OUT_DIR '/proc/x/merged' cannot be written" in one_error_line(capsys)
 
 
-def _refuse_writes_in(parent, monkeypatch) -> None:
-    """Make every os.open of a new file directly in ``parent`` fail with EACCES, as a read-only folder
-    does for a user who is not root (chmod does not stop root, and CI may run as root)."""
-    real_open = os.open
-
-    def open_refusing(path, flags, *args, **kwargs):
-        if flags & os.O_CREAT and os.path.dirname(os.path.abspath(path)) == str(parent):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", open_refusing)
-
-
 @pytest.mark.parametrize("how", ["chmod", "EACCES planted"])
 @pytest.mark.parametrize("out_dir", ["absent", "empty", "full"])
 def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, out_dir, how):
@@ -79,7 +67,7 @@ def test_merge_probes_the_folder_it_writes_in_before_loading(tiny_dir, tmp_path,
     if how == "chmod":
         parent.chmod(0o555)
     else:
-        _refuse_writes_in(parent, monkeypatch)
+        refuse_new_files_in(parent, monkeypatch)
     try:
         force = ["--force"] if out_dir == "full" else []
         assert minilora_main(["merge", str(adapter), str(parent / "merged"), "--model", str(model_dir), *force]) == 2

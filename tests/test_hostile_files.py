@@ -46,6 +46,8 @@ from minilora.compat import LoraConfig as CompatLoraConfig
 from minilora.compat import PeftModel as CompatPeftModel
 from parity.twins import randomize_adapters
 
+from disk import files_state
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = minilora.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"])
@@ -414,13 +416,6 @@ def assert_same_state(before: tuple, after: tuple) -> None:
     for what, i in (("parameter objects", 1), ("requires_grad", 2), ("modules or train/eval modes", 3),
                     ("adapters / active / scaling / merged", 4), ("configs", 5)):
         assert before[i] == after[i], f"{what} changed"
-
-
-def files_state(directory: Path) -> dict[str, object]:
-    """Every entry under ``directory``: a file's bytes, a symlink's target, or "dir"."""
-    return {str(path.relative_to(directory)): (os.readlink(path) if path.is_symlink() else "dir" if path.is_dir()
-                                               else path.read_bytes())
-            for path in sorted(directory.rglob("*"))}
 
 
 # --------------------------------------------------------------------------------------------

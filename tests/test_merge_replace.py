@@ -25,14 +25,11 @@ from minilora import cli
 from minilora.files import OLD_SUFFIX, TEMP_SUFFIX
 from parity.twins import randomize_adapters
 
+from disk import files_state
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 INPUT = torch.arange(12).reshape(2, 6)
-
-
-def files_state(directory: Path) -> dict[str, object]:
-    return {str(path.relative_to(directory)): "dir" if path.is_dir() else path.read_bytes()
-            for path in sorted(directory.rglob("*"))}
 
 
 def logits(model) -> torch.Tensor:

@@ -22,6 +22,8 @@ from minilora.compat import LoraConfig as CompatLoraConfig
 from minilora.compat import PeftModel, get_peft_model
 from parity.twins import randomize_adapters
 
+from disk import files_state, refuse_new_files_in
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 INPUT = torch.arange(12).reshape(2, 6)
@@ -32,11 +34,6 @@ def adapted(base, alpha, seed):
     minilora.inject(model, minilora.LoraConfig(r=4, lora_alpha=alpha, target_modules=["c_attn"]))
     randomize_adapters(model, seed=seed)
     return model
-
-
-def files_state(directory: Path) -> dict[str, object]:
-    return {str(path.relative_to(directory)): "dir" if path.is_dir() else path.read_bytes()
-            for path in sorted(directory.rglob("*"))}
 
 
 def logits_of(base, directory) -> torch.Tensor:
@@ -403,15 +400,8 @@ def test_save_adapters_probes_every_folder_before_the_first_write(tiny_gpt2, tmp
     model = _two_adapters(tiny_gpt2)
     minilora.save_adapters(model, tmp_path)
     before = files_state(tmp_path)
-    real_open = os.open
-
-    def open_refusing(path, flags, *args, **kwargs):
-        if flags & os.O_CREAT and Path(path).parent == tmp_path / "b":
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, flags, *args, **kwargs)
-
     randomize_adapters(model, seed=5, std=0.2)  # (other values: a write would change the files)
-    monkeypatch.setattr(os, "open", open_refusing)
+    refuse_new_files_in(tmp_path / "b", monkeypatch)
     with pytest.raises(MiniLoraError, match="Adapter folder .*/b' cannot be written"):
         minilora.save_adapters(model, tmp_path)
     assert files_state(tmp_path) == before
@@ -490,17 +480,11 @@ def test_save_adapter_probes_its_folder_before_any_work(tiny_gpt2, tmp_path, mon
         minilora.save_adapter(adapted(tiny_gpt2, 8, seed=1), directory)
     before = files_state(tmp_path)
     refused = directory if existing == "saved" else tmp_path
-    real_open = os.open
-
-    def open_refusing(path, flags, *args, **kwargs):
-        if flags & os.O_CREAT and Path(path).parent == refused:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-        return real_open(path, flags, *args, **kwargs)
 
     def no_bytes(self):
         raise AssertionError("the weights' bytes were made before the folder was probed")
 
-    monkeypatch.setattr(os, "open", open_refusing)
+    refuse_new_files_in(refused, monkeypatch)
     monkeypatch.setattr(PreparedSave, "weights", no_bytes)
     with pytest.raises(MiniLoraError, match=rf"Adapter folder '{directory}' cannot be written \(Permission denied\)"):
         minilora.save_adapter(adapted(tiny_gpt2, 32, seed=2), directory)
