@@ -913,6 +913,9 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
                     compare_tensors(label, forward(model, inputs), expected)
                 except Finding as finding:  # say whether the loaded weights differ, or only the forward's rounding
                     raise Finding(f"{finding}; {_weights_against(model, reference)}") from None
+        if load.get("is_trainable"):  # (wide) the loaded trainable adapters train alike: an AdamW step, then the outputs
+            compare_train_step("AdamW step (loaded, is_trainable=True)", loaded_mini, loaded_peft, inputs)
+            compare_forward("forward after the AdamW step (loaded)", loaded_mini, loaded_peft, inputs)
 
 
 def _other_adapters_biases(directory: Path) -> bool:

@@ -75,6 +75,7 @@ WIDE_STEPS = [
     ("load_adapter(the other library's files, adapter_name='loaded', is_trainable=True)", EQUAL),
     ("set_adapter(loaded)", EQUAL), ("forward (loaded)", EQUAL),
     ("minilora loads PEFT's files", EQUAL), ("peft loads minilora's files", EQUAL),
+    ("AdamW step (loaded, is_trainable=True)", EQUAL), ("forward after the AdamW step (loaded)", EQUAL),
     ("before merge_and_unload", EQUAL), ("merge_and_unload(safe_merge=True, adapter_names=['default', 'other'])", EQUAL),
     ("forward after merge_and_unload", EQUAL)]
 
