@@ -215,13 +215,23 @@ def check_regular_file(path: Path) -> None:
                             "adapter save wrote. Save the adapter again.")
 
 
+def _read_at_most(file: Any, limit: int, chunk: int = 2**20) -> bytes:
+    """Up to ``limit`` bytes of ``file``, read a megabyte at a time: ``file.read(limit)`` would set aside
+    ``limit`` bytes (64 MiB) for every config, however small."""
+    chunks, size = [], 0
+    while size < limit and (data := file.read(min(chunk, limit - size))):
+        chunks.append(data)
+        size += len(data)
+    return b"".join(chunks)
+
+
 def read_json_fields(path: Path) -> dict[str, Any]:
     """The JSON object in the file ``path`` (MiniLoraError if it cannot be read or is not an object)."""
     if path.exists():
         check_regular_file(path)
     try:
         with open(path, "rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)  # (bounded: a file that is huge, or grows while it is read)
+            data = _read_at_most(file, MAX_CONFIG_BYTES + 1)  # (bounded: a file that is huge, or grows while read)
     except OSError as error:
         raise MiniLoraError(f"{path} could not be read ({error}).") from None
     if len(data) > MAX_CONFIG_BYTES:
