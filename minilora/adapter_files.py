@@ -249,8 +249,8 @@ class _Object(dict):
 
     def __init__(self, pairs: list[tuple[str, object]]) -> None:
         super().__init__(pairs)
-        self.repeated = {key for i, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:i])} \
-            if len(self) != len(pairs) else set()
+        seen: set[str] = set()
+        self.repeated = {key for key, _ in pairs if key in seen or seen.add(key)}  # (linear: headers may be huge)
 
 
 def _entry(name: str, value: object) -> HeaderEntry:
