@@ -380,8 +380,8 @@ def _checked(model: nn.Module, tensors: dict, source: _Source, adapter_name: str
              autocast_adapter_dtype: bool, unread: bool = False) -> tuple[dict, list, dict]:
     """Every check of ``tensors`` against the model (nothing changes): (the tensors under the model's keys,
     the embedding weights PEFT saves, the originals' biases inside saved modules), each holding the very
-    tensor objects of ``tensors``. Tensors on the meta device (a safetensors header's entries, no values
-    read yet) pass the checks of values; the values are checked once read."""
+    tensor objects of ``tensors``. ``unread``: the tensors are a safetensors header's entries (on the meta
+    device, no values read yet): they pass the checks of values, which run again once the values are read."""
     config, config_origin, origin, files = source.config, source.config_origin, source.origin, source.files
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise MiniLoraError(f"{origin} is not a dict of named tensors. {PAIRS_HINT}")
@@ -426,8 +426,8 @@ def _checked(model: nn.Module, tensors: dict, source: _Source, adapter_name: str
             check_config_selects_the_layers(model, config, adapter_name)
         except MiniLoraError as error:
             raise MiniLoraError(f"{config_origin}: {error}") from None
-    if files is not None and not files.paired:  # last, so that a more specific problem is named first
-        refuse_unpaired_config(files.directory / CONFIG_NAME, files.weights_path)
+    if files is not None and not files.paired and not unread:  # last, so that a more specific problem (NaN
+        refuse_unpaired_config(files.directory / CONFIG_NAME, files.weights_path)  # in the values too) is named first
     return renamed, embeddings, nested_originals
 
 

@@ -887,6 +887,28 @@ def test_a_small_config_is_read_without_setting_aside_its_64_mib_bound(good):
     assert peak_python_bytes(lambda: read_config_fields(good)) < 2**22
 
 
+def test_nan_is_named_before_a_config_from_another_save(tiny_gpt2, tmp_path):
+    """The weights checked from the header first, then read: a problem in their values (NaN) is still named
+    before the config that is not theirs (refused last, being the least specific)."""
+    from safetensors import safe_open
+
+    trained = copy.deepcopy(tiny_gpt2)
+    minilora.inject(trained, CONFIG)
+    minilora.save_adapter(trained, tmp_path / "adapter")
+    path = tmp_path / "adapter" / WEIGHTS_NAME
+    with safe_open(path, "pt") as file:
+        metadata = file.metadata()
+    tensors = load_file(path)
+    tensors[A0][0, 0] = math.nan
+    save_file(tensors, path, metadata=metadata)
+    edit_config(lora_alpha=16)(tmp_path / "adapter")
+    model = copy.deepcopy(tiny_gpt2)
+    before = model_state(model)
+    with pytest.raises(MiniLoraError, match=r"holds NaN or inf values"):
+        minilora.load_adapter(model, tmp_path / "adapter")
+    assert_same_state(before, model_state(model))
+
+
 def truncated_after_the_header(monkeypatch, cut: int = 5) -> list[Path]:
     """Every adapter_model.safetensors opened from now on loses its last ``cut`` bytes right after its header
     was read and checked (a process writing it in place), before any tensor is read. Returns the paths cut."""
