@@ -67,9 +67,9 @@ from .adapter_config import config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
 from .compat_loading import (check_flag, check_given_config, check_load_options, check_task_head_saved, drawing_nothing,
-                             draw_like_peft_rewrap,
-                             freeze_for_inference, keep_pefts_config, leave_new_layers_in_train_mode,
-                             load_into_existing_adapter, pefts_config, read_files, resolve_adapter_source)
+                             draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
+                             leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
+                             read_files, resolve_adapter_source, unmerge_as_pefts_injection)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_trainer import recognise_compat_models
@@ -376,10 +376,12 @@ class PeftModel(nn.Module):
             add_task_head(model, peft_config, self.TASK_HEADS, _task(peft_config) or type(self).__name__)
         check_tied_modules(model, peft_config)
         resolved = resolved_targets(model, peft_config)
+        before = lora_layer_ids(model)
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_config.target_modules = resolved
-        leave_new_layers_in_train_mode(model, adapter_name)  # PEFT's new modules start in train mode
+        unmerge_as_pefts_injection(model)  # (PEFT's inject_adapter unmerges every merged layer)
+        leave_new_layers_in_train_mode(model, adapter_name, before)  # PEFT's new modules start in train mode
         self._new_copies_biases_like_peft(adapter_name)
 
     def _new_copies_biases_like_peft(self, adapter_name: str) -> None:
@@ -555,13 +557,15 @@ class PeftModel(nn.Module):
             load_into_existing_adapter(self.get_base_model(), files, adapter_name)
         else:
             peft_config = pefts_config(files.fields, files.config_origin)
+            before = lora_layer_ids(self.get_base_model())
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
+            unmerge_as_pefts_injection(self.get_base_model())  # (PEFT's load_adapter injects as add_adapter does)
             self._new_copies_biases_like_peft(adapter_name)
             if is_trainable:  # PEFT's new modules start in train mode; is_trainable=False then calls eval()
-                leave_new_layers_in_train_mode(self.get_base_model(), adapter_name)
+                leave_new_layers_in_train_mode(self.get_base_model(), adapter_name, before)
                 # and everything of the new adapter trains, its copies in modules_to_save wrappers that another adapter
                 # made too (inactive copies start frozen): PEFT's load_adapter calls set_requires_grad(adapter_name)
                 self.base_model.set_requires_grad(adapter_name, True)

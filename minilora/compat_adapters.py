@@ -106,13 +106,15 @@ class LoraModel(nn.Module):
         if density is not None:
             raise MiniLoraError("add_weighted_adapter: density is for PEFT's ties / dare / magnitude_prune "
                                 "combinations, which minilora does not have (it has linear, cat and svd).")
-        from .compat_loading import leave_new_layers_in_train_mode
+        from .compat_loading import leave_new_layers_in_train_mode, lora_layer_ids, unmerge_as_pefts_injection
 
         new = adapter_name not in self.peft_config
+        before = lora_layer_ids(self.model)
         add_weighted_adapter(self.model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                              svd_full_matrices, svd_driver)
-        if new:  # PEFT injects the new adapter as add_adapter does: its modules start in train mode
-            leave_new_layers_in_train_mode(self.model, adapter_name)
+        if new:  # PEFT injects the new adapter as add_adapter does: merged layers unmerged, its modules in train mode
+            unmerge_as_pefts_injection(self.model)
+            leave_new_layers_in_train_mode(self.model, adapter_name, before)
 
     # ----------------------------------------------------------------------------------------
     # Merging, and switching the adapters off

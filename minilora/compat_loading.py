@@ -30,15 +30,31 @@ from .saved_modules import saved_modules
 # --------------------------------------------------------------------------------------------
 # PEFT's side effects that a script's later numbers depend on
 # --------------------------------------------------------------------------------------------
-def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
+def lora_layer_ids(model: nn.Module) -> set[int]:
+    """The LoRA layers there are now (for ``leave_new_layers_in_train_mode``'s ``before``)."""
+    return {id(layer) for _, layer in lora_layers(model)}
+
+
+def unmerge_as_pefts_injection(model: nn.Module) -> None:
+    """PEFT's ``inject_adapter`` (add_adapter, add_weighted_adapter) ends with ``set_adapter`` of the active
+    adapters, which unmerges every merged LoRA layer, with its warning for each: after a new adapter the model
+    is unmerged (peft/tuners/tuners_utils.py, BaseTuner.inject_adapter, "HOUSEKEEPING")."""
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
+            layer.unmerge()
+
+
+def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str, before: set[int] | None = None) -> None:
     """PEFT's new LoRA modules start in train mode even inside an eval() model (dropout on until the
     next .eval()); minilora's own inject follows the model's mode instead (the safer choice,
     README "Train and eval mode"). compat does what PEFT does, so a script that never calls
     .train() / .eval() draws the same dropout masks, and prints the same numbers, as with PEFT.
     A layer built for this adapter starts in train mode but for its base layer; in a layer that holds
-    other adapters too, only this adapter's A, B and dropout do (add_adapter)."""
+    other adapters too, only this adapter's A, B and dropout do (add_adapter), and so in a layer that was
+    there ``before`` (ids, ``lora_layer_ids``) and holds no other adapter now (they were deleted)."""
     for _, layer in lora_layers(model):
-        if list(layer.lora_A) == [adapter_name]:
+        if list(layer.lora_A) == [adapter_name] and (before is None or id(layer) not in before):
             base_mode = layer.base_layer.training
             layer.train(True)
             layer.base_layer.train(base_mode)

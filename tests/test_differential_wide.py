@@ -6,16 +6,19 @@ compared with PEFT directly (each test fails on the code before its fix).
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
 import peft
 import pytest
+import torch
 
 from minilora import compat
 from parity import differential
+from parity.architectures import ARCHITECTURES
 from parity.differential import Draw, Scenario, draw_scenario, run_scenario
-from test_differential import _both  # the same model made by both libraries from the same seed
+from test_differential import _assert_same_modes, _both  # (the same models by both libraries; their modes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,3 +160,64 @@ def test_the_active_adapter_a_peft_model_keeps_is_pefts(calls):
                 getattr(owner, method.removeprefix("base_model."))(argument)
             assert _names(mini) == _names(twin), (method, argument)
 
+
+
+def _merged(model) -> dict[str, list[str]]:
+    return {name: list(module.merged_adapters) for name, module in model.named_modules()
+            if hasattr(module, "merged_adapters") and hasattr(module, "lora_A")}
+
+
+@pytest.mark.parametrize("call", ["add_adapter", "load_adapter", "add_weighted_adapter"])
+def test_a_new_adapter_unmerges_the_merged_layers_as_peft(call, tmp_path):
+    """A random sequence of calls (merge_adapter, add_adapter, merge_adapter(adapter_names=[new])) gave outputs
+    0.2 apart: PEFT's inject_adapter ends with set_adapter of the active adapters, which unmerges every merged
+    layer (with its warning for each), so the first adapter no longer counts once the new one is merged alone;
+    minilora kept it merged. The same for load_adapter and add_weighted_adapter (they inject too)."""
+    base, mini, twin = _both("gpt2", "lm", dict(target_modules=["c_attn"], r=2, init_lora_weights=False))
+    saved = dict(target_modules=["c_attn", "c_fc"], r=4, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (Conv1D's fan_in_fan_out)
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**saved), adapter_name="new").save_pretrained(tmp_path)
+        if call == "add_weighted_adapter":
+            for model, library in ((mini, compat), (twin, peft)):
+                torch.manual_seed(1)
+                model.add_adapter("new", library.LoraConfig(**saved))
+    inputs = differential.model_inputs(ARCHITECTURES["gpt2"], "lm")
+    said = []
+    for model, library in ((mini, compat), (twin, peft)):
+        model.merge_adapter()
+        assert _merged(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(1)
+            if call == "add_adapter":
+                model.add_adapter("new", library.LoraConfig(**saved))
+            elif call == "load_adapter":
+                model.load_adapter(tmp_path / "new", adapter_name="new")
+            else:
+                model.add_weighted_adapter(["default", "new"], [1.0, 0.5], "mix", combination_type="cat")
+        said.append([str(warning.message) for warning in caught if "merged" in str(warning.message)])
+    assert _merged(mini) == _merged(twin) and not any(_merged(twin).values())  # PEFT's answer: nothing merged
+    assert said[0] == said[1] and said[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (mini, twin):
+            model.merge_adapter(adapter_names=["new"] if call != "add_weighted_adapter" else ["mix"])
+    differential.compare_forward("forward merged", mini, twin, inputs, rtol=1e-5)
+
+
+def test_an_adapter_added_again_to_layers_it_left_starts_in_train_mode_only_in_its_modules_as_peft():
+    """add_adapter, delete_adapter, add_adapter of the same targets into a model in eval mode: the LoRA layers
+    the first left behind (empty) are not new, so PEFT puts only the new A, B and dropout in train mode;
+    minilora put the whole layer in train mode (it took a layer holding only the new adapter for a new one)."""
+    _, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.eval()
+            model.add_adapter("b", library.LoraConfig(target_modules=["fc1"], r=4))
+            model.eval()
+            model.delete_adapter("b")
+            model.add_adapter("b", library.LoraConfig(target_modules=["fc1"], r=4))
+    modes = _assert_same_modes(mini, twin)
+    assert not modes["base_model.model.model.decoder.layers.0.fc1"] and modes["base_model.model.model.decoder.layers.0.fc1.lora_A.b"]
