@@ -912,15 +912,15 @@ def test_nan_is_named_before_a_config_from_another_save(tiny_gpt2, tmp_path):
 def truncated_after_the_header(monkeypatch, cut: int = 5) -> list[Path]:
     """Every adapter_model.safetensors opened from now on loses its last ``cut`` bytes right after its header
     was read and checked (a process writing it in place), before any tensor is read. Returns the paths cut."""
-    from minilora import adapter_files
+    from minilora import safetensors_file
 
-    cut_paths, opened = [], adapter_files.SafetensorsFile.__init__
+    cut_paths, opened = [], safetensors_file.SafetensorsFile.__init__
 
     def open_then_cut(self, path):
         opened(self, path)
         os.truncate(path, os.path.getsize(path) - cut)
         cut_paths.append(Path(path))
-    monkeypatch.setattr(adapter_files.SafetensorsFile, "__init__", open_then_cut)
+    monkeypatch.setattr(safetensors_file.SafetensorsFile, "__init__", open_then_cut)
     return cut_paths
 
 
@@ -1025,7 +1025,7 @@ def test_the_safetensors_reader_accepts_what_safetensors_accepts(raw, tmp_path_f
     and gives the same tensors, bitwise: it is never more lenient than PEFT's reader."""
     from safetensors.torch import load
 
-    from minilora.adapter_files import SafetensorsFile
+    from minilora.safetensors_file import SafetensorsFile
 
     path = tmp_path_factory.mktemp("st") / WEIGHTS_NAME
     path.write_bytes(raw)

@@ -1,0 +1,172 @@
+"""``adapter_model.safetensors`` read with plain file reads: the header first, the values on request.
+
+The file: an 8-byte little-endian header size n, n bytes of JSON, then the data. The JSON maps each
+tensor's name to {"dtype", "shape", "data_offsets": [begin, end]} (bytes into the data) and may hold
+"__metadata__" (strings to strings). The rules below are those of safetensors 0.8's reader
+(tensor.rs: read_metadata, Metadata::validate): a file it refuses is refused here, before any of its
+data is read. (Not memory-mapped: a file truncated while mapped kills the process with SIGBUS.)
+
+``load_adapter`` (adapters.py) checks the header's names, shapes and dtypes against the model before it
+reads any value (PEFT memory-maps the file, and so reads only what it loads), then reads only the tensors
+that load, from the file opened with the header (adapter_files.py, ``AdapterFiles``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .config import MiniLoraError
+
+MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
+DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+              "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
+                "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+                "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
+                "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64",
+                "U64": "uint64"}  # (those safetensors.torch 0.8 reads; not F4, F6, F8_E8M0)
+USIZE_MAX = 2**64 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class HeaderEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data, which starts after the header
+    end: int
+
+
+class SafetensorsFile:
+    """``adapter_model.safetensors`` opened, its header read and checked: ``metadata``, and ``placeholders``,
+    each tensor as the header describes it on the meta device (dtype and shape, no values). ``read`` reads
+    values from the same open file (the version whose header was read, even if a save has since replaced it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.file = open(path, "rb", buffering=0)  # noqa: SIM115  (closed when this object goes)
+        except OSError as error:
+            raise unreadable(path, error) from None
+        weakref.finalize(self, self.file.close)
+        try:
+            size = os.fstat(self.file.fileno()).st_size
+            n = int.from_bytes(self._read_exactly(0, 8), "little")
+            if n > MAX_HEADER_SIZE or 8 + n > size:
+                raise ValueError(f"header size {n}: more than the file's {size - 8} bytes after it, or than "
+                                 f"safetensors' limit of {MAX_HEADER_SIZE}")
+            self.data_start = 8 + n
+            self.metadata, self.entries = _parse_header(self._read_exactly(8, n))
+            data_end = max((entry.end for entry in self.entries.values()), default=0)
+            if self.data_start + data_end != size:
+                raise ValueError(f"the header describes {data_end} bytes of data, the file holds {size - 8 - n}")
+            self.placeholders = {name: torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+                                 for name, entry in self.entries.items()}  # (a dimension past 2**63 fails here)
+        except Exception as error:
+            self.file.close()
+            raise unreadable(path, error) from None
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The values of the tensors ``names``, on the CPU."""
+        if sys.byteorder != "little":  # safetensors stores little-endian numbers
+            raise MiniLoraError(f"{self.path}: reading safetensors files on a big-endian machine is not supported.")
+        tensors = {}
+        for name in names:
+            entry = self.entries[name]
+            try:
+                data = self._read_exactly(self.data_start + entry.begin, entry.end - entry.begin)
+            except OSError as error:
+                raise unreadable(self.path, error) from None
+            except ValueError as error:  # (a short read)
+                raise MiniLoraError(f"{self.path} changed while it was read ({error}): it was truncated after its "
+                                    "header was read, e.g. by a process writing it in place. Nothing was loaded. "
+                                    "Load it again once that is done, or save the adapter again.") from None
+            raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = raw.view(entry.dtype).reshape(entry.shape)
+        return tensors
+
+    def _read_exactly(self, offset: int, size: int) -> bytearray:
+        data, got = bytearray(size), 0
+        self.file.seek(offset)
+        with memoryview(data) as view:
+            while got < size:
+                count = self.file.readinto(view[got:])
+                if not count:
+                    raise ValueError(f"{size} bytes at byte {offset} asked for, the file ends after {got}")
+                got += count
+        return data
+
+
+def _parse_header(raw: bytearray) -> tuple[dict | None, dict[str, HeaderEntry]]:
+    """(metadata or None, {name: entry}) of a safetensors header, checked as safetensors checks it."""
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object)  # (strict UTF-8: no byte-order mark)
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    if "__metadata__" in header.repeated:  # (a tensor named twice is the last one, as in safetensors)
+        raise ValueError("__metadata__ appears twice")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(value, str) for value in metadata.values())):
+        raise ValueError("__metadata__ must map strings to strings")
+    entries = {name: _entry(name, value) for name, value in header.items()}
+    _utf8(list(header) + list(metadata or {}) + list((metadata or {}).values()))
+    start = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != start or entry.end < entry.begin:
+            raise ValueError(f"{name}: data_offsets [{entry.begin}, {entry.end}] do not start where the tensor "
+                             f"before ends ({start})")
+        start = entry.end
+    return metadata, entries
+
+
+class _Object(dict):
+    """A JSON object that knows which of its keys appeared more than once (json keeps the last value)."""
+
+    def __init__(self, pairs: list[tuple[str, object]]) -> None:
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.repeated = {key for key, _ in pairs if key in seen or seen.add(key)}  # (linear: headers may be huge)
+
+
+def _entry(name: str, value: object) -> HeaderEntry:
+    # (safetensors ignores other fields in an entry; none of its writers makes them: refused here)
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"} or value.repeated:
+        raise ValueError(f"{name}: an entry holds dtype, shape and data_offsets, once each, and nothing else")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"{name}: unknown dtype {dtype!r}")
+    if not getattr(torch, TORCH_DTYPES.get(dtype, ""), None):
+        raise ValueError(f"{name}: dtype {dtype} has no torch dtype")
+    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else None
+    if numbers is None or len(offsets) != 2 or not all(
+            type(number) is int and 0 <= number <= USIZE_MAX for number in numbers):
+        raise ValueError(f"{name}: shape and data_offsets must be lists of non-negative integers (two offsets)")
+    count = 1
+    for size in shape:  # (multiplied in order, as safetensors does: an overflow on the way is refused)
+        count *= size
+        if count > USIZE_MAX:
+            raise ValueError(f"{name}: shape {shape} overflows")
+    bits = count * DTYPE_BITS[dtype]
+    if bits > USIZE_MAX or bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise ValueError(f"{name}: {dtype} of shape {shape} does not fill data_offsets {offsets}")
+    return HeaderEntry(getattr(torch, TORCH_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1])
+
+
+def _utf8(texts: list[str]) -> None:
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError("__metadata__ must map strings to strings")
+        text.encode("utf-8")  # (a lone surrogate escaped in JSON is no UTF-8: safetensors refuses it)
+
+
+def unreadable(path: Path, error: Exception) -> MiniLoraError:
+    return MiniLoraError(f"{path} could not be read ({type(error).__name__}: {error}). The file is truncated "
+                         "or corrupt: save the adapter again.")
