@@ -136,10 +136,13 @@ class _Object(dict):
         self.repeated = {key for key, _ in pairs if key in seen or seen.add(key)}  # (linear: headers may be huge)
 
 
+FIELDS = {"dtype", "shape", "data_offsets"}  # what an entry must hold
+
+
 def _entry(name: str, value: object) -> HeaderEntry:
-    # (safetensors ignores other fields in an entry; none of its writers makes them: refused here)
-    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"} or value.repeated:
-        raise ValueError(f"{name}: an entry holds dtype, shape and data_offsets, once each, and nothing else")
+    # (other fields in an entry are ignored, as safetensors ignores them, even repeated)
+    if not isinstance(value, dict) or not FIELDS <= value.keys() or FIELDS & value.repeated:
+        raise ValueError(f"{name}: an entry holds dtype, shape and data_offsets, once each")
     dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise ValueError(f"{name}: unknown dtype {dtype!r}")
