@@ -533,6 +533,10 @@ class PeftModel(nn.Module):
             set_adapter_config(inner, adapter_name, config)
         else:
             keep_pefts_config(inner, adapter_name, peft_config, is_trainable)
+        if task_class.TASK_HEADS:  # PEFT's task model appends its heads to the config it is made with (the file's lists them)
+            from .compat_tasks import append_heads
+
+            append_heads(adapter_configs(inner)[adapter_name], task_class.TASK_HEADS)
         if wrapper is None:
             wrapper = task_class._wrapping(inner)
         wrapper.__dict__["_active_name"] = adapter_name  # (PEFT's new PeftModel is made with it)
@@ -562,6 +566,10 @@ class PeftModel(nn.Module):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
+            if self.TASK_HEADS:  # PEFT's task model's add_adapter appends its heads (the file's lists them already)
+                from .compat_tasks import append_heads
+
+                append_heads(peft_config, self.TASK_HEADS)
             unmerge_as_pefts_injection(self.get_base_model())  # (PEFT's load_adapter injects as add_adapter does)
             self._new_copies_biases_like_peft(adapter_name)
             if is_trainable:  # PEFT's new modules start in train mode; is_trainable=False then calls eval()

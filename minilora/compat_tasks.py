@@ -57,7 +57,13 @@ def add_task_head(model: nn.Module, config: LoraConfig, heads: list[str], task: 
             f"unsaved. Name the head: LoraConfig(..., modules_to_save=[...]) with one of "
             f"{[name for name, _ in model.named_children()]}."
         )
-    if config.modules_to_save is None:  # PEFT's: a new list, or the heads appended to the user's (repeats kept)
+    append_heads(config, heads)
+
+
+def append_heads(config: LoraConfig, heads: list[str]) -> None:
+    """PEFT's task models append their heads to a new adapter's modules_to_save: a new list, or the heads
+    appended to the user's (repeats kept; an adapter loaded from a file that lists them lists them twice)."""
+    if config.modules_to_save is None:
         config.modules_to_save = list(heads)
     else:
         config.modules_to_save.extend(heads)

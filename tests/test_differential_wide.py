@@ -7,6 +7,7 @@ compared with PEFT directly (each test fails on the code before its fix).
 from __future__ import annotations
 
 import copy
+import json
 import random
 import warnings
 
@@ -221,3 +222,28 @@ def test_an_adapter_added_again_to_layers_it_left_starts_in_train_mode_only_in_i
             model.add_adapter("b", library.LoraConfig(target_modules=["fc1"], r=4))
     modes = _assert_same_modes(mini, twin)
     assert not modes["base_model.model.model.decoder.layers.0.fc1"] and modes["base_model.model.model.decoder.layers.0.fc1.lora_A.b"]
+
+
+@pytest.mark.parametrize("arch, head, task, targets", [("llama", "seq_cls", "SEQ_CLS", ["q_proj"]),
+                                                       ("gpt2", "qa", "QUESTION_ANS", ["c_attn"])])
+def test_a_loaded_task_adapter_lists_its_heads_as_pefts_config(arch, head, task, targets, tmp_path):
+    """--examples 80 --seed 191, #66 and 197, #33 (the wide half-precision save after a load): PEFT's task models
+    append their heads to the modules_to_save of the config they are made or loaded with, so an adapter loaded
+    from a file that lists them lists them twice (from_pretrained and load_adapter), and saves them so;
+    minilora's loaded config listed them once."""
+    base, mini, twin = _both(arch, head, dict(target_modules=targets, r=2, task_type=task))
+    twin.save_pretrained(tmp_path / "saved")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = [library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "saved") for library in (compat, peft)]
+        for model in (mini, twin):
+            model.load_adapter(tmp_path / "saved", adapter_name="loaded")
+    for ours, theirs, name in ((loaded[0], loaded[1], "default"), (mini, twin, "loaded")):
+        listed = theirs.peft_config[name].modules_to_save
+        assert len(listed) == 2 * len(set(listed))  # PEFT's answer: the heads twice
+        assert ours.peft_config[name].modules_to_save == listed
+    mini.save_pretrained(tmp_path / "mini", selected_adapters=["loaded"])
+    twin.save_pretrained(tmp_path / "peft", selected_adapters=["loaded"])
+    written = [json.loads((tmp_path / side / "loaded" / "adapter_config.json").read_text())["modules_to_save"]
+               for side in ("mini", "peft")]
+    assert written[0] == written[1]
