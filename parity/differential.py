@@ -434,6 +434,10 @@ def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
         names = [_active_name(model) for model in (mini, twin)]
         if names[0] != names[1]:
             raise Finding(f"{step}: active_adapter {names[0]!r} vs PEFT's {names[1]!r}")
+        if list(mini.peft_config) != list(twin.peft_config):
+            raise Finding(f"{step}: adapters {list(mini.peft_config)} vs PEFT's {list(twin.peft_config)}")
+        for name in twin.peft_config:  # every adapter's config, as the wrapper keeps it
+            _compare_config(f"{step}: peft_config[{name!r}]", mini.peft_config[name], twin.peft_config[name])
         counts = [tuple(model.get_nb_trainable_parameters()) for model in (mini, twin)]
         if counts[0] != counts[1]:
             raise Finding(f"{step}: get_nb_trainable_parameters {counts[0]} vs PEFT's {counts[1]}")
