@@ -364,15 +364,16 @@ def _check_mergeable(layers: list[tuple[str, LoraLinear]], adapter_names: list[s
         layer.check_bias_mergeable(todo)
         if not safe:
             continue
-        weight, bias = layer.base_layer.weight, layer.base_layer.bias
-        merged = weight + sum(layer.delta_weight(adapter).to(weight.dtype) for adapter in todo)
-        biases = [layer.lora_B[adapter].bias * layer.scaling[adapter] for adapter in todo if layer.lora_bias[adapter]]
-        merged_bias = bias + sum(biases) if biases else None
-        if not bool(merged.isfinite().all()) or (merged_bias is not None and not bool(merged_bias.isfinite().all())):
-            raise MiniLoraError(
-                f"W0 + dW of {name!r} has NaN or inf values: the adapter is broken (check the loss during "
-                "training). Nothing was merged."
-            )
+        merged, merged_bias = layer.base_layer.weight.detach().clone(), layer.base_layer.bias
+        for adapter in todo:  # one after the other, as PEFT's safe_merge folds them in
+            merged += layer.delta_weight(adapter).detach().to(merged.dtype)
+            if layer.lora_bias[adapter]:
+                merged_bias = merged_bias + layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
+            if not bool(merged.isfinite().all()) or (layer.lora_bias[adapter] and not bool(merged_bias.isfinite().all())):
+                raise MiniLoraError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken (PEFT's words): "
+                    f"W0 + dW of {name!r} has NaN or inf values (check the loss during training). Nothing was merged."
+                )
 
 
 def _forget_config(model: nn.Module) -> None:

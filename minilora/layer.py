@@ -362,8 +362,9 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                         if not self.merged and self.untied_weight is not None:  # as it was: tied
                             self.base_layer.weight, self.untied_weight = self.untied_weight, None
                         raise MiniLoraError(
-                            f"The merged weight has NaN or inf values: adapter {adapter!r} is broken (check the "
-                            "loss during training). W0 was left unchanged."
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken (PEFT's "
+                            "words): the merged weight has NaN or inf values (check the loss during training). W0 was "
+                            "left unchanged."
                         )
                     weight.data = merged_weight
                     if merged_bias is not None:

@@ -183,3 +183,29 @@ def test_another_peft_methods_config_is_refused_by_name_before_any_change():
     assert type(model.lin0) is nn.Linear
     with pytest.raises(MiniLoraError, match=r"needs minilora\.compat\.LoraConfig"):  # PEFT's own LoraConfig
         compat.get_peft_model(model, peft.LoraConfig(target_modules=["lin0"]))
+
+
+@pytest.mark.parametrize("broken", ["default", "other"])
+@pytest.mark.parametrize("call", ["merge_and_unload", "merge_adapter"])
+def test_a_broken_adapter_is_refused_at_safe_merge_in_pefts_words(broken, call):
+    """PEFT's model tests match "NaNs detected in the merged weights. The adapter default seems to be broken"
+    (a ValueError). With two adapters folded in one after the other, both name the one that breaks W0."""
+    messages = []
+    for api in (peft, compat):
+        torch.manual_seed(0)
+        model = api.get_peft_model(MLP(), api.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+        model.add_adapter("other", api.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+        with torch.no_grad():
+            model.base_model.model.lin1.lora_A[broken].weight[0, 0] = torch.nan
+        with pytest.raises(ValueError) as raised:
+            if call == "merge_and_unload":
+                model.merge_and_unload(safe_merge=True, adapter_names=["default", "other"])
+            else:
+                model.merge_adapter(adapter_names=["default", "other"], safe_merge=True)
+        messages.append(str(raised.value))
+        lin0 = getattr(model.base_model.model.lin0, "merged", "unloaded")  # (PEFT's merge_and_unload: unloaded)
+    assert messages[0] == f"NaNs detected in the merged weights. The adapter {broken} seems to be broken"
+    assert isinstance(raised.value, MiniLoraError) and messages[1].startswith(messages[0])
+    # merge_adapter folds layer by layer, as PEFT (lin0 stays merged); minilora's merge_and_unload checks every
+    # layer first, so the model is left as it was (PEFT's has merged and unloaded lin0 by then)
+    assert lin0 == (call == "merge_adapter")
