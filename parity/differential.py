@@ -923,7 +923,9 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
 
 
 def _other_adapters_biases(directory: Path) -> bool:
-    """Whether the adapter file in ``directory`` holds a base_layer.bias of a layer it has no LoRA weights for."""
+    """Whether the adapter file in ``directory`` holds a trained bias of another adapter's module (README, "A
+    bias="lora_only" or "all" adapter saved beside another"): a base_layer.bias of a layer it has no LoRA weights
+    for, or an original_module.bias of a module it saves no copy of."""
     from safetensors import safe_open
 
     path = directory / "adapter_model.safetensors"
@@ -932,7 +934,11 @@ def _other_adapters_biases(directory: Path) -> bool:
     with safe_open(path, "pt") as file:
         keys = list(file.keys())
     layers = {key.split(".lora_A.")[0] for key in keys if ".lora_A." in key}
-    return any(key.endswith(".base_layer.bias") and key.removesuffix(".base_layer.bias") not in layers for key in keys)
+    if any(key.endswith(".base_layer.bias") and key.removesuffix(".base_layer.bias") not in layers for key in keys):
+        return True
+    # <module>.original_module.bias of another adapter's modules_to_save wrapper (this adapter saves no copy of it)
+    return any(key.endswith(".original_module.bias") and not {f"{key.removesuffix('.original_module.bias')}.{end}"
+                                                              for end in ("weight", "bias")} & set(keys) for key in keys)
 
 
 def _weights_against(model: nn.Module, reference: nn.Module) -> str:
