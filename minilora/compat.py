@@ -301,7 +301,7 @@ class PeftModel(nn.Module):
     # Forward, with PEFT's mixed batches
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _peft_forward_args(self, kwargs: dict) -> Iterator[None]:
+    def _peft_forward_args(self, kwargs: dict, encoder_adapter_names: list[str] | None = None) -> Iterator[None]:
         """Take PEFT's own arguments out of ``kwargs``; ``adapter_names=[...]`` runs a mixed batch
         (one adapter per row, "__base__" for none; mixed.py) while the adapters are enabled."""
         deleted = self.__dict__.get("_deleted_active")
@@ -322,7 +322,7 @@ class PeftModel(nn.Module):
         if self.base_model.training:
             raise MiniLoraError("Cannot pass `adapter_names` when the model is in training mode: call model.eval() "
                                 "first.")
-        with mixed_batch(self.get_base_model(), adapter_names):
+        with mixed_batch(self.get_base_model(), adapter_names, encoder_adapter_names):
             yield
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -331,11 +331,13 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Your model's ``generate``; with ``adapter_names=[...]`` every step runs the mixed batch (with
-        beam search each row's name is repeated once per beam, as PEFT does)."""
-        beams = kwargs.get("num_beams")
-        if kwargs.get("adapter_names") is not None and isinstance(beams, int) and beams > 1:
-            kwargs["adapter_names"] = [name for name in kwargs["adapter_names"] for _ in range(beams)]
-        with self._peft_forward_args(kwargs):
+        beam search each row's name is repeated once per beam, as PEFT does, except in an encoder-decoder's
+        encoder, which sees each input once)."""
+        beams, names = kwargs.get("num_beams"), kwargs.get("adapter_names")
+        encoder_names = None
+        if isinstance(names, (list, tuple)) and isinstance(beams, int) and beams > 1:
+            kwargs["adapter_names"], encoder_names = [name for name in names for _ in range(beams)], list(names)
+        with self._peft_forward_args(kwargs, encoder_names):
             return self.get_base_model().generate(*args, **kwargs)
 
     @contextlib.contextmanager

@@ -176,6 +176,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
                                    return_dict=return_dict, **kwargs)
 
 
+    def generate(self, **kwargs: Any) -> Any:
+        """As PEFT's: keyword arguments only (``generate(input_ids=...)``); a positional one is a TypeError."""
+        return super().generate(**kwargs)
+
+
 class PeftModelForFeatureExtraction(PeftModel):
     """task_type FEATURE_EXTRACTION: PEFT's forward arguments."""
 

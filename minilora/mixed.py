@@ -31,10 +31,15 @@ BASE = "__base__"  # the rows that get no adapter (PEFT's name)
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, adapter_names: list[str],
+                encoder_adapter_names: list[str] | None = None) -> Iterator[nn.Module]:
     """Inside the block, row i of every batch the model sees uses adapter ``adapter_names[i]``: in
     each LoRA layer, and in each modules_to_save module (that adapter's copy; the original for
     "__base__"), as PEFT.
+
+    ``encoder_adapter_names``: the rows of the layers inside ``model.get_encoder()`` instead. Beam search
+    on an encoder-decoder (T5, BART) runs the encoder once per input and the decoder once per beam, so
+    PEFT gives the decoder each name repeated per beam and the encoder the names as passed.
 
     Raises:
         MiniLoraError: before changing anything, if the model is in training mode, a name is no
@@ -55,13 +60,19 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
     if any(layer.merged for layer in layers):
         raise MiniLoraError("Cannot pass `adapter_names` when there are merged adapters, please call "
                             "`unmerge_adapter` first.")
-    rows = row_groups(list(adapter_names))
+    encoder = _encoder(model) if encoder_adapter_names is not None else None
+    in_encoder = {id(module) for module in encoder.modules()} if encoder is not None else set()
+
+    def names_of(module: nn.Module) -> list[str]:
+        return list(encoder_adapter_names if id(module) in in_encoder else adapter_names)
+
     previous = [layer.forward_override for layer in layers]
     wrappers = [wrapper for _, wrapper in saved_modules(model)]  # modules_to_save: each row its adapter's copy
     for layer in layers:
-        layer.forward_override = _MixedForward(rows, len(adapter_names), layer.forward_override)
+        names = names_of(layer)
+        layer.forward_override = _MixedForward(row_groups(names), len(names), layer.forward_override)
     for wrapper in wrappers:
-        wrapper.mixed_rows = rows
+        wrapper.mixed_rows = row_groups(names_of(wrapper))
     try:
         yield model
     finally:
@@ -69,6 +80,13 @@ def mixed_batch(model: nn.Module, adapter_names: list[str]) -> Iterator[nn.Modul
             layer.forward_override = override
         for wrapper in wrappers:
             wrapper.mixed_rows = None
+
+
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """The model's encoder (PEFT's ``_get_encoder``), or None: transformers 5 answers ``get_encoder()``
+    with the model itself when it has none."""
+    encoder = model.get_encoder() if hasattr(model, "get_encoder") else None
+    return None if encoder is model else encoder
 
 
 def row_groups(adapter_names: list[str]) -> dict[str, list[int]]:

@@ -461,6 +461,31 @@ def test_generate_with_adapter_names_is_peft_s(tiny_gpt2):
     assert all(torch.equal(ours, theirs) for ours, theirs in zip(results[1], results[0]))
 
 
+@pytest.mark.parametrize("architecture", ["t5", "bart"])
+def test_generate_with_adapter_names_on_an_encoder_decoder_is_peft_s(architecture):
+    """Beam search on T5 / BART with adapter_names: the encoder sees each input once, the decoder once per
+    beam (PEFT gives the encoder the names as passed); tokens equal PEFT's. Generate takes keyword
+    arguments only, as PEFT's PeftModelForSeq2SeqLM: a positional input_ids is a TypeError in both."""
+    from parity.architectures import ARCHITECTURES
+
+    config = dict(r=4, target_modules=["q", "v"] if architecture == "t5" else ["q_proj", "v_proj"],
+                  init_lora_weights=False, task_type="SEQ_2_SEQ_LM")
+    ids = torch.randint(3, 100, (3, 5), generator=torch.Generator().manual_seed(1))
+    results = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(ARCHITECTURES[architecture].build(), lib.LoraConfig(**config))
+            model.add_adapter("other", lib.LoraConfig(**{**config, "r": 2}))
+            model.eval()
+            with pytest.raises(TypeError):
+                model.generate(ids)
+            results.append([model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, num_beams=beams,
+                                           adapter_names=["other", "__base__", "default"]) for beams in (1, 3)])
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(results[1], results[0]))
+
+
 def test_fused_path_adds_every_active_adapter():
     """The fused forward path (fused.py) with two active adapters equals the reference path."""
     model = base()
