@@ -348,7 +348,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                               f"You are now additionally merging {','.join(names)}.", stacklevel=2)
             else:
                 warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
-        if self.tied_to and not self.merged and names:
+        if self.tied_to and not self.merged and any(name in self.lora_A for name in names):  # (else nothing merges here)
             self._untie()
         weight = self.base_layer.weight
         for adapter in (name for name in names if name in self.lora_A):

@@ -247,3 +247,24 @@ def test_a_loaded_task_adapter_lists_its_heads_as_pefts_config(arch, head, task,
     written = [json.loads((tmp_path / side / "loaded" / "adapter_config.json").read_text())["modules_to_save"]
                for side in ("mini", "peft")]
     assert written[0] == written[1]
+
+
+def test_merging_adapters_a_tied_layer_does_not_hold_leaves_it_tied_as_peft():
+    """--examples 80 --seed 201, #70: GPT-2's lm_head (tied to the input embedding) holds adapter "default" only;
+    merge_adapter of the active "other" merges nothing there, and PEFT leaves it tied. minilora untied it (for a
+    merge that did not happen) and, with nothing merged, unmerge did not tie it again: lm_head had a weight of
+    its own (one more parameter name, a warning that said it merged there)."""
+    base, mini, twin = _both("gpt2", "lm", dict(target_modules=["lm_head"], r=1, task_type="CAUSAL_LM"))
+    said = []
+    for model, library in ((mini, compat), (twin, peft)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.add_adapter("other", library.LoraConfig(target_modules=["c_attn"], r=4))
+            model.set_adapter("other")
+            model.merge_adapter()
+            model.unmerge_adapter()
+        said.append([str(warning.message) for warning in caught if "unties" in str(warning.message)])
+        inner = model.get_base_model()
+        assert inner.lm_head.base_layer.weight is inner.transformer.wte.weight  # PEFT's answer: still tied
+    assert said[0] == []  # (minilora's own warning when a merge unties a layer; nothing merged there)
+    differential.compare_structure("after merge and unmerge", mini, twin)
