@@ -281,6 +281,13 @@ class PeftModel(nn.Module):
         """``trainable params: ... || all params: ... || trainable%: ...``, PEFT's line, same numbers."""
         print(trainable_parameters_line(self))
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """PEFT's question before ``peft.convert_to_lora`` (an adapter re-fitted as a LoRA of another rank by
+        SVD): that conversion is not part of minilora, so this refuses rather than answer for it."""
+        raise MiniLoraError("supports_lora_conversion / convert_to_lora (PEFT's LoRA conversion: an adapter re-fitted "
+                            "as a LoRA of another rank) is not part of minilora. To change the rank of a LoRA adapter, "
+                            "use add_weighted_adapter with combination_type='svd' and svd_rank.")
+
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
         """PEFT's: make ``model``'s input embeddings' output require grad (what the constructor does when the
         model checkpoints already), so that gradient checkpointing turned on later still reaches the adapters."""

@@ -11,6 +11,9 @@ environment variables:
                        parametrized with no PEFT config whose code names LoraConfig: PEFT's other test files)
     PARITY_PEFT_CASES  optional: only these cases (PEFT's ``test_name`` parameter), separated by "|"
     PARITY_PEFT_NETWORK "1" lets the tests reach other machines (by default every connection fails at once)
+    PARITY_PEFT_OFFLINE_MODELS "0" loads the hub ids of PEFT's model tests as they are (from the local Hugging
+                       Face cache); by default the ids in parity.peft_offline_models.STAND_INS load tiny random
+                       stand-ins built here, in both modes
     PARITY_PEFT_OUT    a file that receives one JSON line per test as it finishes (and one for the number of
                        tests selected, one per file that cannot be collected), so the runner can show
                        progress and survive a crash
@@ -62,8 +65,8 @@ def _stub_missing_optional_imports() -> None:
         except ImportError:
             stub = types.ModuleType(name)
             stub.__version__ = "0.0.0"  # some tests compare versions at import
-            for attribute in attributes:
-                setattr(stub, attribute, None)
+            for attribute in attributes:  # a class nothing is an instance of (PEFT's tests ask isinstance), or None
+                setattr(stub, attribute, type(attribute, (), {"__module__": name}) if attribute[0].isupper() else None)
             sys.modules[name] = stub
 
 
@@ -159,6 +162,11 @@ if RUNNING:
     if os.environ.get("PARITY_PEFT_NETWORK") != "1":
         _no_network()
 REPLACED = _use_minilora() if RUNNING and MODE == "minilora" else []
+OFFLINE_MODELS = RUNNING and os.environ.get("PARITY_PEFT_OFFLINE_MODELS", "1") != "0"
+if OFFLINE_MODELS:  # in both modes, before PEFT's tests import transformers' classes
+    from parity import peft_offline_models
+
+    peft_offline_models.install()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,6 +296,11 @@ def _function(item: pytest.Item) -> str:
 def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
     if nodeid in _outcomes:
         _write(_outcomes.pop(nodeid))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if OFFLINE_MODELS:
+        _write({"stand_ins": peft_offline_models.used()})
 
 
 def _write(record: dict) -> None:

@@ -58,6 +58,7 @@ OUT_OF_SCOPE = {
         r"ensure_weight_tying=True with a tied layer in modules_to_save",
     "Embedding": r"\bEmbedding\b",
     "Conv1d/Conv2d/Conv3d": r"\bConv[123]d\b",
+    "LoRA conversion (convert_to_lora)": r"supports_lora_conversion|convert_to_lora",
     "MultiheadAttention": r"MultiheadAttention",
     "a layer other than nn.Linear / Conv1D": r"wraps nn\.Linear or",
 }
@@ -137,6 +138,7 @@ class ModeRun:
     mode: str
     selected: int | None = None  # None: pytest stopped before choosing the tests (an import or collection error)
     replaced: list[str] = field(default_factory=list)
+    stand_ins: list[str] = field(default_factory=list)  # hub ids loaded as parity.peft_offline_models' stand-ins
     collect_errors: list[str] = field(default_factory=list)  # "file: last line of the error"
     records: dict[str, dict] = field(default_factory=dict)
     returncode: int | None = None
@@ -145,10 +147,11 @@ class ModeRun:
     seconds: float = 0.0
 
 
-def _subprocess_env(mode: str, scope: str, select: str, cases: list[str], out: Path, threads: int) -> dict[str, str]:
+def _subprocess_env(mode: str, scope: str, select: str, cases: list[str], out: Path, threads: int,
+                    offline_models: bool = True) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PARITY_PEFT_MODE=mode, PARITY_PEFT_SCOPE=scope, PARITY_PEFT_SELECT=select, PARITY_PEFT_CASES="|".join(cases),
-               PARITY_PEFT_OUT=str(out), HF_HUB_OFFLINE="1",
+               PARITY_PEFT_OUT=str(out), HF_HUB_OFFLINE="1", PARITY_PEFT_OFFLINE_MODELS="1" if offline_models else "0",
                PYTHONDONTWRITEBYTECODE="1")  # write no __pycache__ into the user's checkout
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -156,7 +159,7 @@ def _subprocess_env(mode: str, scope: str, select: str, cases: list[str], out: P
 
 
 def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", select: str = "cases", cases: list[str] = (),
-             keyword: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1,
+             keyword: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, threads: int = 1, offline_models: bool = True,
              on_record: Callable[[dict], None] = lambda record: None) -> ModeRun:
     """Run pytest on ``files`` with parity.peft_plugin in ``mode``; ``on_record`` sees each test as it ends."""
     run = ModeRun(mode)
@@ -183,6 +186,9 @@ def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", select:
                     record = json.loads(line)
                     if "selected" in record:
                         run.selected, run.replaced = record["selected"], record["replaced"]
+                    elif "stand_ins" in record:
+                        run.stand_ins = record["stand_ins"]
+                        continue
                     elif "collect_error" in record:
                         run.collect_errors.append(f"{record['collect_error']}: {record['message']}")
                     else:
@@ -191,7 +197,8 @@ def run_mode(mode: str, files: list[Path], scope: str = "linear-conv1d", select:
 
         with open(log, "w") as log_file:  # cwd: the scratch folder, so tests that write files write there
             process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=scratch,
-                                       env=_subprocess_env(mode, scope, select, list(cases), out, threads))
+                                       env=_subprocess_env(mode, scope, select, list(cases), out, threads,
+                                                           offline_models))
             try:
                 while run.returncode is None:
                     try:
@@ -286,7 +293,7 @@ outcomes, test by test:
   refused   it passes with PEFT, and minilora raises a MiniLoraError naming a feature outside its scope
             (DoRA, Conv1d/2d/3d, Embedding, MultiheadAttention, target_parameters, VeLoRA, MonteCLoRA,
             BD-LoRA, MiCA and the other init_lora_weights methods, trainable tokens, mixed=True, other
-            PEFT methods, ensure_weight_tying on tied modules_to_save, ...)
+            PEFT methods, ensure_weight_tying on tied modules_to_save, LoRA conversion, ...)
   N/A       PEFT skips it (or fails it): there is no oracle answer
 
 scope: by default the LoRA cases (tests parametrized with LoraConfig) on PEFT's test models built of
@@ -300,6 +307,15 @@ replaces PEFT's in peft, peft.utils, peft.utils.other and peft.tuners.lora, and 
 peft's LoraLayer / BaseTunerLayer in isinstance checks. Optional
 imports of PEFT's test helpers that are not installed (diffusers, datasets) are empty stubs, in the
 subprocess only. The checkout's pytest settings are not used; its files are not written to.
+
+hub models: PEFT's model tests (test_decoder_models.py, test_encoder_decoder_models.py,
+test_feature_extraction_models.py, test_seq_classifier.py) load tiny models from the Hugging Face hub,
+which these offline runs cannot reach. For the ids in parity/peft_offline_models.py (OPT, GPT-2, GPT-J,
+Llama, Qwen2, Gemma3, Mistral, T5, Bart, Bert, Roberta, Deberta, DebertaV2, the sequence classifiers)
+from_pretrained (model classes, Auto classes, AutoConfig) loads a stand-in instead, in both modes: a
+tiny random model of the same class (width 32, 2 layers, vocabulary 128) seeded from the id, so the
+same id gives bitwise the same weights in every call. --no-offline-models turns that off (the ids then
+load from your Hugging Face cache). No tokenizer is stood in: a test that needs one fails with PEFT (N/A).
 
 It takes a minute or two: PEFT's test_custom_models.py has ~1300 LoRA tests in the default scope, run
 once per mode (about 40 s each on a busy 2-core machine); progress goes to stderr every 10 s.
@@ -337,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"stop a mode's run after this long (default: {DEFAULT_TIMEOUT_S})")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for the test runs unless already set (default: 1)")
+    parser.add_argument("--no-offline-models", dest="offline_models", action="store_false",
+                        help="load the hub models of PEFT's model tests (test_decoder_models.py, ...) as they are, "
+                             "from the local Hugging Face cache, instead of the tiny random stand-ins built here for "
+                             "the ids in parity/peft_offline_models.py (default: the stand-ins, in both modes)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -389,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scope = "all-lora" if args.all_lora else "linear-conv1d"
     options = dict(scope=scope, select=args.select, cases=args.case or [], keyword=args.keyword, timeout_s=args.timeout,
-                   threads=args.threads)
+                   threads=args.threads, offline_models=args.offline_models)
 
     installed = installed_versions()  # before the runs: the minilora commit they test
     peft_progress = Progress("peft", args.quiet)
@@ -420,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(peft, minilora)
     meta = {"command": "python -m parity peft-tests " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "tests_dir": str(tests_dir), "files": [f.name for f in files], "scope": scope, "select": args.select,
+            "stand_ins": sorted(set(peft.stand_ins) | set(minilora.stand_ins)),
             "tests_from": args.label or source_version(tests_dir), "installed": installed,
             "replaced": minilora.replaced, "seconds": {"peft": round(peft.seconds), "minilora": round(minilora.seconds)},
             "timed_out": [run.mode for run in (peft, minilora) if run.timed_out], "counts": counts(rows)}

@@ -113,8 +113,29 @@ def terminal_report(rows: list[dict], meta: dict, differences_shown: int = 15) -
         out.append("N/A: " + ", ".join(f"{reason} {len(m)}" for reason, m in not_applicable))
     if meta.get("timed_out"):
         out.append(f"timed out: {', '.join(meta['timed_out'])} (raise --timeout)")
+    if meta.get("stand_ins"):
+        out.append(f"hub models stood in by tiny random ones (parity/peft_offline_models.py): {len(meta['stand_ins'])}")
     out.append(summary_line(meta))
     return "\n".join(out)
+
+
+def _scope(meta: dict) -> str:
+    if meta["scope"] == "all-lora":
+        return "every LoRA case (`--all-lora`)"
+    if "test_custom_models.py" not in meta["files"]:
+        return "the LoRA cases (tests parametrized with LoraConfig)"
+    return ("the LoRA cases on PEFT's test models built of nn.Linear and transformers' Conv1D (MLP, MLP2, MLP_LayerNorm, "
+            "EmbConv1D), and the tests parametrized with a LoraConfig but no model_id (several adapters, mixed batches, ...)")
+
+
+def _stand_ins(meta: dict) -> str:
+    """The bullet that names the hub models stood in by tiny random ones (parity/peft_offline_models.py), if any."""
+    if not meta.get("stand_ins"):
+        return ""
+    return (f"- Hub models: PEFT's tests load {len(meta['stand_ins'])} models from the Hugging Face hub; offline, each "
+            "is a tiny random model of the same class built here, the same in both modes (`parity/peft_offline_models.py`: "
+            "the architecture's config at width 32, 2 layers, vocabulary 128; weights seeded from the id): "
+            f"{', '.join(f'`{hub_id}`' for hub_id in meta['stand_ins'])}.\n")
 
 
 def render_markdown(rows: list[dict], meta: dict, notes: str) -> str:
@@ -144,13 +165,11 @@ Rebuild it with the same command (`python -m parity peft-tests --help`); the not
   checkout at run time.
 - Installed: peft {installed['peft']} (the oracle, and the PEFT that minilora.compat stands in for),
   torch {installed['torch']}, transformers {installed['transformers']}; minilora {installed['minilora']}.
-- Scope: {"every LoRA case (`--all-lora`)" if meta['scope'] == 'all-lora' else
-          "the LoRA cases on PEFT's test models built of nn.Linear and transformers' Conv1D (MLP, MLP2, MLP_LayerNorm, "
-          "EmbConv1D), and the tests parametrized with a LoraConfig but no model_id (several adapters, mixed batches, ...)"}{
+- Scope: {_scope(meta)}{
           "; with `--select uses-lora`, also the tests whose code names LoraConfig" if meta.get('select') == 'uses-lora' else ""}.
   In minilora mode, {', '.join(f'`{name}`' for name in meta['replaced']) or '(nothing: that run stopped early)'}
   are minilora.compat's, and minilora's layer counts as PEFT's `LoraLayer` / `BaseTunerLayer` in isinstance checks.
-- Time: {meta['seconds']['peft']} s with PEFT, {meta['seconds']['minilora']} s with minilora.
+{_stand_ins(meta)}- Time: {meta['seconds']['peft']} s with PEFT, {meta['seconds']['minilora']} s with minilora.
 {timed_out}
 **{summary_line(meta)}.** *agree*: passes with both; *differ*: passes with PEFT, fails with minilora;
 *refused*: passes with PEFT, and minilora raises a `MiniLoraError` naming a feature outside its scope;

@@ -4,8 +4,9 @@ The fake folder holds parametrized tests in PEFT's style (``from peft import get
 one that both libraries pass, one that checks the names swapped in minilora mode (peft.tuners.lora's
 LoraConfig, isinstance of LoraLayer / BaseTunerLayer), one planted to pass with PEFT and fail with
 minilora.compat (it must be a "differ" and make the exit status 1), a DoRA case that minilora refuses,
-a test PEFT skips, one that reaches for the network (which the runs do not have), and a case on a
-Conv2d model (outside the default scope). The run starts two pytest
+a test PEFT skips, one that reaches for the network (which the runs do not have), one that loads a hub
+model twice (the runner's offline stand-in, the same in both modes), and a case on a Conv2d model (outside
+the default scope). The run starts two pytest
 subprocesses; the rest of the file tests the classification and the report without any.
 """
 
@@ -84,6 +85,19 @@ def test_reaches_the_network(config_cls):
     socket.create_connection(("10.255.255.1", 80), timeout=60)
 
 
+@pytest.mark.parametrize("config_cls", [LoraConfig])
+def test_loads_a_hub_model_twice(config_cls):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hub_id = "peft-internal-testing/tiny-random-OPTForCausalLM"  # offline: the runner's stand-in
+    model, again = AutoModelForCausalLM.from_pretrained(hub_id), AutoModelForCausalLM.from_pretrained(hub_id)
+    model = get_peft_model(model, config_cls(target_modules=["q_proj"]))
+    assert model.peft_config["default"].base_model_name_or_path == hub_id
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
 def test_not_a_lora_case():
     pass
 '''
@@ -123,17 +137,30 @@ def test_fake_suite_differ_refused_and_na(peft_src, tmp_path, capsys):
         "test_needs_gpu[MLP lin0]": NA,
         "test_needs_gpu[MLP DoRA]": NA,
         "test_reaches_the_network[LoraConfig]": NA,  # fails with PEFT: no network in the runs
+        "test_loads_a_hub_model_twice[LoraConfig]": AGREE,  # the hub id is a stand-in, in both modes
     }  # the Conv2d model is outside the default scope; test_not_a_lora_case is no LoRA case
     assert got["test_planted_peft_class[MLP lin0]"][1].startswith("AssertionError: planted: only PEFT's own class")
     assert got["test_trainable_names[MLP DoRA]"][1].startswith("DoRA: ")
     assert "skipped with PEFT: planted: needs a GPU" == got["test_needs_gpu[MLP lin0]"][1]
     assert "no network in these runs" in got["test_reaches_the_network[LoraConfig]"][1]
-    assert "9 tests: 2 agree, 1 differ, 3 refused (out of scope), 3 N/A" in printed
+    assert "10 tests: 3 agree, 1 differ, 3 refused (out of scope), 3 N/A" in printed
     assert "AssertionError: planted" in printed and "refused (out of scope): DoRA 3" in printed
     page = (tmp_path / "out.md").read_text()
     assert "| test_planted_peft_class | 2 | 0 | 1 | 1 | 0 |" in page and "planted: only PEFT's own class" in page
     assert not list(peft_src.rglob("__pycache__")), "the user's checkout must not be written to"
     assert json.loads(out.read_text())["tests_from"] == "peft 9.9.9.dev0 (src/peft/__init__.py)"
+    assert json.loads(out.read_text())["stand_ins"] == ["peft-internal-testing/tiny-random-OPTForCausalLM"]
+    assert "`peft-internal-testing/tiny-random-OPTForCausalLM`" in page
+
+
+def test_without_offline_models_the_hub_id_is_not_found(peft_src, tmp_path, monkeypatch):
+    """--no-offline-models: transformers looks for the id as it is (offline, an empty cache): PEFT fails it, N/A."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    out = tmp_path / "out.json"
+    peft_suite.main(["--peft-src", str(peft_src), "--json", str(out), "--quiet", "--no-offline-models",
+                     "-k", "hub_model"])
+    verdict, detail = verdicts(out)["test_loads_a_hub_model_twice[LoraConfig]"]
+    assert verdict == NA and detail.startswith("fails with PEFT") and json.loads(out.read_text())["stand_ins"] == []
 
 
 def test_nothing_differs_exits_0(peft_src, tmp_path, monkeypatch, capsys):
@@ -169,7 +196,8 @@ def test_help_mentions_the_verdicts(capsys):
         peft_suite.main(["--help"])
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
-    assert all(word in printed for word in ("agree", "differ", "refused", "N/A", "exit status"))
+    assert all(word in printed for word in ("agree", "differ", "refused", "N/A", "exit status", "--no-offline-models",
+                                            "stand-in"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,6 +250,22 @@ def test_every_peft_feature_minilora_lacks_is_out_of_scope():
         # a later sentence that lists every field names no feature
         assert out_of_scope_feature(f"LoraConfig got fields minilora does not know: ['{name}']. Its fields: ['r'].")
     assert out_of_scope_feature("got fields minilora does not know: ['layers_pattern']. Its fields: ['use_dora'].") is None
+
+
+def test_lora_conversion_is_refused_and_counted_out_of_scope():
+    """PEFT answers supports_lora_conversion() True for a LoRA model and then converts it (peft.convert_to_lora);
+    minilora has no conversion, so its wrapper refuses instead of answering, and the runner counts it refused."""
+    import peft
+    from torch import nn
+
+    from minilora import MiniLoraError, compat
+
+    models = {lib: lib.get_peft_model(nn.Sequential(nn.Linear(4, 4)), lib.LoraConfig(target_modules=["0"]))
+              for lib in (peft, compat)}
+    assert models[peft].supports_lora_conversion() is True
+    with pytest.raises(MiniLoraError) as refused:
+        models[compat].supports_lora_conversion()
+    assert out_of_scope_feature(str(refused.value)) == "LoRA conversion (convert_to_lora)"
 
 
 @pytest.mark.parametrize("peft, minilora, verdict", [
