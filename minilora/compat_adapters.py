@@ -115,6 +115,11 @@ class LoraModel(nn.Module):
         if new:  # PEFT injects the new adapter as add_adapter does: merged layers unmerged, its modules in train mode
             unmerge_as_pefts_injection(self.model)
             leave_new_layers_in_train_mode(self.model, adapter_name, before)
+            # then PEFT freezes the new adapter by a substring test on every parameter's name (peft/utils/other.py,
+            # _freeze_adapter): a name found inside other names ("w" in ".weight") freezes those parameters too
+            for name, param in self.model.named_parameters():
+                if adapter_name in name:
+                    param.requires_grad_(False)
 
     # ----------------------------------------------------------------------------------------
     # Merging, and switching the adapters off

@@ -268,3 +268,19 @@ def test_merging_adapters_a_tied_layer_does_not_hold_leaves_it_tied_as_peft():
         assert inner.lm_head.base_layer.weight is inner.transformer.wte.weight  # PEFT's answer: still tied
     assert said[0] == []  # (minilora's own warning when a merge unties a layer; nothing merged there)
     differential.compare_structure("after merge and unmerge", mini, twin)
+
+
+@pytest.mark.parametrize("name", ["w", "mix", "self_attn"])
+def test_add_weighted_adapter_freezes_what_pefts_freezes_by_the_new_name(name):
+    """A probe of random call sequences: add_weighted_adapter(..., "w") left the active adapter trainable where PEFT
+    froze it. PEFT freezes the new adapter by a substring test on every parameter's name (_freeze_adapter), so a
+    name found inside others ("w" in ".weight", "self_attn") freezes those parameters too; "mix" freezes only its own."""
+    _, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("b", library.LoraConfig(target_modules=["q_proj", "fc1"], r=4))
+            model.add_weighted_adapter(["default", "b"], [1.0, 0.5], name, combination_type="cat")
+    grads = [_grads(model) for model in (mini, twin)]
+    assert grads[0] == grads[1]
+    assert any(grads[1].values()) == (name == "mix")  # PEFT's answer: "w" and "self_attn" froze what they name
