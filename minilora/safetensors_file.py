@@ -2,9 +2,10 @@
 
 The file: an 8-byte little-endian header size n, n bytes of JSON, then the data. The JSON maps each
 tensor's name to {"dtype", "shape", "data_offsets": [begin, end]} (bytes into the data) and may hold
-"__metadata__" (strings to strings). The rules below are those of safetensors 0.8's reader
-(tensor.rs: read_metadata, Metadata::validate): a file it refuses is refused here, before any of its
-data is read. (Not memory-mapped: a file truncated while mapped kills the process with SIGBUS.)
+"__metadata__" (strings to strings). The rules below are those of safetensors 0.8's reader, the one PEFT
+loads with (``safetensors.torch.load_file``; tensor.rs: read_metadata, Metadata::validate; the JSON parsed
+as its serde_json parses it): a file it refuses is refused here, before any of its data is read. (Not
+memory-mapped: a file truncated while mapped kills the process with SIGBUS.)
 
 ``load_adapter`` (adapters.py) checks the header's names, shapes and dtypes against the model before it
 reads any value (PEFT memory-maps the file, and so reads only what it loads), then reads only the tensors
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import weakref
@@ -29,12 +31,14 @@ MAX_HEADER_SIZE = 100_000_000  # safetensors' own limit
 DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
               "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
               "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
-TORCH_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn",
-                "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+TORCH_DTYPES = {"BOOL": "bool", "F4": "float4_e2m1fn_x2", "U8": "uint8", "I8": "int8", "F8_E5M2": "float8_e5m2",
+                "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
+                "F8_E8M0": "float8_e8m0fnu",
                 "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16", "I32": "int32",
                 "U32": "uint32", "F32": "float32", "C64": "complex64", "F64": "float64", "I64": "int64",
-                "U64": "uint64"}  # (those safetensors.torch 0.8 reads; not F4, F6, F8_E8M0)
+                "U64": "uint64"}  # (those safetensors.torch 0.8's load_file reads: not F6. F4 is packed two to a byte)
 USIZE_MAX = 2**64 - 1
+MAX_DEPTH = 127  # serde_json's limit on nested objects and lists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +72,7 @@ class SafetensorsFile:
             data_end = max((entry.end for entry in self.entries.values()), default=0)
             if self.data_start + data_end != size:
                 raise ValueError(f"the header describes {data_end} bytes of data, the file holds {size - 8 - n}")
-            self.placeholders = {name: torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+            self.placeholders = {name: torch.empty(_torch_shape(entry), dtype=entry.dtype, device="meta")
                                  for name, entry in self.entries.items()}  # (a dimension past 2**63 fails here)
         except Exception as error:
             self.file.close()
@@ -90,7 +94,7 @@ class SafetensorsFile:
                                     "header was read, e.g. by a process writing it in place. Nothing was loaded. "
                                     "Load it again once that is done, or save the adapter again.") from None
             raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-            tensors[name] = raw.view(entry.dtype).reshape(entry.shape)
+            tensors[name] = raw.view(entry.dtype).reshape(_torch_shape(entry))
         return tensors
 
     def _read_exactly(self, offset: int, size: int) -> bytearray:
@@ -107,7 +111,8 @@ class SafetensorsFile:
 
 def _parse_header(raw: bytearray) -> tuple[dict | None, dict[str, HeaderEntry]]:
     """(metadata or None, {name: entry}) of a safetensors header, checked as safetensors checks it."""
-    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object)  # (strict UTF-8: no byte-order mark)
+    header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Object,  # (strict UTF-8: no byte-order mark)
+                        parse_constant=_no_constant, parse_float=_float, parse_int=_int)
     if not isinstance(header, dict):
         raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     if "__metadata__" in header.repeated:  # (a tensor named twice is the last one, as in safetensors)
@@ -117,7 +122,6 @@ def _parse_header(raw: bytearray) -> tuple[dict | None, dict[str, HeaderEntry]]:
             isinstance(value, str) for value in metadata.values())):
         raise ValueError("__metadata__ must map strings to strings")
     entries = {name: _entry(name, value) for name, value in header.items()}
-    _utf8(list(header) + list(metadata or {}) + list((metadata or {}).values()))
     start = 0
     for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if entry.begin != start or entry.end < entry.begin:
@@ -127,23 +131,65 @@ def _parse_header(raw: bytearray) -> tuple[dict | None, dict[str, HeaderEntry]]:
     return metadata, entries
 
 
+# JSON as serde_json (safetensors' parser) reads it, where Python's json module is more lenient: no NaN or
+# Infinity, no number beyond float64's range, an integer -0 is a float (not a size), no lone surrogate
+# ("\ud800": no UTF-8), at most MAX_DEPTH nested objects and lists; in every part of the header, the fields
+# safetensors ignores and the values of repeated keys too (serde_json parses them all).
 class _Object(dict):
-    """A JSON object that knows which of its keys appeared more than once (json keeps the last value)."""
+    """A JSON object that knows which of its keys appeared more than once (json keeps the last value), and
+    how deeply objects and lists nest in it (``depth``: 1 for one without any)."""
 
     def __init__(self, pairs: list[tuple[str, object]]) -> None:
         super().__init__(pairs)
         seen: set[str] = set()
         self.repeated = {key for key, _ in pairs if key in seen or seen.add(key)}  # (linear: headers may be huge)
+        self.depth = 1 + max((_depth(key) + _depth(value) for key, value in pairs), default=0)
+        if self.depth > MAX_DEPTH:
+            raise ValueError(f"objects and lists nested more than {MAX_DEPTH} deep (serde_json's limit)")
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and lists nest in ``value`` (0 for a number); a string must be UTF-8."""
+    if isinstance(value, _Object):  # (its own strings were checked when it was made)
+        return value.depth
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, str):
+        value.encode("utf-8")  # (a lone surrogate escaped in JSON is no UTF-8: serde_json refuses it)
+    return 0
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _float(text: str) -> float:
+    if math.isinf(value := float(text)):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _int(text: str) -> int | float:
+    if text == "-0":
+        return -0.0  # (serde_json reads it as a float)
+    value = int(text)
+    if not -2**63 <= value <= USIZE_MAX:
+        _float(text)  # (serde_json reads it as a float)
+    return value
 
 
 FIELDS = {"dtype", "shape", "data_offsets"}  # what an entry must hold
 
 
 def _entry(name: str, value: object) -> HeaderEntry:
-    # (other fields in an entry are ignored, as safetensors ignores them, even repeated)
-    if not isinstance(value, dict) or not FIELDS <= value.keys() or FIELDS & value.repeated:
+    # (other fields in an entry are ignored, as safetensors ignores them, even repeated; serde_json also
+    # reads an entry written as the list [dtype, shape, data_offsets])
+    if isinstance(value, list) and len(value) == len(FIELDS):
+        dtype, shape, offsets = value
+    elif isinstance(value, dict) and FIELDS <= value.keys() and not FIELDS & value.repeated:
+        dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    else:
         raise ValueError(f"{name}: an entry holds dtype, shape and data_offsets, once each")
-    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise ValueError(f"{name}: unknown dtype {dtype!r}")
     if not getattr(torch, TORCH_DTYPES.get(dtype, ""), None):
@@ -160,14 +206,16 @@ def _entry(name: str, value: object) -> HeaderEntry:
     bits = count * DTYPE_BITS[dtype]
     if bits > USIZE_MAX or bits % 8 or offsets[1] - offsets[0] != bits // 8:
         raise ValueError(f"{name}: {dtype} of shape {shape} does not fill data_offsets {offsets}")
+    if dtype == "F4" and shape[-1] % 2:  # (bits % 8 == 0: the shape is not empty)
+        raise ValueError(f"{name}: F4 of shape {shape}: torch holds two F4 values a byte, along the last dimension")
     return HeaderEntry(getattr(torch, TORCH_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1])
 
 
-def _utf8(texts: list[str]) -> None:
-    for text in texts:
-        if not isinstance(text, str):
-            raise ValueError("__metadata__ must map strings to strings")
-        text.encode("utf-8")  # (a lone surrogate escaped in JSON is no UTF-8: safetensors refuses it)
+def _torch_shape(entry: HeaderEntry) -> tuple[int, ...]:
+    """The tensor's shape in torch: float4_e2m1fn_x2 holds two F4 values a byte, along the last dimension."""
+    if entry.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        return (*entry.shape[:-1], entry.shape[-1] // 2)
+    return entry.shape
 
 
 def unreadable(path: Path, error: Exception) -> MiniLoraError:
