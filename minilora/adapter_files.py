@@ -83,6 +83,11 @@ class AdapterFiles:
             return {key: self.tensors[key].to(device) for key in keys}
         return {key: value.to(device) for key, value in self.opened.read(keys).items()}
 
+    def close(self) -> None:
+        """Close the weights file (load_adapter does, once it has read the values, or refused them)."""
+        if self.opened is not None:
+            self.opened.close()
+
 
 def read_adapter_files(directory: Path) -> AdapterFiles:
     """Read ``directory``: adapter_config.json, and the weights' header (safetensors) or the weights (.bin)."""
@@ -165,7 +170,7 @@ def read_saved_config_fields(directory: Path) -> tuple[dict, str]:
     if path.name == WEIGHTS_NAME:
         opened = SafetensorsFile(path)
         metadata = opened.metadata
-        opened.file.close()
+        opened.close()
     else:
         metadata = _read_bin(path)[1]
     fields, origin, _ = paired_config_fields(directory, file_fields, path, metadata)

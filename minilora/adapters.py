@@ -306,32 +306,37 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
                             "would leave the old update inside W0. Call minilora.unmerge(model) first.")
 
     device = _device_of(model)
-    files = None
-    if isinstance(source, Mapping):
-        if not layers:
-            raise MiniLoraError("A dict of tensors carries no config (r, lora_alpha, target_modules), so it can "
-                                "only be loaded into a model that already has minilora layers. Pass the adapter "
-                                "directory instead, or minilora.inject(model, config) first.")
-        config = adapter_config(model, adapter_name)
-        if config is None:
-            raise MiniLoraError(f"The model has no adapter {adapter_name!r} to load a dict of tensors into. Pass "
-                                "the adapter directory (it holds the config) instead.")
-        source_of = _Source("the state dict", config, "the model's config")
-        tensors = dict(source)
-    else:
-        files = source if isinstance(source, AdapterFiles) else read_adapter_files(_adapter_directory(source))
-        config = config_from_fields(files.fields, files.config_origin)
-        source_of = _Source(str(files.weights_path), config, files.config_origin, files)
-        if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
-            check_saved_tying(model, files.fields)
-    if adding:
-        check_can_add(model, adapter_name, config)
-    if files is not None:  # names, shapes and dtypes first (a safetensors file's header), then the values used
-        header = _checked(model, files.tensors, source_of, adapter_name, layers, adding, autocast_adapter_dtype,
-                          unread=True)
-        tensors = files.read(_keys_used(files.tensors, header), device)
-    renamed, embeddings, nested_originals = _checked(model, tensors, source_of, adapter_name, layers, adding,
-                                                     autocast_adapter_dtype)
+    files = source if isinstance(source, AdapterFiles) else None
+    try:  # (the weights file is closed once read, or refused: a refusal kept in a traceback keeps no file open)
+        if isinstance(source, Mapping):
+            if not layers:
+                raise MiniLoraError("A dict of tensors carries no config (r, lora_alpha, target_modules), so it "
+                                    "can only be loaded into a model that already has minilora layers. Pass the "
+                                    "adapter directory instead, or minilora.inject(model, config) first.")
+            config = adapter_config(model, adapter_name)
+            if config is None:
+                raise MiniLoraError(f"The model has no adapter {adapter_name!r} to load a dict of tensors into. "
+                                    "Pass the adapter directory (it holds the config) instead.")
+            source_of = _Source("the state dict", config, "the model's config")
+            tensors = dict(source)
+        else:
+            if files is None:
+                files = read_adapter_files(_adapter_directory(source))
+            config = config_from_fields(files.fields, files.config_origin)
+            source_of = _Source(str(files.weights_path), config, files.config_origin, files)
+            if not layers or adding:  # PEFT checks the saved ensure_weight_tying when it builds the adapter
+                check_saved_tying(model, files.fields)
+        if adding:
+            check_can_add(model, adapter_name, config)
+        if files is not None:  # names, shapes and dtypes first (a safetensors file's header), then the values
+            header = _checked(model, files.tensors, source_of, adapter_name, layers, adding,
+                              autocast_adapter_dtype, unread=True)
+            tensors = files.read(_keys_used(files.tensors, header), device)
+        renamed, embeddings, nested_originals = _checked(model, tensors, source_of, adapter_name, layers, adding,
+                                                         autocast_adapter_dtype)
+    finally:
+        if files is not None:
+            files.close()
 
     # Everything is checked: from here on nothing can fail.
     if not layers:
@@ -445,11 +450,14 @@ def read_for_existing_adapter(model: nn.Module, files: AdapterFiles, adapter_nam
     model's config) loads, read after every check of their names, shapes and dtypes against the model."""
     config = adapter_config(model, adapter_name)
     layers = list(lora_layers(model))
-    if config is None or not layers:  # (load_adapter refuses it, with its words)
-        return files.read(files.tensors, _device_of(model))
-    source = _Source(str(files.weights_path), config, "the model's config")
-    checked = _checked(model, files.tensors, source, adapter_name, layers, False, True, unread=True)
-    return files.read(_keys_used(files.tensors, checked), _device_of(model))
+    try:  # (closed once read, or refused, as in load_adapter)
+        if config is None or not layers:  # (load_adapter refuses it, with its words)
+            return files.read(files.tensors, _device_of(model))
+        source = _Source(str(files.weights_path), config, "the model's config")
+        checked = _checked(model, files.tensors, source, adapter_name, layers, False, True, unread=True)
+        return files.read(_keys_used(files.tensors, checked), _device_of(model))
+    finally:
+        files.close()
 
 
 def reject_whole_module(source: object, action: str) -> None:

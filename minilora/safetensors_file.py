@@ -57,7 +57,7 @@ class SafetensorsFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.file = open(path, "rb", buffering=0)  # noqa: SIM115  (closed when this object goes)
+            self.file = open(path, "rb", buffering=0)  # noqa: SIM115  (closed by close(), or when this object goes)
         except OSError as error:
             raise unreadable(path, error) from None
         weakref.finalize(self, self.file.close)
@@ -96,6 +96,9 @@ class SafetensorsFile:
             raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
             tensors[name] = raw.view(entry.dtype).reshape(_torch_shape(entry))
         return tensors
+
+    def close(self) -> None:
+        self.file.close()
 
     def _read_exactly(self, offset: int, size: int) -> bytearray:
         data, got = bytearray(size), 0

@@ -973,3 +973,43 @@ def test_auto_peft_model_on_weights_truncated_between_its_two_reads(good, tiny_g
                                                 r"read).*(truncated|corrupt)"):
             minilora.compat.AutoPeftModel.from_pretrained(str(directory))
     assert cut and cut[0] == directory / WEIGHTS_NAME
+
+
+def handles_open_on(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path`` (Linux: /proc/self/fd)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:  # (closed meanwhile: the listing's own descriptor)
+            pass
+    return count
+
+
+def compat_load_into_existing(base, directory, good):
+    wrapper = CompatPeftModel.from_pretrained(copy.deepcopy(base), str(good))
+    return wrapper.get_base_model(), lambda: wrapper.load_adapter(str(directory), "default")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("reader", [*READERS.values(), compat_load_into_existing],
+                         ids=[*READERS, "compat-load_adapter-existing"])
+def test_no_file_stays_open_after_a_load_or_a_kept_refusal(reader, good, tiny_gpt2, tmp_path):
+    """The weights file is opened with its header and read later; once loaded, or refused, it is closed:
+    refusals kept by the caller (their tracebacks hold the loader's frames) hold no open file."""
+    directory = tmp_path / "adapter"
+    shutil.copytree(good, directory)
+    path = (directory / WEIGHTS_NAME).resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reader(tiny_gpt2, directory, good)[1]()
+        assert handles_open_on(path) == 0
+        sparse_tensor(A0, [4, 64])(directory)  # (lora_A of another shape: refused after the header was read)
+        kept = []
+        for _ in range(3):
+            model, load = reader(tiny_gpt2, directory, good)
+            try:
+                load()
+            except MiniLoraError as error:
+                kept.append(error)
+    assert len(kept) == 3 and handles_open_on(path) == 0
