@@ -319,6 +319,7 @@ class PeftModel(nn.Module):
                    else "it was the last adapter")
             raise MiniLoraError(f"delete_adapter({deleted!r}) deleted the active adapter and left none active ({why}), "
                                 f"so PEFT's forward fails here (a KeyError: {deleted!r}). {hint}")
+        self._check_kept_name("forward")
         adapter_names = kwargs.pop("adapter_names", None)
         if kwargs.pop("alora_offsets", None) is not None:
             raise MiniLoraError("alora_offsets are for PEFT's activated LoRA (alora_invocation_tokens), which "
@@ -331,6 +332,18 @@ class PeftModel(nn.Module):
                                 "first.")
         with mixed_batch(self.get_base_model(), adapter_names, encoder_adapter_names):
             yield
+
+    def _check_kept_name(self, what: str) -> None:
+        """PEFT's PeftModel reads the config of the adapter it keeps as active (``active_adapter``) in forward,
+        generate and save_pretrained: after delete_adapter of that adapter, while several others stay active
+        (made so by base_model.set_adapter([...])) or none, the name is gone and PEFT fails with a KeyError."""
+        kept = self.__dict__.get("_active_name")
+        if isinstance(kept, str) and kept not in self.peft_config:
+            active = f"while {self.active_adapters} stay active" if self.active_adapters else "and none is active"
+            hint = (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
+                    "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
+            raise MiniLoraError(f"delete_adapter({kept!r}) deleted the adapter this PeftModel keeps as its active one "
+                                f"{active}, so PEFT's {what} fails here (a KeyError: {kept!r}). {hint}")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._peft_forward_args(kwargs):
@@ -454,6 +467,7 @@ class PeftModel(nn.Module):
                                 "scope: use huggingface_hub's upload_folder on the saved directory).")
         if os.path.isfile(save_directory):
             raise MiniLoraError(f"Provided path ({save_directory}) should be a directory, not a file")
+        self._check_kept_name("save_pretrained")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         if any(name not in self.peft_config for name in names):
             raise MiniLoraError(f"You passed an invalid `selected_adapters` arguments, current supported adapter "

@@ -15,10 +15,10 @@ import peft
 import pytest
 import torch
 
-from minilora import compat
+from minilora import MiniLoraError, compat
 from parity import differential
 from parity.architectures import ARCHITECTURES
-from parity.differential import Draw, Scenario, draw_scenario, run_scenario
+from parity.differential import Draw, Scenario, build_base, draw_scenario, run_scenario
 from test_differential import _assert_same_modes, _both  # (the same models by both libraries; their modes)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -284,3 +284,51 @@ def test_add_weighted_adapter_freezes_what_pefts_freezes_by_the_new_name(name):
     grads = [_grads(model) for model in (mini, twin)]
     assert grads[0] == grads[1]
     assert any(grads[1].values()) == (name == "mix")  # PEFT's answer: "w" and "self_attn" froze what they name
+
+
+def test_deleting_the_adapter_a_peft_model_keeps_refuses_what_peft_fails_on(tmp_path, unchanged):
+    """A probe of random call sequences: base_model.set_adapter(["default", "b", "c"]), then delete_adapter("default")
+    leaves "b" and "c" active while PEFT's PeftModel still names "default" (it changes its name only when one
+    adapter stays active), so PEFT's forward, generate and save_pretrained fail with a KeyError; minilora ran. Now
+    MiniLoraErrors, before any change."""
+    base = build_base(ARCHITECTURES["opt"], "lm")
+    inputs = differential.model_inputs(ARCHITECTURES["opt"], "lm")
+    models = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for library in (compat, peft):
+            model = library.get_peft_model(copy.deepcopy(base), library.LoraConfig(target_modules=["q_proj"], r=2))
+            for name in ("b", "c"):
+                model.add_adapter(name, library.LoraConfig(target_modules=["q_proj"], r=2))
+            model.base_model.set_adapter(["default", "b", "c"])
+            model.delete_adapter("default")
+            models.append(model)
+    mini, twin = models
+    calls = {"save_pretrained": lambda model, where: model.save_pretrained(tmp_path / where),
+             "forward": lambda model, where: model(**inputs),
+             "generate": lambda model, where: model.generate(input_ids=inputs["input_ids"], max_new_tokens=1)}
+    for what, call in calls.items():
+        with pytest.raises(KeyError):  # PEFT's answer
+            call(twin, "peft")
+        check = unchanged(mini)
+        with pytest.raises(MiniLoraError, match=rf"delete_adapter\('default'\).*PEFT's (forward|{what}) fails"):
+            call(mini, "mini")
+        check()
+    assert not (tmp_path / "mini").exists()
+
+
+def test_saving_after_deleting_the_active_adapter_that_leaves_none_active_refuses_as_peft_fails(tmp_path):
+    """The same with none left active (the first LoRA layer held no other adapter): PEFT's save_pretrained fails
+    with a KeyError (its get_base_model reads the deleted adapter's config); minilora saved."""
+    _, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("b", library.LoraConfig(target_modules=["fc1"], r=2))
+            model.delete_adapter("default")
+    assert twin.active_adapters == mini.active_adapters == []
+    with pytest.raises(KeyError):
+        twin.save_pretrained(tmp_path / "peft")
+    with pytest.raises(MiniLoraError, match="PEFT's save_pretrained fails"):
+        mini.save_pretrained(tmp_path / "mini")
+    assert not (tmp_path / "mini").exists()
