@@ -220,6 +220,31 @@ def test_load_into_matching_layers_keeps_parameters(tiny_gpt2, tmp_path):
     assert tiny_gpt2.minilora_configs["default"].lora_alpha == 16  # save_adapter now writes what was loaded
 
 
+@pytest.mark.parametrize("into_layers", [False, True], ids=["inject", "into-layers"])
+def test_loading_reads_the_models_state_dict_a_fixed_number_of_times(tiny_gpt2, tmp_path, monkeypatch, into_layers):
+    """The checks build the model's state_dict a fixed number of times, however many tensors the adapter holds
+    (it took one per tensor: a 308-tensor Llama adapter loaded in 4.5 s, 0.17 s now)."""
+    calls = []
+    state_dict = nn.Module.state_dict
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return state_dict(self, *args, **kwargs)
+
+    counts = []
+    for targets in (["c_attn"], ["c_attn", "c_proj", "c_fc"]):
+        trained = copy.deepcopy(tiny_gpt2)
+        minilora.inject(trained, minilora.LoraConfig(r=2, target_modules=targets))
+        minilora.save_adapter(trained, tmp_path / "-".join(targets))
+        model = trained if into_layers else copy.deepcopy(tiny_gpt2)
+        monkeypatch.setattr(nn.Module, "state_dict", counted)
+        minilora.load_adapter(model, tmp_path / "-".join(targets))
+        monkeypatch.undo()
+        counts.append(sum(module is model for module in calls))
+        calls.clear()
+    assert counts[0] == counts[1] < 20, counts
+
+
 def test_is_trainable(tiny_gpt2, tmp_path):
     """As PEFT: loaded adapters are frozen unless is_trainable=True, which trains A and B only."""
     trained = copy.deepcopy(tiny_gpt2)
