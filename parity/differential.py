@@ -350,7 +350,7 @@ def compare_tensors(step: str, mini: list, peft_: list, rtol: float = 0.0) -> No
             raise Finding(f"{step}: {key} has shape/dtype {tuple(a.shape)}/{a.dtype} vs PEFT's "
                           f"{tuple(b.shape)}/{b.dtype}")
         if rtol == 0.0:
-            if not torch.equal(a, b) and not (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num())):
+            if not _same(a, b):
                 diff = (a.double() - b.double()).abs().max().item()
                 raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}; bitwise expected)")
         else:
@@ -523,8 +523,10 @@ def compare_backward(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) 
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equal, NaN where the other has NaN (half-precision backward passes overflow alike)."""
-    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    """Bitwise equal, NaN where the other has NaN (half-precision passes overflow alike): a NaN against a
+    number, or inf against the largest finite number, is a difference (nan_to_num's defaults would hide both)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        torch.where(a.isnan(), 0, a), torch.where(b.isnan(), 0, b))
 
 
 def compare_train_step(step: str, mini: nn.Module, twin: nn.Module, inputs: dict) -> None:

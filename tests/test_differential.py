@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import math
 import warnings
 
 import peft
@@ -934,3 +935,15 @@ def test_a_drawn_last_call_that_does_not_apply_is_recorded_as_skipped(extra, mer
     steps = differential.run_scenario(scenario).steps
     skipped = [outcome for step, outcome in steps if step == extra]
     assert len(skipped) == 1 and skipped[0].startswith(f"skipped: {why}"), steps
+
+
+@pytest.mark.parametrize("ours, theirs", [([math.nan, 1.0], [0.0, 1.0]), ([math.inf], [torch.finfo(torch.float32).max]),
+                                          ([-math.inf], [torch.finfo(torch.float32).min])],
+                         ids=["NaN-vs-0", "inf-vs-max", "-inf-vs-min"])
+def test_a_nan_or_inf_against_a_number_is_a_finding(ours, theirs):
+    """Outputs and gradients compare NaN as equal only to NaN (half-precision passes overflow alike on both
+    sides): a NaN against 0, or inf against the largest float, is a difference (nan_to_num hid both)."""
+    with pytest.raises(differential.Finding, match="differs from PEFT's"):
+        differential.compare_tensors("forward", [("logits", torch.tensor(ours))], [("logits", torch.tensor(theirs))])
+    assert not differential._same(torch.tensor(ours), torch.tensor(theirs))
+    assert differential._same(torch.tensor(ours), torch.tensor(ours))
