@@ -158,8 +158,14 @@ class LoraModel(nn.Module):
         return merge_and_unload(self.model, safe=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Put the plain layers back without merging: returns your model as it was before LoRA."""
-        return unload(self.model)
+        """Put the plain layers back without merging: returns your model as it was before LoRA. As PEFT's,
+        a layer merged already goes back as it is, W0 + dW (PEFT's unload does not unmerge)."""
+        tied = [name for name, layer in lora_layers(self.model) if layer.merged and layer.untied_weight is not None]
+        if tied:  # PEFT merged into the shared weight (the input embedding too); minilora into a copy (README)
+            raise MiniLoraError(f"unload() of merged layers whose weight is tied ({tied}): PEFT's unload keeps W0 + dW "
+                                "in the weight it shares (the input embedding too), minilora merged into a copy of "
+                                "its own. Call unmerge_adapter() first for the base model, or merge_and_unload().")
+        return unload(self.model, unmerge=False)
 
 
 def write_model_card(model: nn.Module, directory: Path) -> None:

@@ -287,15 +287,16 @@ def _warn_if_biases_trained(model: nn.Module, action: str) -> None:
                       stacklevel=3)
 
 
-def unload(model: nn.Module) -> nn.Module:
+def unload(model: nn.Module, unmerge: bool = True) -> nn.Module:
     """Put the plain base layers back and drop the adapters (merged ones are unmerged first).
 
     Returns the same model object, with the base model's outputs; with ``bias="all"`` or
-    ``"lora_only"`` the biases that trained stay as trained (a warning says so).
+    ``"lora_only"`` the biases that trained stay as trained (a warning says so). ``unmerge=False``
+    is PEFT's ``unload``: a merged layer goes back as it is, W0 + dW (compat_adapters.py).
     """
     _warn_if_biases_trained(model, "unload()")
     for name, layer in require_lora_layers(model, "unload"):
-        if layer.merged:
+        if layer.merged and unmerge:
             layer.unmerge()
         _give_back_own_storage(layer)
         _replace_module(model, name, layer.base_layer)

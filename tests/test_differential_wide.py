@@ -332,3 +332,36 @@ def test_saving_after_deleting_the_active_adapter_that_leaves_none_active_refuse
     with pytest.raises(MiniLoraError, match="PEFT's save_pretrained fails"):
         mini.save_pretrained(tmp_path / "mini")
     assert not (tmp_path / "mini").exists()
+
+
+@pytest.mark.parametrize("arch, targets", [("llama", ["q_proj"]), ("gpt2", ["c_attn"])])
+def test_unload_of_a_merged_model_keeps_w0_plus_dw_as_peft(arch, targets):
+    """A probe of random call sequences: merge_adapter(), then unload(). PEFT's unload puts the base layers back as
+    they are, so merged layers keep W0 + dW (the adapted outputs); minilora's unmerged them first (the base model's
+    outputs). A merged layer whose weight is tied (lm_head) is refused: PEFT merged into the shared weight."""
+    base, mini, twin = _both(arch, "lm", dict(target_modules=targets, r=2, init_lora_weights=False))
+    inputs = differential.model_inputs(ARCHITECTURES[arch], "lm")
+    with torch.no_grad():
+        adapted = differential.forward(twin.eval(), inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = []
+        for model in (mini, twin):
+            model.merge_adapter()
+            plain.append(model.unload())
+    with torch.no_grad():
+        differential.compare_tensors("PEFT's unload vs its adapted outputs", differential.forward(plain[1].eval(), inputs),
+                                     adapted, rtol=1e-5)  # PEFT's answer: W0 + dW
+        differential.compare_tensors("unload", differential.forward(plain[0].eval(), inputs),
+                                     differential.forward(plain[1].eval(), inputs))
+
+
+def test_unload_of_a_merged_tied_layer_is_refused_before_anything_changes(unchanged):
+    _, mini, _ = _both("gpt2", "lm", dict(target_modules=["lm_head"], r=2, init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mini.merge_adapter()
+    check = unchanged(mini)
+    with pytest.raises(MiniLoraError, match=r"unload\(\) of merged layers whose weight is tied"):
+        mini.unload()
+    check()
