@@ -234,7 +234,8 @@ def write_all(saves: list, names: list[str]) -> None:
             if not isinstance(error, Exception):  # an interrupt stays one
                 error.add_note(f"minilora: {saved}.")
                 raise
-            what = str(error) if isinstance(error, MiniLoraError) else f"{type(error).__name__}: {error}"
+            what = str(error) if isinstance(error, MiniLoraError) else f"{type(error).__name__}: {error}".rstrip(": ")
+            what += "" if what.endswith(".") else "."  # (MemoryError() says nothing; an OSError ends without a period)
             raise MiniLoraError(f"{saved}: {what} Then save the rest again: selected_adapters={names[done:]!r}.") \
                 from (None if isinstance(error, MiniLoraError) else error)
 

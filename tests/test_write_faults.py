@@ -460,6 +460,8 @@ def test_any_failure_after_a_first_write_says_which_were_saved(wrapper_with_two_
                 as raised:
             save(wrapper_with_two_adapters, tmp_path)
         assert raised.value.__cause__ is error
+        said = {"MemoryError": "MemoryError. Then", "OSError": "OSError: [Errno 5] Input/output error. Then"}
+        assert f"as before): {said[type(error).__name__]} save the rest again" in str(raised.value)
     monkeypatch.undo()
     assert files_state(tmp_path / "other") == before
     loaded = load_file(tmp_path / "adapter_model.safetensors")
