@@ -873,16 +873,16 @@ def _compare_save_load(scenario: Scenario, mini: nn.Module, twin: nn.Module, bas
         # (not the live models: a merge and unmerge before may have moved W0 by a rounding)
         active = mini.active_adapters[0] if mini.active_adapters else "default"  # (the first of several active)
         subdir = "" if active == "default" else active
-        try:
-            reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir).eval()
+        # (the wide draws: from_pretrained(adapter_name=, is_trainable=), load_adapter of the other's files)
+        load = scenario.wide.get("load", {})
+        options = dict(adapter_name=load["from_name"], is_trainable=load["is_trainable"]) if load else {}
+        try:  # (with the same options: is_trainable=True alone moves some outputs by a rounding, in PEFT too)
+            reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), peft_dir / subdir, **options).eval()
             with torch.no_grad():
                 expected = forward(reference, inputs)
         except Exception as error:  # noqa: BLE001 - PEFT cannot load or run its own files: nothing to compare with
             trace().stop("PEFT loads its own files", f"PEFT cannot ({type(error).__name__})")
             return
-        # (the wide draws: from_pretrained(adapter_name=, is_trainable=), load_adapter of the other's files)
-        load = scenario.wide.get("load", {})
-        options = dict(adapter_name=load["from_name"], is_trainable=load["is_trainable"]) if load else {}
         step = "from_pretrained" + (f"(adapter_name={load['from_name']!r}, is_trainable={load['is_trainable']})"
                                     if load else "")
         loaded_mini, loaded_peft, ran = run_both(
