@@ -274,16 +274,19 @@ def load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, a
         MiniLoraError: when the saved config would compute something else (another lora_alpha, other
             targets, ...): PEFT would load A and B and keep the model's scaling, without a word.
     """
-    different = _differing_fields(adapter_configs(model)[adapter_name],
-                                  config_from_fields(files.fields, files.config_origin))
-    if different:
-        raise MiniLoraError(f"{files.config_origin} differs from adapter {adapter_name!r} in the model in "
-                            f"{different}; PEFT would load its A and B and keep the model's {different}. Load it "
-                            "under a new adapter_name, or into a model made with the saved config.")
-    if not files.paired:
-        adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
-    adapters.check_file_keys(files.tensors, adapter_name, str(files.weights_path), from_file=True)
-    tensors = adapters.read_for_existing_adapter(model, files, adapter_name)  # (names and shapes checked first)
+    try:  # (the weights file is closed once read, or refused, as load_adapter closes it)
+        different = _differing_fields(adapter_configs(model)[adapter_name],
+                                      config_from_fields(files.fields, files.config_origin))
+        if different:
+            raise MiniLoraError(f"{files.config_origin} differs from adapter {adapter_name!r} in the model in "
+                                f"{different}; PEFT would load its A and B and keep the model's {different}. Load "
+                                "it under a new adapter_name, or into a model made with the saved config.")
+        if not files.paired:
+            adapters.refuse_unpaired_config(files.directory / adapters.CONFIG_NAME, files.weights_path)
+        adapters.check_file_keys(files.tensors, adapter_name, str(files.weights_path), from_file=True)
+        tensors = adapters.read_for_existing_adapter(model, files, adapter_name)  # (names and shapes checked first)
+    finally:
+        files.close()
     trains = {param: param.requires_grad for param in model.parameters()}
     adapters.load_adapter(model, tensors, adapter_name=adapter_name)  # (a dict of tensors: the model's config stays)
     for param, requires_grad in trains.items():

@@ -992,9 +992,12 @@ def compat_load_into_existing(base, directory, good):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-@pytest.mark.parametrize("reader", [*READERS.values(), compat_load_into_existing],
-                         ids=[*READERS, "compat-load_adapter-existing"])
-def test_no_file_stays_open_after_a_load_or_a_kept_refusal(reader, good, tiny_gpt2, tmp_path):
+@pytest.mark.parametrize("reader, spoil", [
+    *((reader, sparse_tensor(A0, [4, 64])) for reader in READERS.values()),  # (lora_A of another shape)
+    (compat_load_into_existing, sparse_tensor(A0, [4, 64])),
+    (compat_load_into_existing, edit_config(lora_alpha=16)),  # (refused before the weights are checked)
+], ids=[*READERS, "compat-load_adapter-existing", "compat-load_adapter-existing-config"])
+def test_no_file_stays_open_after_a_load_or_a_kept_refusal(reader, spoil, good, tiny_gpt2, tmp_path):
     """The weights file is opened with its header and read later; once loaded, or refused, it is closed:
     refusals kept by the caller (their tracebacks hold the loader's frames) hold no open file."""
     directory = tmp_path / "adapter"
@@ -1004,7 +1007,7 @@ def test_no_file_stays_open_after_a_load_or_a_kept_refusal(reader, good, tiny_gp
         warnings.simplefilter("ignore")
         reader(tiny_gpt2, directory, good)[1]()
         assert handles_open_on(path) == 0
-        sparse_tensor(A0, [4, 64])(directory)  # (lora_A of another shape: refused after the header was read)
+        spoil(directory)
         kept = []
         for _ in range(3):
             model, load = reader(tiny_gpt2, directory, good)
