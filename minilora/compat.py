@@ -66,8 +66,8 @@ from . import adapters, multi
 from .adapter_config import config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
-from .compat_loading import (check_flag, check_given_config, check_load_options, check_task_head_saved, drawing_nothing,
-                             draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
+from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
+                             check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
                              leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
                              read_files, resolve_adapter_source, unmerge_as_pefts_injection)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
@@ -99,8 +99,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         mixed: PEFT's mixed adapter types (LoRA with LoHa, ...): not in minilora, only False.
         autocast_adapter_dtype: True (PEFT's default) keeps float16 / bfloat16 adapters in float32.
         revision: recorded in the config as the base model's revision, as PEFT does.
-        low_cpu_mem_usage: as in PEFT, building the adapter draws no random numbers (PEFT puts it on
-            the meta device, to be loaded later; minilora's is real, but not drawn from your seed).
+        low_cpu_mem_usage: as in PEFT, A and B are placeholders on the meta device (no memory, nothing
+            drawn from your seed; a forward before that is meaningless) until ``set_peft_model_state_dict`` loads them.
     """
     check_config(peft_config, "get_peft_model")
     if mixed is not False:
@@ -121,8 +121,12 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     from .compat_tasks import TASK_MODELS
 
     task = _task(peft_config)
-    return TASK_MODELS.get(task, PeftModel)(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                            low_cpu_mem_usage=low_cpu_mem_usage)
+    peft_model = TASK_MODELS.get(task, PeftModel)(model, peft_config, adapter_name,
+                                                  autocast_adapter_dtype=autocast_adapter_dtype,
+                                                  low_cpu_mem_usage=low_cpu_mem_usage)
+    if low_cpu_mem_usage:
+        adapter_on_meta(model, adapter_name)
+    return peft_model
 
 
 def _task(config: Any) -> Optional[str]:
@@ -386,7 +390,8 @@ class PeftModel(nn.Module):
     # ----------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
-        """A new adapter, inactive and frozen until ``set_adapter`` (same seed, same weights as PEFT)."""
+        """A new adapter, inactive and frozen until ``set_adapter`` (same seed, same weights as PEFT); with
+        ``low_cpu_mem_usage``, as PEFT, its A and B are meta-device placeholders until loaded."""
         check_config(peft_config, "add_adapter")
         check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
         if adapter_name in self.peft_config:
@@ -402,6 +407,8 @@ class PeftModel(nn.Module):
         with drawing_nothing(low_cpu_mem_usage):
             multi.add_adapter(model, adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_config.target_modules = resolved
+        if low_cpu_mem_usage:
+            adapter_on_meta(model, adapter_name)
         unmerge_as_pefts_injection(model)  # (PEFT's inject_adapter unmerges every merged layer)
         leave_new_layers_in_train_mode(model, adapter_name, before)  # PEFT's new modules start in train mode
         self._new_copies_biases_like_peft(adapter_name)

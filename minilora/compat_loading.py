@@ -115,6 +115,19 @@ def drawing_nothing(enabled: bool = True) -> Iterator[None]:
             torch.set_rng_state(state)
 
 
+def adapter_on_meta(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's ``low_cpu_mem_usage=True`` for a new adapter that is not loaded in the same call
+    (``get_peft_model``, ``add_adapter``, ``inject_adapter_in_model``): its A and B are placeholders on the
+    meta device (no memory; a forward before that is meaningless, in PEFT too) until ``set_peft_model_state_dict``
+    loads them."""
+    from .inject import lora_layers
+
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.lora_A[adapter_name].to("meta")
+            layer.lora_B[adapter_name].to("meta")
+
+
 # --------------------------------------------------------------------------------------------
 # Where an adapter is: a directory, or a Hugging Face hub id
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from . import adapters
 from .compat_config import resolved_targets
-from .compat_loading import drawing_nothing, leave_new_layers_in_train_mode
+from .compat_loading import adapter_on_meta, drawing_nothing, leave_new_layers_in_train_mode
 from .compat_tying import check_tied_modules
 from .config import LoraConfig, MiniLoraError
 from .inject import inject, is_lora_parameter, lora_layers
@@ -126,9 +126,7 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     peft_config.target_modules = resolved  # as PEFT: the default / "all-linear" names, written into the config
     leave_new_layers_in_train_mode(model, adapter_name)
     if low_cpu_mem_usage:
-        for _, layer in lora_layers(model):
-            layer.lora_A[adapter_name].to("meta")
-            layer.lora_B[adapter_name].to("meta")
+        adapter_on_meta(model, adapter_name)
     if getattr(peft_config, "inference_mode", False):
         for param in model.parameters():
             param.requires_grad_(False)

@@ -131,6 +131,31 @@ def test_low_cpu_mem_usage_draws_nothing_as_peft(saved):
     assert torch.equal(draws["peft"], nothing) and torch.equal(draws["minilora.compat"], nothing)
 
 
+def test_get_peft_model_and_add_adapter_low_cpu_mem_usage_leave_placeholders_as_peft(saved):
+    """low_cpu_mem_usage=True in get_peft_model / add_adapter: A and B on the meta device, as PEFT's, nothing
+    drawn; set_peft_model_state_dict then fills them, and the model gives the saved adapter's outputs."""
+    directory, expected = saved
+    state = peft.utils.load_peft_weights(str(directory))
+    for lib in (peft, compat):
+        torch.manual_seed(3)
+        model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], r=2), low_cpu_mem_usage=True)
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin1"], r=2), low_cpu_mem_usage=True)
+        after = torch.rand(2)
+        devices = {name: p.device.type for name, p in model.named_parameters() if "lora_" in name}
+        assert set(devices.values()) == {"meta"} and len(devices) == 4, lib.__name__
+        torch.manual_seed(3)
+        base()
+        assert torch.equal(after, torch.rand(2)), lib.__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lib.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)
+        devices = {name.split(".lora_")[1].split(".")[1]: p.device.type for name, p in model.named_parameters()
+                   if "lora_" in name}
+        assert devices == {"default": "cpu", "other": "meta"}, lib.__name__
+        with torch.no_grad():
+            assert torch.equal(model(X), expected), lib.__name__
+
+
 def test_config_given_to_from_pretrained_becomes_the_adapter_s(saved):
     directory, _ = saved
     for lib in (peft, compat):
