@@ -424,7 +424,9 @@ def _checked(model: nn.Module, tensors: dict, source: _Source, adapter_name: str
     except MiniLoraError as error:  # the config's targets are not in this model
         raise MiniLoraError(f"{config_origin}: {error}") from None
     embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
-    other_layers_biases(model, renamed, shapes, lora_targets, config.bias if config is not None else "none")
+    # (this adapter's own layers; the biases of every other LoRA layer are the other adapters' that PEFT writes too)
+    own = [name for name, layer in layers if adapter_name in layer.lora_A] if layers and not adding else lora_targets
+    other_layers_biases(model, renamed, shapes, own or lora_targets, config.bias if config is not None else "none")
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and files is not None:
         try:

@@ -365,3 +365,30 @@ def test_unload_of_a_merged_tied_layer_is_refused_before_anything_changes(unchan
     with pytest.raises(MiniLoraError, match=r"unload\(\) of merged layers whose weight is tied"):
         mini.unload()
     check()
+
+
+def test_loading_into_the_same_adapter_takes_the_other_adapters_layers_biases_as_peft(tmp_path):
+    """--examples 80 --seed 233, #66: load_adapter(<its own saved files>, the same adapter_name) -- Trainer's resume --
+    of a bias="lora_only" adapter saved beside another adapter: the file holds the biases of the other adapter's
+    layers too (<layer>.base_layer.bias), which PEFT loads into them; minilora refused the file ("does not fit",
+    unexpected keys) although it loads those keys into a fresh model."""
+    base, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj"], r=2, bias="lora_only"))
+    inputs = differential.model_inputs(ARCHITECTURES["opt"], "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("other", library.LoraConfig(target_modules=["fc1"], r=2))
+        differential.same_values(mini, twin, 1)
+        twin.save_pretrained(tmp_path)
+        with torch.no_grad():
+            saved = differential.forward(twin.eval(), inputs)
+            for model in (mini, twin):  # training moves the biases after the save
+                for name, param in model.named_parameters():
+                    if name.endswith("bias") and param.requires_grad:
+                        param.add_(0.5)
+        for model in (mini, twin):
+            model.load_adapter(tmp_path, "default")
+    differential.compare_structure("load_adapter into the same adapter", mini, twin)
+    with torch.no_grad():
+        differential.compare_tensors("PEFT's, reloaded", differential.forward(twin.eval(), inputs), saved)
+        differential.compare_tensors("minilora's, reloaded", differential.forward(mini.eval(), inputs), saved)
