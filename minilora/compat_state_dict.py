@@ -14,6 +14,8 @@ does its work with adapters.py / inject.py; keys and values are PEFT's.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
@@ -26,6 +28,7 @@ from .compat_loading import adapter_on_meta, drawing_nothing, leave_new_layers_i
 from .compat_tying import check_tied_modules
 from .config import LoraConfig, MiniLoraError
 from .inject import inject, is_lora_parameter, lora_layers
+from .targets import find_targets
 
 WRAPPER_PREFIX = "base_model.model."  # what PEFT's wrappers put in front of your model's keys
 
@@ -112,17 +115,18 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     """LoRA layers injected into ``model`` in place, without a wrapper (PEFT's ``inject_adapter_in_model``:
     same seed, same adapter, new layers in train mode). With ``low_cpu_mem_usage``, as in PEFT, A and
     B are placeholders on the meta device (nothing drawn from the random generator, no memory) until
-    ``set_peft_model_state_dict`` loads them; forward fails before that."""
+    ``set_peft_model_state_dict`` loads them; forward fails before that. With ``state_dict`` (a checkpoint's
+    tensors, PEFT's keys), the layers wrapped are those its keys name, as in PEFT (which warns when the config's
+    target_modules would pick others); the config you pass records its own targets either way, and the model
+    keeps a copy that names the layers wrapped (what its files say)."""
     if not isinstance(peft_config, LoraConfig):
         raise MiniLoraError(f"inject_adapter_in_model needs minilora.compat.LoraConfig, got "
                             f"{type(peft_config).__module__}.{type(peft_config).__qualname__}.")
-    if state_dict is not None:
-        raise MiniLoraError("inject_adapter_in_model(state_dict=...) finds targets from a checkpoint's keys; "
-                            "minilora finds them from peft_config.target_modules. Leave state_dict=None.")
     check_tied_modules(model, peft_config)
     resolved = resolved_targets(model, peft_config)
+    chosen = peft_config if state_dict is None else _config_for_state_dict(model, peft_config, state_dict)
     with drawing_nothing(low_cpu_mem_usage):
-        inject(model, peft_config, adapter_name)
+        inject(model, chosen, adapter_name)
     peft_config.target_modules = resolved  # as PEFT: the default / "all-linear" names, written into the config
     leave_new_layers_in_train_mode(model, adapter_name)
     if low_cpu_mem_usage:
@@ -131,6 +135,37 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         for param in model.parameters():
             param.requires_grad_(False)
     return model
+
+
+def _config_for_state_dict(model: nn.Module, peft_config: LoraConfig, state_dict: Mapping) -> LoraConfig:
+    """PEFT's ``inject_adapter_in_model(state_dict=...)``: the layers to wrap are those the checkpoint's keys
+    name (``X.lora_A.weight`` -> ``X``), not those ``target_modules`` picks; PEFT warns (a RuntimeWarning) when
+    the two differ. A copy of the config that targets exactly those layers (r, alpha and the per-layer
+    patterns still come from the config)."""
+    named = [name for name, _ in model.named_modules() if name]
+    in_keys = {str(key).rsplit(".lora_", 1)[0].removeprefix("_orig_mod.") for key in state_dict}
+    targeted = [name for name in named if name in in_keys]
+    if not targeted:
+        raise MiniLoraError(f"inject_adapter_in_model(state_dict=...): no key of the state_dict names a layer of this "
+                            f"model (e.g. {sorted(map(str, state_dict))[:2]}); pass the keys get_peft_model_state_dict "
+                            "gives for a model like this one.")
+    try:
+        from_config = set(find_targets(model, peft_config))
+    except MiniLoraError:
+        from_config = set()
+    extra_config, extra_state_dict = from_config - set(targeted), set(targeted) - from_config
+    if extra_config or extra_state_dict:  # PEFT's words
+        message = ("While injecting the PEFT adapters, an inconsistency was discovered between the PEFT config and the "
+                   "provided state_dict. This is not necessarily an issue and can be ignored if this was the intent. ")
+        if extra_config:
+            message += f"The PEFT config contained these additional target modules: {sorted(extra_config)}. "
+        if extra_state_dict:
+            message += f"The state_dict contained these additional target modules: {sorted(extra_state_dict)}. "
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    chosen = copy.copy(peft_config)
+    chosen.target_modules, chosen.exclude_modules = targeted, None  # full names: each matches only itself
+    chosen.layers_to_transform, chosen.layers_pattern = None, None
+    return chosen
 
 
 def original_key(key: str) -> Optional[str]:

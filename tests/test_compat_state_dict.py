@@ -103,3 +103,43 @@ def test_base_model_state_dict_as_peft():
     assert same(compat.get_base_model_state_dict(ours), peft.get_base_model_state_dict(theirs))
     with pytest.raises(MiniLoraError, match="unexpected keys \\['extra'\\]"):
         compat.set_base_model_state_dict(ours, {**fresh, "extra": torch.ones(1)})
+
+
+def _injected_from(lib, architecture: str, state_dict, config: dict):
+    from parity.architectures import ARCHITECTURES
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        given = lib.LoraConfig(**config)
+        model = lib.inject_adapter_in_model(given, ARCHITECTURES[architecture].build(), state_dict=state_dict)
+    runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return model, runtime, given.target_modules
+
+
+@pytest.mark.parametrize("architecture", ["llama", "bert"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_inject_adapter_in_model_from_a_state_dict_as_peft(architecture, subset):
+    """inject_adapter_in_model(state_dict=...): the layers its keys name are wrapped (not the config's targets),
+    with PEFT's RuntimeWarning when they differ and none when they agree; same keys, shapes, stored targets."""
+    from parity.architectures import ARCHITECTURES
+
+    source = peft.inject_adapter_in_model(peft.LoraConfig(r=4), ARCHITECTURES[architecture].build())
+    state_dict = peft.get_peft_model_state_dict(source)
+    if subset:  # the first block's query layer only: the file decides the layers
+        state_dict = {key: value for key, value in state_dict.items()
+                      if ".0." in key and ("q_proj" in key or "query" in key)}
+    results = {lib: _injected_from(lib, architecture, state_dict, dict(r=4)) for lib in (peft, compat)}
+    (theirs, their_warnings, their_targets), (ours, our_warnings, our_targets) = results[peft], results[compat]
+    expected = peft.get_peft_model_state_dict(theirs)
+    got = compat.get_peft_model_state_dict(ours)
+    assert list(got) == list(expected) == list(state_dict)
+    assert all(got[key].shape == expected[key].shape for key in expected)
+    assert our_warnings == their_warnings and bool(their_warnings) == subset
+    assert our_targets == their_targets  # the config's own (default) targets, written into it by both
+
+
+def test_inject_adapter_in_model_from_a_state_dict_naming_no_layer_is_refused():
+    for lib in (peft, compat):
+        with pytest.raises(ValueError):
+            _injected_from(lib, "llama", {"no.such.layer.lora_A.weight": torch.zeros(4, 32)}, dict(r=4))
