@@ -529,22 +529,28 @@ class PeftModel(nn.Module):
         # The files are read once, before any change (a bad config is refused first), and loaded as read: the
         # config here is the one the weights are loaded with, even while another process saves (minilora/files.py).
         files = read_files(inner, directory)
-        fields = files.fields
-        saved, peft_config = config_from_fields(fields, files.config_origin), pefts_config(fields, files.config_origin)
-        if config is not None:
-            check_given_config(config, saved, directory)
-        from .compat_tasks import TASK_MODELS
+        try:  # (load_adapter closes the weights file once read, or refused; so does a refusal before it)
+            fields = files.fields
+            saved = config_from_fields(fields, files.config_origin)
+            peft_config = pefts_config(fields, files.config_origin)
+            if config is not None:
+                check_given_config(config, saved, directory)
+            from .compat_tasks import TASK_MODELS
 
-        # PEFT's class is the one of the task_type of the config it loads with: the caller's config= if given, else
-        # the file's; ``cls`` only where that task has no class of its own (peft_model.py, PeftModel.from_pretrained)
-        task_class = TASK_MODELS.get(_task(config if config is not None else peft_config), cls)
-        if wrapper is None:
-            task_class._check_task_fits(inner)
-            check_task_head_saved(inner, task_class, saved, directory)
-        had_layers = any(True for _ in lora_layers(inner))
-        existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter's add_adapter)
-        if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
-            check_saved_tying(inner, fields)
+            # PEFT's class is the one of the task_type of the config it loads with: the caller's config= if given,
+            # else the file's; ``cls`` only where that task has no class of its own (peft_model.py,
+            # PeftModel.from_pretrained)
+            task_class = TASK_MODELS.get(_task(config if config is not None else peft_config), cls)
+            if wrapper is None:
+                task_class._check_task_fits(inner)
+                check_task_head_saved(inner, task_class, saved, directory)
+            had_layers = any(True for _ in lora_layers(inner))
+            existed = adapter_name in adapter_configs(inner)  # (a new name is drawn once, by load_adapter)
+            if existed:  # PEFT builds a new adapter and checks the saved tying; load_adapter does when it builds one
+                check_saved_tying(inner, fields)
+        except BaseException:
+            files.close()
+            raise
         with drawing_nothing(low_cpu_mem_usage):
             adapters.load_adapter(inner, files, is_trainable=is_trainable, adapter_name=adapter_name,
                                   autocast_adapter_dtype=autocast_adapter_dtype)

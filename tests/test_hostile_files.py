@@ -1016,3 +1016,17 @@ def test_no_file_stays_open_after_a_load_or_a_kept_refusal(reader, spoil, good, 
             except MiniLoraError as error:
                 kept.append(error)
     assert len(kept) == 3 and handles_open_on(path) == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_no_file_stays_open_after_a_kept_refusal_before_the_weights_are_checked(good, tiny_gpt2):
+    """compat from_pretrained with a config= that is not the saved one: refused before load_adapter runs."""
+    path = (good / WEIGHTS_NAME).resolve()
+    kept = []
+    for _ in range(3):
+        try:
+            CompatPeftModel.from_pretrained(copy.deepcopy(tiny_gpt2), str(good),
+                                            config=CompatLoraConfig(r=8, target_modules=["c_attn"]))
+        except MiniLoraError as error:
+            kept.append(error)
+    assert len(kept) == 3 and handles_open_on(path) == 0
