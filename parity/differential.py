@@ -353,10 +353,12 @@ def compare_tensors(step: str, mini: list, peft_: list, rtol: float = 0.0) -> No
             if not _same(a, b):
                 diff = (a.double() - b.double()).abs().max().item()
                 raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}; bitwise expected)")
-        else:
-            scale = max(b.double().abs().max().item(), 1e-12)
-            diff = (a.double() - b.double()).abs().max().item()
-            if diff > rtol * scale:
+        else:  # (NaN and inf only where the other has the same; the scale is PEFT's largest finite value)
+            same = (a == b) | (a.isnan() & b.isnan())
+            finite = b.double().abs()[b.isfinite()]
+            scale = max(finite.max().item() if finite.numel() else 0.0, 1e-12)
+            diff = torch.where(same, 0.0, (a.double() - b.double()).abs()).max().item() if a.numel() else 0.0
+            if not diff <= rtol * scale:  # (a NaN diff, NaN against a number, is a difference too)
                 raise Finding(f"{step}: {key} differs from PEFT's (max abs {diff:.3e}, relative {diff / scale:.2e} "
                               f"> {rtol})")
     trace().equal(step, numbers=bool(mini))

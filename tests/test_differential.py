@@ -947,3 +947,19 @@ def test_a_nan_or_inf_against_a_number_is_a_finding(ours, theirs):
         differential.compare_tensors("forward", [("logits", torch.tensor(ours))], [("logits", torch.tensor(theirs))])
     assert not differential._same(torch.tensor(ours), torch.tensor(theirs))
     assert differential._same(torch.tensor(ours), torch.tensor(ours))
+    with pytest.raises(differential.Finding, match="differs from PEFT's"):  # (and within a relative tolerance)
+        differential.compare_tensors("merged", [("logits", torch.tensor(ours))], [("logits", torch.tensor(theirs))],
+                                     rtol=1e-2)
+    differential.compare_tensors("merged", [("logits", torch.tensor(ours))], [("logits", torch.tensor(ours))],
+                                 rtol=1e-2)
+
+
+def test_within_a_relative_tolerance_an_inf_both_have_does_not_widen_it():
+    """The tolerance is relative to PEFT's largest finite value: an inf both sides hold (equal there) does not
+    make every other difference pass."""
+    inf = math.inf
+    differential.compare_tensors("merged", [("x", torch.tensor([inf, 1.0]))], [("x", torch.tensor([inf, 1.001]))],
+                                 rtol=1e-2)
+    with pytest.raises(differential.Finding, match="differs from PEFT's"):
+        differential.compare_tensors("merged", [("x", torch.tensor([inf, 1.0]))], [("x", torch.tensor([inf, 2.0]))],
+                                     rtol=1e-2)
