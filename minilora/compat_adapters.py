@@ -130,6 +130,7 @@ class LoraModel(nn.Module):
         Warns as PEFT when merged already."""
         if isinstance(adapter_names, str):
             raise MiniLoraError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        self._warn_tied_targets()
         for _, layer in require_lora_layers(self.model, "merge_adapter"):
             layer.merge(safe=safe_merge, adapter_names=adapter_names)
 
@@ -155,7 +156,25 @@ class LoraModel(nn.Module):
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Fold dW (of the active adapters, or ``adapter_names``) into W0 and put the plain layers back:
         returns your model, without LoRA."""
+        self._warn_tied_targets()
         return merge_and_unload(self.model, safe=safe_merge, adapter_names=adapter_names)
+
+    def _warn_tied_targets(self) -> None:
+        """PEFT's warning before a merge (its LoraModel._check_merge_allowed) when the config says
+        ``tie_word_embeddings`` and a LoRA layer is named ``lm_head`` or ``embed_tokens`` (its
+        EMBEDDING_LAYER_NAMES; by name, as PEFT). minilora merges such a layer into a copy of the shared
+        weight (README), but says what PEFT says."""
+        config = getattr(self.model, "config", None)
+        tied = getattr(config, "to_dict", dict)().get("tie_word_embeddings") if config is not None else None
+        tied_target_modules = [name for name in self.targeted_module_names
+                               if name.split(".")[-1] in ("embed_tokens", "lm_head")] if tied else []
+        if tied_target_modules:
+            warnings.warn(
+                f"Model with `tie_word_embeddings=True` and the {tied_target_modules=} are part of the adapter. "
+                "This can lead to complications. "
+                "You can opt to merge the adapter after cloning the weights (to untie the embeddings). "
+                "You can untie the embeddings by loading the model with `tie_word_embeddings=False`. For example:"
+                + _UNTIE_EXAMPLE, stacklevel=3)
 
     def unload(self) -> nn.Module:
         """Put the plain layers back without merging: returns your model as it was before LoRA. As PEFT's,
@@ -166,6 +185,27 @@ class LoraModel(nn.Module):
                                 "in the weight it shares (the input embedding too), minilora merged into a copy of "
                                 "its own. Call unmerge_adapter() first for the base model, or merge_and_unload().")
         return unload(self.model, unmerge=False)
+
+
+_UNTIE_EXAMPLE = """
+```python
+from transformers import AutoModelForCausalLM
+
+# Load original tied model
+model = AutoModelForCausalLM.from_pretrained("google/gemma-2-2b-it", tie_word_embeddings=False)
+
+# Set the randomly initialized lm_head to the previously tied embeddings
+model.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()
+
+# Save the untied model
+untied_model_dir = "dir/for/untied/model"
+model.save_pretrained(untied_model_dir)
+model.config.save_pretrained(untied_model_dir)
+
+# Now use the original model but in untied format
+model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+```
+"""
 
 
 def write_model_card(model: nn.Module, directory: Path) -> None:

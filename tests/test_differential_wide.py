@@ -392,3 +392,17 @@ def test_loading_into_the_same_adapter_takes_the_other_adapters_layers_biases_as
     with torch.no_grad():
         differential.compare_tensors("PEFT's, reloaded", differential.forward(twin.eval(), inputs), saved)
         differential.compare_tensors("minilora's, reloaded", differential.forward(mini.eval(), inputs), saved)
+
+
+@pytest.mark.parametrize("call", ["merge_adapter", "merge_and_unload"])
+def test_merging_a_tied_target_warns_with_pefts_words(call):
+    """PEFT warns before merging when the config says tie_word_embeddings and a LoRA layer is named lm_head or
+    embed_tokens (its _check_merge_allowed); minilora said only its own warning (it merges into a copy)."""
+    _, mini, twin = _both("gpt2", "lm", dict(target_modules=["c_attn", "lm_head"], r=2))
+    said = []
+    for model in (mini, twin):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            getattr(model, call)()
+        said.append([str(warning.message) for warning in caught if "tie_word_embeddings=True" in str(warning.message)])
+    assert said[0] == said[1] and len(said[1]) == 1 and "tied_target_modules=['lm_head']" in said[1][0]
