@@ -241,6 +241,24 @@ def test_demo_reports_bad_arguments_without_a_traceback(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_demo_fails_when_merging_gives_nan(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """The demo's own check (merged == unmerged) exits 1 for a NaN difference too (NaN > tolerance is False)."""
+    from minilora import demo
+
+    tiny_gpt2.save_pretrained(tmp_path / "tiny")
+    merge = minilora.merge
+
+    def merge_to_nan(model):
+        merge(model)
+        for _, layer in minilora.lora_layers(model):
+            layer.base_layer.weight.data.fill_(float("nan"))
+
+    monkeypatch.setattr(minilora, "merge", merge_to_nan)
+    with pytest.raises(SystemExit) as caught:
+        demo.main(["--model", str(tmp_path / "tiny")])
+    assert caught.value.code == 1 and "this is a bug in minilora" in capsys.readouterr().err
+
+
 def test_load_model_with_unreadable_config_is_a_clear_error(tmp_path):
     """A directory whose config.json transformers cannot read: MiniLoraError, not a bare ValueError."""
     (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
