@@ -379,7 +379,7 @@ class Runner:
         """The relative difference of ``got`` from ``expected``, or None (and a failure row: not timed)
         when it is above TOLERANCE."""
         difference = relative_difference(got, expected)
-        if difference > TOLERANCE:
+        if not difference <= TOLERANCE:  # (NaN too)
             self.fail(label, variant, f"differs from {against} by {difference:.3g} (relative) > {TOLERANCE:g}; "
                                       "not timed")
             return None

@@ -8,6 +8,7 @@ minilora's reference path before it is timed.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable
 
 import torch
@@ -106,8 +107,10 @@ def build_variant(name: str, base: nn.Module, config: minilora.LoraConfig, weigh
 
 
 def relative_difference(actual, expected) -> float:
-    """max |a - b| / max |b| over one tensor or matching lists of tensors (float64)."""
+    """max |a - b| / max |b| over one tensor or matching lists of tensors (float64); NaN if any is NaN
+    (compare with ``not difference <= TOLERANCE``: NaN > TOLERANCE is False)."""
     if isinstance(expected, (list, tuple)):
-        return max((relative_difference(a, b) for a, b in zip(actual, expected, strict=True)), default=0.0)
+        differences = [relative_difference(a, b) for a, b in zip(actual, expected, strict=True)]
+        return math.nan if any(math.isnan(d) for d in differences) else max(differences, default=0.0)
     scale = max(expected.double().abs().max().item(), 1e-12)
     return (actual.double() - expected.double()).abs().max().item() / scale

@@ -122,13 +122,18 @@ def test_variant_colours_are_distinct():
     assert {"peft-mixed", "minilora-mixed", "gathered"} <= set(report.COLOURS)  # ratios to merged: drawn too
 
 
-def test_a_variant_that_disagrees_is_reported_and_not_timed():
+@pytest.mark.parametrize("break_b", ["add", "nan"])
+def test_a_variant_that_disagrees_is_reported_and_not_timed(break_b):
     base = load_base("tiny", "cpu")
     config = lora_config(ALL_LINEAR, 4, 0.0, 2.0)
     weights = adapter_weights(base, config, seed=0)
     models = {name: build_variant(name, base, config, weights) for name in ("base", "reference", "fused")}
     with torch.no_grad():  # a broken fused model: its first adapter's B is changed
-        next(p for n, p in models["fused"].named_parameters() if "lora_B" in n).add_(1.0)
+        b = next(p for n, p in models["fused"].named_parameters() if "lora_B" in n)
+        if break_b == "add":
+            b.add_(1.0)
+        else:  # (its difference is NaN, and NaN > TOLERANCE is False)
+            b.fill_(float("nan"))
     plan = tiny_plan()
     runner = Runner(plan, "cpu")
     runner.base, runner.threads = base, 1
