@@ -68,7 +68,7 @@ from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
 from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
                              check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
-                             leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
+                             keep_the_layout_injection_set, leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
                              read_files, resolve_adapter_source, unmerge_as_pefts_injection)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
@@ -564,6 +564,7 @@ class PeftModel(nn.Module):
                 freeze_for_inference(inner, saved.bias)
         if config is not None:  # the given object is the adapter's config, with its lora_dropout, as in PEFT
             config.inference_mode = not is_trainable
+            keep_the_layout_injection_set(inner, adapter_name, config)
             if config.lora_dropout != saved.lora_dropout:
                 adapters._adopt_adapter_config(inner, config, adapter_name)  # its dropout on the layers
             set_adapter_config(inner, adapter_name, config)
@@ -601,7 +602,7 @@ class PeftModel(nn.Module):
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,
                                       adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable)
+            keep_pefts_config(self.get_base_model(), adapter_name, peft_config, is_trainable, before)
             if self.TASK_HEADS:  # PEFT's task model's add_adapter appends its heads (the file's lists them already)
                 from .compat_tasks import append_heads
 

@@ -270,13 +270,27 @@ def pefts_config(fields: dict, source: str) -> compat_config.LoraConfig:
 
 
 def keep_pefts_config(model: nn.Module, adapter_name: str, config: compat_config.LoraConfig,
-                      is_trainable: bool) -> None:
+                      is_trainable: bool, before: set[int] | None = None) -> None:
     """After loading, the adapter's config is the compat ``LoraConfig`` read from the same file (every
     PEFT field: task_type, base_model_name_or_path, use_dora, ...), as PEFT's ``peft_config[name]`` is,
-    with ``inference_mode = not is_trainable`` as PEFT sets it; minilora's loader recorded its own
-    LoRA-only config."""
+    with ``inference_mode = not is_trainable`` as PEFT sets it and the fan_in_fan_out its injection sets;
+    minilora's loader recorded its own LoRA-only config."""
     config.inference_mode = not is_trainable
+    keep_the_layout_injection_set(model, adapter_name, config, before)
     set_adapter_config(model, adapter_name, config)
+
+
+def keep_the_layout_injection_set(model: nn.Module, adapter_name: str, config: compat_config.LoraConfig,
+                                  before: set[int] | None = None) -> None:
+    """PEFT's injection sets the config's fan_in_fan_out to the layout of each new LoRA layer it builds (Conv1D:
+    True), so a loaded adapter's config ends with the last new layer's layout, not with the file's value (a layer
+    that held another adapter ``before``, ids from ``lora_layer_ids``, is not new)."""
+    from transformers.pytorch_utils import Conv1D
+
+    new = [layer for _, layer in lora_layers(model)
+           if adapter_name in layer.lora_A and (before is None or id(layer) not in before)]
+    if new:
+        config.fan_in_fan_out = isinstance(new[-1].base_layer, Conv1D)
 
 
 def load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, adapter_name: str) -> None:

@@ -406,3 +406,26 @@ def test_merging_a_tied_target_warns_with_pefts_words(call):
             getattr(model, call)()
         said.append([str(warning.message) for warning in caught if "tie_word_embeddings=True" in str(warning.message)])
     assert said[0] == said[1] and len(said[1]) == 1 and "tied_target_modules=['lm_head']" in said[1][0]
+
+
+def test_a_loaded_adapter_on_conv1d_layers_ends_with_fan_in_fan_out_as_pefts_config(tmp_path):
+    """--examples 80 --seed 255, #70: a GPT-2 adapter saved with fan_in_fan_out=False (PEFT's add_adapter leaves it so
+    when the layers hold another adapter already), loaded into new LoRA layers (from_pretrained, load_adapter):
+    PEFT's injection sets the config's fan_in_fan_out to the Conv1D layout, True; minilora kept the file's False."""
+    base, mini, twin = _both("gpt2", "lm", dict(target_modules=["c_attn"], r=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        twin.add_adapter("other", peft.LoraConfig(target_modules=["c_attn"], r=2))
+        twin.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+        loaded = [library.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "other") for library in (compat, peft)]
+        for model in (mini, twin):
+            model.load_adapter(tmp_path / "other", "loaded")  # (into c_attn, which holds "default": not new)
+        into_new = [library.get_peft_model(copy.deepcopy(base), library.LoraConfig(target_modules=["c_fc"], r=2))
+                    for library in (compat, peft)]
+        for model in into_new:
+            model.load_adapter(tmp_path / "other", "loaded")
+    assert loaded[1].peft_config["default"].fan_in_fan_out is True  # PEFT's answer
+    assert loaded[0].peft_config["default"].fan_in_fan_out is True
+    assert mini.peft_config["loaded"].fan_in_fan_out is twin.peft_config["loaded"].fan_in_fan_out is False
+    assert into_new[0].peft_config["loaded"].fan_in_fan_out is into_new[1].peft_config["loaded"].fan_in_fan_out is True
