@@ -43,7 +43,14 @@ def worst(named: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[float, s
     """(largest relative error, the tensor it is in, that tensor's max abs error)."""
     errors = [(0.0, name, 0.0) if torch.equal(a, b) else (rel_err(a, b), name, twins.max_abs_diff(a, b))
               for name, a, b in named]
-    return max(errors) if errors else (0.0, "-", 0.0)
+    nan = [error for error in errors if error[0] != error[0]]  # (max() never picks a NaN after a number)
+    return nan[0] if nan else max(errors) if errors else (0.0, "-", 0.0)
+
+
+def largest(values) -> float:
+    """max(values), NaN if any is NaN (max() keeps a number over a NaN that follows it)."""
+    values = list(values)
+    return float("nan") if any(value != value for value in values) else max(values)
 
 
 def lora_pairs(pair: Pair, attribute: str = "data") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -239,8 +246,8 @@ def check_merge(pair: Pair) -> list[Result]:
         minilora.unmerge(pair.mini)
         pair.peft.unmerge_adapter()
         after_mini, after_peft = _base_weights(pair.mini), _peft_base_weights(pair.peft)
-        residual = max(twins.max_abs_diff(after_mini[k], before_mini[k]) for k in before_mini)
-        peft_residual = max(twins.max_abs_diff(after_peft[k], before_peft[k]) for k in before_peft)
+        residual = largest(twins.max_abs_diff(after_mini[k], before_mini[k]) for k in before_mini)
+        peft_residual = largest(twins.max_abs_diff(after_peft[k], before_peft[k]) for k in before_peft)
         scale = max(w.double().abs().max().item() for w in before_mini.values())
         eps = torch.finfo(next(iter(before_mini.values())).dtype).eps
         residual_tol = max(2 * peft_residual, 4 * eps * scale)

@@ -305,3 +305,14 @@ def test_generate_tokens_fail_when_the_tokens_differ(bases, monkeypatch):
         return result
     monkeypatch.setattr(checks, "_generate", shifted)
     assert statuses(checks.check_generate(pair))["tokens"] == FAIL
+
+
+def test_a_nan_error_is_the_worst_whatever_its_place():
+    """A NaN relative error (a NaN weight or gradient) is what ``worst`` reports, also after a finite one:
+    max() keeps the first number over a NaN, so a NaN in the second tensor passed as the first's error."""
+    one, nan = torch.tensor([1.0]), torch.tensor([float("nan")])
+    named = [("a", one, one * 1.1), ("b", nan, one)]
+    for order in (named, named[::-1]):
+        error, name, _ = checks.worst(order)
+        assert error != error and name == "b"
+    assert checks.largest([0.1, float("nan")]) != checks.largest([0.1, float("nan")])
