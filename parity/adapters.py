@@ -200,5 +200,5 @@ def _files_row(pair: Pair, mini, theirs, directory: Path, tol: float) -> Result:
     except Exception as error:  # an old PEFT may not read the layout: say how
         return Result(CHECK, label, device, "several-adapter files", None, None, FAIL,
                       f"{type(error).__name__}: {str(error)[:160]} (PEFT {peft.__version__})")
-    return within(CHECK, label, device, "max rel err (several-adapter files both ways)", max(errors), tol,
+    return within(CHECK, label, device, "max rel err (several-adapter files both ways)", twins.largest(errors), tol,
                   "default at the root, other/ in a sub-folder")

@@ -47,12 +47,6 @@ def worst(named: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[float, s
     return nan[0] if nan else max(errors) if errors else (0.0, "-", 0.0)
 
 
-def largest(values) -> float:
-    """max(values), NaN if any is NaN (max() keeps a number over a NaN that follows it)."""
-    values = list(values)
-    return float("nan") if any(value != value for value in values) else max(values)
-
-
 def lora_pairs(pair: Pair, attribute: str = "data") -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(minilora key, minilora tensor, PEFT tensor) for every LoRA weight; ``attribute="grad"`` for grads.
 
@@ -246,8 +240,8 @@ def check_merge(pair: Pair) -> list[Result]:
         minilora.unmerge(pair.mini)
         pair.peft.unmerge_adapter()
         after_mini, after_peft = _base_weights(pair.mini), _peft_base_weights(pair.peft)
-        residual = largest(twins.max_abs_diff(after_mini[k], before_mini[k]) for k in before_mini)
-        peft_residual = largest(twins.max_abs_diff(after_peft[k], before_peft[k]) for k in before_peft)
+        residual = twins.largest(twins.max_abs_diff(after_mini[k], before_mini[k]) for k in before_mini)
+        peft_residual = twins.largest(twins.max_abs_diff(after_peft[k], before_peft[k]) for k in before_peft)
         scale = max(w.double().abs().max().item() for w in before_mini.values())
         eps = torch.finfo(next(iter(before_mini.values())).dtype).eps
         residual_tol = max(2 * peft_residual, 4 * eps * scale)

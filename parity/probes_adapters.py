@@ -169,7 +169,7 @@ def _weighted(base, combination_type: str) -> str:
     for layer in layers:
         wanted = sum(w * _delta(layer, name) for w, name in zip(WEIGHTS, ("default", "other")))
         errors.append(twins.max_rel_diff(_delta(layer, "mix"), wanted))
-    worst = max(errors)
+    worst = twins.largest(errors)
     rank = layers[0].lora_A["mix"].weight.shape[0]
     return f"rank {rank}; dW " + ("= 0.5 dW1 + 0.25 dW2" if worst < CLOSE else
                                   f"differs from 0.5 dW1 + 0.25 dW2 by rel {worst:.2f}")

@@ -114,6 +114,12 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def largest(values) -> float:
+    """max(values), NaN if any is NaN (max() keeps a number over a NaN that follows it)."""
+    values = list(values)
+    return float("nan") if any(value != value for value in values) else max(values)
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
     """max |a - b| / max |b|: one relative number per tensor, robust to entries near zero."""
     return max_abs_diff(a, b) / max(b.double().abs().max().item(), eps)
