@@ -276,7 +276,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
         model: the base model (or one that already has matching minilora layers).
         source: an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``),
             or a dict of adapter tensors (PEFT's or minilora's keys) for a model that already has its layers,
-            or a directory already read by ``read_adapter_files``.
+            or a directory already read by ``read_adapter_files`` (loaded once: its weights file is closed then).
         is_trainable: as in PEFT: False freezes everything (for inference); True lets A and B train
             (and the biases, per the config's ``bias``).
         adapter_name: the name the adapter gets in the model. A model that has minilora layers but no

@@ -80,6 +80,9 @@ class SafetensorsFile:
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The values of the tensors ``names``, on the CPU."""
+        if self.file.closed:  # (load_adapter closes it once it has read what it loads)
+            raise MiniLoraError(f"{self.path} was read and closed already: files read by read_adapter_files load "
+                                "once. Read the directory again (or pass its path to load_adapter).")
         if sys.byteorder != "little":  # safetensors stores little-endian numbers
             raise MiniLoraError(f"{self.path}: reading safetensors files on a big-endian machine is not supported.")
         tensors = {}

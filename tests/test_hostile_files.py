@@ -1030,3 +1030,17 @@ def test_no_file_stays_open_after_a_kept_refusal_before_the_weights_are_checked(
         except MiniLoraError as error:
             kept.append(error)
     assert len(kept) == 3 and handles_open_on(path) == 0
+
+
+def test_files_read_once_load_once(good, tiny_gpt2):
+    """read_adapter_files' result is loaded once (load_adapter closes the weights file): a second load of it is
+    a MiniLoraError that says to read the directory again, the model as it was."""
+    from minilora.adapter_files import read_adapter_files
+
+    files = read_adapter_files(good)
+    minilora.load_adapter(copy.deepcopy(tiny_gpt2), files)
+    model = copy.deepcopy(tiny_gpt2)
+    before = model_state(model)
+    with pytest.raises(MiniLoraError, match=r"was read and closed already.*Read the directory again"):
+        minilora.load_adapter(model, files)
+    assert_same_state(before, model_state(model))
