@@ -69,7 +69,7 @@ from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
 from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
                              check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
                              keep_the_layout_injection_set, leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
-                             read_files, resolve_adapter_source, unmerge_as_pefts_injection)
+                             read_files, resolve_adapter_source, unmerge_as_pefts_injection, upcast_adapter)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_trainer import recognise_compat_models
@@ -596,6 +596,8 @@ class PeftModel(nn.Module):
         files = read_files(self.get_base_model(), directory)  # (once, before any change; loaded as read)
         if adapter_name in self.peft_config:
             load_into_existing_adapter(self.get_base_model(), files, adapter_name)
+            if autocast_adapter_dtype:  # (as PEFT's load_adapter, for an adapter the model had too)
+                upcast_adapter(self.get_base_model(), adapter_name)
         else:
             peft_config = pefts_config(files.fields, files.config_origin)
             before = lora_layer_ids(self.get_base_model())

@@ -293,6 +293,18 @@ def keep_the_layout_injection_set(model: nn.Module, adapter_name: str, config: c
         config.fan_in_fan_out = isinstance(new[-1].base_layer, Conv1D)
 
 
+def upcast_adapter(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's ``load_adapter`` ends with ``_cast_adapter_dtype`` (autocast_adapter_dtype=True), also for an adapter the
+    model had already: its float16 / bfloat16 A and B (after ``model.to(torch.bfloat16)``) become float32, in place
+    (``param.data``, as PEFT's cast_adapter_dtype)."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            for module in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                for param in module.parameters():
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.to(torch.float32)
+
+
 def load_into_existing_adapter(model: nn.Module, files: adapters.AdapterFiles, adapter_name: str) -> None:
     """PEFT's ``load_adapter`` for a name the model has already: only the weights are read in (its
     ``set_peft_model_state_dict``); the adapter's config, and which parameters train, stay as they were.

@@ -429,3 +429,21 @@ def test_a_loaded_adapter_on_conv1d_layers_ends_with_fan_in_fan_out_as_pefts_con
     assert loaded[0].peft_config["default"].fan_in_fan_out is True
     assert mini.peft_config["loaded"].fan_in_fan_out is twin.peft_config["loaded"].fan_in_fan_out is False
     assert into_new[0].peft_config["loaded"].fan_in_fan_out is into_new[1].peft_config["loaded"].fan_in_fan_out is True
+
+
+def test_loading_into_the_same_adapter_of_a_half_precision_model_upcasts_it_as_peft(tmp_path):
+    """The sequence fuzzer (--seed 100: bfloat16, then save_pretrained and load_adapter into the same adapter): PEFT's
+    load_adapter ends with _cast_adapter_dtype, so the adapter's bfloat16 A and B become float32 even when the model
+    had the adapter already; minilora's stayed bfloat16 (outputs 2e-3 apart)."""
+    base, mini, twin = _both("llama", "lm", dict(target_modules=["q_proj"], r=2, init_lora_weights=False))
+    inputs = differential.model_inputs(ARCHITECTURES["llama"], "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, where in ((mini, "mini"), (twin, "peft")):
+            model.to(torch.bfloat16)
+            model.save_pretrained(tmp_path / where)
+            model.load_adapter(tmp_path / where, "default")
+    layer = twin.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's answer
+    differential.compare_structure("load_adapter into the same adapter, bfloat16", mini, twin)  # (dtypes too)
+    differential.compare_forward("forward", mini, twin, inputs)
