@@ -426,6 +426,10 @@ def compare_structure(step: str, mini: nn.Module, twin: nn.Module) -> None:
     grads = [name for name in mini_params if mini_params[name] != peft_params[name]]
     if grads:
         raise Finding(f"{step}: requires_grad differs on {grads[:5]} (minilora {[mini_params[n] for n in grads[:5]]})")
+    peft_dtypes = {name: p.dtype for name, p in twin.named_parameters()}
+    dtypes = [(name, p.dtype, peft_dtypes[name]) for name, p in mini.named_parameters() if p.dtype != peft_dtypes[name]]
+    if dtypes:
+        raise Finding(f"{step}: parameter dtypes differ (name, minilora's, PEFT's): {dtypes[:4]}")
     # (while merged, minilora's state dict also holds <layer>.lora_merged.<adapter>: README, documented)
     mini_keys = {key for key in mini.state_dict() if ".lora_merged." not in key}
     peft_keys = set(twin.state_dict())

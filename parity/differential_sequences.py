@@ -17,6 +17,8 @@ differently). What a call returns (outputs, statuses) is compared too.
     delete              delete_adapter(name)
     disable, enable     base_model.disable_adapter_layers() / enable_adapter_layers()
     disable_ctx         the outputs inside ``with disable_adapter()``
+    mixed               a mixed batch: forward(..., adapter_names=[one per row, "__base__" among them])
+    bfloat16            model.to(torch.bfloat16): the calls after it run in bfloat16
     weighted            add_weighted_adapter(names, weights, "mix", cat / linear / svd)
     train, train_dropout  an SGD step on what requires grad (same seed); outputs in train mode
     save_load           save_pretrained(selected_adapters=[name]), load_adapter under a new name
@@ -64,7 +66,7 @@ MODELS = {
 TASKS = {"seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS"}
 CALLS = ("add", "merge", "merge_names", "unmerge", "set", "base_set_list", "delete", "disable", "enable", "forward",
          "merge_and_unload_names", "set_inference", "safe_merge", "weighted", "train", "save_load", "set_requires_grad",
-         "disable_ctx", "status", "load_same", "unload_copy", "train_dropout")
+         "disable_ctx", "status", "load_same", "unload_copy", "train_dropout", "mixed", "bfloat16")
 
 
 class Refusal(Exception):
@@ -252,6 +254,13 @@ def _call(call: str, model: nn.Module, library: Any, names: list, extra: str, st
         plain = plain.merge_and_unload(adapter_names=names) if call == "merge_and_unload_names" else plain.unload()
         with torch.no_grad():
             return forward(plain.eval(), inputs)
+    elif call == "mixed":
+        rows = next(iter(inputs.values())).shape[0]
+        with torch.no_grad():
+            return forward(model.eval(), {**inputs, "adapter_names": [([*names, "__base__"] * rows)[row]
+                                                                       for row in range(rows)]})
+    elif call == "bfloat16":
+        model.to(torch.bfloat16)
     elif call == "forward":
         with torch.no_grad():
             return forward(model.eval(), inputs)
