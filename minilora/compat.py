@@ -69,7 +69,8 @@ from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
 from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
                              check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
                              keep_the_layout_injection_set, leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
-                             read_files, resolve_adapter_source, unmerge_as_pefts_injection, upcast_adapter)
+                             read_files, resolve_adapter_source, train_new_lora_biases_if_bias_all,
+                             unmerge_as_pefts_injection, upcast_adapter)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_trainer import recognise_compat_models
@@ -410,6 +411,7 @@ class PeftModel(nn.Module):
         if low_cpu_mem_usage:
             adapter_on_meta(model, adapter_name)
         unmerge_as_pefts_injection(model)  # (PEFT's inject_adapter unmerges every merged layer)
+        train_new_lora_biases_if_bias_all(model, adapter_name)
         leave_new_layers_in_train_mode(model, adapter_name, before)  # PEFT's new modules start in train mode
         self._new_copies_biases_like_peft(adapter_name)
 
@@ -610,6 +612,7 @@ class PeftModel(nn.Module):
 
                 append_heads(peft_config, self.TASK_HEADS)
             unmerge_as_pefts_injection(self.get_base_model())  # (PEFT's load_adapter injects as add_adapter does)
+            train_new_lora_biases_if_bias_all(self.get_base_model(), adapter_name)
             self._new_copies_biases_like_peft(adapter_name)
             if is_trainable:  # PEFT's new modules start in train mode; is_trainable=False then calls eval()
                 leave_new_layers_in_train_mode(self.get_base_model(), adapter_name, before)

@@ -45,6 +45,21 @@ def unmerge_as_pefts_injection(model: nn.Module) -> None:
             layer.unmerge()
 
 
+def train_new_lora_biases_if_bias_all(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's injection of a further adapter ends with its bias marking: with bias="all" on an active adapter every
+    parameter named ``*.bias`` trains, and of the parameters that existed before it restores requires_grad, so the
+    new adapter's own lora_B biases (lora_bias=True) train even while it is inactive (BaseTuner.inject_adapter)."""
+    configs = adapter_configs(model)
+    active = {name for _, layer in lora_layers(model) for name in layer.active_adapters}
+    if not any(getattr(configs.get(name), "bias", "none") == "all" for name in active):
+        return
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            for module in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                if getattr(module, "bias", None) is not None:
+                    module.bias.requires_grad_(True)
+
+
 def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str, before: set[int] | None = None) -> None:
     """PEFT's new LoRA modules start in train mode even inside an eval() model (dropout on until the
     next .eval()); minilora's own inject follows the model's mode instead (the safer choice,

@@ -447,3 +447,19 @@ def test_loading_into_the_same_adapter_of_a_half_precision_model_upcasts_it_as_p
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT's answer
     differential.compare_structure("load_adapter into the same adapter, bfloat16", mini, twin)  # (dtypes too)
     differential.compare_forward("forward", mini, twin, inputs)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_new_adapters_lora_biases_train_where_an_active_bias_all_adapter_says_so_as_peft(bias):
+    """The sequence fuzzer's drawn sequences: add_adapter of an adapter with lora_bias=True beside an active bias="all"
+    adapter. PEFT's injection marks every parameter named *.bias trainable and restores the ones that existed, so the
+    new (inactive) adapter's lora_B biases train; minilora's stayed frozen. (With "lora_only" nothing new trains.)"""
+    _, mini, twin = _both("opt", "lm", dict(target_modules=["q_proj"], r=2, bias=bias))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("b", library.LoraConfig(target_modules=["q_proj", "fc1"], r=2, lora_bias=True))
+    grads = [_grads(model) for model in (mini, twin)]
+    new_biases = [name for name in grads[1] if ".lora_B.b.bias" in name]
+    assert new_biases and all(grads[1][name] is (bias == "all") for name in new_biases)  # PEFT's answer
+    assert grads[0] == grads[1]
