@@ -90,9 +90,10 @@ def draw_sequence(rng: random.Random, length: int = 12) -> Sequence:
     arch, head = rng.choice(sorted(MODELS))
     targets, saved = MODELS[(arch, head)]
     configs = {"default": dict(target_modules=targets[:1], r=2, lora_alpha=4, task_type=TASKS.get(head),
-                               bias=rng.choice(["none", "none", "lora_only"])),
+                               bias=rng.choice(["none", "none", "none", "none", "lora_only", "all"])),
                "b": dict(target_modules=targets, r=4, lora_alpha=3, lora_dropout=rng.choice([0.0, 0.2]),
-                         inference_mode=rng.random() < 0.2),
+                         inference_mode=rng.random() < 0.2, lora_bias=rng.random() < 0.2,
+                         rank_pattern=rng.choice([{}, {targets[-1]: 2}])),
                "c": dict(target_modules=targets[1:], r=1, use_rslora=True,
                          modules_to_save=rng.choice([None, saved]))}
     if arch == "roberta":  # (the token head's classifier.dense is a "dense": PEFT refuses LoRA inside the head)

@@ -25,7 +25,7 @@ def test_random_sequences_agree_with_peft():
             ran += len(run_sequence(draw_sequence(random.Random(f"test/{index}")), seed=index))
         except Refusal:  # minilora refused what PEFT ran (documented scope: loading into merged layers)
             continue
-    assert ran >= 30  # calls run on both sides and compared (measured: 55 of the 72 drawn)
+    assert ran >= 30  # calls run on both sides and compared (measured: 47 of the 72 drawn)
 
 
 def _sequence(arch, head, calls, **changes):
