@@ -271,7 +271,11 @@ class PeftModel(nn.Module):
 
     @property
     def has_active_enabled_adapter(self) -> bool:
-        return any(not layer.disabled for _, layer in lora_layers(self.get_base_model()))
+        """PEFT's: False only inside ``with model.disable_adapter():`` while some adapter is active (True
+        after ``base_model.disable_adapter_layers()``, and inside the block when none is active). forward reads it:
+        when True, ``adapter_names`` are checked (eval mode, names that exist) even if the layers are disabled."""
+        self._check_kept_name("has_active_enabled_adapter")
+        return not self.__dict__.get("_adapters_disabled", False) or not self.active_adapters
 
     @property
     def base_model_torch_dtype(self) -> Optional[torch.dtype]:
@@ -340,7 +344,7 @@ class PeftModel(nn.Module):
 
     def _check_kept_name(self, what: str) -> None:
         """PEFT's PeftModel reads the config of the adapter it keeps as active (``active_adapter``) in forward,
-        generate and save_pretrained: after delete_adapter of that adapter, while several others stay active
+        generate, save_pretrained, disable_adapter, set_requires_grad and has_active_enabled_adapter: after delete_adapter of that adapter, while several others stay active
         (made so by base_model.set_adapter([...])) or none, the name is gone and PEFT fails with a KeyError."""
         kept = self.__dict__.get("_active_name")
         if isinstance(kept, str) and kept not in self.peft_config:
@@ -374,17 +378,20 @@ class PeftModel(nn.Module):
         and makes the active adapters require grad, and it warns first if some layers were enabled
         and some not.
         """
-        status = self.get_model_status()
+        self._check_kept_name("disable_adapter")
+        status, was_disabled = self.get_model_status(), self.__dict__.get("_adapters_disabled", False)
         if status.enabled == "irregular":
             warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
                           "This is most likely unintentional. After exiting the disable_adapter context, all "
                           "adapters will be enabled", stacklevel=3)
         try:
             self.base_model.disable_adapter_layers()
+            self.__dict__["_adapters_disabled"] = True  # (PEFT's flag: has_active_enabled_adapter reads it)
             yield
         finally:
             if status.enabled is not False:
                 self.base_model.enable_adapter_layers()
+            self.__dict__["_adapters_disabled"] = was_disabled
 
     # ----------------------------------------------------------------------------------------
     # Several adapters
@@ -452,6 +459,7 @@ class PeftModel(nn.Module):
             self.__dict__["_active_name"] = adapter_name
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self._check_kept_name("set_requires_grad")  # (PEFT's reads active_peft_config first)
         self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     # ----------------------------------------------------------------------------------------

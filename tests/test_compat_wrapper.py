@@ -4,6 +4,7 @@ the random numbers drawn afterwards, errors)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -129,6 +130,53 @@ def test_low_cpu_mem_usage_draws_nothing_as_peft(saved):
     base()
     nothing = torch.rand(2)
     assert torch.equal(draws["peft"], nothing) and torch.equal(draws["minilora.compat"], nothing)
+
+
+def _two_adapters(lib):
+    model = wrap(lib)
+    model.add_adapter("b", lib.LoraConfig(target_modules=["lin1"], r=2, init_lora_weights=False))
+    return model.eval()
+
+
+@pytest.mark.parametrize("setup", ["disable_adapter_layers", "none_active_in_disable_adapter", "in_disable_adapter",
+                                   "after_disable_adapter"])
+def test_has_active_enabled_adapter_and_the_adapter_names_checks_it_guards_are_peft_s(setup):
+    """PEFT's has_active_enabled_adapter is ``not _adapters_disabled or not active_adapters``, where
+    ``_adapters_disabled`` is set only inside ``with model.disable_adapter():``. minilora answered "is some LoRA
+    layer enabled", False after base_model.disable_adapter_layers() (PEFT: True), so forward skipped the
+    adapter_names checks that PEFT runs there: training mode and unknown names ran instead of failing."""
+    answers = {}
+    for lib in (peft, compat):
+        model = _two_adapters(lib)
+        with contextlib.ExitStack() as stack:
+            if setup == "disable_adapter_layers":
+                model.base_model.disable_adapter_layers()
+            elif setup == "none_active_in_disable_adapter":
+                model.base_model.set_adapter([])
+                stack.enter_context(model.disable_adapter())
+            elif setup == "in_disable_adapter":
+                stack.enter_context(model.disable_adapter())
+            else:
+                with model.disable_adapter():
+                    pass
+            answer = [model.has_active_enabled_adapter]
+            with torch.no_grad():
+                answer.append(model(X, adapter_names=["default", "b"]))
+            for train, names in ((False, ["default", "zzz"]), (True, ["default", "b"])):
+                model.train(train)
+                try:
+                    with torch.no_grad():
+                        answer.append(model(X, adapter_names=names))
+                except (ValueError, MiniLoraError) as error:
+                    answer.append(str(error).split(":")[0].rstrip("."))
+            answers[lib.__name__] = answer
+    theirs, ours = answers["peft"], answers["minilora.compat"]
+    assert theirs[0] == ours[0], (theirs[0], ours[0])
+    for their, our in zip(theirs[1:], ours[1:]):
+        if isinstance(their, str):
+            assert isinstance(our, str) and our.startswith(their), (their, our)
+        else:
+            assert torch.equal(their, our), (their, our)
 
 
 def test_get_peft_model_and_add_adapter_low_cpu_mem_usage_leave_placeholders_as_peft(saved):

@@ -290,7 +290,8 @@ def test_deleting_the_adapter_a_peft_model_keeps_refuses_what_peft_fails_on(tmp_
     """A probe of random call sequences: base_model.set_adapter(["default", "b", "c"]), then delete_adapter("default")
     leaves "b" and "c" active while PEFT's PeftModel still names "default" (it changes its name only when one
     adapter stays active), so PEFT's forward, generate and save_pretrained fail with a KeyError; minilora ran. Now
-    MiniLoraErrors, before any change."""
+    MiniLoraErrors, before any change. So do disable_adapter, set_requires_grad and has_active_enabled_adapter
+    (PEFT's read that config too; minilora's ran, and set_requires_grad changed requires_grad)."""
     base = build_base(ARCHITECTURES["opt"], "lm")
     inputs = differential.model_inputs(ARCHITECTURES["opt"], "lm")
     models = []
@@ -306,7 +307,10 @@ def test_deleting_the_adapter_a_peft_model_keeps_refuses_what_peft_fails_on(tmp_
     mini, twin = models
     calls = {"save_pretrained": lambda model, where: model.save_pretrained(tmp_path / where),
              "forward": lambda model, where: model(**inputs),
-             "generate": lambda model, where: model.generate(input_ids=inputs["input_ids"], max_new_tokens=1)}
+             "generate": lambda model, where: model.generate(input_ids=inputs["input_ids"], max_new_tokens=1),
+             "disable_adapter": lambda model, where: model.disable_adapter().__enter__(),
+             "set_requires_grad": lambda model, where: model.set_requires_grad("b"),
+             "has_active_enabled_adapter": lambda model, where: model.has_active_enabled_adapter}
     for what, call in calls.items():
         with pytest.raises(KeyError):  # PEFT's answer
             call(twin, "peft")
