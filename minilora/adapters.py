@@ -19,12 +19,16 @@ reads it too. W0 is not in the files: it comes from the base model the adapter i
 ``h = W0 x + scaling * B A x`` needs only ``A``, ``B`` and ``scaling = lora_alpha / r``.
 
 Loading is strict, as torchtune's is: every check (files, JSON, fields, keys, shapes, values) runs
-before the model is touched, and any failure raises MiniLoraError with the model left as it was.
+before the model is touched, and any failure raises MiniLoraError with the model left as it was. A
+safetensors file is checked twice: its header's names, shapes and dtypes first, then the values of only
+the tensors that load, once read.
 
-Read this file for the lesson: the key mapping (``file_key`` / ``minilora_key``) and the flow of a save
-and a load, top to bottom. Beside it: adapter_config.py (the JSON), adapter_files.py (reading the
-directory once and refusing hostile or mismatched files), adapter_checks.py (does the adapter fit the
-model: keys, shapes, dtypes, values), files.py (crash-safe writing, and pairing weights with their config).
+Read this file for the lesson: the key mapping (``minilora_key``; ``file_key`` is in adapter_files.py)
+and the flow of a save and a load, top to bottom. Beside it: adapter_config.py (the JSON),
+adapter_files.py (reading the directory once and refusing hostile or mismatched files),
+safetensors_file.py (the weights' header, then the values on request), adapter_checks.py (does the adapter
+fit the model: keys, shapes, dtypes, values), files.py (crash-safe writing, and pairing weights with their
+config).
 """
 
 from __future__ import annotations
