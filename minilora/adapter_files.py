@@ -66,8 +66,9 @@ class AdapterFiles:
     ``tensors`` holds, for adapter_model.safetensors, the header's entries as tensors on the meta device
     (dtype and shape, no values): ``load_adapter`` checks them against the model before any value is
     read, as PEFT's memory-mapped read reads only what it loads, and then ``read`` reads the values it
-    needs from the file opened with the header (the same version of it), and closes it: these files load
-    once. For the older .bin the tensors are read whole (a pickle has no header), and ``read`` hands them out."""
+    needs from the file opened with the header (the same version of it); then ``load_adapter`` closes it:
+    these files load once. For the older .bin the tensors are read whole (a pickle has no header), and
+    ``read`` hands them out."""
 
     directory: Path
     fields: dict
