@@ -333,8 +333,8 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
         Afterwards forward is a single matmul and gives the same outputs.
 
         Args:
-            safe: compute the merged weight in a copy and raise if it is not finite, leaving W0
-                untouched; otherwise add in place.
+            safe: compute each adapter's merged weight in a copy and raise if it is not finite, before
+                writing it (adapters named before it stay merged, as PEFT's); otherwise add in place.
             adapter_names: which adapters to fold in; None means the active adapters.
 
         Merging what is already merged warns (PEFT's words) and skips it.
@@ -361,10 +361,11 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                             merged_bias is not None and not torch.isfinite(merged_bias).all()):
                         if not self.merged and self.untied_weight is not None:  # as it was: tied
                             self.base_layer.weight, self.untied_weight = self.untied_weight, None
+                        held = (f"W0 holds only the adapters merged before it, {self.merged_adapters} (as PEFT's; "
+                                "unmerge takes them out)" if self.merged else "W0 was left unchanged")
                         raise MiniLoraError(
                             f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken (PEFT's "
-                            "words): the merged weight has NaN or inf values (check the loss during training). W0 was "
-                            "left unchanged."
+                            f"words): the merged weight has NaN or inf values (check the loss during training). {held}."
                         )
                     weight.data = merged_weight
                     if merged_bias is not None:

@@ -209,3 +209,8 @@ def test_a_broken_adapter_is_refused_at_safe_merge_in_pefts_words(broken, call):
     # merge_adapter folds layer by layer, as PEFT (lin0 stays merged); minilora's merge_and_unload checks every
     # layer first, so the model is left as it was (PEFT's has merged and unloaded lin0 by then)
     assert lin0 == (call == "merge_adapter")
+    if call == "merge_adapter":  # lin1 holds "default" when "other" breaks it (as PEFT's): the words say so
+        assert model.base_model.model.lin1.merged_adapters == ([] if broken == "default" else ["default"])
+        assert messages[1].endswith("W0 was left unchanged." if broken == "default" else
+                                    "W0 holds only the adapters merged before it, ['default'] (as PEFT's; unmerge "
+                                    "takes them out).")
