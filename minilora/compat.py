@@ -450,8 +450,9 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """As PEFT's; where no adapter stays active, forward refuses until set_adapter (PEFT's PeftModel
         keeps the deleted name as its active adapter then, and its forward fails with a KeyError)."""
+        kept = self.__dict__.get("_active_name")
         self.base_model.delete_adapter(adapter_name)
-        if not self.active_adapters and self.__dict__.get("_deleted_active") is None:
+        if not self.active_adapters and self.__dict__.get("_deleted_active") is None and kept in (None, adapter_name):
             self.__dict__["_deleted_active"] = adapter_name  # (PEFT keeps the first deleted name as active)
         if len(self.active_adapters) == 1:  # (else PEFT's PeftModel keeps the name it had, the deleted one too)
             self.__dict__["_active_name"] = self.active_adapters[0]

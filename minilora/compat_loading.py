@@ -36,13 +36,18 @@ def lora_layer_ids(model: nn.Module) -> set[int]:
 
 
 def unmerge_as_pefts_injection(model: nn.Module) -> None:
-    """PEFT's ``inject_adapter`` (add_adapter, add_weighted_adapter) ends with ``set_adapter`` of the active
-    adapters, which unmerges every merged LoRA layer, with its warning for each: after a new adapter the model
-    is unmerged (peft/tuners/tuners_utils.py, BaseTuner.inject_adapter, "HOUSEKEEPING")."""
-    for _, layer in lora_layers(model):
+    """PEFT's ``inject_adapter`` (add_adapter, add_weighted_adapter, load_adapter) ends with ``set_adapter`` of the
+    model's active adapters, which unmerges every merged LoRA layer, with its warning for each: after a new adapter
+    the model is unmerged (peft/tuners/tuners_utils.py, BaseTuner.inject_adapter, "HOUSEKEEPING"). Every layer then
+    has the model's active adapters (those of the first LoRA layer), also a layer that delete_adapter gave one of
+    its own (PEFT's layers each pick their next adapter; the first one's pick is the model's)."""
+    layers = list(lora_layers(model))
+    active = list(layers[0][1].active_adapters) if layers else []
+    for _, layer in layers:
         if layer.merged:
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=3)
             layer.unmerge()
+        layer.active_adapters = list(active)  # (requires_grad: PEFT restores what the parameters had)
 
 
 def train_new_lora_biases_if_bias_all(model: nn.Module, adapter_name: str) -> None:

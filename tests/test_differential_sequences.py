@@ -55,6 +55,16 @@ REPLAYS = {
     "delete-kept-name": _sequence("opt", "lm", [("add", ["default"], "b"), ("add", ["default"], "c"),
                                                 ("base_set_list", ["default", "b", "c"], ""),
                                                 ("delete", ["default"], ""), ("forward", ["b"], "")]),
+    # --seed 108 #80: delete_adapter lets each layer pick its next adapter (fc1: "c"); a new adapter then gives every
+    # layer the model's active adapters, as PEFT's inject_adapter does (fc1 runs none): outputs were 0.35 apart
+    "new-adapter-aligns-layers": _sequence("opt", "lm", [("add", ["default"], "c"), ("save_load", ["default"], ""),
+                                                         ("delete", ["default"], ""), ("save_load", ["L1"], ""),
+                                                         ("forward", ["default"], "")]),
+    # --seed 109 #84: after PeftModel.set_adapter("c") and base_model.set_adapter(["default"]), deleting "default"
+    # leaves none active in the first layer, but PEFT's PeftModel keeps "c": its forward runs; minilora refused it
+    "delete-keeps-set-name": _sequence("llama", "lm", [("add", ["default"], "c"), ("set", ["c"], ""),
+                                                       ("base_set_list", ["default"], ""), ("delete", ["default"], ""),
+                                                       ("forward", ["c"], "")]),
 }
 
 
