@@ -254,9 +254,6 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> LoraConfig:
-        if isinstance(self.active_adapter, list):  # (minilora's set_adapter takes a list; PEFT's PeftModel does not)
-            raise MiniLoraError(f"Several adapters are active ({self.active_adapter}, from set_adapter with a list), "
-                                "so there is no one active_peft_config: read peft_config[name] for the one you mean.")
         return self.peft_config[self.active_adapter]
 
     @property
@@ -441,8 +438,12 @@ class PeftModel(nn.Module):
                     param.requires_grad_((original.requires_grad and id(original) not in outside) or (
                         bias_all and (name == "bias" or name.endswith(".bias"))))
 
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """The active adapter (PEFT's PeftModel takes one name; a list works too, as PEFT's LoraModel)."""
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """The active adapter: one name, as PEFT's PeftModel (a list fails there: ``model.base_model.set_adapter``,
+        PEFT's LoraModel's, takes a list and makes several active; so does ``minilora.set_adapter``)."""
+        if not isinstance(adapter_name, str):
+            raise MiniLoraError(f"PeftModel.set_adapter takes one adapter name, got {adapter_name!r} (PEFT's fails "
+                                "there). To make several adapters active, call model.base_model.set_adapter([...]).")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
         self.__dict__["_deleted_active"] = None
         self.__dict__["_active_name"] = adapter_name

@@ -179,6 +179,20 @@ def test_has_active_enabled_adapter_and_the_adapter_names_checks_it_guards_are_p
             assert torch.equal(their, our), (their, our)
 
 
+@pytest.mark.parametrize("names", [["default"], ("default",), [], ["default", "b"]])
+def test_peft_model_set_adapter_takes_one_name_as_peft(names):
+    """PEFT's PeftModel.set_adapter takes one name: a list or tuple fails (a TypeError or ValueError) before any
+    change. minilora's made several adapters active (then active_adapter was a list). Now a MiniLoraError that
+    points to base_model.set_adapter, before any change."""
+    theirs, ours = _two_adapters(peft), _two_adapters(compat)
+    with pytest.raises((TypeError, ValueError)):
+        theirs.set_adapter(names)
+    with pytest.raises(MiniLoraError, match=r"takes one adapter name.*base_model\.set_adapter"):
+        ours.set_adapter(names)
+    assert ours.active_adapter == theirs.active_adapter == "default"
+    assert ours.active_adapters == theirs.active_adapters == ["default"]
+
+
 def test_get_peft_model_and_add_adapter_low_cpu_mem_usage_leave_placeholders_as_peft(saved):
     """low_cpu_mem_usage=True in get_peft_model / add_adapter: A and B on the meta device, as PEFT's, nothing
     drawn; set_peft_model_state_dict then fills them, and the model gives the saved adapter's outputs."""

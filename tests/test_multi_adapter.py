@@ -98,7 +98,7 @@ def test_added_adapter_has_peft_weights_and_trainable_names(init):
 def test_set_adapter_gives_peft_outputs_gradients_and_trainable_names(names):
     theirs, ours = pair()
     (theirs.base_model if isinstance(names, list) else theirs).set_adapter(names)
-    ours.set_adapter(names)
+    (ours.base_model if isinstance(names, list) else ours).set_adapter(names)
     assert trainable(theirs) == trainable(ours)
     assert theirs.active_adapters == ours.active_adapters == ([names] if isinstance(names, str) else names)
     theirs_out, ours_out = theirs(X), ours(X)
@@ -132,7 +132,7 @@ def test_add_and_set_adapter_errors_change_nothing():
     with pytest.raises(MiniLoraError, match="Adapter with name 'other' already exists"):
         ours.add_adapter("other", compat.LoraConfig(r=2, target_modules=["lin0"]))
     with pytest.raises(MiniLoraError, match="no adapter named 'nope'"):
-        ours.set_adapter(["default", "nope"])
+        ours.base_model.set_adapter(["default", "nope"])
     with pytest.raises(MiniLoraError, match="bias='none'"):
         ours.add_adapter("third", compat.LoraConfig(r=2, target_modules=["lin0"], bias="all"))
     with pytest.raises(MiniLoraError, match="matches no module"):
@@ -232,7 +232,7 @@ def test_disable_adapter_on_a_merged_model_gives_base_outputs_as_peft():
 def test_layer_and_model_status_as_peft():
     theirs, ours = pair()
     theirs.base_model.set_adapter(["other", "default"])
-    ours.set_adapter(["other", "default"])
+    ours.base_model.set_adapter(["other", "default"])
     theirs.merge_adapter(["default"])
     ours.merge_adapter(["default"])
     assert [dataclasses.asdict(s) for s in theirs.get_layer_status()] == \
