@@ -26,6 +26,7 @@ from .config import MiniLoraError
 from .files import write_atomically
 from .inject import adapter_configs, lora_layers, merge_and_unload, require_lora_layers, unload
 from .saved_modules import saved_modules
+from .targets import model_config
 from .weighted import add_weighted_adapter
 
 
@@ -166,8 +167,7 @@ class LoraModel(nn.Module):
         ``tie_word_embeddings`` and a LoRA layer is named ``lm_head`` or ``embed_tokens`` (its
         EMBEDDING_LAYER_NAMES; by name, as PEFT). minilora merges such a layer into a copy of the shared
         weight (README), but says what PEFT says."""
-        config = getattr(self.model, "config", None)
-        tied = getattr(config, "to_dict", dict)().get("tie_word_embeddings") if config is not None else None
+        tied = model_config(self.model).get("tie_word_embeddings")  # (a plain dict config too, as PEFT's)
         tied_target_modules = [name for name in self.targeted_module_names
                                if name.split(".")[-1] in ("embed_tokens", "lm_head")] if tied else []
         if tied_target_modules:

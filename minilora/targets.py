@@ -105,15 +105,20 @@ MOE_MODEL_TYPES = {
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-def model_type(model: nn.Module) -> Optional[str]:
-    """``model.config``'s ``model_type``, read as PEFT's ``get_model_config`` reads it: from a
-    transformers config, a dataclass or a plain dict (``None`` for a model without one)."""
+def model_config(model: nn.Module) -> dict:
+    """``model.config`` as a dict, read as PEFT's ``get_model_config`` reads it: from a transformers
+    config, a dataclass or a plain dict (``{}`` for a model without one)."""
     config = getattr(model, "config", None)
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     elif dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
-    return config.get("model_type") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def model_type(model: nn.Module) -> Optional[str]:
+    """``model.config``'s ``model_type`` (``None`` for a model without one)."""
+    return model_config(model).get("model_type")
 
 
 # --------------------------------------------------------------------------------------------

@@ -189,3 +189,28 @@ def test_native_load_adapter_refuses_pefts_tied_adapters_before_any_change(optio
     with pytest.raises(MiniLoraError, match=names):
         minilora.load_adapter(model, tmp_path)
     check()
+
+
+class _HeadModel(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.lin0, self.lm_head, self.config = nn.Linear(6, 8), nn.Linear(8, 3), config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.lin0(x)))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_the_tied_target_warning_before_a_merge_reads_a_plain_dict_config_as_peft(tie):
+    """PEFT's _check_merge_allowed reads the config as its get_model_config does: a plain dict config (a custom
+    model's) with tie_word_embeddings=True and a LoRA layer named lm_head gives its warning before merge_adapter.
+    minilora read only configs with to_dict, so it said nothing there."""
+    said = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(_HeadModel({"tie_word_embeddings": tie}), lib.LoraConfig(target_modules=["lm_head"]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.merge_adapter()
+        said.append([str(w.message) for w in caught if "tie_word_embeddings=True" in str(w.message)])
+    assert said[0] == said[1] and len(said[0]) == int(tie), said
