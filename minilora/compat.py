@@ -69,7 +69,8 @@ from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
 from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
                              check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
                              keep_the_layout_injection_set, leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
-                             read_files, resolve_adapter_source, train_new_lora_biases_if_bias_all,
+                             read_files, refuse_base_weights_into_merged_layers, resolve_adapter_source,
+                             train_new_lora_biases_if_bias_all,
                              unmerge_as_pefts_injection, upcast_adapter)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
@@ -612,6 +613,7 @@ class PeftModel(nn.Module):
                 upcast_adapter(self.get_base_model(), adapter_name)
         else:
             peft_config = pefts_config(files.fields, files.config_origin)
+            refuse_base_weights_into_merged_layers(self.get_base_model(), files)
             before = lora_layer_ids(self.get_base_model())
             with drawing_nothing(low_cpu_mem_usage):
                 adapters.load_adapter(self.get_base_model(), files, is_trainable=is_trainable,

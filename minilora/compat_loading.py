@@ -313,6 +313,20 @@ def keep_the_layout_injection_set(model: nn.Module, adapter_name: str, config: c
         config.fan_in_fan_out = isinstance(new[-1].base_layer, Conv1D)
 
 
+def refuse_base_weights_into_merged_layers(model: nn.Module, files: adapters.AdapterFiles) -> None:
+    """A new adapter loaded into a merged model: PEFT unmerges the model first (its injection), then writes the
+    file's base weights (``<layer>.base_layer.weight``, which save_embedding_layers stores for lm_head) into W0, so
+    a layer merged when the file was saved ends with its dW inside W0 while unmerged. minilora loads, then
+    unmerges: a different W0. Refused before anything changes."""
+    merged = {name for name, layer in lora_layers(model) if layer.merged}
+    keys = [key for key in files.tensors if isinstance(key, str) and key.endswith(".base_layer.weight")
+            and key.removeprefix("base_model.model.").removesuffix(".base_layer.weight") in merged]
+    if keys:
+        raise MiniLoraError(f"{files.weights_path} holds the base weights {keys[:3]} of layers that are merged now: "
+                            "PEFT unmerges them and then writes those weights into W0, which leaves a saved update "
+                            "inside W0. Call unmerge_adapter() first.")
+
+
 def upcast_adapter(model: nn.Module, adapter_name: str) -> None:
     """PEFT's ``load_adapter`` ends with ``_cast_adapter_dtype`` (autocast_adapter_dtype=True), also for an adapter the
     model had already: its float16 / bfloat16 A and B (after ``model.to(torch.bfloat16)``) become float32, in place

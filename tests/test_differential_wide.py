@@ -13,6 +13,7 @@ import warnings
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 
 from minilora import MiniLoraError, compat
@@ -467,3 +468,31 @@ def test_a_new_adapters_lora_biases_train_where_an_active_bias_all_adapter_says_
     new_biases = [name for name in grads[1] if ".lora_B.b.bias" in name]
     assert new_biases and all(grads[1][name] is (bias == "all") for name in new_biases)  # PEFT's answer
     assert grads[0] == grads[1]
+
+
+def test_a_new_adapter_whose_file_holds_the_base_weight_of_a_merged_layer_is_refused(tmp_path, unchanged):
+    """The sequence fuzzer (--seed 400 #39): lm_head (tied) holds adapter "b", merged; its file holds lm_head's base
+    weight (save_embedding_layers), saved while merged. PEFT's load_adapter of it as a new adapter unmerges, then writes
+    that merged weight into W0: dW stays inside W0 while unmerged (outputs 0.7 off minilora's, which loaded first and
+    unmerged after). Now a MiniLoraError before any change."""
+    base, mini, twin = _both("gpt2", "lm", dict(target_modules=["c_attn"], r=2))
+    inputs = differential.model_inputs(ARCHITECTURES["gpt2"], "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.add_adapter("b", library.LoraConfig(target_modules=["c_attn", "lm_head"], r=4, init_lora_weights=False))
+            model.set_adapter("b")
+            model.merge_adapter()
+        twin.save_pretrained(tmp_path)
+        assert "base_model.model.lm_head.base_layer.weight" in safetensors.torch.load_file(
+            tmp_path / "b" / "adapter_model.safetensors")
+        with torch.no_grad():
+            unmerged = differential.forward(twin.eval(), inputs)
+        twin.load_adapter(tmp_path / "b", "loaded")
+        twin.unmerge_adapter()
+        with torch.no_grad():  # PEFT's answer: unmerged, yet not its unmerged outputs (dW stayed in W0)
+            assert not torch.equal(differential.forward(twin.eval(), inputs)[0][1], unmerged[0][1])
+    check = unchanged(mini)
+    with pytest.raises(MiniLoraError, match="holds the base weights .* of layers that are merged now"):
+        mini.load_adapter(tmp_path / "b", "loaded")
+    check()
