@@ -102,7 +102,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         autocast_adapter_dtype: True (PEFT's default) keeps float16 / bfloat16 adapters in float32.
         revision: recorded in the config as the base model's revision, as PEFT does.
         low_cpu_mem_usage: as in PEFT, A and B are placeholders on the meta device (no memory, nothing
-            drawn from your seed; a forward before that is meaningless) until ``set_peft_model_state_dict`` loads them.
+            drawn from your seed) until ``set_peft_model_state_dict`` loads them; a forward before that is a
+            MiniLoraError (PEFT's gives meaningless numbers).
     """
     check_config(peft_config, "get_peft_model")
     if mixed is not False:

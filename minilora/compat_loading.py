@@ -138,8 +138,8 @@ def drawing_nothing(enabled: bool = True) -> Iterator[None]:
 def adapter_on_meta(model: nn.Module, adapter_name: str) -> None:
     """PEFT's ``low_cpu_mem_usage=True`` for a new adapter that is not loaded in the same call
     (``get_peft_model``, ``add_adapter``, ``inject_adapter_in_model``): its A and B are placeholders on the
-    meta device (no memory; a forward before that is meaningless, in PEFT too) until ``set_peft_model_state_dict``
-    loads them."""
+    meta device (no memory) until ``set_peft_model_state_dict`` loads them; a forward that uses them before
+    that is a MiniLoraError (LoraLinear.forward; PEFT's gives meaningless numbers)."""
     from .inject import lora_layers
 
     for _, layer in lora_layers(model):

@@ -218,6 +218,47 @@ def test_get_peft_model_and_add_adapter_low_cpu_mem_usage_leave_placeholders_as_
             assert torch.equal(model(X), expected), lib.__name__
 
 
+@pytest.mark.parametrize("how", ["get_peft_model", "add_adapter", "inject_adapter_in_model"])
+def test_a_forward_through_meta_placeholders_refuses_until_they_are_loaded(saved, how):
+    """low_cpu_mem_usage=True leaves A and B on the meta device: PEFT's forward then adds whatever the
+    placeholders give (numbers that mean nothing), minilora's gave W0 x for the layer. Now a MiniLoraError
+    that says to load them, before any change; once set_peft_model_state_dict loads them, PEFT's outputs."""
+    directory, expected = saved
+    state = peft.utils.load_peft_weights(str(directory))
+    outputs = []
+    for lib in (compat, peft):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if how == "inject_adapter_in_model":
+                model = lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["lin0"], r=2), base(),
+                                                    low_cpu_mem_usage=True)
+                load = lambda: lib.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)  # noqa: E731
+            elif how == "get_peft_model":
+                model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], r=2),
+                                           low_cpu_mem_usage=True)
+                load = lambda: lib.set_peft_model_state_dict(model, state, low_cpu_mem_usage=True)  # noqa: E731
+            else:
+                model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin1"], r=2))
+                model.add_adapter("new", lib.LoraConfig(target_modules=["lin0"], r=2), low_cpu_mem_usage=True)
+                model.set_adapter("new")
+                load = lambda: lib.set_peft_model_state_dict(model, state, adapter_name="new",  # noqa: E731
+                                                             low_cpu_mem_usage=True)
+        if lib is compat:
+            before = {key: value.clone() for key, value in model.state_dict().items() if not value.is_meta}
+            with pytest.raises(MiniLoraError, match="placeholders on the meta device.*set_peft_model_state_dict"):
+                model(X)
+            after = model.state_dict()
+            assert all(torch.equal(after[key], value) for key, value in before.items())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            load()
+        with torch.no_grad():
+            outputs.append(model(X))
+    assert torch.equal(outputs[0], outputs[1])
+    if how != "add_adapter":
+        assert torch.equal(outputs[0], expected)
+
+
 def test_config_given_to_from_pretrained_becomes_the_adapter_s(saved):
     directory, _ = saved
     for lib in (peft, compat):
