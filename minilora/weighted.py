@@ -57,7 +57,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=targets,
                                  rank_pattern={}, alpha_pattern={})
     _check_every_layer_has_one(model, list(adapters), config)
-    add_adapter(model, adapter_name, config)
+    add_adapter(model, adapter_name, config, autocast_adapter_dtype=False)  # (PEFT: in the base layer's dtype)
     for _, layer in lora_layers(model):
         if adapter_name not in layer.lora_A:
             continue

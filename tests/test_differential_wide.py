@@ -496,3 +496,23 @@ def test_a_new_adapter_whose_file_holds_the_base_weight_of_a_merged_layer_is_ref
     with pytest.raises(MiniLoraError, match="holds the base weights .* of layers that are merged now"):
         mini.load_adapter(tmp_path / "b", "loaded")
     check()
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
+def test_a_weighted_adapter_in_a_half_precision_model_has_pefts_dtype(combination_type):
+    """The sequence fuzzer (--seed 503 #13): add_weighted_adapter in a model put in bfloat16. PEFT builds the new
+    adapter in the base layer's dtype (no autocast) and "cat" writes into it in place: bfloat16; minilora built it in
+    float32. ("linear" and "svd" replace the tensors: the dtype of what they compute, the same on both sides.)"""
+    _, mini, twin = _both("gpt2", "lm", dict(target_modules=["c_attn"], r=2, init_lora_weights=False))
+    inputs = differential.model_inputs(ARCHITECTURES["gpt2"], "lm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model, library in ((mini, compat), (twin, peft)):
+            model.to(torch.bfloat16)
+            torch.manual_seed(1)
+            model.add_adapter("c", library.LoraConfig(target_modules=["c_attn"], r=2, init_lora_weights=False))
+            model.add_weighted_adapter(["default", "c"], [1.0, 0.5], "mix", combination_type=combination_type)
+            model.set_adapter("mix")
+    differential.compare_structure("add_weighted_adapter in bfloat16", mini, twin)  # (dtypes too)
+    differential.compare_values("add_weighted_adapter values", mini, twin)
+    differential.compare_forward("forward (mix)", mini, twin, inputs)
