@@ -63,8 +63,9 @@ def set_adapter(model: nn.Module, adapter_names: str | list[str], inference_mode
     of the one named adapter that has one (or its original).
 
     Raises:
-        MiniLoraError: before changing anything, if a name is not an adapter of the model, or two named
-            adapters have copies of the same module in modules_to_save (as PEFT).
+        MiniLoraError: before changing anything, if a name is not an adapter of the model, two named
+            adapters have copies of the same module in modules_to_save, or the list is empty where the model
+            has such a module (as PEFT).
     """
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     _check_known(model, names, "set_adapter")

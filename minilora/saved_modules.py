@@ -249,8 +249,13 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str, 
 
 def set_saved_modules_adapter(model: nn.Module, adapter_names: list[str], inference_mode: bool = False) -> None:
     """Every ModulesToSave runs the copy of the one adapter among ``adapter_names`` it has (or its
-    original); checked on every wrapper before any changes."""
+    original); checked on every wrapper before any changes. An empty list, where the model has such a
+    module, is refused as PEFT refuses it (its ModulesToSaveWrapper.check_set_adapter)."""
     wrappers = [wrapper for _, wrapper in saved_modules(model)]
+    if wrappers and not adapter_names:
+        raise MiniLoraError("Please specify at least one adapter to set (PEFT's words): this model has modules in "
+                            "modules_to_save, and PEFT refuses set_adapter([]) for them. Name the adapter to run, or "
+                            "use disable_adapter_layers() / `with model.disable_adapter():` for the base model.")
     for wrapper in wrappers:
         wrapper.copies_among(adapter_names)
     for wrapper in wrappers:

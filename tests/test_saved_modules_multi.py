@@ -20,7 +20,7 @@ from torch import nn
 
 import minilora
 from conftest import record_model
-from minilora import LoraConfig, MiniLoraError
+from minilora import LoraConfig, MiniLoraError, compat
 from minilora.mixed import row_groups
 from minilora.saved_modules import ModulesToSave
 
@@ -274,3 +274,25 @@ def test_peft_walks_the_wrapper_tables_by_peft_s_names():
 
 def grads(modules: nn.ModuleDict) -> dict[str, list[bool]]:
     return {name: [param.requires_grad for param in module.parameters()] for name, module in modules.items()}
+
+
+@pytest.mark.parametrize("modules_to_save", [["head"], None])
+def test_set_adapter_of_no_adapter_is_refused_where_peft_refuses_it(modules_to_save):
+    """PEFT's LoraModel.set_adapter([]) fails where the model has a modules_to_save wrapper ("Please specify at
+    least one adapter to set", its ModulesToSaveWrapper.check_set_adapter; after changing the LoRA layers);
+    minilora made no adapter active. Now a MiniLoraError in PEFT's words, before any change; without such a
+    module both make none active."""
+    answers = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(base(), lib.LoraConfig(target_modules=["lin0"], modules_to_save=modules_to_save))
+        try:
+            model.base_model.set_adapter([])
+            answers.append(("ran", list(model.base_model.active_adapters)))
+        except ValueError as error:
+            answers.append(("refused", str(error).split(" (PEFT's words)")[0], list(model.base_model.active_adapters)))
+    if modules_to_save:
+        assert answers[0][:2] == answers[1][:2] == ("refused", "Please specify at least one adapter to set")
+        assert answers[1][2] == ["default"]  # minilora: unchanged (PEFT's LoRA layers changed before it failed)
+    else:
+        assert answers[0] == answers[1] == ("ran", [])
