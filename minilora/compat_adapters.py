@@ -24,7 +24,7 @@ from . import multi
 from .adapter_config import check_regular_file
 from .config import MiniLoraError
 from .files import write_atomically
-from .inject import adapter_configs, lora_layers, merge_and_unload, require_lora_layers, unload
+from .inject import adapter_configs, check_mergeable, lora_layers, merge_and_unload, require_lora_layers, unload
 from .saved_modules import saved_modules
 from .targets import model_config
 from .weighted import add_weighted_adapter
@@ -130,11 +130,16 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold the active adapters (or ``adapter_names``) into W0, layer by layer, keeping A and B
         (``unmerge_adapter`` takes them out again; what TRL calls to sync weights into vLLM).
-        Warns as PEFT when merged already."""
+        Warns as PEFT when merged already. Every layer is checked first (``safe_merge``: its merged
+        weight is finite; a ``lora_bias`` adapter: the layer has a bias), so a refusal comes before any
+        layer changes (PEFT's merges layer by layer and raises at the first layer it cannot merge,
+        leaving the layers before it merged)."""
         if isinstance(adapter_names, str):
             raise MiniLoraError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         self._warn_tied_targets()
-        for _, layer in require_lora_layers(self.model, "merge_adapter"):
+        layers = require_lora_layers(self.model, "merge_adapter")
+        check_mergeable(layers, adapter_names, safe=safe_merge)
+        for _, layer in layers:
             layer.merge(safe=safe_merge, adapter_names=adapter_names)
 
     def unmerge_adapter(self) -> None:

@@ -238,7 +238,7 @@ def merge(model: nn.Module, safe: bool = False, adapter_names: list[str] | None 
         adapter_names: which adapters to fold in; None means the active ones.
     """
     layers = require_lora_layers(model, "merge")
-    _check_mergeable(layers, adapter_names, safe)
+    check_mergeable(layers, adapter_names, safe)
     for _, layer in layers:
         if _unmerged_active(layer, adapter_names):
             layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
@@ -265,7 +265,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, adapter_names: list[s
     if isinstance(adapter_names, str) or unknown:
         raise MiniLoraError(f"merge_and_unload: adapter_names must be a list of the model's adapters "
                             f"{list(adapter_configs(model))}, got {adapter_names!r}.")
-    _check_mergeable(layers, adapter_names, safe)
+    check_mergeable(layers, adapter_names, safe)
     for name, layer in layers:
         if _unmerged_active(layer, adapter_names):
             layer.merge(safe=safe, adapter_names=_unmerged_active(layer, adapter_names))
@@ -356,7 +356,7 @@ def _unmerged_active(layer: LoraLinear, adapter_names: list[str] | None = None) 
     return [name for name in names if name in layer.lora_A and name not in layer.merged_adapters]
 
 
-def _check_mergeable(layers: list[tuple[str, LoraLinear]], adapter_names: list[str] | None = None,
+def check_mergeable(layers: list[tuple[str, LoraLinear]], adapter_names: list[str] | None = None,
                      safe: bool = False) -> None:
     """Raise before anything changes if an adapter to merge has lora_bias on a layer without a bias, or
     (``safe``) if any layer's W0 + dW or bias b0 + s b (of the adapters to merge) would hold NaN or inf."""
