@@ -31,8 +31,8 @@ from .saved_modules import saved_modules
 # PEFT's side effects that a script's later numbers depend on
 # --------------------------------------------------------------------------------------------
 def lora_layer_ids(model: nn.Module) -> set[int]:
-    """The LoRA layers there are now (for ``leave_new_layers_in_train_mode``'s ``before``)."""
-    return {id(layer) for _, layer in lora_layers(model)}
+    """The LoRA layers and modules_to_save wrappers there are now (``leave_new_layers_in_train_mode``'s ``before``)."""
+    return {id(module) for _, module in (*lora_layers(model), *saved_modules(model))}
 
 
 def unmerge_as_pefts_injection(model: nn.Module) -> None:
@@ -81,14 +81,15 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str, before: 
         elif adapter_name in layer.lora_A:
             for table in (layer.lora_A, layer.lora_B, layer.lora_dropout):
                 table[adapter_name].train(True)
-    leave_new_wrappers_in_train_mode(model, adapter_name)
+    leave_new_wrappers_in_train_mode(model, adapter_name, before)
 
 
-def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str) -> None:
+def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str, before: set[int] | None = None) -> None:
     """The same for new modules_to_save wrappers: the wrapper and its dict of copies start in train mode
-    in PEFT (the copies themselves keep the module's mode)."""
+    in PEFT (the copies themselves keep the module's mode); a wrapper there ``before`` (one a deleted adapter
+    left holding no copy) is not new."""
     for _, wrapper in saved_modules(model):
-        if list(wrapper.modules_to_save) == [adapter_name]:
+        if list(wrapper.modules_to_save) == [adapter_name] and (before is None or id(wrapper) not in before):
             wrapper.training = wrapper.modules_to_save.training = True
 
 

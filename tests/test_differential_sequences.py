@@ -65,6 +65,11 @@ REPLAYS = {
     "delete-keeps-set-name": _sequence("llama", "lm", [("add", ["default"], "c"), ("set", ["c"], ""),
                                                        ("base_set_list", ["default"], ""), ("delete", ["default"], ""),
                                                        ("forward", ["c"], "")]),
+    # --seed 700 #57: an adapter with modules_to_save=["ln_f"] added, deleted and added again: the wrapper it left is
+    # not new, so PEFT leaves its mode (eval); minilora put it in train mode
+    "re-add-wrapper-mode": _sequence("gpt2", "lm", [("add", ["default"], "c"), ("delete", ["c"], ""),
+                                                    ("forward", ["default"], ""), ("add", ["default"], "c")],
+                                     c=dict(modules_to_save=["ln_f"])),
 }
 
 
