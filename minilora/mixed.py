@@ -104,11 +104,11 @@ class _MixedForward:
         self.rows, self.batch, self.previous = rows, batch, previous
 
     def __call__(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        if layer.disabled:  # adapters switched off: the base model, as PEFT
-            return layer.base_layer(x)
-        if len(x) != self.batch:
+        if len(x) != self.batch:  # (checked first, even with the adapters switched off, as PEFT's)
             raise MiniLoraError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                                 f"{self.batch} and {len(x)} respectively.")
+        if layer.disabled:  # adapters switched off: the base model, as PEFT
+            return layer.base_layer(x)
         result = layer.base_layer(x)                                   # (B, ..., out), every row
         result_dtype = result.dtype
         for adapter, rows in self.rows.items():

@@ -8,6 +8,7 @@ GPT-2 style Conv1D layer, small enough to run every case in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -440,6 +441,35 @@ def test_mixed_batch_errors_as_peft():
         ours(X, adapter_names=ROWS)
     ours.unmerge_adapter()
     assert all(layer.forward_override is None for _, layer in minilora.lora_layers(ours))
+
+
+@pytest.mark.parametrize("off", [None, "disable_adapter_layers", "disable_adapter"])
+def test_a_mixed_batch_on_a_layer_that_flattens_its_input_is_refused_as_peft(off):
+    """OPT's fc1 / fc2 see (batch * seq, hidden) rows: PEFT's layer checks len(x) against adapter_names
+    before it looks at whether the layer is switched off, so with base_model.disable_adapter_layers() the
+    mixed batch fails as with the adapters on (found by parity.differential_sequences --seed 707, #69;
+    minilora ran it). Inside PeftModel.disable_adapter() PEFT passes no names to the layers: both run."""
+    from parity.architectures import ARCHITECTURES
+
+    ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    outcomes = []
+    for lib in (peft, compat):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(ARCHITECTURES["opt"].build(), lib.LoraConfig(r=4, target_modules=["fc1"]))
+        model.eval()
+        if off == "disable_adapter_layers":
+            model.base_model.disable_adapter_layers()
+        with torch.no_grad(), model.disable_adapter() if off == "disable_adapter" else contextlib.nullcontext():
+            try:
+                outcomes.append(model(input_ids=ids, adapter_names=["default", "__base__"]).logits)
+            except ValueError as error:
+                outcomes.append(error)
+    theirs, ours = outcomes
+    if off == "disable_adapter":
+        assert torch.equal(ours, theirs)
+    else:
+        assert str(theirs).startswith("Length of `adapter_names` should be the same as the number of inputs")
+        assert isinstance(ours, MiniLoraError) and str(ours) == str(theirs)
 
 
 def test_generate_with_adapter_names_is_peft_s(tiny_gpt2):
