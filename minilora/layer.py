@@ -54,6 +54,14 @@ def in_out_features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def _placeholders_error(adapter: str) -> MiniLoraError:
+    """A forward through A and B that hold no values (meta tensors) would give meaningless numbers (PEFT's does)."""
+    return MiniLoraError(f"Adapter {adapter!r}'s A and B are placeholders on the meta device (made with "
+                         "low_cpu_mem_usage=True) and hold no values yet: load them first, e.g. "
+                         "set_peft_model_state_dict(model, state_dict, adapter_name=..., low_cpu_mem_usage=True). "
+                         "(PEFT's forward gives meaningless numbers here.)")
+
+
 class LoraLinear(nn.Module, PeftLayerAttributes):
     """x -> base_layer(x) + (lora_alpha / r) * lora_B(lora_A(dropout(x))).
 
@@ -155,13 +163,11 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
             for adapter in self.active_adapters:
                 if adapter not in self.lora_A:
                     continue  # active on other layers only (PEFT skips it too)
-                if self.lora_A[adapter].weight.is_meta:
-                    raise MiniLoraError(f"Adapter {adapter!r}'s A and B are placeholders on the meta device (made with "
-                                        "low_cpu_mem_usage=True) and hold no values yet: load them first, e.g. "
-                                        "set_peft_model_state_dict(model, state_dict, adapter_name=..., "
-                                        "low_cpu_mem_usage=True). (PEFT's forward gives meaningless numbers here.)")
-                if x.dtype != self.lora_A[adapter].weight.dtype:
-                    x = x.to(self.lora_A[adapter].weight.dtype)  # e.g. half base, float32 A (PEFT's _cast_input_dtype)
+                weight_A = self.lora_A[adapter].weight
+                if weight_A.is_meta:  # (low_cpu_mem_usage=True's placeholders, not loaded yet)
+                    raise _placeholders_error(adapter)
+                if x.dtype != weight_A.dtype:
+                    x = x.to(weight_A.dtype)  # e.g. half base, float32 A (PEFT's _cast_input_dtype)
                 result = result + self.lora_update(x, adapter)
             return result.to(result_dtype)
         except RuntimeError:
