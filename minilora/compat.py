@@ -321,12 +321,10 @@ class PeftModel(nn.Module):
         (one adapter per row, "__base__" for none; mixed.py) while the adapters are enabled."""
         deleted = self.__dict__.get("_deleted_active")
         if deleted is not None:
-            hint = (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
-                    "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
             why = ("PEFT picks the next one in the first LoRA layer, which held no other" if self.peft_config
                    else "it was the last adapter")
             raise MiniLoraError(f"delete_adapter({deleted!r}) deleted the active adapter and left none active ({why}), "
-                                f"so PEFT's forward fails here (a KeyError: {deleted!r}). {hint}")
+                                f"so PEFT's forward fails here (a KeyError: {deleted!r}). {self._set_another_hint()}")
         self._check_kept_name("forward")
         adapter_names = kwargs.pop("adapter_names", None)
         if kwargs.pop("alora_offsets", None) is not None:
@@ -343,15 +341,20 @@ class PeftModel(nn.Module):
 
     def _check_kept_name(self, what: str) -> None:
         """PEFT's PeftModel reads the config of the adapter it keeps as active (``active_adapter``) in forward,
-        generate, save_pretrained, disable_adapter, set_requires_grad and has_active_enabled_adapter: after delete_adapter of that adapter, while several others stay active
-        (made so by base_model.set_adapter([...])) or none, the name is gone and PEFT fails with a KeyError."""
+        generate, save_pretrained, disable_adapter, set_requires_grad and has_active_enabled_adapter: after
+        delete_adapter of that adapter, while several others stay active (made so by
+        base_model.set_adapter([...])) or none, the name is gone and PEFT fails with a KeyError."""
         kept = self.__dict__.get("_active_name")
         if isinstance(kept, str) and kept not in self.peft_config:
             active = f"while {self.active_adapters} stay active" if self.active_adapters else "and none is active"
-            hint = (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
-                    "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
             raise MiniLoraError(f"delete_adapter({kept!r}) deleted the adapter this PeftModel keeps as its active one "
-                                f"{active}, so PEFT's {what} fails here (a KeyError: {kept!r}). {hint}")
+                                f"{active}, so PEFT's {what} fails here (a KeyError: {kept!r}). "
+                                f"{self._set_another_hint()}")
+
+    def _set_another_hint(self) -> str:
+        """What to do once the active adapter was deleted (the end of both refusals above)."""
+        return (f"Call set_adapter with one of {list(self.peft_config)} first." if self.peft_config else
+                "No adapter is left: run model.get_base_model(), or add an adapter and set_adapter it.")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._peft_forward_args(kwargs):
