@@ -66,12 +66,13 @@ from . import adapters, multi
 from .adapter_config import config_from_fields
 from .compat_adapters import LoraModel, write_model_card
 from .compat_config import LoraConfig, TaskType, check_config, resolved_targets
-from .compat_loading import (adapter_on_meta, check_flag, check_given_config, check_load_options,
-                             check_task_head_saved, drawing_nothing, draw_like_peft_rewrap, freeze_for_inference, keep_pefts_config,
-                             keep_the_layout_injection_set, leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids, pefts_config,
-                             read_files, refuse_base_weights_into_merged_layers, resolve_adapter_source,
-                             train_new_lora_biases_if_bias_all,
-                             unmerge_as_pefts_injection, upcast_adapter)
+from .compat_loading import (adapter_on_meta, after_pefts_injection, check_flag, check_given_config,
+                             check_load_options, check_task_head_saved, drawing_nothing, draw_like_peft_rewrap,
+                             freeze_for_inference, keep_pefts_config, keep_the_layout_injection_set,
+                             leave_new_layers_in_train_mode, load_into_existing_adapter, lora_layer_ids,
+                             pefts_config, read_files, refuse_base_weights_into_merged_layers,
+                             resolve_adapter_source, train_new_lora_biases_if_bias_all, unmerge_as_pefts_injection,
+                             upcast_adapter)
 from .compat_state_dict import (get_base_model_state_dict, get_peft_model_state_dict, inject_adapter_in_model,
                                 set_base_model_state_dict, set_peft_model_state_dict)
 from .compat_trainer import recognise_compat_models
@@ -419,9 +420,7 @@ class PeftModel(nn.Module):
         peft_config.target_modules = resolved
         if low_cpu_mem_usage:
             adapter_on_meta(model, adapter_name)
-        unmerge_as_pefts_injection(model)  # (PEFT's inject_adapter unmerges every merged layer)
-        train_new_lora_biases_if_bias_all(model, adapter_name)
-        leave_new_layers_in_train_mode(model, adapter_name, before)  # PEFT's new modules start in train mode
+        after_pefts_injection(model, adapter_name, before)  # (unmerged; new modules in train mode, as PEFT's)
         self._new_copies_biases_like_peft(adapter_name)
 
     def _new_copies_biases_like_peft(self, adapter_name: str) -> None:

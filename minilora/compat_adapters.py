@@ -107,17 +107,14 @@ class LoraModel(nn.Module):
         if density is not None:
             raise MiniLoraError("add_weighted_adapter: density is for PEFT's ties / dare / magnitude_prune "
                                 "combinations, which minilora does not have (it has linear, cat and svd).")
-        from .compat_loading import (leave_new_layers_in_train_mode, lora_layer_ids, train_new_lora_biases_if_bias_all,
-                                     unmerge_as_pefts_injection)
+        from .compat_loading import after_pefts_injection, lora_layer_ids
 
         new = adapter_name not in self.peft_config
         before = lora_layer_ids(self.model)
         add_weighted_adapter(self.model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                              svd_full_matrices, svd_driver)
         if new:  # PEFT injects the new adapter as add_adapter does: merged layers unmerged, its modules in train mode
-            unmerge_as_pefts_injection(self.model)
-            train_new_lora_biases_if_bias_all(self.model, adapter_name)
-            leave_new_layers_in_train_mode(self.model, adapter_name, before)
+            after_pefts_injection(self.model, adapter_name, before)
             # then PEFT freezes the new adapter by a substring test on every parameter's name (peft/utils/other.py,
             # _freeze_adapter): a name found inside other names ("w" in ".weight") freezes those parameters too
             for name, param in self.model.named_parameters():

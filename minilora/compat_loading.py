@@ -84,6 +84,15 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str, before: 
     leave_new_wrappers_in_train_mode(model, adapter_name, before)
 
 
+def after_pefts_injection(model: nn.Module, adapter_name: str, before: set[int]) -> None:
+    """What PEFT's injection of a further adapter does after building it (add_adapter, add_weighted_adapter):
+    merged layers unmerged, new lora_B biases trained under bias="all", new modules in train mode (the three
+    functions above; ``before``: ``lora_layer_ids`` taken before the adapter was added)."""
+    unmerge_as_pefts_injection(model)
+    train_new_lora_biases_if_bias_all(model, adapter_name)
+    leave_new_layers_in_train_mode(model, adapter_name, before)
+
+
 def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str, before: set[int] | None = None) -> None:
     """The same for new modules_to_save wrappers: the wrapper and its dict of copies start in train mode
     in PEFT (the copies themselves keep the module's mode); a wrapper there ``before`` (one a deleted adapter
