@@ -73,10 +73,15 @@ REPLAYS = {
 }
 
 
+# calls run and compared in each replay: all, except where both libraries fail (then the sequence stops)
+REPLAYED = {name: len(sequence.calls) for name, sequence in REPLAYS.items()}
+REPLAYED["delete-kept-name"] = 4  # (the forward after delete_adapter fails in PEFT, minilora refuses: both stop)
+
+
 @pytest.mark.parametrize("name", list(REPLAYS))
 def test_replayed_sequences_agree_with_peft(name):
     done = run_sequence(REPLAYS[name])
-    assert done == [call for call, _, _ in REPLAYS[name].calls][:len(done)] and len(done) >= 3
+    assert done == [call for call, _, _ in REPLAYS[name].calls][:REPLAYED[name]]
 
 
 def test_a_minilora_that_keeps_merged_layers_on_add_fails_its_replay(monkeypatch):
