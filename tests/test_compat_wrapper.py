@@ -172,6 +172,7 @@ def test_has_active_enabled_adapter_and_the_adapter_names_checks_it_guards_are_p
             answers[lib.__name__] = answer
     theirs, ours = answers["peft"], answers["minilora.compat"]
     assert theirs[0] == ours[0], (theirs[0], ours[0])
+    assert len(theirs) == len(ours) == 4
     for their, our in zip(theirs[1:], ours[1:]):
         if isinstance(their, str):
             assert isinstance(our, str) and our.startswith(their), (their, our)
