@@ -986,6 +986,15 @@ def handles_open_on(path: Path) -> int:
     return count
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_handles_open_on_counts_an_open_file(good):
+    """The counter the tests below expect 0 from does see a handle (else their 0 would hold whatever leaks)."""
+    path = (good / WEIGHTS_NAME).resolve()
+    with open(path, "rb"):
+        assert handles_open_on(path) == 1
+    assert handles_open_on(path) == 0
+
+
 def compat_load_into_existing(base, directory, good):
     wrapper = CompatPeftModel.from_pretrained(copy.deepcopy(base), str(good))
     return wrapper.get_base_model(), lambda: wrapper.load_adapter(str(directory), "default")
