@@ -293,9 +293,9 @@ def check_can_delete_copies(model: nn.Module, adapter_name: str, new_active: lis
 def delete_saved_copies(model: nn.Module, adapter_name: str, new_active: list[str]) -> None:
     """Drop ``adapter_name``'s copies, as PEFT's ``ModulesToSaveWrapper.delete_adapter``: a wrapper with
     such a copy then runs the copy of ``new_active`` (the one adapter the first LoRA layer kept active;
-    ``check_can_delete_copies`` refuses several) if it has one, else its original. A wrapper without such a copy is left as it is, even if it runs
-    no copy because the deleted adapter was the active one (PEFT's rule: ``set_adapter`` again to switch
-    it to a remaining adapter's copy). A wrapper left without copies stays (the model's keys stay PEFT's)."""
+    ``check_can_delete_copies`` refuses several) if it has one, else its original. A wrapper without such
+    a copy is left as it is, even if it runs no copy because the deleted adapter was the active one (PEFT's
+    rule: ``set_adapter`` again to switch it to a remaining adapter's copy). A wrapper left without copies stays (the model's keys stay PEFT's)."""
     for _, wrapper in saved_modules(model):
         if adapter_name not in wrapper.modules_to_save:
             continue
