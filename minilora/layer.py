@@ -370,14 +370,7 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                     merged_bias = self._merged_bias(adapter)
                     if not torch.isfinite(merged_weight).all() or (
                             merged_bias is not None and not torch.isfinite(merged_bias).all()):
-                        if not self.merged and self.untied_weight is not None:  # as it was: tied
-                            self.base_layer.weight, self.untied_weight = self.untied_weight, None
-                        held = (f"W0 holds only the adapters merged before it, {self.merged_adapters} (as PEFT's; "
-                                "unmerge takes them out)" if self.merged else "W0 was left unchanged")
-                        raise MiniLoraError(
-                            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken (PEFT's "
-                            f"words): the merged weight has NaN or inf values (check the loss during training). {held}."
-                        )
+                        raise self._broken_adapter_error(adapter)
                     weight.data = merged_weight
                     if merged_bias is not None:
                         self.base_layer.bias.data = merged_bias.to(weight.dtype)
@@ -386,6 +379,18 @@ class LoraLinear(nn.Module, PeftLayerAttributes):
                     if self.lora_bias.get(adapter):
                         self.base_layer.bias.data += self.lora_B[adapter].bias * self.scaling[adapter]  # b0 + s b
             self.merged_adapters.append(adapter)
+
+    def _broken_adapter_error(self, adapter: str) -> MiniLoraError:
+        """merge(safe=True) found W0 + dW of ``adapter`` not finite: the layer is tied again if nothing was
+        merged (as it was), and the error says what W0 holds now."""
+        if not self.merged and self.untied_weight is not None:  # as it was: tied
+            self.base_layer.weight, self.untied_weight = self.untied_weight, None
+        held = (f"W0 holds only the adapters merged before it, {self.merged_adapters} (as PEFT's; "
+                "unmerge takes them out)" if self.merged else "W0 was left unchanged")
+        return MiniLoraError(
+            f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken (PEFT's "
+            f"words): the merged weight has NaN or inf values (check the loss during training). {held}."
+        )
 
     def _merged_bias(self, adapter: str) -> torch.Tensor | None:
         """b0 + scaling * b for an adapter with lora_bias (PEFT's safe_merge order), else None."""
