@@ -175,7 +175,6 @@ class PeftModelForSeq2SeqLM(PeftModel):
                                    output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                                    return_dict=return_dict, **kwargs)
 
-
     def generate(self, **kwargs: Any) -> Any:
         """As PEFT's: keyword arguments only (``generate(input_ids=...)``); a positional one is a TypeError."""
         return super().generate(**kwargs)
