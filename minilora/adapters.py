@@ -368,7 +368,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | Mapping[str, torc
             if adapter_name in wrapper.modules_to_save:
                 wrapper.modules_to_save[adapter_name].requires_grad_(is_trainable)
     elif is_trainable:
-        mark_only_lora_as_trainable(model, config.bias if config is not None else "none")
+        mark_only_lora_as_trainable(model, config.bias)
     else:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -380,7 +380,7 @@ class _Source:
     """Where the tensors being loaded come from, for the checks and their messages."""
 
     origin: str  # the weights file, or "the state dict"
-    config: LoraConfig | None
+    config: LoraConfig  # (the file's, or the model's for a dict of tensors)
     config_origin: str
     files: AdapterFiles | None = None  # (None: a dict of tensors, loaded with the model's config)
 
@@ -430,7 +430,7 @@ def _checked(model: nn.Module, tensors: dict, source: _Source, adapter_name: str
     embeddings = saved_embedding_weights(model, renamed, lora_targets, origin, shapes, saved_names)  # (taken out)
     # (this adapter's own layers; the biases of every other LoRA layer are the other adapters' that PEFT writes too)
     own = [name for name, layer in layers if adapter_name in layer.lora_A] if layers and not adding else lora_targets
-    other_layers_biases(model, renamed, shapes, own or lora_targets, config.bias if config is not None else "none")
+    other_layers_biases(model, renamed, shapes, own or lora_targets, config.bias)
     check_tensors(renamed, shapes, origin, config, model, autocast_adapter_dtype)
     if layers and not adding and files is not None:
         try:
