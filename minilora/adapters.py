@@ -453,17 +453,15 @@ def _keys_used(tensors: dict, checked: tuple[dict, list, dict]) -> list[str]:
 
 def read_for_existing_adapter(model: nn.Module, files: AdapterFiles, adapter_name: str) -> dict[str, torch.Tensor]:
     """The tensors of ``files`` that ``load_adapter(model, <them>, adapter_name=adapter_name)`` (a dict: the
-    model's config) loads, read after every check of their names, shapes and dtypes against the model."""
+    model's config) loads, read after every check of their names, shapes and dtypes against the model.
+    The caller closes ``files`` (compat_loading.load_into_existing_adapter, once read or refused)."""
     config = adapter_config(model, adapter_name)
     layers = list(lora_layers(model))
-    try:  # (closed once read, or refused, as in load_adapter)
-        if config is None or not layers:  # (load_adapter refuses it, with its words)
-            return files.read(files.tensors, _device_of(model))
-        source = _Source(str(files.weights_path), config, "the model's config")
-        checked = _checked(model, files.tensors, source, adapter_name, layers, False, True, unread=True)
-        return files.read(_keys_used(files.tensors, checked), _device_of(model))
-    finally:
-        files.close()
+    if config is None or not layers:  # (load_adapter refuses it, with its words)
+        return files.read(files.tensors, _device_of(model))
+    source = _Source(str(files.weights_path), config, "the model's config")
+    checked = _checked(model, files.tensors, source, adapter_name, layers, False, True, unread=True)
+    return files.read(_keys_used(files.tensors, checked), _device_of(model))
 
 
 def reject_whole_module(source: object, action: str) -> None:
