@@ -57,6 +57,7 @@ def file_key(key: str, adapter_name: str) -> str:
     head, _, last = key.rpartition(".")
     return f"{head.removesuffix(f'.{adapter_name}')}.{last}"
 
+
 @dataclasses.dataclass(frozen=True)
 class AdapterFiles:
     """An adapter directory read once: the config fields its weights are read with, and its tensors.
