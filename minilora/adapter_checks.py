@@ -240,7 +240,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
                                 "or float64 numbers. The file is corrupt or was made by another tool: save the "
                                 "adapter again.")
         # The values the model will hold: float64 values beyond float32's range become inf in the cast.
-        held = held_dtype(model, key, autocast_adapter_dtype, state)
+        held = held_dtype(state, key, autocast_adapter_dtype)
         if not all_finite(tensor.to(held)):
             cast = f" once cast to the model's {held}" if tensor.dtype != held else ""
             raise MiniLoraError(f"{source}: {key} holds NaN or inf values{cast}: the file is corrupt or the "
@@ -332,15 +332,14 @@ def other_layers_biases(model: nn.Module, renamed: dict[str, torch.Tensor], shap
             shapes[plain] = tuple(state[plain].shape)  # (checked like the adapter's own tensors)
 
 
-def held_dtype(model: nn.Module, key: str, autocast_adapter_dtype: bool = True,
-               state: Mapping[str, torch.Tensor] | None = None) -> torch.dtype:
-    """The dtype ``model`` will hold the tensor ``key`` (the model's key after loading) in.
+def held_dtype(state: Mapping[str, torch.Tensor], key: str, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype the model will hold the tensor ``key`` (the model's key after loading) in, read from its
+    ``state`` (``model.state_dict(keep_vars=True)``, which the caller takes once for all keys).
 
     An existing parameter keeps its dtype; A and B of a layer ``inject`` is about to build take the
     base weight's dtype, float32 for a float16 / bfloat16 base with ``autocast_adapter_dtype``
-    (LoraLinear, as PEFT does). ``state``: ``model.state_dict(keep_vars=True)``, if the caller has it.
+    (LoraLinear, as PEFT does).
     """
-    state = model.state_dict(keep_vars=True) if state is None else state
     if key in state:
         return state[key].dtype
     if is_saved_module_key(key):  # a copy not made yet: the module's own dtype (wrapped by another adapter or not)
