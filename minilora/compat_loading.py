@@ -35,6 +35,11 @@ def lora_layer_ids(model: nn.Module) -> set[int]:
     return {id(module) for _, module in (*lora_layers(model), *saved_modules(model))}
 
 
+def _is_new(module: nn.Module, before: set[int] | None) -> bool:
+    """``module`` was not there ``before`` (ids from ``lora_layer_ids``; None: every module counts as new)."""
+    return before is None or id(module) not in before
+
+
 def unmerge_as_pefts_injection(model: nn.Module) -> None:
     """PEFT's ``inject_adapter`` (add_adapter, add_weighted_adapter, load_adapter) ends with ``set_adapter`` of the
     model's active adapters, which unmerges every merged LoRA layer, with its warning for each: after a new adapter
@@ -74,7 +79,7 @@ def leave_new_layers_in_train_mode(model: nn.Module, adapter_name: str, before: 
     other adapters too, only this adapter's A, B and dropout do (add_adapter), and so in a layer that was
     there ``before`` (ids, ``lora_layer_ids``) and holds no other adapter now (they were deleted)."""
     for _, layer in lora_layers(model):
-        if list(layer.lora_A) == [adapter_name] and (before is None or id(layer) not in before):
+        if list(layer.lora_A) == [adapter_name] and _is_new(layer, before):
             base_mode = layer.base_layer.training
             layer.train(True)
             layer.base_layer.train(base_mode)
@@ -98,7 +103,7 @@ def leave_new_wrappers_in_train_mode(model: nn.Module, adapter_name: str, before
     in PEFT (the copies themselves keep the module's mode); a wrapper there ``before`` (one a deleted adapter
     left holding no copy) is not new."""
     for _, wrapper in saved_modules(model):
-        if list(wrapper.modules_to_save) == [adapter_name] and (before is None or id(wrapper) not in before):
+        if list(wrapper.modules_to_save) == [adapter_name] and _is_new(wrapper, before):
             wrapper.training = wrapper.modules_to_save.training = True
 
 
@@ -318,7 +323,7 @@ def keep_the_layout_injection_set(model: nn.Module, adapter_name: str, config: c
     from transformers.pytorch_utils import Conv1D
 
     new = [layer for _, layer in lora_layers(model)
-           if adapter_name in layer.lora_A and (before is None or id(layer) not in before)]
+           if adapter_name in layer.lora_A and _is_new(layer, before)]
     if new:
         config.fan_in_fan_out = isinstance(new[-1].base_layer, Conv1D)
 
