@@ -70,7 +70,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str],
     wrappers = [wrapper for _, wrapper in saved_modules(model)]  # modules_to_save: each row its adapter's copy
     for layer in layers:
         names = names_of(layer)
-        layer.forward_override = _MixedForward(row_groups(names), len(names), layer.forward_override)
+        layer.forward_override = _MixedForward(row_groups(names), len(names))
     for wrapper in wrappers:
         wrapper.mixed_rows = row_groups(names_of(wrapper))
     try:
@@ -100,8 +100,8 @@ def row_groups(adapter_names: list[str]) -> dict[str, list[int]]:
 class _MixedForward:
     """A LoraLinear's forward for a mixed batch (set as its ``forward_override`` by ``mixed_batch``)."""
 
-    def __init__(self, rows: dict[str, list[int]], batch: int, previous) -> None:
-        self.rows, self.batch, self.previous = rows, batch, previous
+    def __init__(self, rows: dict[str, list[int]], batch: int) -> None:
+        self.rows, self.batch = rows, batch
 
     def __call__(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if len(x) != self.batch:  # (checked first, even with the adapters switched off, as PEFT's)
